@@ -1,0 +1,3 @@
+"""lmforge: train language models end to end."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,404 @@
+"""One typed config tree for a whole run.
+
+A run is described by nested dataclasses (``Config.data``, ``Config.tokenizer``,
+``Config.model``, ``Config.train``, ``Config.eval``, ``Config.output``). Recipes are
+YAML files with the same shape; the command line overrides any leaf with a dotted
+key (``--train.lr=3e-4 --model.n_layers=6``). Everything is checked before any
+work starts: unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and where it came from."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the pre-training text comes from."""
+
+    # "python-stdlib" (the running interpreter's standard library), or files/folders/globs
+    # of text, or document shards (JSONL / JSONL.zst with a "text" field).
+    sources: list[str] = field(default_factory=lambda: ["python-stdlib"])
+    # Fraction of documents held out for validation (split by document id, deterministic).
+    val_fraction: float = 0.05
+    # Stop reading sources after this many bytes of text (0 = no limit).
+    max_bytes: int = 0
+    # Prepared token shards to train on; when empty, `tokenize` writes them into the run folder.
+    tokens_dir: str = ""
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE (HF `tokenizers`) or a character vocabulary (for nanoGPT comparisons)."""
+
+    kind: Literal["bpe", "char"] = "bpe"
+    vocab_size: int = 4096
+    # Use an existing tokenizer.json instead of training one.
+    path: str = ""
+    # Train the tokenizer on at most this many bytes of text (0 = all).
+    train_bytes: int = 20_000_000
+
+
+@dataclass
+class ModelConfig:
+    """Shape and variant of the transformer; see `lmforge.model.transformer`."""
+
+    # A named shape from `lmforge.model.presets`; explicit fields below still override it.
+    preset: str = ""
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    context_length: int = 256
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads (MHA); 1 = MQA; between = GQA
+    d_ff: int = 0  # 0 = derived: 4*d for GELU, 8/3*d rounded to a multiple of 64 for SwiGLU
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    position: Literal["learned", "rope"] = "learned"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    objective: Literal["causal", "masked"] = "causal"
+    init_std: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop shared by pre-training and fine-tuning."""
+
+    max_steps: int = 1000
+    # Global tokens per optimizer step; gradient accumulation is derived from it.
+    tokens_per_step: int = 8192
+    micro_batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    # warmup-stable-decay: the last `decay_fraction` of steps decay linearly to min_lr.
+    decay_fraction: float = 0.2
+    optimizer: Literal["adamw"] = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    seed: int = 1337
+    threads: int = 0  # 0 = leave torch's default
+    log_every: int = 10
+    eval_every: int = 250
+    eval_tokens: int = 65536
+    checkpoint_every: int = 250
+    keep_last: int = 3
+    # Stop after this many consecutive non-finite steps, leaving the last good checkpoint.
+    max_bad_steps: int = 5
+    # Wall-clock budget in seconds (0 = none): training stops cleanly, checkpointing first.
+    max_time_s: float = 0.0
+    # Peak FLOP/s for MFU; 0 = measure a matmul peak at start (CPU) or use the GPU table.
+    peak_flops: float = 0.0
+    device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after training."""
+
+    samples: int = 3
+    sample_tokens: int = 160
+    temperature: float = 0.8
+    top_k: int = 50
+    prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes its files."""
+
+    dir: str = "runs/default"
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotation `tp` (int → float widening allowed)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {key} = {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {key} = {value!r} should be {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            if isinstance(value, str):  # a single string where a list is expected
+                value = [value]
+            else:
+                raise ConfigError(f"{where}: {key} = {value!r} should be a list")
+        return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: {key} should be null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} = {value!r} should be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: {key} = {value!r} should be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} = {value!r} should be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: {key} = {value!r} should be a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} should be a mapping of settings")
+        return _build(tp, value, key, where)
+    return value
+
+
+def _build(cls: Any, values: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{where}: unknown key '{full}' (known here: {known})")
+        kwargs[key] = _coerce(value, hints[key], full, where)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data, suitable for YAML/JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package."""
+    folder = resources.files("lmforge") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
+    """Read a recipe by path or built-in name; `extends: NAME` layers it on another."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"recipe file not found: {recipe}")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    else:
+        res = resources.files("lmforge") / "recipes" / f"{recipe}.yaml"
+        if not res.is_file():
+            names = ", ".join(builtin_recipes())
+            raise ConfigError(
+                f"no recipe file or built-in recipe named '{recipe}' (built-in: {names})"
+            )
+        text, where = res.read_text(encoding="utf-8"), f"recipe '{recipe}'"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a recipe must be a mapping of sections")
+    parent = data.pop("extends", None)
+    if parent:
+        base, _ = _read_recipe(str(parent))
+        data = _merge(base, data)
+    return data, where
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=3e-4", "--model.n_layers=6"]`` into a nested dict.
+
+    Values are read as YAML scalars, so ``true``, ``3e-4`` and ``[a, b]`` work.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text:
+            raise ConfigError(f"override '{item}' should look like --section.key=value")
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" as a string; accept the number forms people type.
+            for number in (int, float):
+                try:
+                    value = number(raw)
+                    break
+                except ValueError:
+                    continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from a recipe (path or built-in name) and overrides."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if recipe:
+        data, where = _read_recipe(recipe)
+    cfg = _build(Config, data, "", where)
+    if overrides:
+        cfg = _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", "command line")
+    apply_preset(cfg, data, overrides or [])
+    validate(cfg, where)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], where: str = "saved config") -> Config:
+    """Rebuild a Config saved with a run or checkpoint."""
+    cfg = _build(Config, data, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def apply_preset(cfg: Config, recipe_data: dict[str, Any], overrides: list[str]) -> None:
+    """Fill model fields from a named preset unless the recipe or command line set them."""
+    if not cfg.model.preset:
+        return
+    from lmforge.model.presets import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        names = ", ".join(PRESETS)
+        raise ConfigError(f"model.preset = '{cfg.model.preset}' is not a preset (known: {names})")
+    explicit = set((recipe_data.get("model") or {}).keys())
+    explicit |= set(parse_overrides(overrides).get("model", {}).keys())
+    for key, value in PRESETS[cfg.model.preset].items():
+        if key not in explicit:
+            setattr(cfg.model, key, value)
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Reject impossible values before any work starts."""
+
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{where}: {key} {msg}")
+
+    m, t = cfg.model, cfg.train
+    for key in ("n_layers", "d_model", "n_heads", "context_length"):
+        if getattr(m, key) <= 0:
+            bad(f"model.{key}", f"= {getattr(m, key)} must be positive")
+    if m.vocab_size < 0:
+        bad("model.vocab_size", "must be positive (or 0 to take it from the tokenizer)")
+    if m.d_model % m.n_heads:
+        bad("model.n_heads", f"= {m.n_heads} must divide model.d_model = {m.d_model}")
+    kv = m.n_kv_heads or m.n_heads
+    if kv < 0 or m.n_heads % kv:
+        bad("model.n_kv_heads", f"= {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
+    if m.position == "rope" and (m.d_model // m.n_heads) % 2:
+        bad("model.position", "= rope needs an even head dimension (d_model / n_heads)")
+    if not 0.0 <= m.dropout < 1.0:
+        bad("model.dropout", f"= {m.dropout} must be in [0, 1)")
+    if m.d_ff < 0:
+        bad("model.d_ff", "must be positive (or 0 to derive it)")
+    if t.lr <= 0 or not math.isfinite(t.lr):
+        bad("train.lr", f"= {t.lr} must be a positive number")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        bad("train.min_lr_ratio", f"= {t.min_lr_ratio} must be in [0, 1]")
+    if t.max_steps <= 0:
+        bad("train.max_steps", f"= {t.max_steps} must be positive")
+    if t.warmup_steps < 0:
+        bad("train.warmup_steps", "must not be negative")
+    if t.micro_batch_size <= 0:
+        bad("train.micro_batch_size", "must be positive")
+    if t.tokens_per_step <= 0:
+        bad("train.tokens_per_step", "must be positive")
+    micro_tokens = t.micro_batch_size * m.context_length
+    if t.tokens_per_step % micro_tokens:
+        bad(
+            "train.tokens_per_step",
+            f"= {t.tokens_per_step} must be a multiple of micro_batch_size × context_length "
+            f"= {t.micro_batch_size} × {m.context_length} = {micro_tokens}",
+        )
+    if not 0.0 < t.decay_fraction <= 1.0:
+        bad("train.decay_fraction", "must be in (0, 1]")
+    if t.grad_clip < 0:
+        bad("train.grad_clip", "must not be negative (0 disables clipping)")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        bad("train.beta1/beta2", "must be in [0, 1)")
+    for key in ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps"):
+        if getattr(t, key) <= 0:
+            bad(f"train.{key}", "must be positive")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        bad("data.val_fraction", "must be in [0, 1)")
+    if cfg.tokenizer.kind == "bpe" and not cfg.tokenizer.path and cfg.tokenizer.vocab_size < 300:
+        bad(
+            "tokenizer.vocab_size", "must be at least 300 for byte-level BPE (256 bytes + specials)"
+        )
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

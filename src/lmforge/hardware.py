@@ -1,0 +1,62 @@
+"""Devices, threads and peak FLOP/s (for MFU)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, without sparsity.
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("train.device = cuda, but no CUDA device is available")
+    return torch.device(name)
+
+
+def gpu_peak_flops(device: torch.device) -> float:
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAK_BF16.items():
+        if key in name:
+            return peak
+    return 0.0
+
+
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.6
+) -> float:
+    """Median FLOP/s of square matmuls on this CPU at the current thread count.
+
+    1024³ is large enough to reach the BLAS peak here and quick to measure;
+    the median of short repeats resists the noise of shared machines.
+    """
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * size**3 / times[len(times) // 2]
+
+
+def peak_flops(device: torch.device, dtype: str) -> float:
+    if device.type == "cuda":
+        peak = gpu_peak_flops(device)
+        return peak if dtype == "bf16" else peak / 2  # TF32 is half the bf16 rate
+    return measure_matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)

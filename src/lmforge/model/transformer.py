@@ -1,0 +1,327 @@
+"""The transformer, top to bottom: embeddings, blocks (attention + MLP), norm, head.
+
+Variants are fields of `ModelConfig`, not subclasses:
+
+- norm: LayerNorm (GPT-2) or RMSNorm (Llama; Zhang & Sennrich 2019)
+- position: learned absolute embeddings (GPT-2) or RoPE (Su et al. 2021)
+- mlp: GELU (GPT-2) or SwiGLU (Shazeer 2020)
+- n_kv_heads: MHA (= n_heads), GQA (Ainslie et al. 2023) or MQA (= 1)
+- qk_norm: RMSNorm on queries and keys per head (Dehghani et al. 2023)
+- tie_embeddings, bias, dropout
+- objective: causal (next token) or masked (bidirectional attention)
+
+Written for one device; parallelism (DDP/FSDP, compile, activation checkpointing)
+is applied from outside. Shapes in comments: B batch, T time, C = d_model,
+H heads, K kv heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+def derived_d_ff(cfg: ModelConfig) -> int:
+    """Hidden width of the MLP when `d_ff` is 0.
+
+    GELU: 4·C (GPT-2). SwiGLU: 8/3·C keeps the parameter count of a 4·C GELU MLP
+    (Shazeer 2020), rounded up to a multiple of 64 for matmul-friendly shapes.
+    """
+    if cfg.d_ff:
+        return cfg.d_ff
+    if cfg.mlp == "swiglu":
+        return 64 * math.ceil(8 * cfg.d_model / 3 / 64)
+    return 4 * cfg.d_model
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, D/2) for rotary embeddings, computed in float64 for accuracy."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]) — the "rotate half" layout HF Llama uses.
+
+    x: (B, H, T, D); cos/sin: (T, D/2).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Pre-allocated keys and values for incremental decoding: (B, K, T_max, D) per layer."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0  # positions filled so far
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        kv = cfg.n_kv_heads or cfg.n_heads
+        shape = (batch, kv, max_len, cfg.d_model // cfg.n_heads)
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.causal = cfg.objective == "causal"
+        self.dropout = cfg.dropout
+        # One fused projection for q, k and v: fewer, larger matmuls (faster on CPU).
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        start = 0
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k = cache.keys[layer][:, :, : start + T]
+            v = cache.values[layer][:, :, : start + T]
+
+        mask = None
+        is_causal = self.causal and start == 0 and T > 1
+        if self.causal and start > 0 and T > 1:
+            # Chunk appended to a cache: query i (absolute start+i) sees keys ≤ start+i.
+            q_pos = torch.arange(start, start + T, device=x.device)[:, None]
+            mask = torch.arange(start + T, device=x.device)[None, :] <= q_pos
+        if K != H:
+            k = k.repeat_interleave(H // K, dim=1)  # (B, H, T', D)
+            v = v.repeat_interleave(H // K, dim=1)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = derived_d_ff(cfg)
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU's gate and up projections fused into one matmul: (C → 2·hidden).
+        self.up = nn.Linear(cfg.d_model, hidden * (2 if self.swiglu else 1), bias=cfg.bias)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (take it from the tokenizer)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = (
+            nn.Embedding(cfg.context_length, cfg.d_model) if cfg.position == "learned" else None
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.context_length, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """All initialisation in one place.
+
+        | tensor                           | init                                  |
+        |----------------------------------|---------------------------------------|
+        | tok_emb, pos_emb                 | N(0, init_std)                        |
+        | attn.qkv, mlp.up                 | N(0, init_std)                        |
+        | attn.proj, mlp.down (residual)   | N(0, init_std / sqrt(2·n_layers))     |
+        | lm_head (when untied)            | N(0, init_std)                        |
+        | biases                           | 0                                     |
+        | norm weights                     | 1                                     |
+
+        The residual scaling keeps the residual stream's variance independent of
+        depth (GPT-2, Radford et al. 2019).
+        """
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # norm weights
+                p.fill_(1.0)
+            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * residual_std)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for token ids `idx` (B, T); or the mean loss when `targets` given.
+
+        Targets equal to -100 are ignored (loss masks for fine-tuning and masked LM).
+        With a `cache`, `idx` continues the cached sequence and the cache is advanced.
+        """
+        _B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.context_length:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}"
+            )
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[start : start + T]
+        x = self.drop(x)
+        rope = None
+        if self.cfg.position == "rope":
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+        )
+
+    # --------------------------------------------------------------- counting
+
+    def num_params(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by group, from the config alone; `total` equals `Transformer.num_params`."""
+    C, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    D = C // cfg.n_heads
+    kv = cfg.n_kv_heads or cfg.n_heads
+    hidden = derived_d_ff(cfg)
+    norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
+    b = 1 if cfg.bias else 0
+    qkv_out = (cfg.n_heads + 2 * kv) * D
+    attn = C * qkv_out + b * qkv_out + C * C + b * C + (2 * D if cfg.qk_norm else 0)
+    up_out = hidden * (2 if cfg.mlp == "swiglu" else 1)
+    mlp = C * up_out + b * up_out + hidden * C + b * C
+    groups = {
+        "embedding": V * C,
+        "position": cfg.context_length * C if cfg.position == "learned" else 0,
+        "attention": L * attn,
+        "mlp": L * mlp,
+        "norms": L * 2 * norm + norm,
+        "lm_head": 0 if cfg.tie_embeddings else V * C,
+    }
+    groups["total"] = sum(groups.values())
+    return groups
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: everything but embeddings and norms.
+
+    The head counts even when tied, since it still multiplies every position.
+    """
+    g = count_params(cfg)
+    bias_free = g["attention"] + g["mlp"]
+    if cfg.bias:  # biases add, they do not multiply
+        kv = cfg.n_kv_heads or cfg.n_heads
+        D = cfg.d_model // cfg.n_heads
+        up_out = derived_d_ff(cfg) * (2 if cfg.mlp == "swiglu" else 1)
+        bias_free -= cfg.n_layers * ((cfg.n_heads + 2 * kv) * D + cfg.d_model)
+        bias_free -= cfg.n_layers * (up_out + cfg.d_model)
+    if cfg.qk_norm:
+        bias_free -= cfg.n_layers * 2 * (cfg.d_model // cfg.n_heads)
+    return bias_free + cfg.vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> int:
+    """Matmul FLOPs per token, attention included (Kaplan et al. 2020; PaLM appendix B).
+
+    Forward: 2·N_matmul for the weights, plus 2·2·L·T·C for QKᵀ and AV over a
+    full (unmasked) T×T score matrix — the convention of PaLM and nanoGPT, and
+    what `torch.utils.flop_counter` counts for SDPA. Training (forward + backward)
+    is 3× forward.
+    """
+    T = seq_len or cfg.context_length
+    forward = 2 * matmul_params(cfg) + 4 * cfg.n_layers * T * cfg.d_model
+    return 3 * forward if training else forward

@@ -1,0 +1,168 @@
+"""The core slice as Python functions: tokenizer → token shards → pre-training → samples.
+
+Each function takes the resolved `Config` and a run folder, and leaves its output
+in that folder, so the CLI, `quickstart` and tests share one code path.
+
+Run folder layout::
+
+    config.yaml          the resolved config
+    tokenizer.json
+    tokens/              train_*.bin / val_*.bin + headers
+    checkpoints/step_*/  weights, optimizer, RNG, trainer_state.json, tokenizer.json
+    metrics.jsonl        one record per log/eval step
+    summary.json         final figures
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.config import Config, ModelConfig, config_from_dict
+from lmforge.data.sources import iter_documents
+from lmforge.model.transformer import Transformer, count_params, flops_per_token
+from lmforge.shards import TokenLoader, TokenStream, split_info, tokenize_documents
+from lmforge.tokenizer import Tokenizer, iter_limited, load_tokenizer, train_tokenizer
+from lmforge.train.checkpoint import load_weights, resolve_checkpoint, verify_checkpoint
+from lmforge.train.dist import print0
+from lmforge.train.loop import Trainer
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.output.dir)
+
+
+def tokenizer_stage(cfg: Config, run_dir: Path, force: bool = False) -> Tokenizer:
+    """Load `tokenizer.path`, reuse the run's tokenizer, or train one on the data sources."""
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    path = run_dir / "tokenizer.json"
+    if path.exists() and not force:
+        return load_tokenizer(path)
+    texts = (d.text for d in iter_documents(cfg.data.sources))
+    limit = cfg.tokenizer.train_bytes or cfg.data.max_bytes
+    tok = train_tokenizer(iter_limited(texts, limit), cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
+    tok.save(path)
+    print0(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens → {path}")
+    return tok
+
+
+def tokens_dir_of(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.data.tokens_dir) if cfg.data.tokens_dir else run_dir / "tokens"
+
+
+def tokenize_stage(cfg: Config, tok: Tokenizer, run_dir: Path, force: bool = False) -> Path:
+    """Write train/val token shards unless matching ones exist."""
+    out = tokens_dir_of(cfg, run_dir)
+    if not force and list(out.glob("train_*.json")):
+        info = split_info(out, "train")
+        if info.tokenizer_hash == tok.hash:
+            return out
+    docs = iter_documents(cfg.data.sources)
+    if cfg.data.max_bytes:
+        docs = _limit_docs(docs, cfg.data.max_bytes)
+    counts = tokenize_documents(docs, tok, out, cfg.data.val_fraction)
+    for split, c in counts.items():
+        print0(
+            f"tokens/{split}: {c['n_documents']:,} documents, {c['n_tokens']:,} tokens, "
+            f"{c['n_bytes']:,} bytes ({c['n_bytes'] / max(c['n_tokens'], 1):.2f} bytes/token)"
+        )
+    return out
+
+
+def _limit_docs(docs, max_bytes: int):
+    seen = 0
+    for doc in docs:
+        yield doc
+        seen += len(doc.text.encode("utf-8", errors="replace"))
+        if seen >= max_bytes:
+            return
+
+
+def model_config_for(cfg: Config, tok: Tokenizer) -> ModelConfig:
+    return replace(cfg.model, vocab_size=cfg.model.vocab_size or tok.vocab_size)
+
+
+def build_model(mcfg: ModelConfig, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(mcfg)
+
+
+def unigram_bits_per_byte(tokens_dir: Path, vocab_size: int) -> float:
+    """Entropy of the validation token distribution, in bits per byte of text.
+
+    A model that ignores context and knows the exact unigram frequencies of the
+    validation set scores this; any real language model should beat it.
+    """
+    stream = TokenStream(tokens_dir, "val")
+    counts = stream.counts(vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    bits_per_token = float(-(p * np.log2(p)).sum())
+    return bits_per_token * stream.n_tokens / max(stream.n_bytes, 1)
+
+
+def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
+    """Tokenizer, shards (if needed), then the training loop. Returns the summary."""
+    from lmforge.hardware import pick_device
+    from lmforge.train.dist import init_distributed
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    init_distributed(pick_device(cfg.train.device))
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer_stage(cfg, run_dir)
+    tokens_dir = tokenize_stage(cfg, tok, run_dir)
+    mcfg = model_config_for(cfg, tok)
+    cfg = replace(cfg, model=mcfg)
+    model = build_model(mcfg, cfg.train.seed)
+    params = count_params(mcfg)
+    print0(
+        f"model: {params['total'] / 1e6:.2f}M parameters ({mcfg.n_layers} layers, width {mcfg.d_model}, "
+        f"{mcfg.n_heads} heads, context {mcfg.context_length}); "
+        f"{flops_per_token(mcfg) / 1e6:.1f} MFLOP per training token"
+    )
+    train = TokenLoader(tokens_dir, "train", mcfg.context_length, cfg.train.seed, tok.hash)
+    val = TokenLoader(tokens_dir, "val", mcfg.context_length, cfg.train.seed, tok.hash)
+    tokens_per_byte = val.stream.n_tokens / max(val.stream.n_bytes, 1)
+    trainer = Trainer(
+        cfg,
+        model,
+        run_dir,
+        train,
+        val_data=lambda: val.sequential(cfg.train.eval_tokens, cfg.train.micro_batch_size),
+        tokens_per_byte=tokens_per_byte,
+        extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
+    )
+    summary = trainer.fit(resume=resume)
+    summary["params"] = params["total"]
+    summary["unigram_bpb"] = unigram_bits_per_byte(tokens_dir, tok.vocab_size)
+    if trainer.dist.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def load_model(
+    checkpoint: str | Path, device: str = "cpu"
+) -> tuple[Transformer, Tokenizer, Config]:
+    """A model, its tokenizer and its config from a checkpoint or run folder."""
+    path = resolve_checkpoint(checkpoint)
+    state = verify_checkpoint(path)
+    cfg = config_from_dict(state["config"], where=f"{path}/trainer_state.json")
+    model = Transformer(cfg.model)
+    load_weights(model, path / "model.safetensors")
+    tok_path = path / "tokenizer.json"
+    if not tok_path.exists():
+        tok_path = path.parent.parent / "tokenizer.json"
+    tok = load_tokenizer(tok_path)
+    return model.to(device).eval(), tok, cfg
+
+
+def bits_per_byte(loss_nats_per_token: float, tokens_per_byte: float) -> float:
+    return loss_nats_per_token / math.log(2) * tokens_per_byte

@@ -1,0 +1,317 @@
+"""Token shards: flat arrays of token ids on disk, and the deterministic loader.
+
+Format of a split (``train`` or ``val``) in a tokens folder:
+
+    {split}_{k:05d}.bin    raw little-endian uint16 (vocab ≤ 65,535) or uint32 ids
+    {split}_{k:05d}.json   header: format, tokenizer hash, dtype, n_tokens, n_documents,
+                           n_bytes (UTF-8 bytes of source text, for bits-per-byte)
+
+Each document is followed by the end-of-text id. A shard is written under a
+temporary name and renamed into place with its header last, so a header always
+describes a complete file.
+
+The loader memory-maps the shards and cuts them into windows of ``seq_len + 1``
+tokens. Sample ``g`` of the run (``g = step · global_batch + j``) lies in epoch
+``g // n_windows``; each epoch visits every window once in an order and at an
+offset drawn from ``(seed, epoch)``. So any (step, rank, world size) maps to the
+same tokens without replaying anything, a resumed run sees the batches an
+uninterrupted one would, and the global batch does not depend on world size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.data.document import Document
+from lmforge.tokenizer import Tokenizer
+
+FORMAT = "lmforge-tokens"
+VERSION = 1
+
+
+class ShardError(ValueError):
+    """A token shard is missing, corrupt, or was made with another tokenizer."""
+
+
+def is_validation(doc_id: str, val_fraction: float) -> bool:
+    """Deterministic split by document id: the same document always lands in the same split."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends documents to ``{split}_{k:05d}.bin``, rolling to a new shard every `shard_tokens`."""
+
+    def __init__(self, out_dir: Path, split: str, tok: Tokenizer, shard_tokens: int = 50_000_000):
+        self.out_dir, self.split, self.tok = out_dir, split, tok
+        self.dtype = dtype_for(tok.vocab_size)
+        self.shard_tokens = shard_tokens
+        self.index = 0
+        self.totals = {"n_tokens": 0, "n_documents": 0, "n_bytes": 0, "n_shards": 0}
+        self._open()
+
+    def _open(self) -> None:
+        self.path = self.out_dir / f"{self.split}_{self.index:05d}.bin"
+        self.tmp = self.path.with_suffix(".bin.tmp")
+        self.fh = self.tmp.open("wb")
+        self.n_tokens = self.n_docs = self.n_bytes = 0
+
+    def add(self, ids: list[int], n_bytes: int) -> None:
+        arr = np.asarray([*ids, self.tok.eot_id], dtype=self.dtype)
+        self.fh.write(arr.tobytes())
+        self.n_tokens += arr.size
+        self.n_docs += 1
+        self.n_bytes += n_bytes
+        if self.n_tokens >= self.shard_tokens:
+            self._close()
+            self.index += 1
+            self._open()
+
+    def _close(self) -> None:
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        if self.n_docs == 0 and self.index > 0:
+            self.tmp.unlink()
+            return
+        self.tmp.replace(self.path)
+        header = {
+            "format": FORMAT,
+            "version": VERSION,
+            "tokenizer_hash": self.tok.hash,
+            "tokenizer_kind": self.tok.kind,
+            "vocab_size": self.tok.vocab_size,
+            "eot_id": self.tok.eot_id,
+            "dtype": self.dtype.name,
+            "n_tokens": self.n_tokens,
+            "n_documents": self.n_docs,
+            "n_bytes": self.n_bytes,
+        }
+        tmp_header = self.path.with_suffix(".json.tmp")
+        tmp_header.write_text(json.dumps(header, indent=1))
+        tmp_header.replace(self.path.with_suffix(".json"))
+        for key, value in (
+            ("n_tokens", self.n_tokens),
+            ("n_documents", self.n_docs),
+            ("n_bytes", self.n_bytes),
+        ):
+            self.totals[key] += value
+        self.totals["n_shards"] += 1
+
+    def close(self) -> dict[str, int]:
+        self._close()
+        return self.totals
+
+
+def _batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tokenize_documents(
+    docs: Iterable[Document],
+    tok: Tokenizer,
+    out_dir: str | Path,
+    val_fraction: float = 0.05,
+    shard_tokens: int = 50_000_000,
+    batch_size: int = 512,
+) -> dict[str, dict[str, int]]:
+    """Tokenise documents into train/val shards; returns counts per split.
+
+    Batches go through the tokenizer's parallel `encode_batch` (Rust threads).
+    Existing shards in `out_dir` are replaced.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in list(out.glob("train_*")) + list(out.glob("val_*")):
+        old.unlink()
+    writers = {s: ShardWriter(out, s, tok, shard_tokens) for s in ("train", "val")}
+    for batch in _batched(docs, batch_size):
+        texts = [d.text for d in batch]
+        for doc, ids in zip(batch, tok.encode_batch(texts), strict=True):
+            split = "val" if is_validation(doc.id, val_fraction) else "train"
+            writers[split].add(ids, len(doc.text.encode("utf-8", errors="replace")))
+    return {s: w.close() for s, w in writers.items()}
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class SplitInfo:
+    n_tokens: int
+    n_documents: int
+    n_bytes: int
+    tokenizer_hash: str
+    vocab_size: int
+
+    @property
+    def tokens_per_byte(self) -> float:
+        return self.n_tokens / max(self.n_bytes, 1)
+
+
+def _headers(tokens_dir: Path, split: str) -> list[tuple[Path, dict]]:
+    headers = []
+    for hpath in sorted(tokens_dir.glob(f"{split}_*.json")):
+        try:
+            header = json.loads(hpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{hpath}: corrupt shard header ({exc.msg})") from None
+        if header.get("format") != FORMAT:
+            raise ShardError(f"{hpath}: not an lmforge token shard header")
+        binpath = hpath.with_suffix(".bin")
+        if not binpath.exists():
+            raise ShardError(f"{hpath}: its data file {binpath.name} is missing")
+        expected = header["n_tokens"] * np.dtype(header["dtype"]).itemsize
+        if binpath.stat().st_size != expected:
+            raise ShardError(
+                f"{binpath}: {binpath.stat().st_size} bytes, header says {expected} (truncated?)"
+            )
+        headers.append((binpath, header))
+    if not headers:
+        raise ShardError(f"no '{split}' token shards in {tokens_dir} (run `lmforge tokenize`)")
+    return headers
+
+
+def split_info(tokens_dir: str | Path, split: str) -> SplitInfo:
+    headers = [h for _, h in _headers(Path(tokens_dir), split)]
+    return SplitInfo(
+        n_tokens=sum(h["n_tokens"] for h in headers),
+        n_documents=sum(h["n_documents"] for h in headers),
+        n_bytes=sum(h["n_bytes"] for h in headers),
+        tokenizer_hash=headers[0]["tokenizer_hash"],
+        vocab_size=headers[0]["vocab_size"],
+    )
+
+
+class TokenStream:
+    """The shards of one split as one logical array (memory-mapped)."""
+
+    def __init__(self, tokens_dir: str | Path, split: str, tokenizer_hash: str | None = None):
+        self.dir = Path(tokens_dir)
+        self.split = split
+        headers = _headers(self.dir, split)
+        hashes = {h["tokenizer_hash"] for _, h in headers}
+        if len(hashes) > 1:
+            raise ShardError(f"{self.dir}: '{split}' shards were made with different tokenizers")
+        self.tokenizer_hash = hashes.pop()
+        if tokenizer_hash is not None and tokenizer_hash != self.tokenizer_hash:
+            raise ShardError(
+                f"{self.dir}: '{split}' shards were made with tokenizer {self.tokenizer_hash}, "
+                f"but this run uses tokenizer {tokenizer_hash}; re-run `lmforge tokenize`"
+            )
+        self.arrays = [np.memmap(path, dtype=np.dtype(h["dtype"]), mode="r") for path, h in headers]
+        self.starts = np.cumsum([0] + [a.size for a in self.arrays])
+        self.n_tokens = int(self.starts[-1])
+        self.n_bytes = sum(h["n_bytes"] for _, h in headers)
+        self.n_documents = sum(h["n_documents"] for _, h in headers)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        local = start - int(self.starts[k])
+        a = self.arrays[k]
+        if local + length <= a.size:
+            return a[local : local + length].astype(np.int64)
+        parts, need = [], length
+        while need > 0:
+            a = self.arrays[k]
+            take = a[local : local + need]
+            parts.append(take.astype(np.int64))
+            need -= take.size
+            k, local = k + 1, 0
+        return np.concatenate(parts)
+
+    def counts(self, vocab_size: int) -> np.ndarray:
+        total = np.zeros(vocab_size, dtype=np.int64)
+        for a in self.arrays:
+            total += np.bincount(a, minlength=vocab_size)[:vocab_size]
+        return total
+
+
+class TokenLoader:
+    """Deterministic batches of (inputs, targets) drawn from (seed, step, rank, world size)."""
+
+    def __init__(
+        self,
+        tokens_dir: str | Path,
+        split: str,
+        seq_len: int,
+        seed: int = 0,
+        tokenizer_hash: str | None = None,
+    ):
+        self.stream = TokenStream(tokens_dir, split, tokenizer_hash)
+        self.seq_len = seq_len
+        self.seed = seed
+        self.n_windows = (self.stream.n_tokens - seq_len) // seq_len
+        if self.n_windows < 1:
+            raise ShardError(
+                f"{tokens_dir}: the '{split}' split has {self.stream.n_tokens} tokens, "
+                f"fewer than one window of {seq_len + 1}"
+            )
+        self._epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+        self._offset = 0
+
+    def _epoch_order(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._offset = int(rng.integers(self.seq_len))
+            self._perm = rng.permutation(self.n_windows)
+            self._epoch = epoch
+
+    def sample(self, g: int) -> np.ndarray:
+        """Window number `g` of the run: seq_len + 1 tokens."""
+        epoch, k = divmod(g, self.n_windows)
+        self._epoch_order(epoch)
+        start = self._offset + int(self._perm[k]) * self.seq_len
+        return self.stream.read(start, self.seq_len + 1)
+
+    def batch(
+        self,
+        step: int,
+        micro: int,
+        micro_batch_size: int,
+        accum_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
+        global_batch = micro_batch_size * accum_steps * world_size
+        first = step * global_batch + (rank * accum_steps + micro) * micro_batch_size
+        rows = np.stack([self.sample(first + i) for i in range(micro_batch_size)])
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+    def sequential(
+        self, n_tokens: int, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Validation batches: consecutive windows from the start, about `n_tokens` in all."""
+        n_seq = max(1, min(n_tokens // self.seq_len, self.n_windows))
+        for i in range(0, n_seq, batch_size):
+            rows = [
+                self.stream.read(j * self.seq_len, self.seq_len + 1)
+                for j in range(i, min(i + batch_size, n_seq))
+            ]
+            data = torch.from_numpy(np.stack(rows))
+            yield data[:, :-1], data[:, 1:]

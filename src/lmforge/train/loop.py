@@ -1,0 +1,425 @@
+"""The training loop shared by pre-training and fine-tuning.
+
+One straight loop: for each optimizer step, accumulate gradients over the
+micro-batches that make up `tokens_per_step`, skip the update if anything is
+non-finite, clip, step, log, evaluate, checkpoint. Every quantity that decides
+the numbers (learning rate, data, RNG) is a function of the step or is saved in
+the checkpoint, so `resume="auto"` continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lmforge import __version__
+from lmforge.config import Config, dump_yaml, to_dict
+from lmforge.hardware import peak_flops, pick_device
+from lmforge.model.transformer import flops_per_token
+from lmforge.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
+from lmforge.train.dist import DistInfo, all_reduce_mean, dist_info, print0
+from lmforge.train.schedule import lr_at
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+EvalHook = Callable[[nn.Module, int], dict[str, float]]
+
+
+class BatchSource(Protocol):
+    def batch(
+        self,
+        step: int,
+        micro: int,
+        micro_batch_size: int,
+        accum_steps: int,
+        rank: int,
+        world_size: int,
+    ) -> Batch: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl` (and TensorBoard when asked and installed)."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool = False):
+        self.path, self.enabled = path, enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            except ImportError:
+                print0("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps the resumed run will redo."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (weights, embeddings); never decay norms and biases (nanoGPT, GPT-3)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(
+        param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+        # The fused kernel is one pass over all parameters; it exists on CPU and CUDA.
+        fused=True,
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Trainer:
+    """Runs `cfg.train` on `model` with batches from `train_data`.
+
+    `val_data` returns a fresh iterable of validation batches; `tokens_per_byte`
+    turns validation loss into bits per byte; `eval_hooks` add in-loop metrics.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        run_dir: str | Path,
+        train_data: BatchSource,
+        val_data: Callable[[], Iterable[Batch]] | None = None,
+        tokens_per_byte: float | None = None,
+        eval_hooks: list[EvalHook] | None = None,
+        extra_state: dict[str, Any] | None = None,
+        extra_files: dict[str, bytes] | None = None,
+        log: Callable[[str], None] = print0,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.dist: DistInfo = dist_info()
+        self.device = pick_device(cfg.train.device)
+        self.model = model.to(self.device)
+        self.train_data = train_data
+        self.val_data = val_data
+        self.tokens_per_byte = tokens_per_byte
+        self.eval_hooks = eval_hooks or []
+        self.extra_state = extra_state or {}
+        self.extra_files = extra_files or {}
+        self.log = log
+        t, m = cfg.train, cfg.model
+        micro_tokens = t.micro_batch_size * m.context_length * self.dist.world_size
+        if t.tokens_per_step % micro_tokens:
+            raise ValueError(
+                f"train.tokens_per_step = {t.tokens_per_step} is not a multiple of "
+                f"micro_batch_size × context_length × world_size = {micro_tokens}"
+            )
+        self.accum_steps = t.tokens_per_step // micro_tokens
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        from lmforge.train.parallel import parallelize
+
+        self.train_model = parallelize(self.model, cfg, self.device, self.dist)
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if t.dtype == "bf16"
+            else nullcontext()
+        )
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main, t.tensorboard)
+        self.flops_per_token = flops_per_token(unwrap(model).cfg, m.context_length)  # type: ignore[arg-type]
+        self.step = 0
+        self.tokens_seen = 0
+        self.bad_steps = 0
+        self.consecutive_bad = 0
+        self.elapsed_before = 0.0
+        self._stop_signal: str | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "bad_steps": self.bad_steps,
+            "consecutive_bad": self.consecutive_bad,
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0),
+            "data": {"next_step": self.step, "seed": self.cfg.train.seed},
+            "config": to_dict(self.cfg),
+            "code_version": __version__,
+            **self.extra_state,
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.state(),
+                self.cfg.train.keep_last,
+                self.extra_files,
+            )
+        from lmforge.train.dist import barrier
+
+        barrier()
+        return path
+
+    def restore(self, resume: str) -> None:
+        if not resume:
+            return
+        path = (
+            latest_checkpoint(self.run_dir, log=self.log)
+            if resume == "auto"
+            else resolve_checkpoint(resume)
+        )
+        if path is None:
+            self.log("no checkpoint to resume from; starting from step 0")
+            return
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.bad_steps = int(state["bad_steps"])
+        self.consecutive_bad = int(state["consecutive_bad"])
+        self.elapsed_before = float(state["elapsed_s"])
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if self.val_data is None:
+            return {}
+        model = self.train_model
+        model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for x, y in self.val_data():
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast:
+                loss = model(x, y)
+            total += loss.float()
+            count += 1
+        model.train()
+        val_loss = all_reduce_mean(total / max(count, 1)).item()
+        out = {"val_loss": val_loss}
+        if self.tokens_per_byte:
+            out["val_bpb"] = val_loss / math.log(2) * self.tokens_per_byte
+        for hook in self.eval_hooks:
+            out.update(hook(self.model, self.step))
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def fit(self, resume: str = "") -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        self._t0 = time.perf_counter()
+        self.restore(resume)
+        if self.step >= t.max_steps:
+            self.log(f"already trained to step {self.step}; nothing to do")
+            return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
+
+        peak = t.peak_flops or peak_flops(self.device, t.dtype)
+        old_handlers = {}
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+        model, opt = self.train_model, self.optimizer
+        model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        tokens_per_step = t.tokens_per_step
+        last_log_t, last_log_step = time.perf_counter(), self.step
+        summary: dict[str, Any] = {}
+        loss_sum = torch.zeros((), device=self.device)
+        eval_metrics: dict[str, float] = {}
+        try:
+            while self.step < t.max_steps:
+                lr = lr_at(self.step, t)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                step_loss = torch.zeros((), device=self.device)
+                for micro in range(self.accum_steps):
+                    x, y = self.train_data.batch(
+                        self.step,
+                        micro,
+                        t.micro_batch_size,
+                        self.accum_steps,
+                        self.dist.rank,
+                        self.dist.world_size,
+                    )
+                    x, y = (
+                        x.to(self.device, non_blocking=True),
+                        y.to(self.device, non_blocking=True),
+                    )
+                    sync = micro == self.accum_steps - 1
+                    ctx = (
+                        model.no_sync()
+                        if (not sync and hasattr(model, "no_sync"))
+                        else nullcontext()
+                    )
+                    with ctx, self.autocast:
+                        loss = model(x, y) / self.accum_steps
+                    with ctx:
+                        loss.backward()
+                    step_loss += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, t.grad_clip if t.grad_clip > 0 else math.inf
+                )
+                step_loss = all_reduce_mean(step_loss)
+                finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+                if finite:
+                    opt.step()
+                    self.consecutive_bad = 0
+                else:
+                    # A non-finite loss or gradient never reaches the weights or the moments.
+                    self.bad_steps += 1
+                    self.consecutive_bad += 1
+                    self.log(
+                        f"step {self.step}: non-finite loss/gradient "
+                        f"(loss {step_loss.item()}, grad norm {grad_norm.item()}); update skipped"
+                    )
+                opt.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += tokens_per_step
+                if finite:
+                    loss_sum += step_loss
+                if self.consecutive_bad >= t.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{self.consecutive_bad} consecutive non-finite steps (train.max_bad_steps = "
+                        f"{t.max_bad_steps}) at step {self.step}; stopped. The last good checkpoint "
+                        f"in {self.run_dir / 'checkpoints'} is intact: lower train.lr, check the data, "
+                        f"or resume with --resume auto"
+                    )
+
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    now = time.perf_counter()
+                    n = self.step - last_log_step
+                    dt = now - last_log_t
+                    tok_s = n * tokens_per_step / max(dt, 1e-9)
+                    mfu = tok_s * self.flops_per_token / peak if peak else 0.0
+                    mean_loss = loss_sum.item() / max(n, 1)
+                    elapsed = self.elapsed_before + now - self._t0
+                    eta = (t.max_steps - self.step) * dt / max(n, 1)
+                    record = {
+                        "step": self.step,
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm.item(),
+                        "tokens": self.tokens_seen,
+                        "tokens_per_s": tok_s,
+                        "mfu": mfu,
+                        "elapsed_s": elapsed,
+                        "bad_steps": self.bad_steps,
+                    }
+                    self.metrics.write(record)
+                    self.log(
+                        f"step {self.step:>6}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                        f"{tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.1f}% | "
+                        f"ETA {format_duration(eta)}"
+                    )
+                    summary.update(loss=mean_loss, tokens_per_s=tok_s, mfu=mfu)
+                    loss_sum.zero_()
+                    last_log_t, last_log_step = time.perf_counter(), self.step
+
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    t_eval = time.perf_counter()
+                    eval_metrics = self.evaluate()
+                    if eval_metrics:
+                        self.metrics.write({"step": self.step, **eval_metrics})
+                        self.log(
+                            f"eval @ {self.step}: "
+                            + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+                        )
+                    last_log_t += time.perf_counter() - t_eval  # keep eval out of tokens/s
+
+                out_of_time = (
+                    t.max_time_s
+                    and (self.elapsed_before + time.perf_counter() - self._t0) >= t.max_time_s
+                )
+                stop_flag = torch.tensor(
+                    float(bool(out_of_time or self._stop_signal)), device=self.device
+                )
+                stop = all_reduce_mean(stop_flag).item() > 0
+                if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or stop:
+                    self.save()
+                if stop:
+                    why = (
+                        f"signal {self._stop_signal}"
+                        if self._stop_signal
+                        else f"time budget {t.max_time_s:.0f}s"
+                    )
+                    self.log(
+                        f"stopped at step {self.step} ({why}); checkpoint saved, resume with --resume auto"
+                    )
+                    break
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            sys.stdout.flush()
+
+        summary.update(
+            step=self.step,
+            tokens=self.tokens_seen,
+            bad_steps=self.bad_steps,
+            elapsed_s=self.elapsed_before + time.perf_counter() - self._t0,
+            peak_flops=peak,
+            interrupted=bool(self._stop_signal),
+            **eval_metrics,
+        )
+        return summary
