@@ -38,6 +38,9 @@ class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["python-stdlib"])
     # Fraction of documents held out for validation (split by document id, deterministic).
     val_fraction: float = 0.05
+    # "document": hold out whole documents (by id hash); "tail": the last val_fraction of
+    # each document (nanoGPT's split of one file).
+    split: Literal["document", "tail"] = "document"
     # Stop reading sources after this many bytes of text (0 = no limit).
     max_bytes: int = 0
     # Prepared token shards to train on; when empty, `tokenize` writes them into the run folder.
@@ -75,6 +78,8 @@ class ModelConfig:
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = False
+    # Bias on the q/k/v projection only (Qwen2); `bias` puts one on every linear layer.
+    qkv_bias: bool = False
     dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -119,6 +124,16 @@ class TrainConfig:
     peak_flops: float = 0.0
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = False
+    # Scale-out (see `lmforge.train.parallel` and docs/distributed.md). "ddp" replicates the
+    # model when torchrun starts several processes; "fsdp" shards it (FSDP2), even on one.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Recompute activations in backward, per block: "full" keeps only block inputs;
+    # "selective" also keeps matmul and attention outputs and recomputes the cheap ops.
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3)
+    fsdp_cpu_offload: bool = False  # keep sharded weights, grads and optimizer state on CPU
+    # A collective waiting longer than this (a dead or stuck rank) fails the job.
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -133,10 +148,115 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning: task data, starting point and method; see `lmforge.finetune`."""
+
+    # instruction | chat | summarization | translation | code-docstring | text
+    task: str = "code-docstring"
+    # JSONL / CSV / Parquet files, or parallel-text prefixes (PREFIX.{source_lang,target_lang});
+    # "shared:REL" is read from the shared data folder. Empty for code-docstring (built-in).
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    test_files: list[str] = field(default_factory=list)
+    source_lang: str = "en"
+    target_lang: str = "de"
+    # lmforge checkpoint or run folder, or a HF model folder; "" = a new model from `model`.
+    init: str = ""
+    method: Literal["full", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.up", "mlp.down"]
+    )
+    # Parameter names or prefixes to keep frozen in full fine-tuning (e.g. tok_emb, blocks.0).
+    freeze: list[str] = field(default_factory=list)
+    max_examples: int = 0  # per split; 0 = all
+    # Greedy generations scored with the task metric at each evaluation (0 = loss only).
+    eval_examples: int = 100
+    max_new_tokens: int = 64
+    # Replace train.max_steps / train.lr / train.tokens_per_step when fine-tuning (0 = keep),
+    # so one recipe can hold both the pre-training and the fine-tuning schedule.
+    max_steps: int = 0
+    lr: float = 0.0
+    tokens_per_step: int = 0
+
+
+@dataclass
 class OutputConfig:
     """Where a run writes its files."""
 
     dir: str = "runs/default"
+
+
+@dataclass
+class PrepareSource:
+    """One input of `lmforge prepare` (see `lmforge.data.readers`)."""
+
+    # A file, folder or glob; "python-stdlib"; or a HF dataset (a local folder or hub name).
+    path: str = ""
+    kind: Literal[
+        "auto",
+        "text",
+        "code",
+        "jsonl",
+        "json",
+        "csv",
+        "parquet",
+        "html",
+        "warc",
+        "hf",
+        "python-stdlib",
+    ] = "auto"
+    name: str = ""  # label in shard names and the report (default: derived from the path)
+    license: str = "unknown"  # declared licence; "unknown" is flagged in the report
+    text_field: str = "text"  # for JSONL / JSON / CSV / Parquet / HF records
+    id_field: str = ""  # record field holding a stable id (default: file:line)
+    include: list[str] = field(default_factory=list)  # globs on relative paths; empty = all
+    exclude: list[str] = field(default_factory=list)
+    weight: float = 1.0  # mixing weight: < 1 down-samples, > 1 repeats documents
+    hf_split: str = "train"
+
+
+@dataclass
+class PrepareConfig:
+    """The data preparation pipeline (`lmforge prepare`); see `lmforge.data.pipeline`."""
+
+    sources: list[PrepareSource] = field(default_factory=list)
+    output: str = ""  # default: <output.dir>/prepared; train on <output>/shards
+    executor: Literal["local", "ray"] = "local"
+    workers: int = 0  # 0 = one per CPU core
+    task_bytes: int = 8_000_000  # input files are grouped into tasks of about this size
+    seed: int = 0  # for mixing (down/up-sampling) decisions
+    write_exclusions: bool = True  # keep dropped documents, with their reason
+    max_file_bytes: int = 64_000_000  # larger inputs are skipped (counted)
+    max_line_bytes: int = 8_000_000  # longer JSONL/CSV lines are skipped (counted)
+    # cleaning
+    fix_unicode: bool = True  # ftfy on prose
+    strip_boilerplate: bool = True  # Project Gutenberg headers / licence footers
+    # filters (0 disables a bound)
+    min_chars: int = 200
+    max_chars: int = 0
+    quality: bool = True  # Gopher quality heuristics (prose)
+    max_words: int = 0  # Gopher used 100,000 for web pages; books are longer
+    repetition: bool = True  # Gopher repetition heuristics (prose)
+    languages: list[str] = field(default_factory=lambda: ["en"])  # empty = keep any
+    min_language_score: float = 0.5
+    max_flagged_word_ratio: float = 0.01  # word-list adult/toxic filter
+    code_filters: bool = True
+    # PII
+    pii: bool = True
+    # deduplication
+    dedup_exact: bool = True
+    dedup_minhash: bool = True
+    minhash_threshold: float = 0.8
+    shingle_size: int = 5
+    num_perm: int = 128
+    bands: int = 0  # 0 = derived from threshold and num_perm
+    # decontamination: "hellaswag", "crows_pairs", or PATH[:FIELD] of a JSONL/text eval split
+    decontaminate: list[str] = field(default_factory=list)
+    decontam_ngram: int = 13  # GPT-3 (Brown et al. 2020, app. C) used 13-grams
+    decontam_action: Literal["drop", "flag"] = "drop"
 
 
 @dataclass
@@ -149,7 +269,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 # ----------------------------------------------------------------------------- building
@@ -387,6 +509,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         bad("train.decay_fraction", "must be in (0, 1]")
     if t.grad_clip < 0:
         bad("train.grad_clip", "must not be negative (0 disables clipping)")
+    if t.dist_timeout_s <= 0:
+        bad("train.dist_timeout_s", "must be positive")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         bad("train.beta1/beta2", "must be in [0, 1)")
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps"):
@@ -394,6 +518,18 @@ def validate(cfg: Config, where: str = "config") -> None:
             bad(f"train.{key}", "must be positive")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         bad("data.val_fraction", "must be in [0, 1)")
+    pc = cfg.prepare
+    if not 0.0 < pc.minhash_threshold <= 1.0:
+        bad("prepare.minhash_threshold", "must be in (0, 1]")
+    if pc.num_perm <= 0 or pc.shingle_size <= 0 or pc.decontam_ngram <= 0:
+        bad("prepare.num_perm/shingle_size/decontam_ngram", "must be positive")
+    if pc.bands < 0 or (pc.bands and pc.num_perm % pc.bands):
+        bad("prepare.bands", f"= {pc.bands} must divide prepare.num_perm = {pc.num_perm}")
+    for i, src in enumerate(pc.sources):
+        if not src.path:
+            bad(f"prepare.sources[{i}].path", "is required")
+        if src.weight < 0:
+            bad(f"prepare.sources[{i}].weight", "must not be negative")
     if cfg.tokenizer.kind == "bpe" and not cfg.tokenizer.path and cfg.tokenizer.vocab_size < 300:
         bad(
             "tokenizer.vocab_size", "must be at least 300 for byte-level BPE (256 bytes + specials)"

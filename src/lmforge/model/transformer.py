@@ -91,7 +91,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         # One fused projection for q, k and v: fewer, larger matmuls (faster on CPU).
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -281,7 +281,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     b = 1 if cfg.bias else 0
     qkv_out = (cfg.n_heads + 2 * kv) * D
-    attn = C * qkv_out + b * qkv_out + C * C + b * C + (2 * D if cfg.qk_norm else 0)
+    qkv_b = 1 if cfg.bias or cfg.qkv_bias else 0
+    attn = C * qkv_out + qkv_b * qkv_out + C * C + b * C + (2 * D if cfg.qk_norm else 0)
     up_out = hidden * (2 if cfg.mlp == "swiglu" else 1)
     mlp = C * up_out + b * up_out + hidden * C + b * C
     groups = {
@@ -309,6 +310,9 @@ def matmul_params(cfg: ModelConfig) -> int:
         up_out = derived_d_ff(cfg) * (2 if cfg.mlp == "swiglu" else 1)
         bias_free -= cfg.n_layers * ((cfg.n_heads + 2 * kv) * D + cfg.d_model)
         bias_free -= cfg.n_layers * (up_out + cfg.d_model)
+    elif cfg.qkv_bias:
+        D = cfg.d_model // cfg.n_heads
+        bias_free -= cfg.n_layers * (cfg.n_heads + 2 * (cfg.n_kv_heads or cfg.n_heads)) * D
     if cfg.qk_norm:
         bias_free -= cfg.n_layers * 2 * (cfg.d_model // cfg.n_heads)
     return bias_free + cfg.vocab_size * cfg.d_model

@@ -1,0 +1,479 @@
+"""HF `transformers` folders, both ways.
+
+Export writes a folder that ``AutoModelForCausalLM.from_pretrained(path)`` and
+``AutoTokenizer.from_pretrained(path)`` load with no custom code; import reads a
+Llama, Mistral, Qwen2, Qwen3 or GPT-2 folder into an lmforge model.
+
+Which standard architecture expresses which lmforge model:
+
+| lmforge model                                   | transformers architecture |
+|-------------------------------------------------|---------------------------|
+| layernorm + learned positions + GELU (tanh)     | GPT-2 (`gelu_new`)        |
+| rmsnorm + RoPE + SwiGLU, no bias or bias on all | Llama (`attention_bias`,  |
+|   linear layers                                 |   `mlp_bias`)             |
+| rmsnorm + RoPE + SwiGLU + bias on q/k/v only    | Qwen2                     |
+| rmsnorm + RoPE + SwiGLU + QK-norm, no bias      | Qwen3                     |
+
+Anything else is refused with a message that says which fields to change.
+
+Weight layouts (ours → HF):
+
+- ``attn.qkv`` is [q; k; v] stacked by rows → ``q_proj``/``k_proj``/``v_proj``
+  (Llama family) or GPT-2's fused ``c_attn``.
+- ``mlp.up`` for SwiGLU is [gate; up] stacked, gate first → ``gate_proj``/``up_proj``.
+- GPT-2 stores its linear layers as ``Conv1D`` with the weight transposed
+  relative to ``nn.Linear`` (in_features, out_features).
+- Our RoPE uses the "rotate half" pairing, as HF Llama does, so q/k rows need no
+  permutation between the two (GGUF does need one; see `gguf.py`).
+- A GPT-2 export of a model without biases writes zero biases (exactly
+  equivalent); an import whose biases are all exactly zero drops them again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from lmforge.config import Config, ModelConfig, config_from_dict, to_dict
+from lmforge.model.transformer import Transformer, derived_d_ff
+from lmforge.tokenizer import (
+    SPECIAL_TOKENS,
+    BPETokenizer,
+    Tokenizer,
+)
+
+State = dict[str, torch.Tensor]
+
+
+class ExportError(ValueError):
+    """The model or folder cannot be converted; the message says why and what to change."""
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def hf_architecture(m: ModelConfig) -> str:
+    """The standard transformers architecture ("gpt2", "llama", "qwen2", "qwen3") for a model.
+
+    Raises `ExportError` naming the fields to change when none expresses it exactly.
+    """
+    if m.objective != "causal":
+        raise ExportError(
+            f"model.objective = {m.objective!r}: only causal language models export to "
+            "AutoModelForCausalLM (train with model.objective=causal)"
+        )
+    gpt2_like = (m.norm, m.position, m.mlp) == ("layernorm", "learned", "gelu")
+    llama_like = (m.norm, m.position, m.mlp) == ("rmsnorm", "rope", "swiglu")
+    if gpt2_like:
+        if m.qk_norm:
+            raise ExportError(
+                "model.qk_norm = true: GPT-2 has no QK-norm. Train with model.qk_norm=false, "
+                "or use the Llama-style family (norm=rmsnorm, position=rope, mlp=swiglu), "
+                "which exports with QK-norm as Qwen3"
+            )
+        if (m.n_kv_heads or m.n_heads) != m.n_heads:
+            raise ExportError(
+                f"model.n_kv_heads = {m.n_kv_heads}: GPT-2 has no grouped-query attention; "
+                "set model.n_kv_heads=0 (or use the Llama-style family, which has GQA)"
+            )
+        return "gpt2"  # any subset of biases is expressible: missing ones are written as zeros
+    if llama_like:
+        if m.qk_norm:
+            if m.bias or m.qkv_bias:
+                raise ExportError(
+                    "model.qk_norm = true with biases: Qwen3 (the standard architecture with "
+                    "QK-norm) has no MLP bias and no separate q/k/v bias; set model.bias=false "
+                    "and model.qkv_bias=false"
+                )
+            return "qwen3"
+        if m.qkv_bias and not m.bias:
+            return "qwen2"
+        return "llama"
+    combo = f"norm={m.norm}, position={m.position}, mlp={m.mlp}"
+    raise ExportError(
+        f"no standard transformers architecture has {combo}. GPT-2 is "
+        "norm=layernorm + position=learned + mlp=gelu; Llama is norm=rmsnorm + position=rope + "
+        "mlp=swiglu. Change model.norm / model.position / model.mlp to one of these and retrain"
+    )
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    """RoPE base from a config of either generation (`rope_parameters` in transformers 5)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ExportError(
+            f"{where}: RoPE scaling {rope_type!r} is not supported (lmforge implements plain RoPE)"
+        )
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """Our ModelConfig for a transformers config.json (Llama, Mistral, Qwen2, Qwen3, GPT-2)."""
+    kind = hf.get("model_type", "")
+    if kind == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ExportError(
+                f"{where}: activation_function = {act!r}; lmforge's GELU is the tanh "
+                "approximation (gelu_new)"
+            )
+        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+            raise ExportError(f"{where}: non-standard GPT-2 attention scaling is not supported")
+        d = int(hf["n_embd"])
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]),
+            context_length=int(hf["n_positions"]),
+            n_layers=int(hf["n_layer"]),
+            d_model=d,
+            n_heads=int(hf["n_head"]),
+            d_ff=int(hf.get("n_inner") or 4 * d),
+            norm="layernorm",
+            position="learned",
+            mlp="gelu",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            bias=True,
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    if kind not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise ExportError(
+            f"{where}: model_type = {kind!r}; import supports llama, mistral, qwen2, qwen3, gpt2"
+        )
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ExportError(f"{where}: hidden_act = {act!r}; lmforge's SwiGLU uses silu")
+    d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or d // heads
+    if head_dim * heads != d:
+        raise ExportError(
+            f"{where}: head_dim = {head_dim} × {heads} heads != hidden_size = {d}; "
+            "lmforge needs head_dim = hidden_size / num_attention_heads"
+        )
+    context = int(hf.get("max_position_embeddings", 2048))
+    sliding = hf.get("sliding_window")
+    if sliding and (kind == "mistral" or hf.get("use_sliding_window")) and sliding < context:
+        # lmforge attends to the whole context; the two agree exactly up to the window.
+        context = int(sliding)
+    bias = qkv_bias = False
+    if kind == "qwen2":
+        qkv_bias = True  # Qwen2 always has q/k/v biases and none elsewhere
+    elif kind in ("llama", "qwen3"):
+        attn_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+        if kind == "qwen3" and attn_bias:
+            raise ExportError(f"{where}: Qwen3 with attention_bias=true is not supported")
+        if attn_bias != mlp_bias:
+            raise ExportError(
+                f"{where}: attention_bias = {attn_bias} but mlp_bias = {mlp_bias}; lmforge "
+                "puts a bias on every linear layer or on none (or on q/k/v only, as Qwen2)"
+            )
+        bias = attn_bias
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        context_length=context,
+        n_layers=int(hf["num_hidden_layers"]),
+        d_model=d,
+        n_heads=heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        d_ff=int(hf["intermediate_size"]),
+        norm="rmsnorm",
+        position="rope",
+        mlp="swiglu",
+        qk_norm=kind == "qwen3",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bias=bias,
+        qkv_bias=qkv_bias,
+        rope_theta=_rope_theta(hf, where),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _qkv_sizes(m: ModelConfig) -> list[int]:
+    head_dim = m.d_model // m.n_heads
+    kv = m.n_kv_heads or m.n_heads
+    return [m.n_heads * head_dim, kv * head_dim, kv * head_dim]
+
+
+def to_hf_state(model: Transformer, arch: str) -> State:
+    """Our weights under the names and layouts of the transformers architecture `arch`."""
+    m = model.cfg
+    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out: State = {}
+    if arch == "gpt2":
+        hidden = derived_d_ff(m)
+
+        def bias_or_zeros(key: str, n: int) -> torch.Tensor:
+            return ours.get(key, torch.zeros(n))
+
+        out["transformer.wte.weight"] = ours["tok_emb.weight"]
+        out["transformer.wpe.weight"] = ours["pos_emb.weight"]
+        for i in range(m.n_layers):
+            a, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours_norm, hf_norm in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out[h + hf_norm + ".weight"] = ours[a + ours_norm + ".weight"]
+                out[h + hf_norm + ".bias"] = bias_or_zeros(a + ours_norm + ".bias", m.d_model)
+            for ours_lin, hf_lin, n_out in (
+                ("attn.qkv", "attn.c_attn", 3 * m.d_model),
+                ("attn.proj", "attn.c_proj", m.d_model),
+                ("mlp.up", "mlp.c_fc", hidden),
+                ("mlp.down", "mlp.c_proj", m.d_model),
+            ):
+                # Conv1D keeps (in, out): the transpose of nn.Linear's (out, in).
+                out[h + hf_lin + ".weight"] = ours[a + ours_lin + ".weight"].t().contiguous()
+                out[h + hf_lin + ".bias"] = bias_or_zeros(a + ours_lin + ".bias", n_out)
+        out["transformer.ln_f.weight"] = ours["norm.weight"]
+        out["transformer.ln_f.bias"] = bias_or_zeros("norm.bias", m.d_model)
+        if not m.tie_embeddings:
+            out["lm_head.weight"] = ours["lm_head.weight"]
+        return out
+
+    out["model.embed_tokens.weight"] = ours["tok_emb.weight"]
+    for i in range(m.n_layers):
+        a, h = f"blocks.{i}.", f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = ours[a + "attn_norm.weight"]
+        out[h + "post_attention_layernorm.weight"] = ours[a + "mlp_norm.weight"]
+        for suffix in ("weight", "bias"):
+            key = a + "attn.qkv." + suffix
+            if key in ours:
+                q, k, v = ours[key].split(_qkv_sizes(m), dim=0)
+                out[h + "self_attn.q_proj." + suffix] = q.contiguous()
+                out[h + "self_attn.k_proj." + suffix] = k.contiguous()
+                out[h + "self_attn.v_proj." + suffix] = v.contiguous()
+            if a + "mlp.up." + suffix in ours:
+                gate, up = ours[a + "mlp.up." + suffix].chunk(2, dim=0)
+                out[h + "mlp.gate_proj." + suffix] = gate.contiguous()
+                out[h + "mlp.up_proj." + suffix] = up.contiguous()
+            for ours_lin, hf_lin in (
+                ("attn.proj", "self_attn.o_proj"),
+                ("mlp.down", "mlp.down_proj"),
+            ):
+                if f"{a}{ours_lin}.{suffix}" in ours:
+                    out[f"{h}{hf_lin}.{suffix}"] = ours[f"{a}{ours_lin}.{suffix}"]
+        if m.qk_norm:
+            out[h + "self_attn.q_norm.weight"] = ours[a + "attn.q_norm.weight"]
+            out[h + "self_attn.k_norm.weight"] = ours[a + "attn.k_norm.weight"]
+    out["model.norm.weight"] = ours["norm.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = ours["lm_head.weight"]
+    return out
+
+
+def _take(state: State, key: str, where: str) -> torch.Tensor:
+    if key not in state:
+        raise ExportError(f"{where}: tensor {key!r} is missing")
+    return state.pop(key)
+
+
+def from_hf_state(hf: State, m: ModelConfig, kind: str, where: str) -> State:
+    """transformers weights of a `kind` model → our state dict (names and layouts)."""
+    hf = dict(hf)
+    out: State = {}
+    if kind == "gpt2":
+        # GPT2Model (no head) saves without the "transformer." prefix.
+        hf = {
+            (k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
+            for k, v in hf.items()
+        }
+        hf = {k: v for k, v in hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        out["tok_emb.weight"] = _take(hf, "transformer.wte.weight", where)
+        out["pos_emb.weight"] = _take(hf, "transformer.wpe.weight", where)
+        for i in range(m.n_layers):
+            a, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours_norm, hf_norm in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                for s in ("weight", "bias"):
+                    out[f"{a}{ours_norm}.{s}"] = _take(hf, f"{h}{hf_norm}.{s}", where)
+            for ours_lin, hf_lin in (
+                ("attn.qkv", "attn.c_attn"),
+                ("attn.proj", "attn.c_proj"),
+                ("mlp.up", "mlp.c_fc"),
+                ("mlp.down", "mlp.c_proj"),
+            ):
+                out[f"{a}{ours_lin}.weight"] = (
+                    _take(hf, f"{h}{hf_lin}.weight", where).t().contiguous()
+                )
+                out[f"{a}{ours_lin}.bias"] = _take(hf, f"{h}{hf_lin}.bias", where)
+        out["norm.weight"] = _take(hf, "transformer.ln_f.weight", where)
+        out["norm.bias"] = _take(hf, "transformer.ln_f.bias", where)
+    else:
+        out["tok_emb.weight"] = _take(hf, "model.embed_tokens.weight", where)
+        for i in range(m.n_layers):
+            a, h = f"blocks.{i}.", f"model.layers.{i}."
+            out[a + "attn_norm.weight"] = _take(hf, h + "input_layernorm.weight", where)
+            out[a + "mlp_norm.weight"] = _take(hf, h + "post_attention_layernorm.weight", where)
+            suffixes = ["weight"] + (["bias"] if m.bias or m.qkv_bias else [])
+            for s in suffixes:
+                out[f"{a}attn.qkv.{s}"] = torch.cat(
+                    [_take(hf, f"{h}self_attn.{p}_proj.{s}", where) for p in "qkv"], dim=0
+                )
+            for s in ["weight"] + (["bias"] if m.bias else []):
+                out[f"{a}attn.proj.{s}"] = _take(hf, f"{h}self_attn.o_proj.{s}", where)
+                out[f"{a}mlp.up.{s}"] = torch.cat(
+                    [
+                        _take(hf, f"{h}mlp.gate_proj.{s}", where),
+                        _take(hf, f"{h}mlp.up_proj.{s}", where),
+                    ]
+                )
+                out[f"{a}mlp.down.{s}"] = _take(hf, f"{h}mlp.down_proj.{s}", where)
+            if m.qk_norm:
+                out[a + "attn.q_norm.weight"] = _take(hf, h + "self_attn.q_norm.weight", where)
+                out[a + "attn.k_norm.weight"] = _take(hf, h + "self_attn.k_norm.weight", where)
+        out["norm.weight"] = _take(hf, "model.norm.weight", where)
+    if m.tie_embeddings:
+        hf.pop("lm_head.weight", None)  # some writers store the tied copy too
+    else:
+        out["lm_head.weight"] = _take(hf, "lm_head.weight", where)
+    leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
+    if leftover:
+        raise ExportError(f"{where}: unexpected tensors {sorted(leftover)[:5]} (not converted)")
+    return out
+
+
+def _read_hf_weights(folder: Path) -> State:
+    """All tensors of a transformers folder: safetensors (single or sharded) or PyTorch .bin."""
+    for index_name, loader in (
+        ("model.safetensors.index.json", lambda p: load_file(str(p))),
+        (
+            "pytorch_model.bin.index.json",
+            lambda p: torch.load(p, map_location="cpu", weights_only=True),
+        ),
+    ):
+        index = folder / index_name
+        if index.exists():
+            state: State = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(loader(folder / shard))
+            return state
+    if (folder / "model.safetensors").exists():
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").exists():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ExportError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def _tokenizer_for_import(
+    folder: Path, tokenizer: str | Path | None
+) -> tuple[BPETokenizer, list[str]]:
+    """The folder's tokenizer.json with lmforge's special tokens added where missing."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(tokenizer) if tokenizer else folder / "tokenizer.json"
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.exists():
+        raise ExportError(
+            f"{path}: no tokenizer.json (a fast tokenizer file is needed; pass one with --tokenizer)"
+        )
+    hf = HFTokenizer.from_file(str(path))
+    missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+    if missing:
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return BPETokenizer(hf), missing
+
+
+def _grow_vocab(state: State, m: ModelConfig, vocab: int) -> None:
+    """Add embedding (and untied head) rows up to `vocab`, each the mean of the existing rows.
+
+    Mean initialisation keeps the new tokens' logits ordinary instead of random
+    (Hewitt 2021, "Initializing new word embeddings for pretrained language models").
+    """
+    for key in ("tok_emb.weight", "lm_head.weight"):
+        if key in state:
+            w = state[key]
+            extra = w.mean(dim=0, keepdim=True).expand(vocab - w.size(0), -1)
+            state[key] = torch.cat([w, extra], dim=0)
+
+
+def _drop_zero_biases(state: State, m: ModelConfig) -> ModelConfig:
+    """A GPT-2 folder whose biases are all exactly zero (our bias-free export) loses them again."""
+    biases = [k for k in state if k.endswith(".bias")]
+    if not m.bias or not biases or any(bool(state[k].any()) for k in biases):
+        return m
+    for k in biases:
+        del state[k]
+    return replace(m, bias=False)
+
+
+def load_hf_model(
+    path: str | Path, tokenizer: str | Path | None = None
+) -> tuple[Transformer, Tokenizer, Config]:
+    """An lmforge model, tokenizer and config from a transformers folder (no network).
+
+    Supports Llama, Mistral, Qwen2, Qwen3 and GPT-2 folders with a fast
+    `tokenizer.json` (or pass `tokenizer`, a tokenizer.json or folder). lmforge's special
+    tokens (<|endoftext|>, <|pad|>, chat roles, ...) are added to the tokenizer when
+    missing; if the embedding has no spare rows for them it grows, new rows set to the
+    mean embedding, so logits of the original vocabulary are unchanged.
+    The model is float32, in eval mode, on the CPU.
+    """
+    folder = Path(path)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise ExportError(f"{folder}: no config.json (not a transformers model folder)")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{cfg_path}: invalid JSON: {exc}") from None
+    m = model_config_from_hf(hf_cfg, str(cfg_path))
+    state = from_hf_state(_read_hf_weights(folder), m, hf_cfg["model_type"], str(folder))
+    if hf_cfg["model_type"] == "gpt2":
+        m = _drop_zero_biases(state, m)
+    tok, _added = _tokenizer_for_import(folder, tokenizer)
+    if tok.vocab_size > m.vocab_size:
+        _grow_vocab(state, m, tok.vocab_size)
+        m = replace(m, vocab_size=tok.vocab_size)
+    model = Transformer(m)
+    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    tied = {"lm_head.weight"} if m.tie_embeddings else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise ExportError(
+            f"{folder}: converted weights do not fit (missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]})"
+        )
+    cfg = Config(name=folder.name, model=m)
+    cfg.tokenizer.kind = "bpe"
+    cfg.tokenizer.vocab_size = tok.vocab_size
+    # The default batch (8192 tokens) need not be a multiple of this context; make it one.
+    cfg.train.micro_batch_size = 1
+    cfg.train.tokens_per_step = m.context_length * max(1, math.ceil(8192 / m.context_length))
+    cfg = config_from_dict(to_dict(cfg), where=str(cfg_path))
+    return model.eval(), tok, cfg
+
+
+def import_hf(path: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Convert a transformers folder into an lmforge run folder with one checkpoint (step 0).
+
+    The run folder gets ``config.yaml``, ``tokenizer.json`` and
+    ``checkpoints/step_00000000/`` (loadable with `lmforge.pretrain.load_model`).
+    """
+    from lmforge.config import dump_yaml
+    from lmforge.train.checkpoint import save_checkpoint
+
+    model, tok, cfg = load_hf_model(path, tokenizer)
+    out = Path(out)
+    cfg.output.dir = str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    tok.save(out / "tokenizer.json")
+    state = {"config": to_dict(cfg), "imported_from": str(Path(path).resolve()), "tokens_seen": 0}
+    return save_checkpoint(
+        out,
+        0,
+        model,
+        None,
+        state,
+        keep_last=0,
+        extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
+    )
