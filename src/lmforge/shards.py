@@ -128,6 +128,22 @@ def _batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
+def _split_tails(docs: Iterable[Document], val_fraction: float) -> Iterator[Document]:
+    for doc in docs:
+        cut = int(len(doc.text) * (1 - val_fraction))
+        yield Document(
+            doc.id, doc.text[:cut], doc.source, doc.license, {**doc.meta, "split": "train"}
+        )
+        if cut < len(doc.text):
+            yield Document(
+                doc.id + "#tail",
+                doc.text[cut:],
+                doc.source,
+                doc.license,
+                {**doc.meta, "split": "val"},
+            )
+
+
 def tokenize_documents(
     docs: Iterable[Document],
     tok: Tokenizer,
@@ -135,22 +151,33 @@ def tokenize_documents(
     val_fraction: float = 0.05,
     shard_tokens: int = 50_000_000,
     batch_size: int = 512,
+    split: str = "document",
 ) -> dict[str, dict[str, int]]:
     """Tokenise documents into train/val shards; returns counts per split.
 
+    split="document": whole documents go to validation by a hash of their id.
+    split="tail": the last `val_fraction` of every document's characters goes to
+    validation (nanoGPT's split of a single file such as tinyshakespeare).
     Batches go through the tokenizer's parallel `encode_batch` (Rust threads).
     Existing shards in `out_dir` are replaced.
     """
+    if split not in ("document", "tail"):
+        raise ValueError(f"data.split = {split!r} is not 'document' or 'tail'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for old in list(out.glob("train_*")) + list(out.glob("val_*")):
         old.unlink()
     writers = {s: ShardWriter(out, s, tok, shard_tokens) for s in ("train", "val")}
-    for batch in _batched(docs, batch_size):
+    for batch in _batched(
+        _split_tails(docs, val_fraction) if split == "tail" else docs, batch_size
+    ):
         texts = [d.text for d in batch]
         for doc, ids in zip(batch, tok.encode_batch(texts), strict=True):
-            split = "val" if is_validation(doc.id, val_fraction) else "train"
-            writers[split].add(ids, len(doc.text.encode("utf-8", errors="replace")))
+            if split == "tail":
+                name = doc.meta["split"]
+            else:
+                name = "val" if is_validation(doc.id, val_fraction) else "train"
+            writers[name].add(ids, len(doc.text.encode("utf-8", errors="replace")))
     return {s: w.close() for s, w in writers.items()}
 
 
@@ -220,7 +247,12 @@ class TokenStream:
                 f"{self.dir}: '{split}' shards were made with tokenizer {self.tokenizer_hash}, "
                 f"but this run uses tokenizer {tokenizer_hash}; re-run `lmforge tokenize`"
             )
-        self.arrays = [np.memmap(path, dtype=np.dtype(h["dtype"]), mode="r") for path, h in headers]
+        self.arrays = [
+            np.memmap(path, dtype=np.dtype(h["dtype"]), mode="r")
+            if h["n_tokens"]
+            else np.empty(0, dtype=np.dtype(h["dtype"]))
+            for path, h in headers
+        ]
         self.starts = np.cumsum([0] + [a.size for a in self.arrays])
         self.n_tokens = int(self.starts[-1])
         self.n_bytes = sum(h["n_bytes"] for _, h in headers)
@@ -280,12 +312,15 @@ class TokenLoader:
             self._perm = rng.permutation(self.n_windows)
             self._epoch = epoch
 
-    def sample(self, g: int) -> np.ndarray:
-        """Window number `g` of the run: seq_len + 1 tokens."""
+    def window_start(self, g: int) -> int:
+        """Token offset of window number `g` of the run."""
         epoch, k = divmod(g, self.n_windows)
         self._epoch_order(epoch)
-        start = self._offset + int(self._perm[k]) * self.seq_len
-        return self.stream.read(start, self.seq_len + 1)
+        return self._offset + int(self._perm[k]) * self.seq_len
+
+    def sample(self, g: int) -> np.ndarray:
+        """Window number `g` of the run: seq_len + 1 tokens."""
+        return self.stream.read(self.window_start(g), self.seq_len + 1)
 
     def batch(
         self,

@@ -1,0 +1,117 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmforge.config import ModelConfig
+from lmforge.model import KVCache, Transformer, count_params, flops_per_token
+from lmforge.model.generate import filter_logits, generate
+
+VARIANTS = {
+    "gpt2": dict(bias=True),
+    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", tie_embeddings=False),
+    "gqa-qknorm": dict(norm="rmsnorm", position="rope", mlp="swiglu", n_kv_heads=2, qk_norm=True),
+    "mqa-dropout": dict(n_kv_heads=1, dropout=0.1),
+}
+
+
+def make(variant: str, **kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=97,
+        context_length=24,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        **{**VARIANTS[variant], **kw},
+    )
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_param_count_matches_model(variant):
+    model = make(variant)
+    groups = count_params(model.cfg)
+    assert groups["total"] == model.num_params()
+    assert sum(v for k, v in groups.items() if k != "total") == groups["total"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flops_match_flop_counter(variant):
+    model = make(variant, dropout=0.0).train()
+    x = torch.randint(0, 97, (2, 24))
+    # The math backend decomposes attention into matmuls the counter sees.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, x).backward()
+    assert counter.get_total_flops() == flops_per_token(model.cfg, 24) * x.numel()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality(variant):
+    model = make(variant)
+    x = torch.randint(0, 97, (1, 20))
+    base = model(x)
+    for t in (0, 7, 18):
+        y = x.clone()
+        y[0, t + 1 :] = torch.randint(0, 97, (19 - t,))
+        out = model(y)
+        torch.testing.assert_close(out[0, : t + 1], base[0, : t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[0, t + 1 :], base[0, t + 1 :])
+
+
+def test_masked_objective_is_bidirectional():
+    model = make("gpt2", objective="masked")
+    x = torch.randint(0, 97, (1, 12))
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % 97
+    assert not torch.allclose(model(x)[0, 0], model(y)[0, 0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_equals_recompute(variant):
+    model = make(variant)
+    prompt = torch.randint(0, 97, (3, 5))
+    cached = generate(model, prompt, 15, temperature=0, use_cache=True)
+    full = generate(model, prompt, 15, temperature=0, use_cache=False)
+    assert torch.equal(cached, full)
+    # logits step by step, including a multi-token chunk appended to a cache
+    seq = cached
+    cache = KVCache.empty(model.cfg, 3, 20, torch.device("cpu"), torch.float32)
+    parts = [model(seq[:, :5], cache=cache), model(seq[:, 5:9], cache=cache)]
+    parts += [model(seq[:, i : i + 1], cache=cache) for i in range(9, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), model(seq), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_stops():
+    model = make("gpt2")
+    a = generate(model, [1, 2, 3], 10, temperature=1.0, top_k=10, seed=5)
+    b = generate(model, [1, 2, 3], 10, temperature=1.0, top_k=10, seed=5)
+    assert torch.equal(a, b)
+    greedy = generate(model, [1, 2, 3], 10, temperature=0)
+    stop = int(greedy[0, 5])  # the third generated token
+    first = next(i for i in range(3, 13) if int(greedy[0, i]) == stop)
+    out = generate(model, [1, 2, 3], 10, temperature=0, stop_ids=[stop])
+    assert out.shape[1] == first + 1 and int(out[0, -1]) == stop
+    assert torch.equal(out, greedy[:, : first + 1])
+
+
+def test_generation_past_context_slides():
+    model = make("llama")
+    out = generate(model, torch.randint(0, 97, (1, 20)), 10, temperature=0)
+    assert out.shape == (1, 30)
+
+
+def test_top_k_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, top_p=0.85))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_context_overflow_is_an_error():
+    model = make("gpt2")
+    with pytest.raises(ValueError, match="exceeds context_length"):
+        model(torch.zeros(1, 25, dtype=torch.long))
