@@ -1,0 +1,117 @@
+"""Training jobs for tests/test_distributed.py, run in-process or under `torchrun`.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
+
+JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill"}``
+run one after another in the same process group. ``kill = {"rank": R, "step": S}``
+makes rank R die by SIGKILL when it asks for the first batch of step S (a crash,
+as an out-of-memory kill would be).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import Config, load_config
+from lmforge.model.transformer import Transformer
+from lmforge.shards import TokenLoader, split_info
+from lmforge.train.dist import dist_info, init_distributed
+from lmforge.train.loop import Trainer
+
+# Two CPU processes on a shared machine: 32 tokens of context, 8 sequences per step.
+BASE_OVERRIDES = [
+    "model.context_length=32",
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "train.max_steps=20",
+    "train.tokens_per_step=256",
+    "train.micro_batch_size=2",
+    "train.lr=3e-3",
+    "train.warmup_steps=2",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.checkpoint_every=10",
+    "train.keep_last=5",
+    "train.peak_flops=1e11",
+    "train.device=cpu",
+    "train.threads=1",
+    "train.dist_timeout_s=60",
+]
+
+
+class DieAt:
+    """A batch source that kills its own process at (rank, step): a crashed worker."""
+
+    def __init__(self, inner: TokenLoader, rank: int, step: int):
+        self.inner, self.rank, self.step = inner, rank, step
+
+    def batch(self, step, micro, micro_batch_size, accum_steps, rank, world_size):
+        if rank == self.rank and step == self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.batch(step, micro, micro_batch_size, accum_steps, rank, world_size)
+
+
+def job_config(job: dict[str, Any]) -> Config:
+    vocab = split_info(job["tokens_dir"], "train").vocab_size
+    overrides = [
+        *BASE_OVERRIDES,
+        f"model.vocab_size={vocab}",
+        f"output.dir={job['run_dir']}",
+        *job.get("overrides", []),
+    ]
+    return load_config(None, overrides)
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    cfg = job_config(job)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    data: Any = TokenLoader(job["tokens_dir"], "train", cfg.model.context_length, cfg.train.seed)
+    if job.get("kill"):
+        data = DieAt(data, job["kill"]["rank"], job["kill"]["step"])
+    return Trainer(cfg, model, job["run_dir"], data).fit(resume=job.get("resume", ""))
+
+
+def losses(run_dir: str | Path) -> dict[int, float]:
+    """Training loss per step from a run's metrics.jsonl (log_every = 1)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def make_tokens(out_dir: Path, text: str) -> Path:
+    """Character-level train/val token shards of `text` (split by document tail)."""
+    from lmforge.data.document import Document
+    from lmforge.shards import tokenize_documents
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([text], "char", 0)
+    docs = [Document(id=f"part{i}", text=text[i::4]) for i in range(4)]
+    tokenize_documents(docs, tok, out_dir, val_fraction=0.1, split="tail")
+    return out_dir
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    jobs = json.loads(Path(sys.argv[1]).read_text())
+    init_distributed(torch.device("cpu"), timeout_s=60)
+    for job in jobs:
+        run_job(job)
+    if dist_info().world_size > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
