@@ -1,0 +1,133 @@
+"""The run dashboard's view of a runs folder: which runs exist, their config, metrics and evals."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+# A run folder is one holding either of these; checkpoints/ and tokens/ hold no runs.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl")
+SKIP_DIRS = {"checkpoints", "tokens", "prepared", "__pycache__", "tensorboard"}
+# metrics.jsonl written within this many seconds (and no newer summary.json): still training.
+RUNNING_WINDOW_S = 120.0
+
+
+def find_runs(runs_dir: Path, max_depth: int = 3) -> list[Path]:
+    """Run folders under `runs_dir` (itself included), at most `max_depth` levels down."""
+    root = runs_dir.resolve()
+    found: list[Path] = []
+
+    def visit(folder: Path, depth: int) -> None:
+        if any((folder / m).is_file() for m in RUN_MARKERS):
+            found.append(folder)
+        if depth >= max_depth:
+            return
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir())
+        except OSError:
+            return
+        for child in children:
+            if child.name in SKIP_DIRS or child.name.startswith("."):
+                continue
+            # Never follow a link out of the runs folder.
+            if child.resolve().is_relative_to(root):
+                visit(child, depth + 1)
+
+    visit(root, 0)
+    return found
+
+
+def read_metrics(path: Path, since: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Records of `metrics.jsonl` from line `since` on, and the next line number.
+
+    A last line without its newline is still being written and is left for the next poll;
+    a malformed complete line is skipped (counted in the line number, so polling moves on).
+    """
+    if not path.is_file():
+        return [], since
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")[:-1]  # everything before the last newline is complete
+    records = []
+    for line in lines[since:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            # NaN/inf are not JSON; the charts skip None.
+            records.append(
+                {
+                    k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in rec.items()
+                }
+            )
+    return records, len(lines)
+
+
+def is_running(run: Path, now: float | None = None) -> bool:
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return False
+    mtime = metrics.stat().st_mtime
+    summary = run / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime >= mtime:
+        return False
+    return (now or time.time()) - mtime < RUNNING_WINDOW_S
+
+
+def run_summary(runs_dir: Path, run: Path) -> dict[str, Any]:
+    """One line of the dashboard's run list."""
+    records, _ = read_metrics(run / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    rel = run.relative_to(runs_dir.resolve())
+    return {
+        "path": "" if str(rel) == "." else str(rel),
+        "name": run.name if str(rel) != "." else runs_dir.name,
+        "running": is_running(run),
+        "step": train[-1]["step"] if train else None,
+        "loss": train[-1].get("loss") if train else None,
+        "val_loss": evals[-1].get("val_loss") if evals else None,
+        "has_eval": (run / "eval.json").is_file(),
+        "has_report": (run / "report.html").is_file(),
+        "updated": max((p.stat().st_mtime for p in run.iterdir() if p.is_file()), default=0.0),
+    }
+
+
+def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested JSON value as (dotted key, leaf) rows, for an evaluation table."""
+    if isinstance(value, dict):
+        rows = []
+        for k, v in value.items():
+            rows += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return rows
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        rows = []
+        for i, v in enumerate(value):
+            rows += flatten(v, f"{prefix}[{i}]")
+        return rows
+    return [(prefix, value)]
+
+
+def eval_tables(path: Path) -> tuple[list[dict[str, Any]], str]:
+    """eval.json as tables (one per top-level section) and an error message if unreadable."""
+    if not path.is_file():
+        return [], ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [], f"{path.name} is not valid JSON: {exc}"
+    if not isinstance(data, dict):
+        return [{"title": "eval", "rows": flatten(data, "value")}], ""
+    tables, loose = [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append({"title": key, "rows": flatten(value)})
+        else:
+            loose += flatten(value, key)
+    if loose:
+        tables.insert(0, {"title": "summary", "rows": loose})
+    return tables, ""
