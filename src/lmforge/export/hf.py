@@ -38,13 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lmforge.config import Config, ModelConfig, config_from_dict, to_dict
 from lmforge.model.transformer import Transformer, derived_d_ff
 from lmforge.tokenizer import (
+    CHAT_TEMPLATE,
+    EOT,
+    MASK,
+    PAD,
     SPECIAL_TOKENS,
     BPETokenizer,
+    CharTokenizer,
     Tokenizer,
 )
 
@@ -157,6 +162,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
             "lmforge needs head_dim = hidden_size / num_attention_heads"
         )
     context = int(hf.get("max_position_embeddings", 2048))
+    kv_heads = int(hf.get("num_key_value_heads") or heads)
     sliding = hf.get("sliding_window")
     if sliding and (kind == "mistral" or hf.get("use_sliding_window")) and sliding < context:
         # lmforge attends to the whole context; the two agree exactly up to the window.
@@ -180,7 +186,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
         n_layers=int(hf["num_hidden_layers"]),
         d_model=d,
         n_heads=heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        n_kv_heads=kv_heads if kv_heads != heads else 0,  # 0 = as many as query heads
         d_ff=int(hf["intermediate_size"]),
         norm="rmsnorm",
         position="rope",
@@ -477,3 +483,152 @@ def import_hf(path: str | Path, out: str | Path, tokenizer: str | Path | None = 
         keep_last=0,
         extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
     )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def hf_tokenizers_file(tok: Tokenizer) -> Any:
+    """Our tokenizer as an HF `tokenizers.Tokenizer` (a character vocabulary is converted).
+
+    A character tokenizer becomes a word-level model over single characters: the
+    pre-tokenizer isolates every character and the decoder joins them without spaces,
+    so ids and text round-trip exactly as in `CharTokenizer`.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if isinstance(tok, BPETokenizer):
+        return HFTokenizer.from_str(tok.hf.to_str())  # a copy: wrapping must not alter ours
+    if isinstance(tok, CharTokenizer):
+        vocab = {t: i for i, t in enumerate(tok.itos)}
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token=None))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()
+        hf.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+        )
+        return hf
+    raise ExportError(f"tokenizer kind {tok.kind!r} cannot be exported")
+
+
+def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
+    """The transformers config object for `arch` with our shape, norms, RoPE and special ids."""
+    import transformers
+
+    ids = dict(bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=m.vocab_size,
+            n_positions=m.context_length,
+            n_embd=m.d_model,
+            n_layer=m.n_layers,
+            n_head=m.n_heads,
+            n_inner=derived_d_ff(m),
+            activation_function="gelu_new",  # tanh-approximate GELU, as ours
+            resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout,
+            attn_pdrop=m.dropout,
+            layer_norm_epsilon=m.norm_eps,
+            tie_word_embeddings=m.tie_embeddings,
+            architectures=["GPT2LMHeadModel"],
+            **ids,
+        )
+    common = dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        intermediate_size=derived_d_ff(m),
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.n_kv_heads or m.n_heads,
+        hidden_act="silu",
+        max_position_embeddings=m.context_length,
+        rms_norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        attention_dropout=m.dropout,
+        tie_word_embeddings=m.tie_embeddings,
+        **ids,
+    )
+    head_dim = m.d_model // m.n_heads
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            **common,
+            head_dim=head_dim,
+            attention_bias=m.bias,
+            mlp_bias=m.bias,
+            architectures=["LlamaForCausalLM"],
+        )
+    if arch == "qwen2":
+        return transformers.Qwen2Config(
+            **common, use_sliding_window=False, architectures=["Qwen2ForCausalLM"]
+        )
+    if arch == "qwen3":
+        return transformers.Qwen3Config(
+            **common,
+            head_dim=head_dim,
+            attention_bias=False,
+            use_sliding_window=False,
+            architectures=["Qwen3ForCausalLM"],
+        )
+    raise ExportError(f"unknown architecture {arch!r}")
+
+
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_hf(
+    model: Transformer,
+    tok: Tokenizer,
+    out: str | Path,
+    dtype: str = "f32",
+) -> Path:
+    """Write a transformers folder for `model` and `tok`; returns the folder.
+
+    Files: ``config.json``, ``generation_config.json``, ``model.safetensors`` (in
+    `dtype`: f32, f16 or bf16), ``tokenizer.json``, ``tokenizer_config.json`` (with the
+    chat template) and ``chat_template.jinja``. Raises `ExportError` before writing
+    anything when no standard architecture expresses the model.
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise ExportError("HF export needs transformers: pip install 'lmforge[hf]'") from None
+    m = model.cfg
+    arch = hf_architecture(m)
+    if dtype not in TORCH_DTYPES:
+        raise ExportError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+    hf_tok = hf_tokenizers_file(tok)
+    if hf_tok.get_vocab_size() > m.vocab_size:
+        raise ExportError(
+            f"tokenizer has {hf_tok.get_vocab_size()} tokens but the model only {m.vocab_size}"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _hf_config(m, arch, tok)
+    config.dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
+    config.save_pretrained(out)
+    transformers.GenerationConfig(
+        bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id
+    ).save_pretrained(out)
+    state = {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in to_hf_state(model, arch).items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=hf_tok,
+        bos_token=EOT,  # lmforge separates documents with <|endoftext|>, as GPT-2
+        eos_token=EOT,
+        pad_token=PAD,
+        mask_token=MASK,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOT, PAD, MASK)],
+        model_max_length=m.context_length,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    # transformers 5 names its own backend class here; the generic fast class and an inline
+    # chat template also load in transformers 4.
+    tk_cfg_path = out / "tokenizer_config.json"
+    tk_cfg = json.loads(tk_cfg_path.read_text())
+    tk_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tk_cfg["chat_template"] = CHAT_TEMPLATE
+    tk_cfg_path.write_text(json.dumps(tk_cfg, indent=2, ensure_ascii=False) + "\n")
+    return out
