@@ -1,0 +1,470 @@
+"""The preparation pipeline: tasks, stages, executors, atomic shards and resumption.
+
+A run has three stages::
+
+    1. per task (parallel)   read → clean → filters → PII → decontaminate,
+                             + exact hash and MinHash signature of every kept document
+    2. once                  exact + near-duplicate clusters over the whole run
+    3. per task (parallel)   drop duplicates, apply mixing weights, write final shards
+
+Output folder::
+
+    shards/NNNNN-SOURCE.jsonl.zst   the prepared documents (a valid `data.sources` entry)
+    exclusions/*.jsonl.zst          every dropped document or skipped input, with reason
+    data_report.json / .md          what happened (see `lmforge.data.report`)
+    _state/                         intermediate files and completion markers
+
+Every file is written under a temporary name and renamed into place; a task's
+completion marker (holding its statistics) is written last. A rerun skips tasks
+whose marker exists and redoes the others from scratch, so a killed run resumes at
+the first unfinished task and its output is byte-identical to an uninterrupted run:
+every output depends only on its task's input and the config, never on timing.
+
+Executors know nothing about the steps: `LocalExecutor` (a process pool, or the
+current process for one worker) and `RayExecutor` run ``run_task(stage, cfg, task,
+out)`` over the tasks and return the statistics in task order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from lmforge.config import PrepareConfig
+from lmforge.data.dedup import (
+    MinHasher,
+    content_hash,
+    exact_duplicate_clusters,
+    lsh_params,
+    near_duplicate_clusters,
+)
+from lmforge.data.document import Document
+from lmforge.data.readers import Task, plan_tasks, source_name
+from lmforge.data.steps import ReadStep, StepStats, build_steps, doc_example
+
+ZSTD_LEVEL = 3
+STATE = "_state"
+
+# ----------------------------------------------------------------------------- files
+
+
+def _fsync_replace(tmp: Path, final: Path) -> None:
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+class ShardWriter:
+    """A JSONL.zst file written under ``.tmp`` and renamed into place on `close`."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self.raw = self.tmp.open("wb")
+        # Single-threaded compression with a fixed level: the same input always gives
+        # the same bytes (a resumed run must reproduce an uninterrupted one exactly).
+        self.zfh: IO[bytes] = zstandard.ZstdCompressor(level=ZSTD_LEVEL).stream_writer(self.raw)
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        self.zfh.write(line.encode("utf-8", errors="replace"))
+        self.count += 1
+
+    def close(self) -> None:
+        self.zfh.close()  # also closes self.raw
+        _fsync_replace(self.tmp, self.path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    _fsync_replace(tmp, path)
+
+
+def read_shard(path: Path) -> Iterator[Document]:
+    import io
+
+    import zstandard
+
+    with path.open("rb") as raw:
+        reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
+        for line in reader:
+            rec = json.loads(line)
+            yield Document(rec["id"], rec["text"], rec["source"], rec["license"], rec["meta"])
+
+
+def doc_record(doc: Document) -> dict[str, Any]:
+    return doc.to_json()
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _exclusion_writer(path: Path | None) -> tuple[Callable[..., None], Callable[[], None]]:
+    if path is None:
+        return (lambda *a: None), (lambda: None)
+    writer = ShardWriter(path)
+
+    def on_drop(doc: Document | None, reason: str, step: str, info: dict[str, Any]) -> None:
+        rec: dict[str, Any] = {"reason": reason, "step": step, **info}
+        if doc is not None:
+            rec.update(
+                id=doc.id, source=doc.source, license=doc.license, text=doc.text, meta=doc.meta
+            )
+        writer.write(rec)
+
+    return on_drop, writer.close
+
+
+def run_stage1(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
+    """Read, clean, filter, redact and decontaminate one task; hash and sign what is kept."""
+    state = out / STATE / "stage1"
+    src = cfg.sources[task.source_index]
+    excl_path = (
+        out / "exclusions" / f"{task.name}-stage1.jsonl.zst" if cfg.write_exclusions else None
+    )
+    on_drop, close_excl = _exclusion_writer(excl_path)
+    read = ReadStep(src, cfg, on_drop)
+    steps = build_steps(cfg, on_drop)
+    hasher = MinHasher(cfg.num_perm, cfg.shingle_size, seed=cfg.seed + 42)
+    writer = ShardWriter(state / f"{task.name}.jsonl.zst")
+    hashes: list[int] = []
+    sigs: list[np.ndarray] = []
+    sign = StepStats("minhash_signatures")
+    t_start = time.perf_counter()
+    stream: Iterator[Document] = read(task)
+    for step in steps:
+        stream = step(stream)
+    for doc in stream:
+        t0 = time.process_time()
+        if cfg.dedup_exact:
+            hashes.append(content_hash(doc.text))
+        if cfg.dedup_minhash:
+            sigs.append(hasher.signature(doc.text))
+        sign.add_in(doc)
+        sign.add_out(doc)
+        sign.seconds += time.process_time() - t0
+        writer.write(doc_record(doc))
+    writer.close()
+    close_excl()
+    np.save(state / f"{task.name}.hash.npy", np.asarray(hashes, dtype=np.uint64))
+    sig_arr = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)
+    tmp = state / f"{task.name}.sig.tmp.npy"
+    np.save(tmp, sig_arr)
+    os.replace(tmp, state / f"{task.name}.sig.npy")
+    return {
+        "task": task.name,
+        "source": source_name(src),
+        "files": len(task.files),
+        "kept": writer.count,
+        "wall_seconds": round(time.perf_counter() - t_start, 4),
+        "steps": [s.stats.to_json() for s in [read, *steps]] + [sign.to_json()],
+    }
+
+
+def run_stage3(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
+    """Drop the task's duplicates, apply its source's mixing weight, write the final shard."""
+    src = cfg.sources[task.source_index]
+    name = source_name(src)
+    removed = json.loads((out / STATE / "dedup.json").read_text())["removed"].get(task.name, {})
+    excl_path = (
+        out / "exclusions" / f"{task.name}-stage3.jsonl.zst" if cfg.write_exclusions else None
+    )
+    on_drop, close_excl = _exclusion_writer(excl_path)
+    dedup = StepStats("dedup")
+    mix = StepStats("mix")
+    output = StepStats("output")
+    writer = ShardWriter(out / "shards" / f"{task.name}-{name}.jsonl.zst")
+    t_start = time.perf_counter()
+    cpu_start = time.process_time()
+    for pos, doc in enumerate(read_shard(out / STATE / "stage1" / f"{task.name}.jsonl.zst")):
+        dedup.add_in(doc)
+        reason = removed.get(str(pos))
+        if reason:
+            dedup.add_drop(reason, doc_example(doc))
+            on_drop(doc, reason, "dedup", {})
+            continue
+        dedup.add_out(doc)
+        mix.add_in(doc)
+        copies = mixing_copies(doc.id, src.weight, cfg.seed)
+        if copies == 0:
+            mix.add_drop("mix:downsampled", doc_example(doc))
+            on_drop(doc, "mix:downsampled", "mix", {})
+            continue
+        for k in range(copies):
+            if k:  # repeats keep the id, so tokenize puts every copy in the same split
+                doc.meta["repeat"] = k
+                mix.counters["repeated_copies"] += 1
+            mix.add_out(doc)
+            output.add_in(doc)
+            output.add_out(doc)
+            lang = doc.meta.get("code_language") or doc.meta.get("language") or "unknown"
+            output.counters[f"language:{lang}"] += 1
+            output.counters[f"license:{doc.license}"] += 1
+            output.counters[f"source:{doc.source}"] += 1
+            writer.write(doc_record(doc))
+    writer.close()
+    close_excl()
+    # Dropping duplicates, mixing and writing happen in one loop: its time is the
+    # dedup step's (the clustering itself is timed in stage 2).
+    dedup.seconds = time.process_time() - cpu_start
+    return {
+        "task": task.name,
+        "source": name,
+        "written": writer.count,
+        "wall_seconds": round(time.perf_counter() - t_start, 4),
+        "steps": [dedup.to_json(), mix.to_json(), output.to_json()],
+    }
+
+
+def mixing_copies(doc_id: str, weight: float, seed: int) -> int:
+    """How many times a document appears in the mix: ⌊w⌋, plus one with probability frac(w).
+
+    The draw is a hash of (seed, id), so it is the same on every run and executor.
+    """
+    if weight == 1.0:
+        return 1
+    h = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "little") / 2**64
+    whole = int(weight)
+    return whole + (1 if u < weight - whole else 0)
+
+
+STAGES: dict[str, Callable[[PrepareConfig, Task, Path], dict[str, Any]]] = {
+    "stage1": run_stage1,
+    "stage3": run_stage3,
+}
+
+
+def run_task(stage: str, cfg: PrepareConfig, task: Task, out: str) -> dict[str, Any]:
+    """Run one task of a stage unless its completion marker exists; return its statistics."""
+    out_dir = Path(out)
+    marker = out_dir / STATE / stage / f"{task.name}.done"
+    if marker.exists():
+        return json.loads(marker.read_text(encoding="utf-8"))
+    stats = STAGES[stage](cfg, task, out_dir)
+    write_json_atomic(marker, stats)  # last: the task counts as done only now
+    return stats
+
+
+def run_dedup(cfg: PrepareConfig, tasks: list[Task], out: Path) -> dict[str, Any]:
+    """Stage 2: clusters over the whole run; the first document (run order) of each is kept."""
+    marker = out / STATE / "dedup.json"
+    if marker.exists():
+        return json.loads(marker.read_text(encoding="utf-8"))["summary"]
+    t0 = time.process_time()
+    state = out / STATE / "stage1"
+    owners: list[tuple[str, int]] = []  # global row → (task, position in task)
+    hashes, sigs = [], []
+    for task in tasks:
+        h = np.load(state / f"{task.name}.hash.npy")
+        s = np.load(state / f"{task.name}.sig.npy")
+        n = max(len(h), len(s))
+        owners.extend((task.name, i) for i in range(n))
+        hashes.append(h)
+        sigs.append(s)
+    removed: dict[str, dict[str, str]] = {}
+    summary: dict[str, Any] = {"documents": len(owners)}
+    exact_removed: set[int] = set()
+    clusters_out: list[dict[str, Any]] = []
+    if cfg.dedup_exact and owners:
+        all_h = np.concatenate(hashes)
+        clusters = exact_duplicate_clusters([int(x) for x in all_h])
+        for c in clusters:
+            for i in c[1:]:
+                exact_removed.add(i)
+                t, p = owners[i]
+                removed.setdefault(t, {})[str(p)] = "dedup:exact"
+        summary["exact_clusters"] = len(clusters)
+        summary["exact_removed"] = len(exact_removed)
+    if cfg.dedup_minhash and owners:
+        all_s = np.concatenate(sigs)
+        keep_rows = np.array(
+            [i for i in range(len(owners)) if i not in exact_removed], dtype=np.int64
+        )
+        bands = cfg.bands or lsh_params(cfg.minhash_threshold, cfg.num_perm)[0]
+        clusters = near_duplicate_clusters(all_s[keep_rows], cfg.minhash_threshold, bands)
+        n_removed = 0
+        for c in clusters:
+            rows = [int(keep_rows[i]) for i in c]
+            for i in rows[1:]:
+                t, p = owners[i]
+                removed.setdefault(t, {})[str(p)] = "dedup:near"
+                n_removed += 1
+            clusters_out.append(
+                {
+                    "size": len(rows),
+                    "members": [f"{owners[i][0]}:{owners[i][1]}" for i in rows[:10]],
+                }
+            )
+        summary.update(
+            near_clusters=len(clusters),
+            near_removed=n_removed,
+            bands=bands,
+            rows=cfg.num_perm // bands,
+            largest_clusters=sorted(clusters_out, key=lambda c: -c["size"])[:10],
+        )
+    summary["seconds"] = round(time.process_time() - t0, 4)
+    write_json_atomic(marker, {"removed": removed, "summary": summary})
+    return summary
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+class LocalExecutor:
+    """A process pool (spawned workers), or the calling process when workers == 1."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+
+    def map(
+        self,
+        stage: str,
+        cfg: PrepareConfig,
+        tasks: list[Task],
+        out: str,
+        log: Callable[[str], None],
+    ) -> list[dict[str, Any]]:
+        if self.workers == 1 or len(tasks) <= 1:
+            results = []
+            for task in tasks:
+                results.append(run_task(stage, cfg, task, out))
+                log(f"{stage} task {task.name} done")
+            return results
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_task, stage, cfg, t, out) for t in tasks]
+            results = []
+            for task, fut in zip(tasks, futures, strict=True):
+                results.append(fut.result())
+                log(f"{stage} task {task.name} done")
+            return results
+
+
+class RayExecutor:
+    """Runs tasks as Ray remote functions; starts a local Ray instance if none is running."""
+
+    def __init__(self, workers: int):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+        self.ray = ray
+        self.remote = ray.remote(run_task)
+
+    def map(
+        self,
+        stage: str,
+        cfg: PrepareConfig,
+        tasks: list[Task],
+        out: str,
+        log: Callable[[str], None],
+    ) -> list[dict[str, Any]]:
+        refs = [self.remote.remote(stage, cfg, t, out) for t in tasks]
+        results = self.ray.get(refs)
+        log(f"{stage}: {len(tasks)} tasks done on Ray")
+        return list(results)
+
+
+def make_executor(kind: str, workers: int) -> LocalExecutor | RayExecutor:
+    return RayExecutor(workers) if kind == "ray" else LocalExecutor(workers)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def fingerprint(cfg: PrepareConfig, tasks: list[Task]) -> str:
+    data = json.dumps({"config": asdict(cfg), "tasks": [asdict(t) for t in tasks]}, sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def prepare(
+    cfg: PrepareConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run the whole pipeline into `out` (resuming a previous run of the same config)."""
+    from lmforge.data.report import build_report, write_report
+
+    if not cfg.sources:
+        raise ValueError("prepare.sources is empty: name at least one source in the recipe")
+    out = Path(out)
+    if force and out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    tasks = plan_tasks(cfg.sources, cfg.task_bytes)
+    fp = fingerprint(cfg, tasks)
+    run_file = out / STATE / "run.json"
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous.get("fingerprint") != fp:
+            raise ValueError(
+                f"{out} holds a prepare run with another config or other inputs "
+                f"(fingerprint {previous.get('fingerprint')} ≠ {fp}); use another folder or --force"
+            )
+        log(f"resuming the run in {out}")
+    for sub in ("shards", "exclusions", f"{STATE}/stage1", f"{STATE}/stage3"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, {"fingerprint": fp, "tasks": len(tasks)})
+    workers = cfg.workers or os.cpu_count() or 1
+    executor = make_executor(cfg.executor, workers)
+    log(
+        f"prepare: {len(cfg.sources)} sources, {len(tasks)} tasks, {cfg.executor} executor, {workers} workers"
+    )
+    t1 = time.perf_counter()
+    stage1 = executor.map("stage1", cfg, tasks, str(out), log)
+    t2 = time.perf_counter()
+    dedup = run_dedup(cfg, tasks, out)
+    t3 = time.perf_counter()
+    stage3 = executor.map("stage3", cfg, tasks, str(out), log)
+    t4 = time.perf_counter()
+    timing = {
+        "plan_seconds": round(t1 - t0, 3),
+        "stage1_seconds": round(t2 - t1, 3),
+        "dedup_seconds": round(t3 - t2, 3),
+        "stage3_seconds": round(t4 - t3, 3),
+        "wall_seconds": round(t4 - t0, 3),
+        "workers": workers,
+        "executor": cfg.executor,
+    }
+    report = build_report(cfg, tasks, stage1, dedup, stage3, timing)
+    write_report(report, out)
+    return report
+
+
+def merge_step_stats(results: list[dict[str, Any]]) -> list[StepStats]:
+    """Sum per-task statistics step by step (steps are in the same order in every task)."""
+    merged: dict[str, StepStats] = {}
+    for res in results:
+        for st in res["steps"]:
+            s = StepStats.from_json(st)
+            if s.name in merged:
+                merged[s.name].merge(s)
+            else:
+                merged[s.name] = s
+    return list(merged.values())
+
+
+__all__ = [
+    "LocalExecutor",
+    "RayExecutor",
+    "ShardWriter",
+    "merge_step_stats",
+    "mixing_copies",
+    "prepare",
+    "read_shard",
+    "run_task",
+]

@@ -1,0 +1,245 @@
+"""`data_report.json` and its readable twin `data_report.md`.
+
+The report says, for the whole run: documents, bytes and words in and out of every
+step; removals by reason with examples; bad input by file and line; duplicate
+clusters; PII counts by type; contamination per benchmark; languages; licences
+(sources with an unknown licence are listed); throughput per step and overall.
+Words are whitespace-separated tokens: a tokenizer-free measure that is the same
+for every tokenizer the corpus may later meet. Step times are CPU seconds of the
+worker process (so rates are per core and robust to other load on the machine);
+the run's wall time is reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lmforge.config import PrepareConfig
+from lmforge.data.readers import Task, source_name
+
+MB = 1e6
+
+
+def _throughput(st: dict[str, Any]) -> dict[str, float | None]:
+    s = st["seconds"]
+    if s < 1e-3:  # not timed separately (mix, output): no rate rather than a silly one
+        return {"docs_per_s": None, "mb_per_s": None}
+    return {
+        "docs_per_s": round(st["docs_in"] / s, 2),
+        "mb_per_s": round(st["bytes_in"] / MB / s, 3),
+    }
+
+
+def build_report(
+    cfg: PrepareConfig,
+    tasks: list[Task],
+    stage1: list[dict[str, Any]],
+    dedup: dict[str, Any],
+    stage3: list[dict[str, Any]],
+    timing: dict[str, Any],
+) -> dict[str, Any]:
+    from lmforge.data.pipeline import merge_step_stats
+
+    steps = [s.to_json() for s in merge_step_stats(stage1 + stage3)]
+    by_name = {s["name"]: s for s in steps}
+    if "dedup" in by_name:
+        by_name["dedup"]["seconds"] += dedup.get("seconds", 0.0)
+    for st in steps:
+        st["throughput"] = _throughput(st)
+    removals: Counter[str] = Counter()
+    for st in steps:
+        removals.update(st["dropped"])
+    per_source: dict[str, dict[str, int]] = {}
+    for res in stage1:
+        read = res["steps"][0]
+        src = per_source.setdefault(res["source"], Counter())
+        src.update(
+            {
+                "tasks": 1,
+                "files": res["files"],
+                "inputs_read": read["docs_in"],
+                "bytes_read": read["bytes_out"],
+                "after_filters": res["kept"],
+            }
+        )
+    for res in stage3:
+        out = res["steps"][-1]
+        src = per_source.setdefault(res["source"], Counter())
+        src.update(
+            {
+                "docs_out": out["docs_out"],
+                "bytes_out": out["bytes_out"],
+                "words_out": out["words_out"],
+            }
+        )
+    output = by_name.get("output", {"counters": {}, "docs_out": 0, "bytes_out": 0, "words_out": 0})
+    counters = output["counters"]
+    languages = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("language:")}
+    licenses = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("license:")}
+    decontam = by_name.get("decontaminate")
+    contamination: dict[str, Any] = {}
+    for spec in cfg.decontaminate:
+        c = decontam["counters"] if decontam else {}
+        contamination[spec] = {
+            "documents": c.get(f"documents:{spec}", 0),
+            "ngram_hits": c.get(f"ngrams:{spec}", 0),
+            "action": cfg.decontam_action,
+        }
+    read = by_name.get(
+        "read", {"dropped": {}, "examples": [], "docs_in": 0, "bytes_out": 0, "words_out": 0}
+    )
+    bad_input = {
+        "counts": {k: v for k, v in read["dropped"].items()},
+        "examples": [e for e in read["examples"]],
+    }
+    wall = max(timing["wall_seconds"], 1e-9)
+    cores = timing["workers"]
+    total_in_bytes = read["bytes_out"]
+    report = {
+        "format": "lmforge-data-report",
+        "version": 1,
+        "config": asdict(cfg),
+        "sources": [
+            {
+                "name": source_name(s),
+                "path": s.path,
+                "kind": s.kind,
+                "license": s.license,
+                "weight": s.weight,
+                **per_source.get(source_name(s), {}),
+            }
+            for s in cfg.sources
+        ],
+        "unknown_license_sources": [
+            source_name(s) for s in cfg.sources if s.license in ("", "unknown")
+        ],
+        "totals": {
+            "tasks": len(tasks),
+            "inputs_read": read["docs_in"],
+            "docs_read": read.get("docs_out", 0),
+            "bytes_read": total_in_bytes,
+            "words_read": read["words_out"],
+            "docs_out": output["docs_out"],
+            "bytes_out": output["bytes_out"],
+            "words_out": output["words_out"],
+        },
+        "steps": steps,
+        "removals": dict(removals.most_common()),
+        "bad_input": bad_input,
+        "dedup": dedup,
+        "pii": dict(by_name["pii"]["counters"]) if "pii" in by_name else {},
+        "decontamination": contamination,
+        "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])),
+        "licenses": licenses,
+        "timing": timing,
+        "throughput": {
+            "docs_per_s": round(read["docs_in"] / wall, 2),
+            "mb_per_s": round(total_in_bytes / MB / wall, 3),
+            "mb_per_s_per_core": round(total_in_bytes / MB / wall / cores, 3),
+        },
+    }
+    return report
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _fmt_mb(n: float) -> str:
+    return f"{n / MB:,.2f}"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    t = r["totals"]
+    lines = [
+        "# Data preparation report",
+        "",
+        f"{t['inputs_read']:,} inputs read ({_fmt_mb(t['bytes_read'])} MB, {t['words_read']:,} words) → "
+        f"**{t['docs_out']:,} documents, {_fmt_mb(t['bytes_out'])} MB, {t['words_out']:,} words** "
+        f"in {r['timing']['wall_seconds']:.1f} s with {r['timing']['workers']} {r['timing']['executor']} workers "
+        f"({r['throughput']['mb_per_s']:.2f} MB/s, {r['throughput']['mb_per_s_per_core']:.2f} MB/s per core).",
+        "",
+        "## Sources",
+        "",
+        "| source | kind | licence | weight | files | inputs | docs out | MB out |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in r["sources"]:
+        lines.append(
+            f"| {s['name']} | {s['kind']} | {s['license']} | {s['weight']:g} | {s.get('files', 0):,} | "
+            f"{s.get('inputs_read', 0):,} | {s.get('docs_out', 0):,} | {_fmt_mb(s.get('bytes_out', 0))} |"
+        )
+    if r["unknown_license_sources"]:
+        lines += ["", f"**Unknown licence:** {', '.join(r['unknown_license_sources'])}"]
+    lines += [
+        "",
+        "## Steps",
+        "",
+        "| step | docs in | docs out | MB in | MB out | words in | words out | CPU s | MB/s per core | removed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for st in r["steps"]:
+        dropped = ", ".join(
+            f"{k} {v:,}" for k, v in sorted(st["dropped"].items(), key=lambda kv: -kv[1])
+        )
+        lines.append(
+            f"| {st['name']} | {st['docs_in']:,} | {st['docs_out']:,} | {_fmt_mb(st['bytes_in'])} | "
+            f"{_fmt_mb(st['bytes_out'])} | {st['words_in']:,} | {st['words_out']:,} | {st['seconds']:.2f} | "
+            f"{_rate(st['throughput']['mb_per_s'])} | {dropped} |"
+        )
+    d = r["dedup"]
+    lines += [
+        "",
+        "## Deduplication",
+        "",
+        f"{d.get('documents', 0):,} documents compared; exact: {d.get('exact_clusters', 0):,} clusters, "
+        f"{d.get('exact_removed', 0):,} removed; near (MinHash, {d.get('bands', '-')} bands × {d.get('rows', '-')} rows): "
+        f"{d.get('near_clusters', 0):,} clusters, {d.get('near_removed', 0):,} removed.",
+    ]
+    for c in d.get("largest_clusters", [])[:5]:
+        lines.append(f"- cluster of {c['size']}: {', '.join(c['members'][:5])}")
+    lines += ["", "## PII redacted", ""]
+    lines += [f"- {k}: {v:,}" for k, v in r["pii"].items()] or ["- none"]
+    if r["decontamination"]:
+        lines += [
+            "",
+            "## Decontamination",
+            "",
+            "| benchmark | documents | n-gram hits | action |",
+            "|---|---:|---:|---|",
+        ]
+        for name, c in r["decontamination"].items():
+            lines.append(f"| {name} | {c['documents']:,} | {c['ngram_hits']:,} | {c['action']} |")
+    lines += ["", "## Languages (output)", ""]
+    lines += [f"- {k}: {v:,}" for k, v in list(r["languages"].items())[:15]]
+    lines += ["", "## Licences (output)", ""]
+    lines += [f"- {k}: {v:,}" for k, v in r["licenses"].items()]
+    lines += ["", "## Bad input", ""]
+    lines += [f"- {k}: {v:,}" for k, v in r["bad_input"]["counts"].items()] or ["- none"]
+    for e in r["bad_input"]["examples"][:10]:
+        lines.append(f"  - {e['reason']}: {e['file']}:{e['line']} {e.get('detail', '')}")
+    lines += ["", "## Examples of removed documents", ""]
+    for st in r["steps"]:
+        for e in st["examples"]:
+            if st["name"] == "read":
+                continue
+            snippet = " ".join(str(e.get("snippet", "")).split())[:160]
+            lines.append(f"- **{e['reason']}** `{e.get('id', '')}`: {snippet}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    from lmforge.data.pipeline import write_json_atomic
+
+    write_json_atomic(out / "data_report.json", report)
+    tmp = out / "data_report.md.tmp"
+    tmp.write_text(render_markdown(report), encoding="utf-8")
+    tmp.replace(out / "data_report.md")
+
+
+def load_report(out: Path) -> dict[str, Any]:
+    return json.loads((out / "data_report.json").read_text(encoding="utf-8"))
