@@ -1,0 +1,88 @@
+"""`lmforge eval`: evaluate one or more checkpoints on named tasks, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from lmforge.eval.results import CheckpointResults, format_table, write_eval_json
+from lmforge.eval.tasks import TASKS, TaskOptions, run_task
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Evaluate checkpoints on tasks (ppl, hellaswag, mc, translation, summarization); write eval.json.
+
+    Several --checkpoint and --task flags may be given; results print as one
+    table with a column per checkpoint. Examples:
+
+      lmforge eval --checkpoint runs/quickstart --task hellaswag --limit 500
+      lmforge eval --checkpoint A --checkpoint B --task ppl --data notes.txt
+      lmforge eval --checkpoint A --task mc --data my_task.jsonl
+    """
+    from lmforge.pretrain import load_model
+
+    if overrides:
+        raise ValueError(f"lmforge eval takes no config overrides (got {overrides})")
+    opts = TaskOptions(
+        data=args.data or None,
+        limit=args.limit,
+        stride=args.stride,
+        batch_tokens=args.batch_tokens,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    runs = []
+    for ckpt in args.checkpoint:
+        model, tok, _cfg = load_model(ckpt, device=args.device)
+        run = CheckpointResults(str(ckpt))
+        for task in args.task:
+            t0 = time.perf_counter()
+            results = run_task(model, tok, task, opts)
+            for r in results:
+                r.settings["seconds"] = round(time.perf_counter() - t0, 2)
+            run.results += results
+            print(f"{ckpt}: {task} done in {time.perf_counter() - t0:.1f}s", flush=True)
+        runs.append(run)
+    settings = {"tasks": args.task, **{k: v for k, v in vars(opts).items() if k != "data"}}
+    out = Path(args.out) if args.out else Path(args.checkpoint[0]) / "eval.json"
+    write_eval_json(out, runs, settings)
+    print(format_table(runs))
+    for run in runs:
+        for r in run.results:
+            if "signature" in r.settings:
+                print(f"{r.task} {r.metric} sacrebleu signature: {r.settings['signature']}")
+                break
+    print(f"wrote {out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    doc = cmd_eval.__doc__ or ""
+    p = subparsers.add_parser(
+        "eval",
+        help=doc.splitlines()[0],
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_eval)
+    p.add_argument(
+        "--checkpoint", action="append", required=True, help="checkpoint or run folder; repeatable"
+    )
+    p.add_argument("--task", action="append", choices=TASKS, required=True, help="repeatable")
+    p.add_argument(
+        "--data", action="append", help="data for the task (default per task); repeatable"
+    )
+    p.add_argument("--limit", type=int, default=0, help="first N items/texts (0 = all)")
+    p.add_argument("--stride", type=int, default=0, help="ppl window stride (0 = half the context)")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per scoring batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="", help="eval.json path (default: in the first checkpoint)")

@@ -1,0 +1,129 @@
+"""Evaluation results: `eval.json` and a printed table, several checkpoints side by side.
+
+`eval.json` layout::
+
+    {"lmforge_eval": 1,
+     "settings": {...},                       # command-wide settings
+     "checkpoints": [
+        {"checkpoint": "runs/a/checkpoints/step_000100",
+         "results": [{"task": "hellaswag", "metric": "acc_norm", "value": 0.27,
+                      "stderr": 0.014, "ci_low": null, "ci_high": null,
+                      "n": 1000, "settings": {...}}, ...]},
+        ...]}
+
+Every figure carries its uncertainty: a standard error (accuracies: sample
+standard deviation / √n, as lm-evaluation-harness reports) or a 95% bootstrap
+interval (BLEU, chrF, ROUGE), and the number of examples it rests on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Result:
+    task: str
+    metric: str
+    value: float
+    n: int
+    stderr: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("value", "stderr", "ci_low", "ci_high"):
+            v = d[key]
+            if isinstance(v, float) and not math.isfinite(v):
+                d[key] = None  # JSON has no NaN
+        return d
+
+    def formatted(self) -> str:
+        """'value ± stderr' or 'value [lo, hi]'."""
+        digits = 4 if abs(self.value) < 10 else 2
+        text = f"{self.value:.{digits}f}"
+        if self.stderr is not None and math.isfinite(self.stderr):
+            text += f" ± {self.stderr:.{digits}f}"
+        elif self.ci_low is not None and self.ci_high is not None:
+            text += f" [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+        return text
+
+
+@dataclass
+class CheckpointResults:
+    checkpoint: str
+    results: list[Result] = field(default_factory=list)
+
+
+def to_json(runs: list[CheckpointResults], settings: dict[str, Any] | None = None) -> dict:
+    return {
+        "lmforge_eval": 1,
+        "settings": settings or {},
+        "checkpoints": [
+            {"checkpoint": r.checkpoint, "results": [x.to_dict() for x in r.results]} for r in runs
+        ],
+    }
+
+
+def write_eval_json(
+    path: str | Path, runs: list[CheckpointResults], settings: dict[str, Any] | None = None
+) -> Path:
+    """Write atomically (temporary file, then rename) so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_json(runs, settings), indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path
+
+
+def read_eval_json(path: str | Path) -> list[CheckpointResults]:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("lmforge_eval") != 1:
+        raise ValueError(f"{path}: not an lmforge eval.json")
+    return [
+        CheckpointResults(c["checkpoint"], [Result(**r) for r in c["results"]])
+        for c in data["checkpoints"]
+    ]
+
+
+def format_table(runs: list[CheckpointResults]) -> str:
+    """One row per (task, metric), one column per checkpoint."""
+    rows: list[tuple[str, str]] = []
+    cells: dict[tuple[str, str, int], str] = {}
+    ns: dict[tuple[str, str], set[int]] = {}
+    for col, run in enumerate(runs):
+        for r in run.results:
+            key = (r.task, r.metric)
+            if key not in ns:
+                rows.append(key)
+                ns[key] = set()
+            ns[key].add(r.n)
+            cells[(*key, col)] = r.formatted()
+    header = ["task", "metric", "n", *[_short(r.checkpoint) for r in runs]]
+    body = [
+        [t, m, "/".join(str(n) for n in sorted(ns[(t, m)]))]
+        + [cells.get((t, m, c), "-") for c in range(len(runs))]
+        for t, m in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=True)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(b) for b in body]
+    return "\n".join(out)
+
+
+def _short(checkpoint: str) -> str:
+    """The last two path parts: enough to tell runs and steps apart in a header."""
+    parts = Path(checkpoint).parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else checkpoint

@@ -1,0 +1,186 @@
+"""Named evaluation tasks → `Result`s, and the in-loop hook factory.
+
+| task          | data (default)                              | metrics                                  |
+|---------------|---------------------------------------------|------------------------------------------|
+| ppl           | text sources (files, folders, JSONL `text`) | loss, perplexity, bits_per_byte          |
+| hellaswag     | shared `hellaswag/hellaswag_val.jsonl.gz`   | acc, acc_norm, acc_bytes                 |
+| mc            | JSONL `{context, choices, label}`           | acc, acc_norm, acc_bytes                 |
+| translation   | parallel text prefix (shared multi30k val)  | bleu, chrf (sacrebleu)                   |
+| summarization | SciTLDR-style JSONL (shared scitldr dev)    | rouge1, rouge2, rougeL, rougeLsum        |
+
+Generation tasks prompt in the chat format of the fine-tuning task of the same
+name (`lmforge.finetune.tasks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lmforge.eval.intrinsic import context_length_of
+from lmforge.eval.results import Result
+from lmforge.paths import shared_data
+from lmforge.tokenizer import Tokenizer
+
+TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization")
+
+
+@dataclass
+class TaskOptions:
+    data: list[str] | None = None
+    limit: int = 0
+    stride: int = 0  # ppl: 0 = half the context
+    batch_tokens: int = 16384
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def default_data(task: str) -> list[str]:
+    root = shared_data()
+    defaults = {
+        "hellaswag": [str(root / "hellaswag" / "hellaswag_val.jsonl.gz")],
+        "translation": [str(root / "multi30k" / "val")],
+        "summarization": [str(root / "scitldr" / "dev.jsonl")],
+    }
+    if task not in defaults:
+        raise ValueError(f"task {task!r} needs --data (no default data set)")
+    return defaults[task]
+
+
+def run_task(model: nn.Module, tok: Tokenizer, task: str, opts: TaskOptions) -> list[Result]:
+    """Evaluate `model` on one named task (see the module table)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    data = opts.data or default_data(task)
+    if task == "ppl":
+        return _ppl(model, tok, data, opts)
+    if task in ("hellaswag", "mc"):
+        return _multiple_choice(model, tok, task, data, opts)
+    return _generation(model, tok, task, data, opts)
+
+
+def _ppl(model: nn.Module, tok: Tokenizer, data: list[str], opts: TaskOptions) -> list[Result]:
+    from lmforge.eval.intrinsic import evaluate_texts, read_texts
+
+    texts = read_texts(data, limit=opts.limit)
+    res = evaluate_texts(
+        model, tok, texts, stride=opts.stride or None, max_batch_tokens=opts.batch_tokens
+    )
+    ctx = context_length_of(model)
+    masked = getattr(model.cfg, "objective", "causal") == "masked"  # type: ignore[union-attr]
+    settings = {
+        "data": data,
+        "stride": opts.stride or max(1, ctx // 2),
+        "context_length": ctx,
+        "tokens": res.n_tokens,
+        "bytes": res.n_bytes,
+        "pseudo_perplexity": masked,
+    }
+    return [
+        Result("ppl", "loss", res.loss, res.n_texts, settings=settings),
+        Result("ppl", "perplexity", res.perplexity, res.n_texts, settings=settings),
+        Result(
+            "ppl",
+            "bits_per_byte",
+            res.bits_per_byte,
+            res.n_texts,
+            stderr=res.bits_per_byte_stderr(),
+            settings=settings,
+        ),
+    ]
+
+
+def _multiple_choice(
+    model: nn.Module, tok: Tokenizer, task: str, data: list[str], opts: TaskOptions
+) -> list[Result]:
+    from lmforge.eval.multiple_choice import (
+        METRIC_NAMES,
+        load_hellaswag,
+        load_mc_jsonl,
+        mean_stderr,
+        score_items,
+    )
+
+    load = load_hellaswag if task == "hellaswag" else load_mc_jsonl
+    items = [it for spec in data for it in load(spec, limit=opts.limit)]
+    if opts.limit:
+        items = items[: opts.limit]
+    res = score_items(model, tok, items, max_batch_tokens=opts.batch_tokens)
+    settings = {"data": data, "zero_shot": True, "delimiter": " "}
+    out = []
+    for norm, metric in METRIC_NAMES.items():
+        correct = res.correct(norm)
+        out.append(
+            Result(
+                task,
+                metric,
+                sum(correct) / len(correct),
+                len(correct),
+                mean_stderr(correct),
+                settings=settings,
+            )
+        )
+    return out
+
+
+def _generation(
+    model: nn.Module, tok: Tokenizer, task: str, data: list[str], opts: TaskOptions
+) -> list[Result]:
+    from lmforge.eval.generation import evaluate_generation, finetune_task
+
+    out = []
+    for spec in data:
+        gen_task = finetune_task(tok, task, spec, limit=opts.limit)
+        metrics, _hyps = evaluate_generation(
+            model,
+            tok,
+            gen_task,
+            max_new_tokens=opts.max_new_tokens,
+            temperature=opts.temperature,
+            top_k=opts.top_k,
+            top_p=opts.top_p,
+            seed=opts.seed,
+        )
+        for mv in metrics:
+            settings = {"data": spec, **mv.settings}
+            out.append(
+                Result(task, mv.name, mv.value, mv.n, mv.stderr, mv.ci_low, mv.ci_high, settings)
+            )
+    return out
+
+
+def make_eval_hook(
+    tok: Tokenizer,
+    tasks: list[str] | str,
+    every: int = 1,
+    **options: Any,
+) -> Callable[[nn.Module, int], dict[str, float]]:
+    """A `Trainer(..., eval_hooks=[...])` hook: runs `tasks` at every `every`-th evaluation step.
+
+    Returns metrics named `<task>/<metric>` (e.g. `hellaswag/acc_norm`,
+    `ppl/bits_per_byte`), which the trainer logs beside the validation loss.
+    Keep `limit` small: the hook runs inside the training loop. Options are the
+    fields of `TaskOptions`.
+    """
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    for name in names:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    opts = TaskOptions(**options)
+
+    def hook(model: nn.Module, step: int) -> dict[str, float]:
+        if every > 1 and step % every:
+            return {}
+        out: dict[str, float] = {}
+        for name in names:
+            for r in run_task(model, tok, name, opts):
+                out[f"{name}/{r.metric}"] = r.value
+        return out
+
+    return hook

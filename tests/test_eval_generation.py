@@ -1,0 +1,169 @@
+"""Generation metrics equal the reference libraries; batched generation equals one-by-one."""
+
+import gzip
+import json
+import random
+
+import pytest
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+
+from lmforge.config import ModelConfig
+from lmforge.eval.generation import (
+    bleu,
+    bootstrap_ci,
+    chrf,
+    generate_batch,
+    rouge_scores,
+    split_sentences,
+)
+from lmforge.model.generate import generate
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer import train_char
+
+
+def degrade(sentence: str, rng: random.Random) -> str:
+    """A plausible system output: some words dropped, a few neighbours swapped."""
+    words = [w for w in sentence.split() if rng.random() > 0.2] or sentence.split()[:1]
+    if len(words) > 3 and rng.random() < 0.5:
+        i = rng.randrange(len(words) - 1)
+        words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def multi30k(shared):
+    with gzip.open(shared / "multi30k" / "val.de.gz", "rt", encoding="utf-8") as fh:
+        refs = [line.rstrip("\n") for line in fh][:300]
+    rng = random.Random(0)
+    return [degrade(r, rng) for r in refs], refs
+
+
+@pytest.fixture(scope="module")
+def scitldr(shared):
+    records = [json.loads(line) for line in (shared / "scitldr" / "dev.jsonl").open()][:60]
+    # Hypotheses: the first two abstract sentences (a lead baseline), on separate lines.
+    hyps = ["\n".join(r["source"][:2]) for r in records]
+    refs = [r["target"] for r in records]
+    return hyps, refs
+
+
+def test_bleu_equals_sacrebleu(multi30k):
+    hyps, refs = multi30k
+    ours = bleu(hyps, refs, n_bootstrap=1)
+    theirs = sacrebleu.corpus_bleu(hyps, [refs])
+    assert ours.value == theirs.score
+    assert 5 < ours.value < 95  # a real, non-degenerate comparison
+    assert ours.settings["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+
+
+def test_chrf_equals_sacrebleu(multi30k):
+    hyps, refs = multi30k
+    assert chrf(hyps, refs, n_bootstrap=1).value == sacrebleu.corpus_chrf(hyps, [refs]).score
+    assert chrf(hyps, refs, n_bootstrap=1, word_order=2).value == (
+        sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score
+    )
+
+
+def test_bleu_bootstrap_interval_brackets_the_score(multi30k):
+    hyps, refs = multi30k
+    res = bleu(hyps[:100], refs[:100], n_bootstrap=200)
+    assert res.ci_low is not None and res.ci_high is not None
+    assert res.ci_low < res.value < res.ci_high
+    assert "bs:200" in res.settings["signature"]
+
+
+def test_multi_reference_bleu_equals_sacrebleu(multi30k):
+    hyps, refs = multi30k
+    two = [[r, d] for r, d in zip(refs, hyps[::-1], strict=True)]
+    assert (
+        bleu(hyps, two, n_bootstrap=1).value
+        == sacrebleu.corpus_bleu(hyps, [refs, hyps[::-1]]).score
+    )
+    with pytest.raises(ValueError, match="same number"):
+        bleu(hyps[:2], [[refs[0]], [refs[1], refs[0]]])
+
+
+def test_rouge_equals_rouge_score(scitldr):
+    hyps, refs = scitldr
+    ours = rouge_scores(hyps, refs, sentence_split=False, n_bootstrap=1)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    per = [scorer.score_multi(r, h) for h, r in zip(hyps, refs, strict=True)]
+    for t in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        expected = sum(p[t].fmeasure * 100 for p in per) / len(per)
+        assert ours[t].value == pytest.approx(expected, rel=1e-12)
+        assert ours[t].n == len(hyps)
+    # Newline-separated sentences make Lsum differ from L: the summary-level LCS is in use.
+    assert ours["rougeLsum"].value != ours["rougeL"].value
+
+
+def test_rouge_lsum_with_sentence_splitting(scitldr):
+    hyps, refs = scitldr
+    flat = [h.replace("\n", " ") for h in hyps]
+    ours = rouge_scores(flat, refs, rouge_types=["rougeLsum"], sentence_split=True, n_bootstrap=1)
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    expected = [
+        scorer.score_multi([split_sentences(r) for r in rs], split_sentences(h))[
+            "rougeLsum"
+        ].fmeasure
+        for h, rs in zip(flat, refs, strict=True)
+    ]
+    assert ours["rougeLsum"].value == pytest.approx(100 * sum(expected) / len(expected), rel=1e-12)
+
+
+def test_split_sentences():
+    text = "We propose X. It works well! Does it scale? Yes. See Fig. 2 for e.g. details."
+    assert split_sentences(text).split("\n") == [
+        "We propose X.",
+        "It works well!",
+        "Does it scale?",
+        "Yes.",
+        "See Fig.",
+        "2 for e.g. details.",
+    ]
+
+
+def test_bootstrap_ci_of_constant_is_the_constant():
+    assert bootstrap_ci([3.0] * 20) == (3.0, 3.0)
+    lo, hi = bootstrap_ci([0.0, 1.0] * 50, n_bootstrap=500)
+    assert lo < 0.5 < hi
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_generate_batch_equals_one_by_one(temperature):
+    tok = train_char(["abcdefghij klmnop"])
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=tok.vocab_size, context_length=32, n_layers=2, d_model=32, n_heads=4)
+    ).eval()
+    prompts = [tok.encode(p) for p in ["abc", "hij k", "abd", "p", "mnop a"]]
+    got = generate_batch(model, prompts, 12, temperature=temperature, seed=3, batch_size=8)
+    # Same grouping (by length, longest first), one generate call per group.
+    by_len = sorted({len(p) for p in prompts}, reverse=True)
+    for batch_no, n in enumerate(by_len):
+        rows = [i for i, p in enumerate(prompts) if len(p) == n]
+        ref = generate(
+            model,
+            torch.tensor([prompts[i] for i in rows]),
+            12,
+            temperature=temperature,
+            seed=3 + batch_no,
+        )
+        for r, i in enumerate(rows):
+            assert got[i] == ref[r, n:].tolist()
+    if temperature == 0.0:  # greedy: batching cannot change anything, row by row
+        for p, g in zip(prompts, got, strict=True):
+            assert g == generate(model, p, 12, temperature=0.0)[0, len(p) :].tolist()
+
+
+def test_generate_batch_cuts_at_stop_token():
+    tok = train_char(["abc"])
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=tok.vocab_size, context_length=16, n_layers=1, d_model=16, n_heads=2)
+    ).eval()
+    free = generate_batch(model, [tok.encode("ab")], 8, temperature=0.0)[0]
+    stop = free[3]
+    cut = generate_batch(model, [tok.encode("ab")], 8, temperature=0.0, stop_ids=[stop])[0]
+    assert cut == free[: free.index(stop)]
