@@ -68,12 +68,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: contiguous CPU tensors, shared tensors stored once."""
-    model = unwrap(model)
+def model_state(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights to save: contiguous CPU tensors, shared tensors stored once.
+
+    `model` may also be a state dict already gathered (FSDP, see `parallel.full_state`).
+    """
+    state = model if isinstance(model, dict) else unwrap(model).state_dict()
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         key = tensor.data_ptr()
         if key in seen and tensor.numel() > 0:
             continue  # tied weight, e.g. lm_head.weight == tok_emb.weight
@@ -82,7 +85,9 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_weights(
+    model: nn.Module | dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     save_file(model_state(model), str(path), metadata=metadata or {})
 
 
@@ -107,8 +112,8 @@ def load_weights(model: nn.Module, path: Path | str, strict: bool = True) -> Non
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     state: dict[str, Any],
     keep_last: int = 3,
     extra_files: dict[str, bytes] | None = None,
@@ -116,6 +121,7 @@ def save_checkpoint(
     """Write a checkpoint atomically and prune all but the newest `keep_last`.
 
     `extra_files` (e.g. ``tokenizer.json``) travel inside the checkpoint and are checksummed.
+    `model` and `optimizer` may be state dicts gathered beforehand (FSDP).
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +131,9 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_weights(model, tmp / "model.safetensors", {"format": "pt", "lmforge": __version__})
-    torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.state_dict()
+    torch.save(optimizer or {}, tmp / "optimizer.pt")
     rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -200,9 +208,14 @@ def load_checkpoint(
     """Verify, then load weights (and optimizer and RNG state); return trainer_state."""
     path = Path(path)
     state = verify_checkpoint(path)
-    load_weights(model, path / "model.safetensors")
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    from lmforge.train.parallel import is_sharded, load_full_state
+
+    if is_sharded(model):  # FSDP: every rank takes its shard of the full tensors
+        load_full_state(model, optimizer, path)
+    else:
+        load_weights(model, path / "model.safetensors")
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if restore_rng:
         rng = torch.load(path / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["cpu"])

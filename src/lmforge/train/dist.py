@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -36,12 +37,16 @@ def dist_info() -> DistInfo:
     )
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Initialise the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the process group when launched by torchrun (gloo on CPU, NCCL on GPU).
+
+    `timeout_s` bounds every collective: a rank that dies or hangs makes the others
+    fail after at most this long instead of waiting forever (train.dist_timeout_s).
+    """
     info = dist_info()
     if info.world_size > 1 and not tdist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tdist.init_process_group(backend=backend)
+        tdist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
     return dist_info()

@@ -34,6 +34,13 @@ from lmforge.train.checkpoint import (
     unwrap,
 )
 from lmforge.train.dist import DistInfo, all_reduce_mean, dist_info, print0
+from lmforge.train.parallel import (
+    as_rank_failure,
+    clip_grad_norm,
+    full_state,
+    grad_sync,
+    parallelize,
+)
 from lmforge.train.schedule import lr_at
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -163,10 +170,9 @@ class Trainer:
                 f"micro_batch_size × context_length × world_size = {micro_tokens}"
             )
         self.accum_steps = t.tokens_per_step // micro_tokens
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
-        from lmforge.train.parallel import parallelize
-
+        # Parallelize first: FSDP replaces the parameters with shards the optimizer must hold.
         self.train_model = parallelize(self.model, cfg, self.device, self.dist)
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
         self.autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)
             if t.dtype == "bf16"
@@ -197,12 +203,14 @@ class Trainer:
 
     def save(self) -> Path | None:
         path = None
+        # Under FSDP every rank takes part in gathering the full state to rank 0.
+        model_state, optim_state = full_state(self.model, self.optimizer)
         if self.dist.is_main:
             path = save_checkpoint(
                 self.run_dir,
                 self.step,
-                self.model,
-                self.optimizer,
+                model_state,
+                optim_state,
                 self.state(),
                 self.cfg.train.keep_last,
                 self.extra_files,
@@ -308,19 +316,13 @@ class Trainer:
                         y.to(self.device, non_blocking=True),
                     )
                     sync = micro == self.accum_steps - 1
-                    ctx = (
-                        model.no_sync()
-                        if (not sync and hasattr(model, "no_sync"))
-                        else nullcontext()
-                    )
-                    with ctx, self.autocast:
+                    # A fresh context each time: DDP's no_sync() cannot be entered twice.
+                    with grad_sync(model, sync), self.autocast:
                         loss = model(x, y) / self.accum_steps
-                    with ctx:
+                    with grad_sync(model, sync):
                         loss.backward()
                     step_loss += loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, t.grad_clip if t.grad_clip > 0 else math.inf
-                )
+                grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else math.inf)
                 step_loss = all_reduce_mean(step_loss)
                 finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
                 if finite:
@@ -408,6 +410,11 @@ class Trainer:
                         f"stopped at step {self.step} ({why}); checkpoint saved, resume with --resume auto"
                     )
                     break
+        except RuntimeError as exc:
+            failure = as_rank_failure(exc, self.run_dir)
+            if failure is None:
+                raise
+            raise failure from exc
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
