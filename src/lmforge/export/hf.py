@@ -516,7 +516,9 @@ def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
     """The transformers config object for `arch` with our shape, norms, RoPE and special ids."""
     import transformers
 
-    ids = dict(bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
+    ids: dict[str, Any] = dict(
+        bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id
+    )
     if arch == "gpt2":
         return transformers.GPT2Config(
             vocab_size=m.vocab_size,
@@ -534,7 +536,7 @@ def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
             architectures=["GPT2LMHeadModel"],
             **ids,
         )
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=m.vocab_size,
         hidden_size=m.d_model,
         intermediate_size=derived_d_ff(m),

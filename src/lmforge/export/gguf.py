@@ -1,0 +1,247 @@
+"""GGUF files for llama.cpp, written with the `gguf` package (llama.cpp's own writer).
+
+The architecture follows the HF mapping (`hf.hf_architecture`): GPT-2-style models
+become llama.cpp's ``gpt2``, Llama-style ones ``llama``, q/k/v-bias ones ``qwen2``
+and QK-norm ones ``qwen3``. Tensor names follow llama.cpp's table
+(`gguf.TENSOR_NAMES`). Two layout details differ from ours:
+
+- llama.cpp's ``llama`` architecture rotates *adjacent* pairs (x[2i], x[2i+1]) with
+  RoPE, while we (and HF) rotate (x[i], x[i + D/2]). The q and k rows of every head
+  are therefore reordered so that rows i and i + D/2 become neighbours — the same
+  permutation llama.cpp's own HF converter applies. ``qwen2``/``qwen3`` use the
+  "rotate half" (NeoX) layout and need no reordering.
+- llama.cpp's ``gpt2`` requires every bias; a model without them gets zeros.
+
+Weights are stored as f32, f16, bf16 or Q8_0 (blocks of 32 int8 values with one
+f16 scale; llama.cpp's ``quantize`` also uses it). As in llama.cpp's converter,
+1-D tensors (norms, biases) stay f32, and a matrix whose rows are not a multiple
+of the quantisation block falls back to f16.
+
+The tokenizer travels inside the file: byte-level BPE vocabulary, merges, token
+types (specials are CONTROL), special token ids and the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.export.hf import ExportError, hf_architecture
+from lmforge.model.transformer import Transformer, derived_d_ff
+from lmforge.tokenizer import CHAT_TEMPLATE, BPETokenizer, Tokenizer
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError(
+            "GGUF export needs the gguf package: pip install 'lmforge[export]'"
+        ) from None
+    return gguf
+
+
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k rows (or biases) per head from "rotate half" to adjacent-pair RoPE.
+
+    Within a head of D rows, row i (first half) and row i + D/2 (second half) form one
+    rotation pair; the output puts them at 2i and 2i + 1.
+    """
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def halve_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `interleave_rope_rows`."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
+    """llama.cpp architecture name and float32 tensors under llama.cpp's names and layouts."""
+    m = model.cfg
+    arch = hf_architecture(m)
+    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    heads, kv = m.n_heads, m.n_kv_heads or m.n_heads
+    head_dim = m.d_model // heads
+    out: dict[str, torch.Tensor] = {"token_embd.weight": ours["tok_emb.weight"]}
+    if arch == "gpt2":
+        out["position_embd.weight"] = ours["pos_emb.weight"]
+
+    def bias(key: str, n: int) -> torch.Tensor | None:
+        if key in ours:
+            return ours[key]
+        return torch.zeros(n) if arch == "gpt2" else None
+
+    for i in range(m.n_layers):
+        a, b = f"blocks.{i}.", f"blk.{i}."
+        named = {
+            "attn_norm": ours[a + "attn_norm.weight"],
+            "attn_norm_b": bias(a + "attn_norm.bias", m.d_model),
+            "ffn_norm": ours[a + "mlp_norm.weight"],
+            "ffn_norm_b": bias(a + "mlp_norm.bias", m.d_model),
+            "attn_output": ours[a + "attn.proj.weight"],
+            "attn_output_b": bias(a + "attn.proj.bias", m.d_model),
+            "ffn_down": ours[a + "mlp.down.weight"],
+            "ffn_down_b": bias(a + "mlp.down.bias", m.d_model),
+        }
+        if arch == "gpt2":
+            hidden = derived_d_ff(m)
+            named["attn_qkv"] = ours[a + "attn.qkv.weight"]
+            named["attn_qkv_b"] = bias(a + "attn.qkv.bias", 3 * m.d_model)
+            named["ffn_up"] = ours[a + "mlp.up.weight"]
+            named["ffn_up_b"] = bias(a + "mlp.up.bias", hidden)
+        else:
+            sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+            for s in ("weight", "bias"):
+                if a + "attn.qkv." + s not in ours:
+                    continue
+                q, k, v = ours[a + "attn.qkv." + s].split(sizes, dim=0)
+                if arch == "llama":
+                    q, k = interleave_rope_rows(q, heads), interleave_rope_rows(k, kv)
+                tail = "" if s == "weight" else "_b"
+                named["attn_q" + tail], named["attn_k" + tail], named["attn_v" + tail] = q, k, v
+            gate, up = ours[a + "mlp.up.weight"].chunk(2, dim=0)
+            named["ffn_gate"], named["ffn_up"] = gate, up
+            if a + "mlp.up.bias" in ours:
+                named["ffn_gate_b"], named["ffn_up_b"] = ours[a + "mlp.up.bias"].chunk(2, dim=0)
+            if m.qk_norm:
+                named["attn_q_norm"] = ours[a + "attn.q_norm.weight"]
+                named["attn_k_norm"] = ours[a + "attn.k_norm.weight"]
+        for name, t in named.items():
+            if t is not None:
+                kind = "bias" if name.endswith("_b") else "weight"
+                out[f"{b}{name.removesuffix('_b')}.{kind}"] = t.contiguous()
+    out["output_norm.weight"] = ours["norm.weight"]
+    if arch == "gpt2":
+        out["output_norm.bias"] = bias("norm.bias", m.d_model)  # type: ignore[assignment]
+    if not m.tie_embeddings:
+        out["output.weight"] = ours["lm_head.weight"]
+    return {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[arch], out
+
+
+def _encode_tensor(gguf: Any, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+    """(array, raw_dtype) for `add_tensor`: 1-D stays f32; q8_0 falls back to f16 off-block."""
+    q = gguf.GGMLQuantizationType
+    data = t.numpy().astype(np.float32)
+    if t.dim() == 1 or dtype == "f32":
+        return data, None
+    if dtype == "f16" or (dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[q.Q8_0][0]):
+        return data.astype(np.float16), None
+    qtype = q.BF16 if dtype == "bf16" else q.Q8_0
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def _vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens, token types and merges for llama.cpp's "gpt2" (byte-level BPE) tokenizer."""
+    if not isinstance(tok, BPETokenizer):
+        raise ExportError(
+            "GGUF export needs a byte-level BPE tokenizer (llama.cpp has no character "
+            "vocabulary); train with tokenizer.kind=bpe"
+        )
+    data = json.loads(tok.hf.to_str())
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ExportError(f"tokenizer model {model.get('type')!r} is not BPE")
+    special = {t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    tokens, types = [], []
+    normal, control, unused = 1, 3, 5  # gguf.TokenType values
+    for i in range(vocab_size):
+        piece = tok.hf.id_to_token(i)
+        if piece is None:  # the embedding has more rows than the tokenizer has tokens
+            tokens.append(f"[PAD{i}]")
+            types.append(unused)
+        else:
+            tokens.append(piece)
+            types.append(control if i in special else normal)
+    # tokenizers writes merges as "a b" strings (old) or [a, b] pairs (new).
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges
+
+
+def export_gguf(
+    model: Transformer,
+    tok: Tokenizer,
+    path: str | Path,
+    dtype: str = "f16",
+    name: str = "lmforge-model",
+) -> Path:
+    """Write `model` and `tok` to one GGUF file; `path` may be a folder (→ model-DTYPE.gguf)."""
+    gguf = _gguf()
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"GGUF dtype {dtype!r} is not one of {', '.join(GGUF_DTYPES)}")
+    m = model.cfg
+    arch, tensors = gguf_tensors(model)  # raises before any file is written
+    tokens, types, merges = _vocab(tok, m.vocab_size)
+    path = Path(path)
+    if path.suffix != ".gguf":
+        path = path / f"model-{dtype}.gguf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".gguf.tmp")
+
+    w = gguf.GGUFWriter(tmp, arch)
+    w.add_name(name)
+    w.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[dtype]
+    )
+    w.add_context_length(m.context_length)
+    w.add_embedding_length(m.d_model)
+    w.add_block_count(m.n_layers)
+    w.add_feed_forward_length(derived_d_ff(m))
+    w.add_head_count(m.n_heads)
+    w.add_head_count_kv(m.n_kv_heads or m.n_heads)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(m.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(m.norm_eps)
+        w.add_rope_freq_base(m.rope_theta)
+        w.add_rope_dimension_count(m.d_model // m.n_heads)
+        w.add_key_length(m.d_model // m.n_heads)
+        w.add_value_length(m.d_model // m.n_heads)
+    w.add_vocab_size(m.vocab_size)
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # our byte-level BPE splits text with GPT-2's regex
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.eot_id)
+    w.add_eos_token_id(tok.eot_id)
+    w.add_pad_token_id(tok.pad_id)
+    w.add_mask_token_id(tok.mask_id)
+    w.add_add_bos_token(False)  # lmforge never prepends a BOS token
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    for tname, t in tensors.items():
+        data, raw_dtype = _encode_tensor(gguf, t, dtype)
+        w.add_tensor(tname, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def read_gguf_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUF file as float32, in the (rows, columns) order of PyTorch."""
+    gguf = _gguf()
+    reader = gguf.GGUFReader(str(path))
+    out: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dims fastest first
+        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        out[t.name] = np.array(data, dtype=np.float32).reshape(shape)  # a writable copy
+    return out
