@@ -118,7 +118,8 @@ class TrainConfig:
     keep_last: int = 3
     # Stop after this many consecutive non-finite steps, leaving the last good checkpoint.
     max_bad_steps: int = 5
-    # Wall-clock budget in seconds (0 = none): training stops cleanly, checkpointing first.
+    # Wall-clock budget in seconds for one invocation (0 = none): training stops cleanly,
+    # checkpointing first; `--resume auto` continues with a fresh budget.
     max_time_s: float = 0.0
     # Peak FLOP/s for MFU; 0 = measure a matmul peak at start (CPU) or use the GPU table.
     peak_flops: float = 0.0

@@ -41,6 +41,7 @@ from lmforge.train.parallel import (
     grad_sync,
     parallelize,
 )
+from lmforge.train.progress import ProgressBar
 from lmforge.train.schedule import lr_at
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -296,6 +297,7 @@ class Trainer:
         summary: dict[str, Any] = {}
         loss_sum = torch.zeros((), device=self.device)
         eval_metrics: dict[str, float] = {}
+        bar = ProgressBar(t.max_steps, self.step, self.dist.is_main)
         try:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t)
@@ -338,6 +340,7 @@ class Trainer:
                     )
                 opt.zero_grad(set_to_none=True)
                 self.step += 1
+                bar.update(self.step)
                 self.tokens_seen += tokens_per_step
                 if finite:
                     loss_sum += step_loss
@@ -375,6 +378,10 @@ class Trainer:
                         f"{tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.1f}% | "
                         f"ETA {format_duration(eta)}"
                     )
+                    bar.update(
+                        self.step,
+                        f"loss {mean_loss:.3f} | {tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.0f}%",
+                    )
                     summary.update(loss=mean_loss, tokens_per_s=tok_s, mfu=mfu)
                     loss_sum.zero_()
                     last_log_t, last_log_step = time.perf_counter(), self.step
@@ -390,10 +397,8 @@ class Trainer:
                         )
                     last_log_t += time.perf_counter() - t_eval  # keep eval out of tokens/s
 
-                out_of_time = (
-                    t.max_time_s
-                    and (self.elapsed_before + time.perf_counter() - self._t0) >= t.max_time_s
-                )
+                # The budget is per invocation: a resumed run gets a fresh one.
+                out_of_time = t.max_time_s and (time.perf_counter() - self._t0) >= t.max_time_s
                 stop_flag = torch.tensor(
                     float(bool(out_of_time or self._stop_signal)), device=self.device
                 )
@@ -416,6 +421,7 @@ class Trainer:
                 raise
             raise failure from exc
         finally:
+            bar.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             sys.stdout.flush()
