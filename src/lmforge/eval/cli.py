@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from lmforge.eval.results import CheckpointResults, format_table, write_eval_json
@@ -19,13 +20,14 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
       lmforge eval --checkpoint runs/quickstart --task hellaswag --limit 500
       lmforge eval --checkpoint A --checkpoint B --task ppl --data notes.txt
       lmforge eval --checkpoint A --task mc --data my_task.jsonl
+      lmforge eval --checkpoint A --task ppl --data ppl=notes.txt --task hellaswag
     """
     from lmforge.pretrain import load_model
 
     if overrides:
         raise ValueError(f"lmforge eval takes no config overrides (got {overrides})")
+    data = _data_per_task(args.data or [], args.task)
     opts = TaskOptions(
-        data=args.data or None,
         limit=args.limit,
         stride=args.stride,
         batch_tokens=args.batch_tokens,
@@ -41,13 +43,17 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         run = CheckpointResults(str(ckpt))
         for task in args.task:
             t0 = time.perf_counter()
-            results = run_task(model, tok, task, opts)
+            results = run_task(model, tok, task, replace(opts, data=data.get(task)))
             for r in results:
                 r.settings["seconds"] = round(time.perf_counter() - t0, 2)
             run.results += results
             print(f"{ckpt}: {task} done in {time.perf_counter() - t0:.1f}s", flush=True)
         runs.append(run)
-    settings = {"tasks": args.task, **{k: v for k, v in vars(opts).items() if k != "data"}}
+    settings = {
+        "tasks": args.task,
+        "data": data,
+        **{k: v for k, v in vars(opts).items() if k != "data"},
+    }
     out = Path(args.out) if args.out else Path(args.checkpoint[0]) / "eval.json"
     write_eval_json(out, runs, settings)
     print(format_table(runs))
@@ -58,6 +64,21 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                 break
     print(f"wrote {out}")
     return 0
+
+
+def _data_per_task(specs: list[str], tasks: list[str]) -> dict[str, list[str]]:
+    """`--data PATH` goes to every task; `--data TASK=PATH` only to TASK."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and name in TASKS:
+            if name not in tasks:
+                raise ValueError(f"--data {spec}: task {name!r} is not among --task {tasks}")
+            out.setdefault(name, []).append(path)
+        else:
+            for task in tasks:
+                out.setdefault(task, []).append(spec)
+    return out
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task", action="append", choices=TASKS, required=True, help="repeatable")
     p.add_argument(
-        "--data", action="append", help="data for the task (default per task); repeatable"
+        "--data",
+        action="append",
+        metavar="[TASK=]PATH",
+        help="data source (default per task); TASK= restricts it to one task; repeatable",
     )
     p.add_argument("--limit", type=int, default=0, help="first N items/texts (0 = all)")
     p.add_argument("--stride", type=int, default=0, help="ppl window stride (0 = half the context)")

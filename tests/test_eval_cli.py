@@ -1,0 +1,114 @@
+"""`lmforge eval` on real checkpoints, and the in-loop hook logged beside the loss."""
+
+import json
+from dataclasses import replace
+
+import pytest
+from helpers import tiny_config
+
+from lmforge.cli import main
+from lmforge.eval.results import read_eval_json
+from lmforge.eval.tasks import TaskOptions, make_eval_hook, run_task
+from lmforge.pretrain import (
+    build_model,
+    load_model,
+    model_config_for,
+    tokenize_stage,
+    tokenizer_stage,
+)
+from lmforge.shards import TokenLoader
+from lmforge.train.checkpoint import list_checkpoints
+from lmforge.train.loop import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """8 steps of a tiny char model with two in-loop hooks; checkpoints at steps 4 and 8."""
+    tmp = tmp_path_factory.mktemp("evalrun")
+    cfg = tiny_config(tmp, "train.eval_every=4")
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    tok = tokenizer_stage(cfg, run_dir)
+    tokens = tokenize_stage(cfg, tok, run_dir)
+    cfg = replace(cfg, model=model_config_for(cfg, tok))
+    text = tmp / "held_out.txt"
+    text.write_text(
+        "MENENIUS:\nWhat work's, my countrymen, in hand? where go you\nWith bats and clubs?\n"
+    )
+    mc = tmp / "mc.jsonl"
+    rows = [
+        {"context": "First Citizen:\nSpeak,", "choices": ["speak.", "zzzz."], "label": 0},
+        {"context": "All:\nWe know", "choices": ["qqq", "'t, we know't."], "label": 1},
+        {"context": "", "choices": ["the", "xq"], "label": 0},
+    ]
+    mc.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hooks = [
+        make_eval_hook(tok, "ppl", data=[str(text)], stride=16),
+        make_eval_hook(tok, ["mc"], every=8, data=[str(mc)]),
+    ]
+    model = build_model(cfg.model, cfg.train.seed)
+    loader = TokenLoader(tokens, "train", cfg.model.context_length, cfg.train.seed)
+    val = TokenLoader(tokens, "val", cfg.model.context_length, cfg.train.seed)
+    trainer = Trainer(
+        cfg,
+        model,
+        run_dir,
+        loader,
+        val_data=lambda: val.sequential(cfg.train.eval_tokens, cfg.train.micro_batch_size),
+        eval_hooks=hooks,
+        extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
+        log=lambda *_: None,
+    )
+    trainer.fit()
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir, text, mc, records
+
+
+def test_hook_metrics_are_logged_beside_the_loss(trained):
+    _run_dir, _text, _mc, records = trained
+    evals = {r["step"]: r for r in records if "val_loss" in r}
+    assert {4, 8} <= set(evals)
+    assert "ppl/bits_per_byte" in evals[4] and "mc/acc" not in evals[4]  # every=8
+    assert {"ppl/bits_per_byte", "ppl/perplexity", "mc/acc", "mc/acc_norm"} <= set(evals[8])
+
+
+def test_cli_two_checkpoints_side_by_side(trained, tmp_path, capsys):
+    run_dir, text, mc, records = trained
+    ckpts = list_checkpoints(run_dir)
+    assert len(ckpts) >= 2
+    a, b = ckpts[-2], ckpts[-1]
+    out = tmp_path / "eval.json"
+    rc = main(
+        ["eval", "--checkpoint", str(a), "--checkpoint", str(b), "--task", "ppl",
+         "--data", f"ppl={text}", "--stride", "16", "--task", "mc", "--data", f"mc={mc}",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert a.name in printed and b.name in printed and "bits_per_byte" in printed
+    runs = read_eval_json(out)
+    assert [r.checkpoint for r in runs] == [str(a), str(b)]
+    got = {(r.task, r.metric): r for r in runs[1].results}
+    assert set(got) == {("ppl", m) for m in ("loss", "perplexity", "bits_per_byte")} | {
+        ("mc", m) for m in ("acc", "acc_norm", "acc_bytes")
+    }
+    assert got[("mc", "acc")].n == 3 and got[("mc", "acc")].stderr is not None
+    assert got[("ppl", "bits_per_byte")].settings["bytes"] == len(text.read_text().encode())
+    # The last checkpoint's figures equal what the in-loop hook logged at that step.
+    step = int(b.name.split("_")[-1])
+    logged = [r for r in records if r.get("step") == step and "ppl/bits_per_byte" in r][-1]
+    assert got[("ppl", "bits_per_byte")].value == pytest.approx(
+        logged["ppl/bits_per_byte"], rel=1e-6
+    )
+    assert got[("mc", "acc")].value == pytest.approx(logged["mc/acc"])
+
+
+def test_run_task_errors_are_clear(trained, capsys):
+    run_dir, _text, _mc, _ = trained
+    model, tok, _cfg = load_model(run_dir)
+    with pytest.raises(ValueError, match="unknown task"):
+        run_task(model, tok, "nope", TaskOptions())
+    with pytest.raises(ValueError, match="needs --data"):
+        run_task(model, tok, "mc", TaskOptions())
+    rc = main(["eval", "--checkpoint", str(run_dir), "--task", "ppl", "--data", "mc=x.jsonl"])
+    assert rc == 1 and "task 'mc' is not among --task" in capsys.readouterr().err
