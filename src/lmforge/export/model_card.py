@@ -1,0 +1,261 @@
+"""A model card (`README.md` in the HF model-card format) for an exported model.
+
+The card follows the sections of Mitchell et al. 2019 ("Model Cards for Model
+Reporting") as the HF Hub lays them out: YAML metadata, model details, training
+data and licences, training procedure and compute (with energy, CO2 and cost
+estimates whose assumptions are printed), evaluation, bias audit, intended use and
+limitations. Facts come from the run folder when present (`summary.json`,
+`eval.json`, `data_report.json`, `bias*.json`); sections without data say so
+rather than being left out, so a reader can see what was not measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge import __version__
+from lmforge.config import Config
+from lmforge.model.transformer import count_params, derived_d_ff, flops_per_token
+
+HF_CLASS = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# Energy assumptions, stated in the card. Average draw of the devices while training
+# (a CPU socket share or one data-centre GPU), data-centre PUE 1.2 and a world-average
+# grid of 0.4 kg CO2e/kWh (IEA 2023), as `lmforge plan` assumes.
+POWER_W = {"cpu": 65.0, "cuda": 700.0}
+PUE = 1.2
+GRID_KG_PER_KWH = 0.4
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.3g}"
+
+
+def _eval_rows(eval_json: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    if not isinstance(eval_json, dict):
+        return rows
+    for ck in eval_json.get("checkpoints", []):
+        for r in ck.get("results", []):
+            if isinstance(r, dict) and "task" in r and "value" in r:
+                rows.append(dict(r, checkpoint=ck.get("checkpoint", "")))
+    return rows
+
+
+def _result_text(r: dict[str, Any]) -> str:
+    v = r.get("value")
+    if v is None:
+        return "n/a"
+    text = f"{v:.4f}"
+    if r.get("stderr") is not None:
+        text += f" ± {r['stderr']:.4f}"
+    elif r.get("ci_low") is not None and r.get("ci_high") is not None:
+        text += f" [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+    return text
+
+
+def _flat_numbers(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
+    """Numeric leaves of a JSON tree (for bias reports whose layout this module does not own)."""
+    out: list[tuple[str, float]] = []
+    if depth > 3:
+        return out
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out += _flat_numbers(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)
+    elif isinstance(data, (int, float)) and not isinstance(data, bool):
+        out.append((prefix, float(data)))
+    return out
+
+
+def model_card(
+    cfg: Config,
+    arch: str,
+    run_dir: Path | None = None,
+    fmt: str = "hf",
+    license: str = "other",
+    price_per_hour: float = 0.0,
+) -> str:
+    """The card's Markdown text for a model of `cfg` exported as `arch` in format `fmt`."""
+    m = cfg.model
+    run = run_dir if run_dir is not None and run_dir.is_dir() else None
+    summary = (_read_json(run / "summary.json") if run else None) or {}
+    data_report = (_read_json(run / "data_report.json") if run else None) or {}
+    evals = _eval_rows(_read_json(run / "eval.json") if run else None)
+    params = count_params(m)
+    non_embedding = params["total"] - params["embedding"] - params["position"]
+    name = cfg.name or "lmforge-model"
+    family = "GPT-2-style" if arch == "gpt2" else "Llama-style"
+
+    lines = [
+        "---",
+        f"license: {license}",
+        "library_name: transformers" if fmt == "hf" else "library_name: gguf",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- lmforge",
+        f"- {arch}",
+        "- text-generation",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A {_fmt(params['total'])}-parameter {family} causal language model trained with "
+        f"lmforge {__version__}, exported as "
+        + (f"a transformers `{HF_CLASS[arch]}`." if fmt == "hf" else f"GGUF (llama.cpp `{arch}`)."),
+        "",
+        "## Model details",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| architecture | `{HF_CLASS[arch]}` (norm {m.norm}, position {m.position}, MLP {m.mlp}"
+        + (", QK-norm" if m.qk_norm else "")
+        + (", biases" if m.bias else ", q/k/v biases" if m.qkv_bias else ", no biases")
+        + (", tied embeddings" if m.tie_embeddings else ", untied embeddings")
+        + ") |",
+        f"| parameters | {params['total']:,} ({non_embedding:,} without embeddings) |",
+        f"| layers × width | {m.n_layers} × {m.d_model}, MLP hidden {derived_d_ff(m)} |",
+        f"| attention heads | {m.n_heads} query, {m.n_kv_heads or m.n_heads} key/value |",
+        f"| context length | {m.context_length} tokens |",
+        f"| vocabulary | {m.vocab_size} ({cfg.tokenizer.kind} tokenizer) |",
+        f"| norm epsilon, RoPE base | {m.norm_eps:g}, "
+        + (f"{m.rope_theta:g} |" if m.position == "rope" else "n/a |"),
+        "| chat format | `<|system|>…<|end|><|user|>…<|end|><|assistant|>` (tokenizer chat template) |",
+        "",
+        "## Training data",
+        "",
+    ]
+    sources = data_report.get("sources") or []
+    if sources:
+        lines += ["| source | licence | documents out | MB out |", "|---|---|---|---|"]
+        for s in sources:
+            docs = s.get("docs_out", s.get("docs", ""))
+            mb = s.get("bytes_out", 0) / 1e6
+            lines.append(
+                f"| {s.get('name', '?')} | {s.get('license') or 'unknown'} | {docs} | {mb:.1f} |"
+            )
+        unknown = data_report.get("unknown_license_sources") or []
+        if unknown:
+            lines += ["", f"Sources with an unknown licence: {', '.join(unknown)}."]
+    else:
+        lines.append(
+            "Sources: "
+            + ", ".join(f"`{s}`" for s in cfg.data.sources)
+            + ". No data report (`data_report.json`) was found, so licences are not recorded "
+            "here: check the licence of every source before redistributing this model."
+        )
+    lines += ["", "## Training procedure and compute", ""]
+    tokens = float(summary.get("tokens", 0))
+    if summary:
+        t = cfg.train
+        flops = flops_per_token(m) * tokens
+        hours = float(summary.get("elapsed_s", 0.0)) / 3600
+        device = "cuda" if t.device == "cuda" else "cpu"
+        kwh = hours * POWER_W[device] / 1000 * PUE
+        lines += [
+            "| | |",
+            "|---|---|",
+            f"| steps | {summary.get('step', '?')} |",
+            f"| tokens | {_fmt(tokens)} ({t.tokens_per_step:,} per step) |",
+            f"| optimiser | AdamW, lr {t.lr:g}, {t.schedule} schedule, warm-up {t.warmup_steps} steps, "
+            f"weight decay {t.weight_decay:g} |",
+            f"| precision | {t.dtype} |",
+            f"| training compute | {flops:.3g} FLOP (forward + backward, attention included) |",
+            f"| wall-clock time | {hours:.2f} h |",
+            f"| energy (estimate) | {kwh:.3g} kWh at {POWER_W[device]:g} W average draw, PUE {PUE} |",
+            f"| CO2 (estimate) | {kwh * GRID_KG_PER_KWH:.3g} kg CO2e at {GRID_KG_PER_KWH} kg/kWh |",
+            "| cost (estimate) | "
+            + (
+                f"${hours * price_per_hour:.2f} at ${price_per_hour:g} per hour |"
+                if price_per_hour
+                else "not estimated (no price given) |"
+            ),
+        ]
+    else:
+        lines.append("No training summary (`summary.json`) was found with this checkpoint.")
+    lines += ["", "## Evaluation", ""]
+    if "val_loss" in summary:
+        lines.append(f"- validation loss: {summary['val_loss']:.4f} nats/token")
+    if "val_bpb" in summary:
+        base = summary.get("unigram_bpb")
+        lines.append(
+            f"- validation bits per byte: {summary['val_bpb']:.4f}"
+            + (f" (unigram baseline {base:.4f})" if base else "")
+        )
+    plain = [r for r in evals if not _is_bias(r)]
+    if plain:
+        lines += ["", "| task | metric | value | n |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['task']} | {r.get('metric', '')} | {_result_text(r)} | {r.get('n', '')} |"
+            for r in plain
+        ]
+    if "val_loss" not in summary and not plain:
+        lines.append(
+            "No evaluation results were found in the run folder (`lmforge eval` writes them)."
+        )
+    lines += ["", "## Bias audit", ""]
+    bias_rows = [r for r in evals if _is_bias(r)]
+    bias_files = sorted(run.glob("bias*.json")) if run else []
+    if bias_rows:
+        lines += ["| task | metric | value | n |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['task']} | {r.get('metric', '')} | {_result_text(r)} | {r.get('n', '')} |"
+            for r in bias_rows
+        ]
+    for f in bias_files:
+        numbers = _flat_numbers(_read_json(f))[:20]
+        if numbers:
+            lines += ["", f"From `{f.name}`:", ""]
+            lines += [f"- {k}: {v:.4g}" for k, v in numbers]
+    if not bias_rows and not any(_flat_numbers(_read_json(f)) for f in bias_files):
+        lines.append(
+            "No bias audit results were found (`lmforge bias` writes them). Assume the model "
+            "reproduces the social biases of its training text."
+        )
+    lines += [
+        "",
+        "## Intended use and limitations",
+        "",
+        f"- Research and teaching: a small model ({_fmt(params['total'])} parameters, "
+        f"{_fmt(tokens) if tokens else 'an unrecorded number of'} training tokens) for studying "
+        "training, fine-tuning and evaluation end to end.",
+        "- Not for production or for decisions about people. Its text is often wrong or "
+        "incoherent, it has no safety tuning, and it reflects the biases of its data.",
+        f"- It has seen only {m.context_length}-token contexts; longer inputs are out of range.",
+        "",
+        "## How to use",
+        "",
+    ]
+    if fmt == "hf":
+        lines += [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'tok = AutoTokenizer.from_pretrained("PATH")',
+            'model = AutoModelForCausalLM.from_pretrained("PATH")',
+            'ids = tok("def add(a, b):", return_tensors="pt").input_ids',
+            "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))",
+            "```",
+        ]
+    else:
+        lines += ["```", 'llama-cli -m model.gguf -p "def add(a, b):" -n 40', "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _is_bias(r: dict[str, Any]) -> bool:
+    task = str(r.get("task", "")).lower()
+    return any(key in task for key in ("bias", "crows", "stereo", "bbq", "winobias"))
