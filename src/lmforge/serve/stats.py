@@ -260,13 +260,13 @@ def agreement(judgments: Sequence[Judgment], min_shared: int = 2) -> dict:
                     {
                         "a": x,
                         "b": y,
-                        "items": len(shared),
+                        "n_items": len(shared),
                         "kappa": cohen_kappa([r[x] for r in shared], [r[y] for r in shared]),
                         "raw": sum(r[x] == r[y] for r in shared) / len(shared),
                     }
                 )
     return {
-        "items": len(multi),
+        "n_items": len(multi),
         "raters": len(annotators),
         "fleiss_kappa": fleiss_kappa(counts) if len(multi) else math.nan,
         "pairs": pairs,
