@@ -14,6 +14,7 @@ from lmforge.export.gguf import (  # noqa: E402
     halve_rope_rows,
     interleave_rope_rows,
     read_gguf_tensors,
+    state_from_gguf,
 )
 from lmforge.export.hf import ExportError  # noqa: E402
 from lmforge.model import Transformer  # noqa: E402
@@ -24,6 +25,7 @@ VARIANTS = {
     "gpt2": (dict(bias=True), "gpt2"),
     "gpt2-nobias": (dict(tie_embeddings=False), "gpt2"),
     "llama": (dict(LLAMA, n_kv_heads=2, tie_embeddings=False), "llama"),
+    "llama-bias": (dict(LLAMA, bias=True), "llama"),
     "qwen2": (dict(LLAMA, qkv_bias=True), "qwen2"),
     "qwen3": (dict(LLAMA, qk_norm=True, n_kv_heads=1), "qwen3"),
 }
@@ -85,7 +87,11 @@ def ours_from_gguf(
             else:  # llama.cpp's gpt2 needs biases: they must be written as zeros
                 assert not g[b + "attn_qkv.bias"].any() and not g["output_norm.bias"].any()
             continue
-        for s in ["weight"] + (["bias"] if cfg.qkv_bias else []):
+        if cfg.bias:
+            out[a + "attn.proj.bias"] = g[b + "attn_output.bias"]
+            out[a + "mlp.down.bias"] = g[b + "ffn_down.bias"]
+            out[a + "mlp.up.bias"] = torch.cat([g[b + "ffn_gate.bias"], g[b + "ffn_up.bias"]])
+        for s in ["weight"] + (["bias"] if cfg.qkv_bias or cfg.bias else []):
             q, k, v = g[f"{b}attn_q.{s}"], g[f"{b}attn_k.{s}"], g[f"{b}attn_v.{s}"]
             if arch == "llama":
                 q, k = halve_rope_rows(q, cfg.n_heads), halve_rope_rows(k, kv)
@@ -119,6 +125,10 @@ def test_gguf_f32_reads_back_every_tensor_equal(variant, tok, tmp_path):
     for key in expected:
         assert torch.equal(back[key], state[key]), key
     assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in reader.tensors)
+    # The library's reader gives back the same state (used to run llama.cpp's exact weights).
+    loaded = state_from_gguf(path, model)
+    assert loaded.keys() == back.keys()
+    assert all(torch.equal(loaded[k], back[k]) for k in loaded)
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])

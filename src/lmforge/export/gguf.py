@@ -245,3 +245,55 @@ def read_gguf_tensors(path: str | Path) -> dict[str, np.ndarray]:
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         out[t.name] = np.array(data, dtype=np.float32).reshape(shape)  # a writable copy
     return out
+
+
+def state_from_gguf(path: str | Path, model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state dict from a GGUF file written by `export_gguf` for a model shaped like `model`.
+
+    Quantised tensors come back dequantised, so loading the result into `model` gives
+    the model llama.cpp actually runs (used to separate storage rounding from
+    differences in arithmetic).
+    """
+    m = model.cfg
+    arch, names = gguf_tensors(model)
+    g = {k: torch.from_numpy(v) for k, v in read_gguf_tensors(path).items()}
+    missing = set(names) - set(g)
+    if missing:
+        raise ExportError(f"{path}: tensors {sorted(missing)[:5]} missing")
+    heads, kv = m.n_heads, m.n_kv_heads or m.n_heads
+    out: dict[str, torch.Tensor] = {"tok_emb.weight": g["token_embd.weight"]}
+    if arch == "gpt2":
+        out["pos_emb.weight"] = g["position_embd.weight"]
+    out["norm.weight"] = g["output_norm.weight"]
+    norm_bias = m.bias and m.norm == "layernorm"  # RMSNorm has no bias
+    if norm_bias:
+        out["norm.bias"] = g["output_norm.bias"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = g["output.weight"]
+    for i in range(m.n_layers):
+        a, b = f"blocks.{i}.", f"blk.{i}."
+        pairs = [
+            ("attn_norm", "attn_norm"),
+            ("mlp_norm", "ffn_norm"),
+            ("attn.proj", "attn_output"),
+            ("mlp.down", "ffn_down"),
+        ]
+        if arch == "gpt2":
+            pairs += [("attn.qkv", "attn_qkv"), ("mlp.up", "ffn_up")]
+        for ours, theirs in pairs:
+            out[f"{a}{ours}.weight"] = g[f"{b}{theirs}.weight"]
+            if norm_bias if ours.endswith("norm") else m.bias:
+                out[f"{a}{ours}.bias"] = g[f"{b}{theirs}.bias"]
+        if arch == "gpt2":
+            continue
+        for s in ["weight"] + (["bias"] if m.bias or m.qkv_bias else []):
+            q, k, v = g[f"{b}attn_q.{s}"], g[f"{b}attn_k.{s}"], g[f"{b}attn_v.{s}"]
+            if arch == "llama":
+                q, k = halve_rope_rows(q, heads), halve_rope_rows(k, kv)
+            out[f"{a}attn.qkv.{s}"] = torch.cat([q, k, v])
+        for s in ["weight"] + (["bias"] if m.bias else []):
+            out[f"{a}mlp.up.{s}"] = torch.cat([g[f"{b}ffn_gate.{s}"], g[f"{b}ffn_up.{s}"]])
+        if m.qk_norm:
+            out[a + "attn.q_norm.weight"] = g[b + "attn_q_norm.weight"]
+            out[a + "attn.k_norm.weight"] = g[b + "attn_k_norm.weight"]
+    return out
