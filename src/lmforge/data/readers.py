@@ -25,6 +25,7 @@ Bad input never stops a run: each problem becomes a `Skip` (reason, file, line)
 that the pipeline counts and writes to the exclusions folder. Reasons:
 ``unreadable``, ``empty_file``, ``binary``, ``invalid_utf8``, ``too_large``,
 ``line_too_long``, ``malformed_json``, ``missing_field``, ``bad_record``,
+``truncated`` (a compressed file that ends early: the lines before it are kept),
 ``no_text_extracted``.
 """
 
@@ -322,7 +323,9 @@ def open_binary(path: Path) -> IO[bytes]:
     if name.endswith(".zst"):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(path.open("rb"))  # type: ignore[return-value]
+        # The zstd reader has no readline; a BufferedReader on top gives it one.
+        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
+        return io.BufferedReader(raw)  # type: ignore[arg-type]
     if name.endswith(".bz2"):
         return bz2.open(path, "rb")  # type: ignore[return-value]
     if name.endswith(".xz"):
@@ -332,6 +335,11 @@ def open_binary(path: Path) -> IO[bytes]:
 
 def read_bounded(path: Path, max_bytes: int) -> bytes | Skip:
     """The (decompressed) content of a file, or a Skip if unreadable or too large."""
+    try:
+        if max_bytes and not path.name.endswith(COMPRESSED) and path.stat().st_size > max_bytes:
+            return Skip("too_large", str(path), 0, f"{path.stat().st_size:,} bytes > {max_bytes:,}")
+    except OSError as exc:
+        return Skip("unreadable", str(path), 0, f"{type(exc).__name__}: {exc}")
     try:
         with open_binary(path) as fh:
             data = fh.read(max_bytes + 1 if max_bytes else -1)
@@ -511,8 +519,18 @@ class Reader:
         except OSError as exc:
             yield Skip("unreadable", str(path), 0, str(exc))
             return
+        lineno = 0
         with fh:
-            for lineno, line in iter_lines_bounded(fh, self.max_line_bytes):
+            lines = iter_lines_bounded(fh, self.max_line_bytes)
+            while True:
+                try:
+                    got = next(lines, None)
+                except Exception as exc:  # truncated gzip / zstd: keep the lines before it
+                    yield Skip("truncated", str(path), lineno + 1, f"{type(exc).__name__}: {exc}")
+                    return
+                if got is None:
+                    return
+                lineno, line = got
                 if line is None:
                     yield Skip(
                         "line_too_long", str(path), lineno, f"> {self.max_line_bytes:,} bytes"
