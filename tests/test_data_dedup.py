@@ -62,7 +62,7 @@ def planted_corpus(shared, n_chunks: int = 1500, n_planted: int = 150, edit_rate
     words: list[str] = []
     for name in ("pg1342", "pg2701", "pg98"):
         path = next((shared / "gutenberg").glob(f"{name}_*.txt.gz"))
-        words += strip_gutenberg(gzip.open(path, "rt", encoding="utf-8").read())[0].split()
+        words += strip_gutenberg(gzip.decompress(path.read_bytes()).decode("utf-8"))[0].split()
     chunks = [" ".join(words[i * 120 : (i + 1) * 120]) for i in range(n_chunks)]
     originals = rng.sample(range(n_chunks), n_planted)
     texts = list(chunks)

@@ -84,7 +84,7 @@ def test_redaction_placeholders_counts_and_non_pii():
 
 def test_no_pii_found_in_a_novel(shared):
     path = next((shared / "gutenberg").glob("pg1342_*.txt.gz"))
-    body = strip_gutenberg(gzip.open(path, "rt", encoding="utf-8").read())[0]
+    body = strip_gutenberg(gzip.decompress(path.read_bytes()).decode("utf-8"))[0]
     assert find_pii(body) == []
 
 
@@ -110,15 +110,13 @@ def test_decontamination_finds_planted_benchmark_text(shared, index):
 
 def test_decontamination_leaves_clean_books_alone(shared, index):
     path = next((shared / "gutenberg").glob("pg35_*.txt.gz"))
-    assert index.matches(gzip.open(path, "rt", encoding="utf-8").read()) == {}
+    assert index.matches(gzip.decompress(path.read_bytes()).decode("utf-8")) == {}
 
 
 def test_decontamination_of_a_finetuning_test_split(shared, tmp_path):
     split = tmp_path / "test.jsonl"
-    records = [
-        json.loads(line)
-        for line, _ in zip((shared / "scitldr" / "test.jsonl").open(), range(20), strict=False)
-    ]
+    lines = (shared / "scitldr" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines[:20]]
     split.write_text(
         "".join(
             json.dumps({"src": " ".join(r["source"]), "tgt": r["target"][0]}) + "\n"

@@ -52,7 +52,7 @@ def test_html_extraction_quality_against_ground_truth(shared):
     pages = sorted((shared / "web_html" / "html").glob("*.html.gz"))[:30]
     scores = []
     for page in pages:
-        html = gzip.open(page, "rb").read()
+        html = gzip.decompress(page.read_bytes())
         pred = extract_html(html)
         scores.append(token_f1(pred, truth[page.name.split(".")[0]]["articleBody"]))
     mean = sum(scores) / len(scores)
