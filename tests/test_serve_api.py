@@ -115,7 +115,7 @@ def test_study_outputs_are_the_models_generations(app, runs):
 
     with TestClient(app) as client:
         csrf = sign_in(client)
-        study_id, checkpoints = create_study(client, csrf)
+        _, checkpoints = create_study(client, csrf)
         store = app.state.store
         item = store.item(1)
         model, tok, _ = load_model(runs / checkpoints[item.model_a])

@@ -767,7 +767,9 @@ def study_results(store: Store, study: Any) -> dict[str, Any]:
             "annotator": v["annotator"],
             "prompt": prompts[v["prompt_idx"]],
             "comment": v["comment"],
-            "outcome": v["outcome"],
+            "outcome": {"a": v["label_a"], "b": v["label_b"]}.get(
+                v["outcome"], v["outcome"].replace("_", " ")
+            ),
             "a": v["label_a"],
             "b": v["label_b"],
         }
