@@ -102,6 +102,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None = None,
         layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
@@ -122,8 +123,8 @@ class Attention(nn.Module):
             k = cache.keys[layer][:, :, : start + T]
             v = cache.values[layer][:, :, : start + T]
 
-        mask = None
-        is_causal = self.causal and start == 0 and T > 1
+        mask = attn_mask  # (B, 1, T, T) bool, True = may attend (packed examples)
+        is_causal = self.causal and start == 0 and T > 1 and mask is None
         if self.causal and start > 0 and T > 1:
             # Chunk appended to a cache: query i (absolute start+i) sees keys ≤ start+i.
             q_pos = torch.arange(start, start + T, device=x.device)[:, None]
@@ -173,9 +174,28 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer))
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer, attn_mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+def packed_mask_and_positions(
+    doc_ids: torch.Tensor, causal: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-diagonal attention mask (B, 1, T, T) and per-example positions (B, T).
+
+    `doc_ids` (B, T) must be non-decreasing along T (examples are contiguous).
+    """
+    _B, T = doc_ids.shape
+    mask = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T): same example
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    # Position = t minus the index where the current example began.
+    begin = torch.where(first, t, torch.zeros_like(t)).cummax(dim=1).values
+    return mask[:, None], t - begin
 
 
 class Transformer(nn.Module):
@@ -234,11 +254,15 @@ class Transformer(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids `idx` (B, T); or the mean loss when `targets` given.
 
         Targets equal to -100 are ignored (loss masks for fine-tuning and masked LM).
         With a `cache`, `idx` continues the cached sequence and the cache is advanced.
+        `doc_ids` (B, T) marks packed examples: a token attends only to tokens with its
+        own id, and positions restart at 0 with each example, so a packed row computes
+        exactly what each example would alone.
         """
         _B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -246,15 +270,25 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds context_length {self.cfg.context_length}"
             )
+        mask, pos = None, None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed examples) cannot be combined with a KV cache")
+            mask, pos = packed_mask_and_positions(doc_ids, self.cfg.objective == "causal")
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb.weight[start : start + T]
+            x = x + (
+                self.pos_emb(pos) if pos is not None else self.pos_emb.weight[start : start + T]
+            )
         x = self.drop(x)
         rope = None
         if self.cfg.position == "rope":
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            if pos is not None:  # per-row positions: (B, 1, T, D/2) broadcasts over heads
+                rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
+            else:
+                rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.length += T
         x = self.norm(x)

@@ -1,0 +1,1 @@
+"""Fine-tuning: task formats, packed loss-masked batches, LoRA, the `finetune` stage."""

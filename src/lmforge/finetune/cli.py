@@ -1,0 +1,105 @@
+"""`lmforge finetune` and `lmforge chat` (registered through `cli.EXTRA_COMMAND_MODULES`)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from pathlib import Path
+
+
+def cmd_finetune(args, overrides) -> int:
+    """Fine-tune a checkpoint or HF model folder on a task (instruction, chat, summarization,
+    translation, code-docstring, text), fully or with LoRA; --resume auto continues a run.
+
+    Examples:
+      lmforge finetune finetune-multi30k
+      lmforge finetune --checkpoint runs/quickstart --task code-docstring --method lora
+    """
+    from lmforge.config import load_config
+    from lmforge.finetune.finetune import finetune
+
+    extra = list(overrides)
+    if args.checkpoint:
+        extra.append(f"finetune.init={args.checkpoint}")
+    if args.task:
+        extra.append(f"finetune.task={args.task}")
+    if args.method:
+        extra.append(f"finetune.method={args.method}")
+    for name in ("train", "val", "test"):
+        files = getattr(args, name)
+        if files:
+            extra.append(f"finetune.{name}_files=[{', '.join(files)}]")
+    cfg = load_config(args.recipe, extra)
+    summary = finetune(cfg, args.out or None, resume=args.resume)
+    figures = {k: v for k, v in summary.items() if k.startswith("val_") or k == "loss"}
+    print("done: " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float)))
+    if "test" in summary:
+        print("test: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["test"].items()))
+    print(
+        f"model: {summary['checkpoint']}  (try: lmforge chat --checkpoint {summary['checkpoint']})"
+    )
+    return 0
+
+
+def cmd_chat(args, overrides) -> int:
+    """Chat with a fine-tuned checkpoint in the terminal: the chat template, streamed replies,
+    and the conversation kept as history. Type /reset to forget it, /exit (or Ctrl-D) to quit.
+    """
+    from lmforge.finetune.chat import chat_loop
+    from lmforge.finetune.finetune import finetuned_checkpoint
+    from lmforge.pretrain import load_model
+
+    path = (
+        finetuned_checkpoint(args.checkpoint) if Path(args.checkpoint).is_dir() else args.checkpoint
+    )
+    model, tok, _cfg = load_model(path, device=args.device)
+    chat_loop(
+        model,
+        tok,
+        system=args.system,
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        read=input,
+        write=sys.stdout.write,
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    doc = inspect.getdoc(cmd_finetune) or ""
+    p = sub.add_parser(
+        "finetune",
+        help=doc.splitlines()[0],
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=cmd_finetune)
+    p.add_argument("recipe", nargs="?", default=None, help="recipe file or built-in name")
+    p.add_argument(
+        "--checkpoint", default="", help="lmforge checkpoint/run folder or HF model folder"
+    )
+    p.add_argument(
+        "--task", default="", help="instruction|chat|summarization|translation|code-docstring|text"
+    )
+    p.add_argument("--method", default="", choices=["", "full", "lora"])
+    p.add_argument(
+        "--train", nargs="+", help="training data files (JSONL/CSV/Parquet/parallel prefix)"
+    )
+    p.add_argument("--val", nargs="+", help="validation data files")
+    p.add_argument("--test", nargs="+", help="test data files (scored after training)")
+    p.add_argument("--out", default="", help="run folder (default: output.dir)")
+    p.add_argument("--resume", default="", help="'auto' or a checkpoint path")
+
+    doc = inspect.getdoc(cmd_chat) or ""
+    p = sub.add_parser("chat", help=doc.splitlines()[0], description=doc)
+    p.set_defaults(func=cmd_chat)
+    p.add_argument("--checkpoint", required=True, help="fine-tuned run folder or checkpoint")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")

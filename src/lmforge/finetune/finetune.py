@@ -1,0 +1,360 @@
+"""The fine-tuning stage: starting point → task data → the shared training loop → metrics.
+
+Starting points (``finetune.init``):
+
+- an lmforge checkpoint or run folder (`lmforge.pretrain.load_model`);
+- a HF `transformers` Llama / Qwen2 / GPT-2 folder (`lmforge.export.hf.load_hf_model`);
+- nothing: a new model of shape ``model``, with a tokenizer from ``tokenizer.path``
+  or trained on the task's training texts (translation from scratch).
+
+Run folder layout (besides the loop's checkpoints/, metrics.jsonl, config.yaml)::
+
+    tokenizer.json
+    adapter/             LoRA only: adapter.safetensors + adapter_config.json
+    merged/              LoRA only: a plain checkpoint with the adapter folded in
+    test_outputs.jsonl   prompt, reference and generation per test example
+    summary.json         final figures (train loss, val metrics, test metrics)
+
+The final model loads with `lmforge.pretrain.load_model(run_dir)` (full) or
+``load_model(run_dir / "merged")`` (LoRA); `finetuned_checkpoint` says which.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.config import Config, ConfigError
+from lmforge.finetune.data import PackedExamples, PackedLM
+from lmforge.finetune.lora import apply_lora, freeze, merge_lora, save_adapter, trainable_params
+from lmforge.finetune.tasks import (
+    Example,
+    TaskFormat,
+    get_task,
+    load_examples,
+    record_texts,
+)
+from lmforge.model.generate import generate
+from lmforge.model.transformer import Transformer, count_params
+from lmforge.paths import shared_data
+from lmforge.tokenizer import (
+    ASSISTANT,
+    END,
+    Tokenizer,
+    iter_limited,
+    load_tokenizer,
+    train_tokenizer,
+)
+from lmforge.train.checkpoint import save_checkpoint, unwrap
+from lmforge.train.dist import print0
+
+
+def resolve_spec(spec: str) -> str:
+    """``shared:REL`` → a path inside the shared data folder; anything else unchanged."""
+    if spec.startswith("shared:"):
+        return str(shared_data() / spec[len("shared:") :])
+    return spec
+
+
+def task_files(cfg: Config, run_dir: Path) -> dict[str, list[str]]:
+    """Train/val/test data specs of the task (the code-docstring task builds its own)."""
+    fc = cfg.finetune
+    if fc.task == "code-docstring" and not fc.train_files:
+        from lmforge.finetune.code_docstring import build_code_docstring
+
+        paths = build_code_docstring(run_dir / "task_data")
+        return {s: [str(p)] for s, p in paths.items()}
+    if not fc.train_files:
+        raise ConfigError(f"finetune.train_files is empty (task '{fc.task}' needs data files)")
+    return {
+        "train": [resolve_spec(s) for s in fc.train_files],
+        "val": [resolve_spec(s) for s in fc.val_files],
+        "test": [resolve_spec(s) for s in fc.test_files],
+    }
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").exists() and not (p / "trainer_state.json").exists()
+
+
+def load_start(
+    cfg: Config, run_dir: Path, train_specs: list[str], task: TaskFormat
+) -> tuple[Transformer, Tokenizer, Config]:
+    """The model and tokenizer to fine-tune, and `cfg` with the model's actual shape."""
+    init = cfg.finetune.init
+    if init and is_hf_folder(init):
+        from lmforge.export.hf import load_hf_model
+
+        model, tok, hf_cfg = load_hf_model(init)
+        return model, tok, replace(cfg, model=model.cfg, tokenizer=hf_cfg.tokenizer)
+    if init:
+        from lmforge.pretrain import load_model
+
+        model, tok, base_cfg = load_model(init)
+        return model, tok, replace(cfg, model=model.cfg, tokenizer=base_cfg.tokenizer)
+    # From scratch: the recipe's tokenizer, or one trained on the task's own texts.
+    tok_path = run_dir / "tokenizer.json"
+    if cfg.tokenizer.path:
+        tok = load_tokenizer(cfg.tokenizer.path)
+    elif tok_path.exists():
+        tok = load_tokenizer(tok_path)
+    else:
+        texts = record_texts(task, train_specs, cfg.finetune.source_lang, cfg.finetune.target_lang)
+        tok = train_tokenizer(
+            iter_limited(texts, cfg.tokenizer.train_bytes),
+            cfg.tokenizer.kind,
+            cfg.tokenizer.vocab_size,
+        )
+        tok.save(tok_path)
+    mcfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or tok.vocab_size)
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(mcfg), tok, replace(cfg, model=mcfg)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def score(metric: str, hyps: list[str], refs: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu, default 13a tokenisation) or mean ROUGE F1 × 100."""
+    if metric == "bleu":
+        import sacrebleu
+
+        return {
+            "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+            "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+        }
+    if metric == "rouge":
+        from rouge_score import rouge_scorer
+
+        # use_stemmer needs no NLTK data; split_summaries would (NOTES.md).
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+        for h, r in zip(hyps, refs, strict=True):
+            for key, s in scorer.score(r, h).items():
+                totals[key] += s.fmeasure
+        return {k: 100 * v / max(len(hyps), 1) for k, v in totals.items()}
+    return {}
+
+
+def generation_prompt(ex: Example, tok: Tokenizer, room: int) -> list[int]:
+    """The example's prompt (through '<|assistant|>'), cut to `room` tokens if needed."""
+    ids = ex.ids[: ex.prompt_len]
+    if len(ids) > room:
+        ids = [*ids[: room - 2], tok.specials[END], tok.specials[ASSISTANT]]
+    return ids
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module, tok: Tokenizer, examples: list[Example], max_new_tokens: int
+) -> list[str]:
+    """Greedy answers (up to '<|end|>') to each example's prompt, with the KV cache."""
+    model = unwrap(model)
+    ctx = model.cfg.context_length  # type: ignore[union-attr]
+    end = tok.specials[END]
+    out = []
+    for ex in examples:
+        prompt = generation_prompt(ex, tok, ctx - max_new_tokens)
+        ids = generate(
+            model,  # type: ignore[arg-type]
+            prompt,
+            max_new_tokens,
+            temperature=0.0,
+            stop_ids=[end, tok.eot_id],
+        )[0, len(prompt) :].tolist()
+        cut = [t for t in ids if t not in (end, tok.eot_id)][: len(ids)]
+        if end in ids or tok.eot_id in ids:
+            stop = min(ids.index(t) for t in (end, tok.eot_id) if t in ids)
+            cut = ids[:stop]
+        out.append(tok.decode(cut).strip())
+    return out
+
+
+def metric_hook(
+    task: TaskFormat, tok: Tokenizer, examples: list[Example], max_new_tokens: int
+) -> Callable[[nn.Module, int], dict[str, float]]:
+    """An `eval_hooks` callable: the task metric on a fixed set of validation examples."""
+
+    def hook(model: nn.Module, _step: int) -> dict[str, float]:
+        if task.metric == "loss" or not examples:
+            return {}
+        hyps = generate_answers(model, tok, examples, max_new_tokens)
+        return {
+            f"val_{k}": v
+            for k, v in score(task.metric, hyps, [e.reference for e in examples]).items()
+        }
+
+    return hook
+
+
+def perplexity_hook(model: nn.Module, _step: int) -> dict[str, float]:
+    return {}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def finetuned_checkpoint(run_dir: str | Path) -> Path:
+    """Where the fine-tuned model of a run loads from (`merged/` after LoRA)."""
+    run_dir = Path(run_dir)
+    return run_dir / "merged" if (run_dir / "merged").exists() else run_dir
+
+
+def prepare_model(model: Transformer, cfg: Config) -> dict[str, Any]:
+    """Apply LoRA or freezing; return what was done (for the summary)."""
+    fc = cfg.finetune
+    info: dict[str, Any] = {"method": fc.method, "total_params": model.num_params()}
+    if fc.method == "lora":
+        if not 0.0 <= fc.lora_dropout < 1.0:
+            raise ConfigError(f"finetune.lora_dropout = {fc.lora_dropout} must be in [0, 1)")
+        info["adapted"] = apply_lora(
+            model, fc.lora_targets, fc.lora_rank, fc.lora_alpha, fc.lora_dropout
+        )
+    if fc.freeze:
+        info["frozen"] = len(freeze(model, fc.freeze))
+    info["trainable_params"] = trainable_params(model)
+    return info
+
+
+def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -> dict[str, Any]:
+    """Fine-tune per `cfg.finetune` into `run_dir` (default `output.dir`); returns the summary."""
+    from lmforge.hardware import pick_device
+    from lmforge.train.dist import init_distributed
+    from lmforge.train.loop import Trainer
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    init_distributed(pick_device(cfg.train.device))
+    run_dir = Path(run_dir or cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fc = cfg.finetune
+    cfg = replace(
+        cfg,
+        train=replace(
+            cfg.train,
+            max_steps=fc.max_steps or cfg.train.max_steps,
+            lr=fc.lr or cfg.train.lr,
+            tokens_per_step=fc.tokens_per_step or cfg.train.tokens_per_step,
+        ),
+    )
+    task = get_task(fc.task)
+    files = task_files(cfg, run_dir)
+    model, tok, cfg = load_start(cfg, run_dir, files["train"], task)
+    tok.save(run_dir / "tokenizer.json")
+
+    t0 = time.perf_counter()
+    lang = (fc.source_lang, fc.target_lang)
+    train_ex = load_examples(task, tok, files["train"], *lang, limit=fc.max_examples)
+    val_ex = load_examples(task, tok, files["val"], *lang, limit=fc.max_examples)
+    test_ex = load_examples(task, tok, files["test"], *lang, limit=fc.max_examples)
+    seq_len = cfg.model.context_length
+    train = PackedExamples(train_ex, seq_len, tok.pad_id, cfg.train.seed)
+    val = (
+        PackedExamples(val_ex, seq_len, tok.pad_id, cfg.train.seed, shuffle=False)
+        if val_ex
+        else None
+    )
+    print0(
+        f"finetune {task.name}: {len(train_ex):,} train / {len(val_ex):,} val / {len(test_ex):,} test "
+        f"examples; {train.n_rows:,} packed rows of {seq_len} tokens "
+        f"({train.n_target_tokens:,} target tokens, {train.truncated} truncated) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
+
+    info = prepare_model(model, cfg)
+    cfg = replace(cfg, model=model.cfg)  # apply_lora may untie the head
+    print0(
+        f"model: {info['total_params'] / 1e6:.2f}M parameters, {info['trainable_params'] / 1e6:.3f}M "
+        f"trainable ({fc.method})"
+    )
+    hooks = []
+    metric_examples = val_ex[: fc.eval_examples] if task.metric != "loss" else []
+    if metric_examples:
+        hooks.append(metric_hook(task, tok, metric_examples, fc.max_new_tokens))
+    trainer = Trainer(
+        cfg,
+        PackedLM(model, tok.eot_id),
+        run_dir,
+        train,
+        val_data=(lambda: val.sequential(cfg.train.micro_batch_size)) if val is not None else None,
+        eval_hooks=hooks,
+        extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
+    )
+    summary = trainer.fit(resume=resume)
+    if "val_loss" in summary:
+        summary["val_ppl"] = math.exp(min(summary["val_loss"], 50.0))
+    summary.update(
+        task=task.name,
+        train_examples=len(train_ex),
+        epochs=trainer.step * cfg.train.tokens_per_step / max(train.epoch_steps_tokens, 1),
+        **info,
+    )
+    summary.pop("adapted", None)
+    if not trainer.dist.is_main:
+        return summary
+
+    if fc.method == "lora":
+        save_adapter(model, run_dir / "adapter", fc.lora_targets, fc.lora_rank, fc.lora_alpha)
+        merge_lora(model)
+        save_checkpoint(
+            run_dir / "merged",
+            trainer.step,
+            model,
+            None,
+            {**trainer.state(), "config": _config_dict(cfg)},
+            keep_last=1,
+            extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
+        )
+    if test_ex and task.metric != "loss":
+        t_test = time.perf_counter()
+        hyps = generate_answers(model, tok, test_ex, fc.max_new_tokens)
+        refs = [e.reference for e in test_ex]
+        summary["test"] = score(task.metric, hyps, refs)
+        summary["test"]["n"] = len(test_ex)
+        summary["test"]["seconds"] = time.perf_counter() - t_test
+        with (run_dir / "test_outputs.jsonl").open("w", encoding="utf-8") as fh:
+            for ex, h in zip(test_ex, hyps, strict=True):
+                prompt = tok.decode(ex.ids[: ex.prompt_len])
+                fh.write(
+                    json.dumps({"prompt": prompt, "reference": ex.reference, "output": h}) + "\n"
+                )
+        print0(
+            f"test ({len(test_ex)} examples): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in summary["test"].items())
+        )
+    summary["checkpoint"] = str(finetuned_checkpoint(run_dir))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _config_dict(cfg: Config) -> dict[str, Any]:
+    from lmforge.config import to_dict
+
+    data = to_dict(cfg)
+    # The merged model is a plain one: no adapters left to apply when it is loaded.
+    data["finetune"]["method"] = "full"
+    return data
+
+
+def finetune_stage(
+    cfg: Config, pretrained_checkpoint: str | Path, run_dir: str | Path
+) -> dict[str, Any]:
+    """Quickstart / `lmforge run` hook: fine-tune `pretrained_checkpoint` on `cfg.finetune`.
+
+    Resumes an interrupted fine-tuning in `run_dir` automatically.
+    """
+    cfg = replace(cfg, finetune=replace(cfg.finetune, init=str(pretrained_checkpoint)))
+    return finetune(cfg, run_dir, resume="auto")
+
+
+def param_summary(model: Transformer) -> dict[str, int]:
+    return count_params(model.cfg)
