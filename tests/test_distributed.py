@@ -179,3 +179,31 @@ def test_compile_gives_the_same_curve(runs, tmp_path):
     }
     worker.run_job(job)
     torch.testing.assert_close(curve(tmp_path / "compiled"), curve(runs["ref"]), rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run(tmp_path):
+    """`DRY_RUN=1 benchmarks/gpu.sh` runs the GPU benchmark's code path on CPU (~1 minute)."""
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(tmp_path)],
+        env=dict(os.environ, DRY_RUN="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {
+        r["name"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())
+    }
+    assert rows.keys() == {"gpt2-eager", "llama-1b-eager", "loss-bf16", "loss-fp32"}
+    for name in ("gpt2-eager", "llama-1b-eager"):
+        assert rows[name]["tokens_per_s"] > 0 and 0 < rows[name]["mfu"] < 1
+        assert rows[name]["parallel"] == "fsdp"
+    bf16, fp32 = rows["loss-bf16"]["losses"], rows["loss-fp32"]["losses"]
+    assert len(bf16) == len(fp32) == 20
+    # Same batches and same initial weights: the curves differ only by bf16 rounding.
+    torch.testing.assert_close(torch.tensor(bf16), torch.tensor(fp32), rtol=0, atol=BF16)
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| gpt2-eager |" in table and "| llama-1b-eager |" in table
+    assert "bf16 vs fp32" in table
