@@ -167,3 +167,44 @@ def test_generate_batch_cuts_at_stop_token():
     stop = free[3]
     cut = generate_batch(model, [tok.encode("ab")], 8, temperature=0.0, stop_ids=[stop])[0]
     assert cut == free[: free.index(stop)]
+
+
+@pytest.mark.parametrize(
+    "task, spec, metrics",
+    [
+        ("translation", "multi30k/val", {"bleu", "chrf"}),
+        ("summarization", "scitldr/dev.jsonl", {"rouge1", "rouge2", "rougeL", "rougeLsum"}),
+    ],
+)
+def test_finetune_task_prompts_and_scores(shared, task, spec, metrics):
+    from lmforge.eval.generation import evaluate_generation, finetune_task
+    from lmforge.finetune.tasks import get_task, prompt_ids, read_records
+    from lmforge.tokenizer import ASSISTANT, train_bpe
+
+    records = list(read_records(str(shared / spec), limit=6))
+    turns = [get_task(task).to_turns(r) for r in records]
+    tok = train_bpe([t for ts in turns for _, t in ts], 400)
+    gen_task = finetune_task(tok, task, str(shared / spec), limit=6)
+    # The prompt is the fine-tuning chat layout up to and including '<|assistant|>'.
+    assert gen_task.prompts[0] == prompt_ids(tok, turns[0][:-1])
+    assert gen_task.prompts[0][-1] == tok.specials[ASSISTANT]
+    if task == "summarization":  # every gold TLDR is a reference
+        assert gen_task.references[0] == [t.strip() for t in records[0].data["target"]]
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(
+            vocab_size=tok.vocab_size, context_length=512, n_layers=1, d_model=32, n_heads=2
+        )
+    ).eval()
+    scores, hyps = evaluate_generation(model, tok, gen_task, max_new_tokens=6)
+    assert {m.name for m in scores} == metrics and len(hyps) == 6
+    by_name = {m.name: m for m in scores}
+    if task == "translation":
+        refs = [r[0] for r in gen_task.references]
+        assert by_name["bleu"].value == sacrebleu.corpus_bleu(hyps, [refs]).score
+        assert by_name["chrf"].value == sacrebleu.corpus_chrf(hyps, [refs]).score
+        assert "signature" in by_name["bleu"].settings
+    else:
+        assert by_name["rouge1"].value == pytest.approx(
+            rouge_scores(hyps, gen_task.references, n_bootstrap=1)["rouge1"].value
+        )
