@@ -63,6 +63,7 @@ def train_tiny(out: Path, family: str, steps: int) -> Path:
         [
             f"data.sources=[{text}]",
             "data.val_fraction=0.05",
+            "data.split=tail",  # one file: hold out its last 5%
             "tokenizer.vocab_size=1024",
             "model.context_length=128",
             "model.n_layers=2",

@@ -368,7 +368,9 @@ def _read_hf_weights(folder: Path) -> State:
 # ----------------------------------------------------------------------------- import
 
 
-def _tokenizer_for_import(folder: Path, tokenizer: str | Path | None) -> tuple[BPETokenizer, Path]:
+def _tokenizer_for_import(
+    folder: Path, tokenizer: str | Path | None
+) -> tuple[BPETokenizer, Path, list[str]]:
     """The folder's tokenizer.json with lmforge's special tokens added where missing."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
@@ -384,7 +386,7 @@ def _tokenizer_for_import(folder: Path, tokenizer: str | Path | None) -> tuple[B
     missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
     if missing:
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    return BPETokenizer(hf), path
+    return BPETokenizer(hf), path, missing
 
 
 def _grow_vocab(state: State, m: ModelConfig, vocab: int) -> None:
@@ -434,7 +436,7 @@ def load_hf_model(
     state = from_hf_state(_read_hf_weights(folder), m, hf_cfg["model_type"], str(folder))
     if hf_cfg["model_type"] == "gpt2":
         m = _drop_zero_biases(state, m)
-    tok, tok_path = _tokenizer_for_import(folder, tokenizer)
+    tok, tok_path, added = _tokenizer_for_import(folder, tokenizer)
     if tok.vocab_size > m.vocab_size:
         _grow_vocab(state, m, tok.vocab_size)
         m = replace(m, vocab_size=tok.vocab_size)
@@ -449,7 +451,8 @@ def load_hf_model(
     cfg = Config(name=folder.name, model=m)
     cfg.tokenizer.kind = "bpe"
     cfg.tokenizer.vocab_size = tok.vocab_size
-    cfg.tokenizer.path = str(tok_path)  # lmforge's specials are added again on loading
+    if not added:  # the file loads as it is; with added specials only `tok` has them
+        cfg.tokenizer.path = str(tok_path)
     # The default batch (8192 tokens) need not be a multiple of this context; make it one.
     cfg.train.micro_batch_size = 1
     cfg.train.tokens_per_step = m.context_length * max(1, math.ceil(8192 / m.context_length))
