@@ -466,3 +466,22 @@ def test_acknowledged_votes_survive_a_killed_server(runs, tmp_path):
         proc.wait()
     votes = Store(db).votes(sid)
     assert sorted(v["vote_uid"] for v in votes) == sorted(d["vote_uid"] for d in sent)
+
+
+def test_generation_interrupted_by_a_restart_resumes(runs, tmp_path):
+    from lmforge.serve.models import find_checkpoints
+    from lmforge.serve.store import Store, StudySettings
+
+    store = Store(tmp_path / "serve.sqlite")
+    checkpoints = find_checkpoints(runs)
+    # As a crashed server leaves it: still "generating", one of four outputs done.
+    sid = store.create_study(
+        "s", ["ROMEO:", "JULIET:"], [(c, c) for c in checkpoints], StudySettings(max_tokens=5)
+    )
+    store.put_output(sid, 0, 0, "kept")
+    app = create_app(runs, db_path=tmp_path / "serve.sqlite")
+    with TestClient(app):
+        app.state.generator.threads[sid].join(timeout=60)
+    study = store.study(sid)
+    assert study.status == "ready" and study.n_outputs == 4
+    assert store.item(1).output_a == "kept"  # finished work is not redone

@@ -42,14 +42,17 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
         )
     app = create_app(runs, db_path=db, device=args.device)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"lmforge serve: runs in {runs.resolve()}, store {db}")
+    print(f"lmforge serve: runs in {runs.resolve()}, store {db}", flush=True)
     if token:
         print(f"organiser sign-in: http://{shown}:{args.port}/login#token={token}")
         print(
             "(the token is stored only as a hash: keep this link; --new-organiser-token makes another)"
         )
     else:
-        print(f"organiser sign-in: http://{shown}:{args.port}/login (with your organiser token)")
+        print(
+            f"organiser sign-in: http://{shown}:{args.port}/login (with your organiser token)",
+            flush=True,
+        )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
