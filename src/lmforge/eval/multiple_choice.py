@@ -261,12 +261,14 @@ def _groups(encoded: list[_Encoded], max_tokens: int) -> Iterator[list[_Encoded]
     for (ctx_len, n_choices), group in sorted(by_shape.items(), key=lambda kv: -kv[0][0]):
         group.sort(key=lambda e: -max(len(c) for c in e.continuations))
         batch: list[_Encoded] = []
+        width = 0  # padded width of the batch: its first (longest) item sets it
         for e in group:
-            cont = max(len(c) for c in e.continuations)
-            width = ctx_len + max([cont] + [max(len(c) for c in b.continuations) for b in batch])
-            if batch and width * n_choices * (len(batch) + 1) > max_tokens:
+            if not batch:
+                width = ctx_len + max(len(c) for c in e.continuations)
+            elif width * n_choices * (len(batch) + 1) > max_tokens:
                 yield batch
                 batch = []
+                width = ctx_len + max(len(c) for c in e.continuations)
             batch.append(e)
         if batch:
             yield batch
