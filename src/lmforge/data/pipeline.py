@@ -50,7 +50,13 @@ from lmforge.data.dedup import (
 )
 from lmforge.data.document import Document
 from lmforge.data.readers import Task, plan_tasks, source_name
-from lmforge.data.steps import ReadStep, StepStats, build_steps, doc_example
+from lmforge.data.steps import (
+    ReadStep,
+    StepStats,
+    build_post_dedup_steps,
+    build_steps,
+    doc_example,
+)
 
 ZSTD_LEVEL = 3
 STATE = "_state"
@@ -119,7 +125,7 @@ def _exclusion_writer(path: Path | None) -> tuple[Callable[..., None], Callable[
     writer = ShardWriter(path)
 
     def on_drop(doc: Document | None, reason: str, step: str, info: dict[str, Any]) -> None:
-        rec: dict[str, Any] = {"reason": reason, "step": step, **info}
+        rec: dict[str, Any] = {**info, "reason": reason, "step": step}
         if doc is not None:
             rec.update(
                 id=doc.id, source=doc.source, license=doc.license, text=doc.text, meta=doc.meta
@@ -190,43 +196,56 @@ def run_stage3(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
     writer = ShardWriter(out / "shards" / f"{task.name}-{name}.jsonl.zst")
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    for pos, doc in enumerate(read_shard(out / STATE / "stage1" / f"{task.name}.jsonl.zst")):
-        dedup.add_in(doc)
-        reason = removed.get(str(pos))
-        if reason:
-            dedup.add_drop(reason, doc_example(doc))
-            on_drop(doc, reason, "dedup", {})
-            continue
-        dedup.add_out(doc)
-        mix.add_in(doc)
-        copies = mixing_copies(doc.id, src.weight, cfg.seed)
-        if copies == 0:
-            mix.add_drop("mix:downsampled", doc_example(doc))
-            on_drop(doc, "mix:downsampled", "mix", {})
-            continue
-        for k in range(copies):
-            if k:  # repeats keep the id, so tokenize puts every copy in the same split
-                doc.meta["repeat"] = k
-                mix.counters["repeated_copies"] += 1
-            mix.add_out(doc)
-            output.add_in(doc)
-            output.add_out(doc)
-            lang = doc.meta.get("code_language") or doc.meta.get("language") or "unknown"
-            output.counters[f"language:{lang}"] += 1
-            output.counters[f"license:{doc.license}"] += 1
-            output.counters[f"source:{doc.source}"] += 1
-            writer.write(doc_record(doc))
+
+    def mixed() -> Iterator[Document]:
+        for pos, doc in enumerate(read_shard(out / STATE / "stage1" / f"{task.name}.jsonl.zst")):
+            dedup.add_in(doc)
+            reason = removed.get(str(pos))
+            if reason:
+                dedup.add_drop(reason, doc_example(doc))
+                on_drop(doc, reason, "dedup", {})
+                continue
+            dedup.add_out(doc)
+            mix.add_in(doc)
+            copies = mixing_copies(doc.id, src.weight, cfg.seed)
+            if copies == 0:
+                mix.add_drop("mix:downsampled", doc_example(doc))
+                on_drop(doc, "mix:downsampled", "mix", {})
+                continue
+            for k in range(copies):
+                if k:  # repeats keep the id, so tokenize puts every copy in the same split
+                    doc = Document(doc.id, doc.text, doc.source, doc.license, {**doc.meta})
+                    doc.meta["repeat"] = k
+                    mix.counters["repeated_copies"] += 1
+                mix.add_out(doc)
+                yield doc
+
+    # Steps on the deduplicated, mixed documents (bias statistics, counterfactual
+    # augmentation: a swapped copy is a near-duplicate by design, so it comes after dedup).
+    post_steps = build_post_dedup_steps(cfg, on_drop)
+    stream = mixed()
+    for step in post_steps:
+        stream = step(stream)
+    for doc in stream:
+        output.add_in(doc)
+        output.add_out(doc)
+        lang = doc.meta.get("code_language") or doc.meta.get("language") or "unknown"
+        output.counters[f"language:{lang}"] += 1
+        output.counters[f"license:{doc.license}"] += 1
+        output.counters[f"source:{doc.source}"] += 1
+        writer.write(doc_record(doc))
     writer.close()
     close_excl()
     # Dropping duplicates, mixing and writing happen in one loop: its time is the
-    # dedup step's (the clustering itself is timed in stage 2).
-    dedup.seconds = time.process_time() - cpu_start
+    # dedup step's (the clustering itself is timed in stage 2), less the post-dedup steps.
+    dedup.seconds = time.process_time() - cpu_start - sum(s.stats.seconds for s in post_steps)
     return {
         "task": task.name,
         "source": name,
         "written": writer.count,
         "wall_seconds": round(time.perf_counter() - t_start, 4),
-        "steps": [dedup.to_json(), mix.to_json(), output.to_json()],
+        "steps": [dedup.to_json(), mix.to_json(), *[s.stats.to_json() for s in post_steps]]
+        + [output.to_json()],
     }
 
 

@@ -42,6 +42,7 @@ def build_report(
     stage3: list[dict[str, Any]],
     timing: dict[str, Any],
 ) -> dict[str, Any]:
+    from lmforge.bias.steps import report_section as bias_report_section
     from lmforge.data.pipeline import merge_step_stats
 
     steps = [s.to_json() for s in merge_step_stats(stage1 + stage3)]
@@ -136,6 +137,7 @@ def build_report(
         "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])),
         "licenses": licenses,
         "timing": timing,
+        "bias": bias_report_section(cfg, by_name),
         "throughput": {
             "docs_per_s": round(read["docs_in"] / wall, 2),
             "mb_per_s": round(total_in_bytes / MB / wall, 3),
@@ -222,6 +224,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += [f"- {k}: {v:,}" for k, v in r["bad_input"]["counts"].items()] or ["- none"]
     for e in r["bad_input"]["examples"][:10]:
         lines.append(f"  - {e['reason']}: {e['file']}:{e['line']} {e.get('detail', '')}")
+    if r.get("bias") and "statistics" in r["bias"]:
+        from lmforge.bias.stats import render_markdown as bias_markdown
+
+        lines += ["", bias_markdown(r["bias"]["statistics"]).rstrip("\n")]
     lines += ["", "## Examples of removed documents", ""]
     for st in r["steps"]:
         for e in st["examples"]:

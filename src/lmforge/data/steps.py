@@ -286,3 +286,10 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
     if cfg.decontaminate:
         steps.append(DecontamStep(cfg, on_drop))
     return steps
+
+
+def build_post_dedup_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Any]:
+    """Steps of stage 3, after deduplication and mixing (`lmforge.bias`): CDA, statistics."""
+    from lmforge.bias.steps import bias_steps
+
+    return bias_steps(cfg, on_drop)
