@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import os
 import signal
@@ -102,11 +103,11 @@ def run(tmp_path_factory, shared):
 
 
 def test_report_accounts_for_every_input(run):
-    cfg, out, report = run
+    _cfg, out, report = run
     steps = {s["name"]: s for s in report["steps"]}
     # Every step's output is the next step's input.
     names = [s["name"] for s in report["steps"]]
-    for a, b in zip(names, names[1:], strict=False):
+    for a, b in itertools.pairwise(names):
         if a != "mix":  # mixing repeats documents (weight 2)
             assert steps[a]["docs_out"] == steps[b]["docs_in"], (a, b)
     for s in report["steps"]:
@@ -134,7 +135,7 @@ def test_report_accounts_for_every_input(run):
 
 
 def test_shards_are_a_data_source_and_clean(run):
-    cfg, out, report = run
+    _cfg, out, report = run
     docs = list(iter_documents([str(out / "shards")]))
     assert len(docs) == report["totals"]["docs_out"]
     by_source = Counter(d.source for d in docs)
@@ -150,7 +151,7 @@ def test_shards_are_a_data_source_and_clean(run):
 
 
 def test_exclusions_hold_every_dropped_document_with_reason(run):
-    cfg, out, report = run
+    _cfg, out, report = run
     records = [
         r for p in sorted((out / "exclusions").glob("*.jsonl.zst")) for r in read_zst_jsonl(p)
     ]
@@ -262,7 +263,7 @@ def test_ray_executor_matches_local(tmp_path, shared, run):
 
 
 def test_read_shard_roundtrip(run):
-    cfg, out, report = run
+    _cfg, out, _report = run
     shard = sorted((out / "shards").glob("*.jsonl.zst"))[0]
     docs = list(read_shard(shard))
     assert docs and all(d.text for d in docs)

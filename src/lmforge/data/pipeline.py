@@ -244,8 +244,12 @@ def run_stage3(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
         "source": name,
         "written": writer.count,
         "wall_seconds": round(time.perf_counter() - t_start, 4),
-        "steps": [dedup.to_json(), mix.to_json(), *[s.stats.to_json() for s in post_steps]]
-        + [output.to_json()],
+        "steps": [
+            dedup.to_json(),
+            mix.to_json(),
+            *[s.stats.to_json() for s in post_steps],
+            output.to_json(),
+        ],
     }
 
 
