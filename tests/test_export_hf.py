@@ -21,6 +21,7 @@ LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu")
 VARIANTS = {
     "gpt2": (dict(GPT2, bias=True), "gpt2"),
     "gpt2-nobias-untied": (dict(GPT2, tie_embeddings=False, norm_eps=1e-6), "gpt2"),
+    "gpt2-qkv-bias": (dict(GPT2, qkv_bias=True), "gpt2"),
     "llama-gqa-untied": (
         dict(LLAMA, n_kv_heads=2, tie_embeddings=False, rope_theta=500.0),
         "llama",

@@ -403,13 +403,20 @@ def _grow_vocab(state: State, m: ModelConfig, vocab: int) -> None:
 
 
 def _drop_zero_biases(state: State, m: ModelConfig) -> ModelConfig:
-    """A GPT-2 folder whose biases are all exactly zero (our bias-free export) loses them again."""
+    """Drop the biases of a GPT-2 folder that are all exactly zero (as our exports write them).
+
+    Zero biases change nothing, so this is exact: a bias-free model exported to GPT-2
+    comes back bias-free, and one with only q/k/v biases comes back with `qkv_bias`.
+    """
     biases = [k for k in state if k.endswith(".bias")]
-    if not m.bias or not biases or any(bool(state[k].any()) for k in biases):
+    qkv = [k for k in biases if k.endswith("attn.qkv.bias")]
+    others = [k for k in biases if k not in qkv]
+    if not m.bias or not biases or any(bool(state[k].any()) for k in others):
         return m
-    for k in biases:
+    qkv_bias = any(bool(state[k].any()) for k in qkv)
+    for k in others + ([] if qkv_bias else qkv):
         del state[k]
-    return replace(m, bias=False)
+    return replace(m, bias=False, qkv_bias=qkv_bias)
 
 
 def load_hf_model(
