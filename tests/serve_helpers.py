@@ -40,6 +40,17 @@ def make_runs(root: Path) -> Path:
     return runs
 
 
+_RUNS: dict[str, Path] = {}
+
+
+def shared_runs(tmp_path_factory) -> Path:
+    """`make_runs` once per test session, shared by the web-app test modules (tests that
+    change a run put it back)."""
+    if "runs" not in _RUNS:
+        _RUNS["runs"] = make_runs(tmp_path_factory.mktemp("serve-runs"))
+    return _RUNS["runs"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

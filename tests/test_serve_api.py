@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import ORGANISER_TOKEN, csrf_of, field, free_port, make_runs
+from serve_helpers import ORGANISER_TOKEN, csrf_of, field, free_port, shared_runs
 
 from lmforge.serve import create_app
 from lmforge.serve.store import hash_token
@@ -22,7 +22,7 @@ from lmforge.serve.store import hash_token
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return make_runs(tmp_path_factory.mktemp("serve"))
+    return shared_runs(tmp_path_factory)
 
 
 @pytest.fixture
@@ -485,3 +485,10 @@ def test_generation_interrupted_by_a_restart_resumes(runs, tmp_path):
     study = store.study(sid)
     assert study.status == "ready" and study.n_outputs == 4
     assert store.item(1).output_a == "kept"  # finished work is not redone
+
+
+def test_serve_command_is_registered_and_names_a_missing_folder(tmp_path, capsys):
+    from lmforge.cli import main
+
+    assert main(["serve", "--runs", str(tmp_path / "missing")]) == 1
+    assert f"runs folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect, sync_playwright
-from serve_helpers import ORGANISER_TOKEN, LiveServer, make_runs
+from serve_helpers import ORGANISER_TOKEN, LiveServer, shared_runs
 
 from lmforge.serve import create_app
 
@@ -37,7 +37,9 @@ pytestmark = pytest.mark.skipif(
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     app = create_app(
-        make_runs(root), db_path=root / "serve.sqlite", organiser_token=ORGANISER_TOKEN
+        shared_runs(tmp_path_factory),
+        db_path=root / "serve.sqlite",
+        organiser_token=ORGANISER_TOKEN,
     )
     with LiveServer(app) as live:
         yield live

@@ -91,6 +91,15 @@ def test_bootstrap_interval_contains_point_estimate():
     assert high[0] - low[0] > 10  # 45 games leave real uncertainty
 
 
+def test_cohen_kappa_matches_the_published_example():
+    # Wikipedia's "Cohen's kappa" example: 50 proposals, both say yes on 20, both no on 15,
+    # A yes / B no on 5, A no / B yes on 10: p_o = 0.7, p_e = 0.5, κ = 0.4.
+    a = ["yes"] * 20 + ["yes"] * 5 + ["no"] * 10 + ["no"] * 15
+    b = ["yes"] * 20 + ["no"] * 5 + ["yes"] * 10 + ["no"] * 15
+    assert stats.cohen_kappa(a, b) == pytest.approx(0.4)
+
+
+@pytest.mark.slow  # importing scikit-learn alone takes ~10 s on the shared machines
 def test_cohen_kappa_matches_scikit_learn():
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(2)
