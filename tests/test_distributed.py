@@ -28,19 +28,13 @@ EXACT = 2e-5
 BF16 = 5e-2
 
 
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
 def torchrun(jobs: list[dict], tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     spec = tmp / f"jobs-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(jobs))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(Path(worker.__file__)),
-        str(spec),
-    ]
+    cmd = [*TORCHRUN_2, str(Path(worker.__file__)), str(spec)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -90,6 +84,33 @@ def runs(tmp_path_factory, shared) -> dict[str, Path]:
     # Saved by 2 FSDP processes, resumed by one.
     worker.run_job(job("one_from_fsdp", resume=str(tmp / "fsdp" / "checkpoints" / "step_00000010")))
     return {p.name: p for p in tmp.iterdir()}
+
+
+def test_parallelize_keeps_names_gradients_and_generation():
+    """Checkpointing/compile wrap forwards in place: same state-dict keys, same numbers."""
+    from lmforge.config import load_config
+    from lmforge.model.generate import generate
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.dist import DistInfo
+    from lmforge.train.parallel import parallelize
+
+    shape = ["model.vocab_size=64", "model.n_layers=2", "model.d_model=32", "model.n_heads=4"]
+    cfg = load_config(None, [*shape, "train.activation_checkpointing=selective"])
+    torch.manual_seed(0)
+    plain, wrapped = Transformer(cfg.model), Transformer(cfg.model)
+    wrapped.load_state_dict(plain.state_dict())
+    assert parallelize(wrapped, cfg, torch.device("cpu"), DistInfo()) is wrapped
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    x = torch.randint(0, 64, (2, 32))
+    plain(x, x).backward()
+    wrapped(x, x).backward()
+    for p, q in zip(plain.parameters(), wrapped.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6)
+    plain.eval(), wrapped.eval()
+    assert torch.equal(
+        generate(wrapped, [1, 2, 3], 6, temperature=0.0),
+        generate(plain, [1, 2, 3], 6, temperature=0.0),
+    )
 
 
 def test_global_batch_does_not_depend_on_world_size(runs):
@@ -207,3 +228,47 @@ def test_gpu_benchmark_dry_run(tmp_path):
     table = (tmp_path / "gpu.md").read_text()
     assert "| gpt2-eager |" in table and "| llama-1b-eager |" in table
     assert "bf16 vs fp32" in table
+
+
+@pytest.mark.slow
+def test_torchrun_lmforge_pretrain_then_resume_on_one_process(tmp_path, shared):
+    """The CLI under torchrun: rank 0 prepares tokenizer and shards, FSDP trains, 1 process resumes."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = (Path(shared) / "tinyshakespeare" / "input.txt").read_text()[:100_000]
+    for i in range(10):
+        (corpus / f"part{i}.txt").write_text(text[i * 10_000 : (i + 1) * 10_000])
+    args = [
+        "pretrain",
+        f"--data.sources=[{corpus}]",
+        "--data.val_fraction=0.3",
+        "--tokenizer.kind=char",
+        *(f"--{o}" for o in worker.BASE_OVERRIDES if not o.startswith("train.max_steps")),
+        "--train.max_steps=10",
+        "--train.checkpoint_every=5",
+        "--train.eval_tokens=512",
+        "--train.parallel=fsdp",
+        f"--output.dir={tmp_path / 'run'}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run(
+        [*TORCHRUN_2, "-m", "lmforge", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    one_args = [a for a in args if a != "--train.parallel=fsdp"]
+    one_args = [a.replace("max_steps=10", "max_steps=15") for a in one_args]
+    one = subprocess.run(
+        [sys.executable, "-m", "lmforge", *one_args, "--resume", "auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert "resumed from" in one.stdout and "step_00000010" in one.stdout
+    steps = [s for s, _ in sorted(worker.losses(tmp_path / "run").items())]
+    assert steps == list(range(1, 16))
