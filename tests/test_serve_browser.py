@@ -6,6 +6,7 @@ study or the organiser pages, that a comment holding a <script> is shown as text
 takes screenshots of the arena, the chat playground and the run dashboard.
 """
 
+import json
 import os
 import re
 from pathlib import Path
@@ -42,6 +43,7 @@ def server(tmp_path_factory):
         organiser_token=ORGANISER_TOKEN,
     )
     with LiveServer(app) as live:
+        live.runs = app.state.runs_dir
         yield live
 
 
@@ -167,6 +169,21 @@ def test_arena_chat_and_dashboard_in_chromium(server, browser, artifacts):
     assert "val_bpb" in " ".join(org.locator(".eval").all_inner_texts())
     assert org.get_attribute("#report-link", "href") == "/files/alpha/report.html"
     org.screenshot(path=str(artifacts / "run_dashboard.png"), full_page=True)
+
+    # --- a run that is still training: the curves follow metrics.jsonl as it grows
+    metrics = server.runs / "beta" / "metrics.jsonl"
+    original = metrics.read_text()
+    try:
+        metrics.write_text(original + json.dumps({"step": 4, "loss": 4.0, "lr": 1e-3}) + "\n")
+        org.goto(f"{base}/runs/beta")
+        n = len(original.splitlines()) + 1
+        org.wait_for_selector(f"#metrics-status:has-text('{n} records')")
+        assert "training is running" in org.inner_text("#metrics-status")
+        with metrics.open("a") as fh:
+            fh.write(json.dumps({"step": 5, "loss": 3.9, "lr": 1e-3}) + "\n")
+        org.wait_for_selector(f"#metrics-status:has-text('{n + 1} records')")  # next poll
+    finally:
+        metrics.write_text(original)
 
     assert errors == []
     for name in ("arena_vote", "chat_playground", "run_dashboard"):
