@@ -189,3 +189,16 @@ def bare():
     (ex,) = function_examples(source)
     assert ex["docstring"] == "Return the sum of a and b."
     assert ex["code"] == "def add(a, b):\n    return a + b"
+
+
+def test_truncation_shortens_the_prompt_and_keeps_the_response(tok):
+    rec = Record({"source": "word " * 60, "target": "Short summary."}, "f.jsonl", 1)
+    ex = encode_record(get_task("summarization"), tok, rec)
+    packed = PackedExamples([ex], seq_len=40, pad_id=tok.pad_id, seed=0)
+    assert packed.truncated == 1
+    row = packed.ids[0].tolist()
+    response = [*tok.encode("Short summary."), tok.specials[END]]
+    assert [
+        t for t, lab in zip(row, packed.labels[0].tolist(), strict=True) if lab != IGNORE
+    ] == response
+    assert row[0] == ex.ids[0] and row[-1] == tok.eot_id

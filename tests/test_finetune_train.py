@@ -102,3 +102,42 @@ def test_lora_finetune_resume_matches_uninterrupted(shared, tmp_path, monkeypatc
     # The merged model loads as a plain checkpoint and differs from the untrained start.
     model, tok, cfg = load_model(a / "merged")
     assert cfg.finetune.method == "full" and tok.vocab_size == model.cfg.vocab_size
+
+
+def test_chat_streams_replies_and_keeps_history():
+    """Each streamed reply equals a direct greedy generation from the templated history."""
+    from lmforge.config import ModelConfig
+    from lmforge.finetune.chat import chat_loop
+    from lmforge.finetune.tasks import prompt_ids
+    from lmforge.model.generate import generate
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import END, train_bpe
+
+    tok = train_bpe(["hello there, how are you? fine thanks."] * 20, 300)
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=tok.vocab_size, context_length=64, n_layers=1, d_model=32, n_heads=2)
+    )
+    inputs = iter(["hello", "how are you?"])
+
+    def read(_prompt):
+        try:
+            return next(inputs)
+        except StopIteration:
+            raise EOFError from None
+
+    written: list[str] = []
+    history = chat_loop(
+        model, tok, max_new_tokens=8, temperature=0.0, read=read, write=written.append
+    )
+    assert [r for r, _ in history] == ["user", "assistant", "user", "assistant"]
+    # Replay the second turn by hand: same prompt (history so far), same greedy tokens.
+    ids = prompt_ids(tok, history[:3])
+    out = generate(model, ids, 8, temperature=0.0, stop_ids=[tok.specials[END], tok.eot_id])[
+        0, len(ids) :
+    ]
+    expected = tok.decode(
+        [t for t in out.tolist() if t not in (tok.specials[END], tok.eot_id)]
+    ).strip()
+    assert history[3][1] == expected
+    assert expected in "".join(written)

@@ -48,9 +48,9 @@ def pack_examples(
     for k in order:
         ex = examples[int(k)]
         ids, trained = ex.ids, ex.trained
-        if len(ids) > width:  # keep the prompt's start; the end-of-text is re-appended
+        if len(ids) > width:
             truncated += 1
-            ids, trained = ids[: width - 1] + ids[-1:], trained[: width - 1] + trained[-1:]
+            ids, trained = truncate_example(ex, width)
         if cur_ids and len(cur_ids) + len(ids) > width:
             rows_ids.append(cur_ids)
             rows_lab.append(cur_lab)
@@ -66,6 +66,22 @@ def pack_examples(
         ids_arr[r, : len(ids)] = ids
         lab_arr[r, : len(lab)] = lab
     return ids_arr, lab_arr, truncated
+
+
+def truncate_example(ex: Example, width: int) -> tuple[list[int], list[bool]]:
+    """Cut an example to `width` tokens, shortening the prompt's last turn before the response.
+
+    The response (what the loss is on) and the turn markers around it stay whole when
+    they fit; otherwise, and for plain text, the end is cut (keeping the end-of-text).
+    """
+    ids, trained = ex.ids, ex.trained
+    over = len(ids) - width
+    # prompt_len counts through '<|assistant|>'; the two tokens before it are '<|end|><|assistant|>'.
+    keep_prompt = ex.prompt_len - 2 - over
+    if ex.prompt_len >= 3 and keep_prompt >= 1:
+        cut = slice(keep_prompt, ex.prompt_len - 2)
+        return ids[: cut.start] + ids[cut.stop :], trained[: cut.start] + trained[cut.stop :]
+    return ids[: width - 1] + ids[-1:], trained[: width - 1] + trained[-1:]
 
 
 class PackedExamples:
