@@ -5,7 +5,7 @@
 #   - a 200-step loss comparison, bf16 vs fp32, on the same batches.
 # No downloads: synthetic Markov-chain tokens. Needs torch, numpy, pyyaml, safetensors.
 #
-#   benchmarks/gpu.sh [OUT_DIR]          # default: $OUT, else benchmarks/out
+#   benchmarks/gpu.sh [OUT_DIR]          # default: $OUT, else runs/gpu-bench
 #   DRY_RUN=1 benchmarks/gpu.sh [OUT_DIR]  # same code path on CPU, tiny presets, < 1 minute
 #
 # Writes OUT_DIR/gpu.md (Markdown tables), OUT_DIR/results.jsonl, OUT_DIR/logs/*.log.
@@ -13,14 +13,14 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-OUT_DIR="${1:-${OUT:-benchmarks/out}}"
+OUT_DIR="${1:-${OUT:-runs/gpu-bench}}"
 mkdir -p "$OUT_DIR/logs"
 rm -f "$OUT_DIR/results.jsonl"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # Fewer allocator retries for the 1B model's large, changing activation sizes.
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 BUDGET_S="${BUDGET_S:-470}"  # the whole script: 8 minutes minus start-up margin
 START=$(date +%s)
 
