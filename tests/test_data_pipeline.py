@@ -127,9 +127,8 @@ def test_report_accounts_for_every_input(run):
     assert report["decontamination"]["hellaswag"]["documents"] == 1
     assert report["pii"]["EMAIL"] == 1 and report["pii"]["PHONE"] == 1
     assert report["unknown_license_sources"] == []
-    # The Common Crawl page is in Aragonese: its WARC and WET records have no English
-    # stop words, so the Gopher quality filter (before language id) drops both.
-    assert report["removals"]["gopher:few_stop_words"] == 2
+    # The Common Crawl page is Aragonese Wikipedia: its WARC and WET records go by language.
+    assert report["removals"]["language:an"] == 2
     assert set(report["licenses"]) == {"public-domain", "test"}
     assert (out / "data_report.md").read_text().startswith("# Data preparation report")
 

@@ -149,6 +149,7 @@ def run_stage1(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
     writer = ShardWriter(state / f"{task.name}.jsonl.zst")
     hashes: list[int] = []
     sigs: list[np.ndarray] = []
+    ids: list[str] = []
     sign = StepStats("minhash_signatures")
     t_start = time.perf_counter()
     stream: Iterator[Document] = read(task)
@@ -163,9 +164,11 @@ def run_stage1(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
         sign.add_in(doc)
         sign.add_out(doc)
         sign.seconds += time.process_time() - t0
+        ids.append(doc.id)
         writer.write(doc_record(doc))
     writer.close()
     close_excl()
+    write_json_atomic(state / f"{task.name}.ids.json", ids)
     np.save(state / f"{task.name}.hash.npy", np.asarray(hashes, dtype=np.uint64))
     sig_arr = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)
     tmp = state / f"{task.name}.sig.tmp.npy"
@@ -292,10 +295,13 @@ def run_dedup(cfg: PrepareConfig, tasks: list[Task], out: Path) -> dict[str, Any
     state = out / STATE / "stage1"
     owners: list[tuple[str, int]] = []  # global row → (task, position in task)
     hashes, sigs = [], []
+    doc_ids: list[str] = []
     for task in tasks:
+        task_ids = json.loads((state / f"{task.name}.ids.json").read_text(encoding="utf-8"))
+        doc_ids += task_ids
         h = np.load(state / f"{task.name}.hash.npy")
         s = np.load(state / f"{task.name}.sig.npy")
-        n = max(len(h), len(s))
+        n = len(task_ids)
         owners.extend((task.name, i) for i in range(n))
         hashes.append(h)
         sigs.append(s)
@@ -311,6 +317,10 @@ def run_dedup(cfg: PrepareConfig, tasks: list[Task], out: Path) -> dict[str, Any
                 exact_removed.add(i)
                 t, p = owners[i]
                 removed.setdefault(t, {})[str(p)] = "dedup:exact"
+        summary["exact_examples"] = [
+            {"size": len(c), "members": [doc_ids[i] for i in c[:10]]}
+            for c in sorted(clusters, key=len, reverse=True)[:10]
+        ]
         summary["exact_clusters"] = len(clusters)
         summary["exact_removed"] = len(exact_removed)
     if cfg.dedup_minhash and owners:
@@ -330,7 +340,7 @@ def run_dedup(cfg: PrepareConfig, tasks: list[Task], out: Path) -> dict[str, Any
             clusters_out.append(
                 {
                     "size": len(rows),
-                    "members": [f"{owners[i][0]}:{owners[i][1]}" for i in rows[:10]],
+                    "members": [doc_ids[i] for i in rows[:10]],
                 }
             )
         summary.update(

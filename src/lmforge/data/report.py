@@ -202,8 +202,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{d.get('exact_removed', 0):,} removed; near (MinHash, {d.get('bands', '-')} bands × {d.get('rows', '-')} rows): "
         f"{d.get('near_clusters', 0):,} clusters, {d.get('near_removed', 0):,} removed.",
     ]
+    for c in d.get("exact_examples", [])[:5]:
+        lines.append(f"- exact, {c['size']} copies: {', '.join(c['members'][:5])}")
     for c in d.get("largest_clusters", [])[:5]:
-        lines.append(f"- cluster of {c['size']}: {', '.join(c['members'][:5])}")
+        lines.append(f"- near, cluster of {c['size']}: {', '.join(c['members'][:5])}")
     lines += ["", "## PII redacted", ""]
     lines += [f"- {k}: {v:,}" for k, v in r["pii"].items()] or ["- none"]
     if r["decontamination"]:

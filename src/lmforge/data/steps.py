@@ -269,13 +269,14 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
     """The per-document steps after reading, in order, as the config enables them."""
     steps: list[Step] = [CleanStep(cfg, on_drop)]
     flts: list[F.Filter] = [F.LengthFilter(cfg.min_chars, cfg.max_chars)]
+    # Language identification first (as in FineWeb): it is cheap, and the English-tuned
+    # quality rules below would otherwise take the blame for every foreign page. It always
+    # runs (the report counts languages) and drops only when `languages` is not empty.
+    flts.append(F.LanguageFilter(cfg.languages, cfg.min_language_score))
     if cfg.quality:
         flts.append(F.GopherQualityFilter(max_words=cfg.max_words))
     if cfg.repetition:
         flts.append(F.GopherRepetitionFilter())
-    # Language identification always runs (the report counts languages); it drops only
-    # when `languages` is not empty.
-    flts.append(F.LanguageFilter(cfg.languages, cfg.min_language_score))
     if cfg.max_flagged_word_ratio > 0:
         flts.append(F.FlaggedWordsFilter(cfg.max_flagged_word_ratio))
     if cfg.code_filters:
