@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -492,3 +493,19 @@ def test_serve_command_is_registered_and_names_a_missing_folder(tmp_path, capsys
 
     assert main(["serve", "--runs", str(tmp_path / "missing")]) == 1
     assert f"runs folder {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+def test_closing_a_chat_stream_stops_generation(runs):
+    from lmforge.serve.models import ModelPool, find_checkpoints, iter_stream
+
+    pool = ModelPool(runs)
+    messages = [{"role": "user", "content": "ROMEO:"}]
+    # 100,000 tokens would take minutes; closing after three pieces must end it at once.
+    before = set(threading.enumerate())
+    stream = iter_stream(pool, find_checkpoints(runs)[0], messages, max_tokens=100_000)
+    pieces = [next(stream) for _ in range(3)]
+    assert all(pieces)
+    stream.close()
+    (worker,) = [t for t in set(threading.enumerate()) - before if t.name == "lmforge-chat"]
+    worker.join(timeout=60)
+    assert not worker.is_alive() and not pool.generate_lock.locked()

@@ -40,6 +40,10 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
             "put it behind HTTPS before sharing invitation links.",
             file=sys.stderr,
         )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     app = create_app(runs, db_path=db, device=args.device)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"lmforge serve: runs in {runs.resolve()}, store {db}", flush=True)
@@ -66,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--db", default="", help="SQLite store (default: RUNS/serve.sqlite)")
     p.add_argument("--device", default="cpu", help="device for generation (cpu, cuda)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for CPU generation (0 = torch's default; 1 on a busy shared machine)",
+    )
     p.add_argument(
         "--new-organiser-token", action="store_true", help="print a new organiser sign-in link"
     )
