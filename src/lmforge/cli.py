@@ -18,7 +18,7 @@ from pathlib import Path
 from lmforge.config import ConfigError, builtin_recipes, dump_yaml, load_config
 
 # Stage modules that add their own sub-commands: each has `register(subparsers)`.
-EXTRA_COMMAND_MODULES: list[str] = ["lmforge.export.cli", "lmforge.finetune.cli"]
+EXTRA_COMMAND_MODULES: list[str] = ["lmforge.export.cli", "lmforge.finetune.cli", "lmforge.plan_cli"]
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -100,6 +100,11 @@ def cmd_pretrain(args, overrides) -> int:
         print(
             f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
             f"val {summary['val_bpb']:.3f} bits/byte (unigram baseline {summary['unigram_bpb']:.3f})"
+        )
+    elif "val_pppl" in summary:  # masked LM
+        print(
+            f"done: step {summary['step']}, masked val loss {summary['val_loss']:.4f}, "
+            f"pseudo-perplexity {summary['val_pppl']:.2f} (unigram baseline {summary['unigram_ppl']:.2f})"
         )
     return 0
 

@@ -130,17 +130,32 @@ def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
     )
     train = TokenLoader(tokens_dir, "train", mcfg.context_length, cfg.train.seed, tok.hash)
     val = TokenLoader(tokens_dir, "val", mcfg.context_length, cfg.train.seed, tok.hash)
-    tokens_per_byte = val.stream.n_tokens / max(val.stream.n_bytes, 1)
+    tokens_per_byte: float | None = val.stream.n_tokens / max(val.stream.n_bytes, 1)
+    train_data: Any = train
+    val_data: Any = lambda: val.sequential(cfg.train.eval_tokens, cfg.train.micro_batch_size)
+    hooks: list[Any] = []
+    masked_baseline: dict[str, float] = {}
+    if mcfg.objective == "masked":
+        # Bidirectional model: BERT-style corrupted windows; val loss is masked-token CE
+        # (not a per-byte figure), pseudo-perplexity comes from an eval hook.
+        from lmforge.masked import masked_sources
+
+        train_data, val_data, hooks, unigram_ppl = masked_sources(
+            train, val, tok, cfg.train.seed, cfg.train.eval_tokens, cfg.train.micro_batch_size
+        )
+        tokens_per_byte, masked_baseline = None, {"unigram_ppl": unigram_ppl}
     trainer = Trainer(
         cfg,
         model,
         run_dir,
-        train,
-        val_data=lambda: val.sequential(cfg.train.eval_tokens, cfg.train.micro_batch_size),
+        train_data,
+        val_data=val_data,
         tokens_per_byte=tokens_per_byte,
+        eval_hooks=hooks,
         extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
     )
     summary = trainer.fit(resume=resume)
+    summary.update(masked_baseline)
     summary["params"] = params["total"]
     summary["unigram_bpb"] = unigram_bits_per_byte(tokens_dir, tok.vocab_size)
     if trainer.dist.is_main:

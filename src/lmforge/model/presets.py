@@ -81,4 +81,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         context_length=2048,
         vocab_size=128256,
     ),
+    # Llama-style 60M (the small Llama of Zhao et al. 2024, GaLore; Llama 2's 32k vocabulary).
+    "llama-60m": dict(
+        _LLAMA,
+        n_layers=8,
+        d_model=512,
+        n_heads=8,
+        d_ff=1376,
+        context_length=1024,
+        vocab_size=32000,
+        rope_theta=10000.0,
+    ),
+    # Encoder-only masked LMs: bidirectional attention, BERT's 80/10/10 objective
+    # (`lmforge.masked`). bert-base is BERT-base's shape (Devlin et al. 2019): 12 layers,
+    # width 768, 12 heads, 512 positions, 30,522-token WordPiece vocabulary.
+    "cpu-masked": dict(
+        _GPT2,
+        objective="masked",
+        context_length=64,
+        vocab_size=0,
+        n_layers=4,
+        n_heads=4,
+        d_model=128,
+    ),
+    "bert-base": dict(
+        _GPT2,
+        objective="masked",
+        n_layers=12,
+        n_heads=12,
+        d_model=768,
+        context_length=512,
+        vocab_size=30522,
+    ),
 }
