@@ -51,7 +51,12 @@ def function_examples(source: str) -> list[dict[str, str]]:
         first = min([d.lineno for d in node.decorator_list] + [node.lineno])
         doc_node = node.body[0]
         assert doc_node.end_lineno is not None and node.end_lineno is not None
-        body = lines[first - 1 : doc_node.lineno - 1] + lines[doc_node.end_lineno : node.end_lineno]
+        if doc_node.lineno == node.lineno or doc_node.end_lineno == node.end_lineno:
+            continue  # one-line definitions: nothing left to cut around
+        rest = lines[doc_node.end_lineno : node.end_lineno]
+        while rest and not rest[0].strip():  # the blank line that followed the docstring
+            rest = rest[1:]
+        body = lines[first - 1 : doc_node.lineno - 1] + rest
         indent = min((len(x) - len(x.lstrip()) for x in body if x.strip()), default=0)
         code = "\n".join(x[indent:] for x in body).strip("\n")
         if len(code) > MAX_CODE_CHARS:

@@ -159,7 +159,7 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers (up to '<|end|>') to each example's prompt, with the KV cache."""
     model = unwrap(model)
-    ctx = model.cfg.context_length  # type: ignore[union-attr]
+    ctx = int(model.cfg.context_length)  # type: ignore[union-attr,arg-type]
     end = tok.specials[END]
     out = []
     for ex in examples:

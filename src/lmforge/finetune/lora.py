@@ -102,7 +102,8 @@ def apply_lora(
     cfg = getattr(model, "cfg", None)
     if "lm_head" in targets and cfg is not None and cfg.tie_embeddings:
         # Untie: the head gets its own copy, so merging leaves the embeddings alone.
-        head = model.lm_head  # type: ignore[union-attr]
+        head = model.get_submodule("lm_head")
+        assert isinstance(head, nn.Linear)
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.cfg = replace(cfg, tie_embeddings=False)  # type: ignore[assignment]
     for p in model.parameters():
