@@ -18,7 +18,7 @@ from pathlib import Path
 from lmforge.config import ConfigError, builtin_recipes, dump_yaml, load_config
 
 # Stage modules that add their own sub-commands: each has `register(subparsers)`.
-EXTRA_COMMAND_MODULES: list[str] = ["lmforge.export.cli", "lmforge.finetune.cli", "lmforge.plan_cli"]
+EXTRA_COMMAND_MODULES: list[str] = ["lmforge.export.cli", "lmforge.finetune.cli", "lmforge.plan_cli", "lmforge.bias.cli"]
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -258,6 +258,16 @@ class PrepareConfig:
     decontaminate: list[str] = field(default_factory=list)
     decontam_ngram: int = 13  # GPT-3 (Brown et al. 2020, app. C) used 13-grams
     decontam_action: Literal["drop", "flag"] = "drop"
+    # bias (lmforge.bias), after deduplication: counterfactual data augmentation of a
+    # fraction of the documents ("add" a swapped copy, or "replace" the original), and
+    # term/co-occurrence statistics written into data_report.json ("bias" section)
+    cda_ratio: float = 0.0  # 0 = off
+    cda_mode: Literal["add", "replace"] = "add"
+    cda_axes: list[str] = field(default_factory=lambda: ["gender"])
+    cda_names: bool = False  # also swap given names (capitalised only)
+    bias_lexicon: str = ""  # YAML/JSON word lists (default: lmforge.bias.lexicon)
+    bias_statistics: bool = True
+    bias_window: int = 0  # co-occurrence within N words (0 = within a sentence)
 
 
 @dataclass
@@ -517,6 +527,10 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps"):
         if getattr(t, key) <= 0:
             bad(f"train.{key}", "must be positive")
+    if not 0.0 <= cfg.prepare.cda_ratio <= 1.0:
+        bad("prepare.cda_ratio", f"= {cfg.prepare.cda_ratio} must be in [0, 1]")
+    if cfg.prepare.bias_window < 0:
+        bad("prepare.bias_window", "must not be negative (0 = within a sentence)")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         bad("data.val_fraction", "must be in [0, 1)")
     pc = cfg.prepare

@@ -289,7 +289,7 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
     return steps
 
 
-def build_post_dedup_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Any]:
+def build_post_dedup_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Step]:
     """Steps of stage 3, after deduplication and mixing (`lmforge.bias`): CDA, statistics."""
     from lmforge.bias.steps import bias_steps
 
