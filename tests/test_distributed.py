@@ -120,12 +120,22 @@ def test_global_batch_does_not_depend_on_world_size(runs):
     assert torch.equal(one, two)
 
 
+def grad_norms(run_dir: Path) -> torch.Tensor:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return torch.tensor([r["grad_norm"] for r in recs if "grad_norm" in r])
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_two_processes_follow_the_one_process_curve(runs, name):
     ref, got = curve(runs["ref"]), curve(runs[name])
     assert len(got) == len(ref) == 20
     assert ref[-1] < ref[0] - 0.3  # it learns, so the comparison means something
     torch.testing.assert_close(got, ref, rtol=0, atol=EXACT)
+    # The global gradient norm (over FSDP's shards) is the one-process norm, and it is
+    # above train.grad_clip = 1 in some steps, so clipping is exercised too.
+    ref_norms = grad_norms(runs["ref"])
+    assert ref_norms.max() > 1.0
+    torch.testing.assert_close(grad_norms(runs[name]), ref_norms, rtol=2e-3, atol=0)
 
 
 @pytest.mark.parametrize("name", ["fsdp_from_1", "ddp_from_1", "one_from_fsdp"])
