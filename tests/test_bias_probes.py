@@ -127,3 +127,14 @@ def test_bias_cli_compares_two_checkpoints(tmp_path):
     assert rc == 0
     stats = json.loads((tmp_path / "data_bias.json").read_text())["data"]["statistics"]
     assert stats["all"]["groups"]["gender"]["male"]["mentions"] > 0
+    # The bias stage of `lmforge run` on the same checkpoints, labelled.
+    from dataclasses import replace
+
+    from lmforge.bias.run import bias_stage
+
+    cfg.bias = replace(cfg.bias, limit=10, probes=False)
+    summary = bias_stage(cfg, {"early": a, "late": b}, tmp_path / "stage")["summary"]
+    saved = json.loads((tmp_path / "stage" / "bias.json").read_text())
+    assert set(summary) == {"early", "late"} and saved["summary"] == summary
+    assert 0.0 <= summary["late"]["crows_pairs"]["overall"] <= 100.0
+    assert saved["comparisons"][0]["a"] == str(a)

@@ -149,6 +149,22 @@ class EvalConfig:
 
 
 @dataclass
+class BiasConfig:
+    """The bias audit (`lmforge bias`, the bias stage of `lmforge run`); see `lmforge.bias`."""
+
+    # "crows_pairs" (shared copy) or [NAME=]PATH of CSV/JSONL minimal pairs
+    benchmarks: list[str] = field(default_factory=lambda: ["crows_pairs"])
+    limit: int = 0  # first N sets per benchmark (0 = all)
+    probes: bool = True  # template probes (occupations, traits, continuations)
+    axes: list[str] = field(default_factory=list)  # probe axes; empty = all
+    samples: int = 3  # continuations per prompt: 1 greedy + (samples - 1) sampled
+    max_new_tokens: int = 24
+    lexicon: str = ""  # YAML/JSON word lists (default: lmforge.bias.lexicon)
+    probe_spec: str = ""  # YAML/JSON probe subjects and templates
+    seed: int = 0
+
+
+@dataclass
 class FinetuneConfig:
     """Fine-tuning: task data, starting point and method; see `lmforge.finetune`."""
 
@@ -283,6 +299,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
 
 
 # ----------------------------------------------------------------------------- building

@@ -4,6 +4,7 @@
 
     {"lmforge_bias": 1,
      "settings": {...},
+     "summary": {LABEL: {"crows_pairs": {"overall": 55.2, "gender": 57.6, ...}}},
      "checkpoints": [
         {"checkpoint": "runs/a",
          "benchmarks": {"crows_pairs": {"scorer": "causal", "overall": {...},
@@ -101,9 +102,13 @@ def bias_audit(
     max_new_tokens: int = 24,
     seed: int = 0,
     device: str = "cpu",
+    labels: list[str] | None = None,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Audit checkpoints (run folders or checkpoint folders) and compare them to the first."""
+    """Audit checkpoints (run folders or checkpoint folders) and compare them to the first.
+
+    `labels` name the checkpoints in the ``summary`` (default: their paths).
+    """
     from lmforge.pretrain import load_model
 
     sets = load_benchmarks(benchmarks or [], limit)
@@ -119,16 +124,25 @@ def bias_audit(
             "seed": seed,
             "lexicon": (lexicon or Lexicon()).source,
         },
+        "summary": {},
         "checkpoints": [],
         "comparisons": [],
     }
+    labels = labels or [str(c) for c in checkpoints]
     all_scores = []
-    for ckpt in checkpoints:
+    for ckpt, label in zip(checkpoints, labels, strict=True):
         model, tok, _ = load_model(ckpt, device=device)
         entry, scores = audit_model(
             model, tok, sets, probes, lexicon, spec, axes, samples, max_new_tokens, seed
         )
-        report["checkpoints"].append({"checkpoint": str(ckpt), **entry})
+        report["checkpoints"].append({"checkpoint": str(ckpt), "label": label, **entry})
+        report["summary"][label] = {
+            name: {
+                "overall": summ["overall"]["pct_stereotype"],
+                **{c: f["pct_stereotype"] for c, f in summ["by_category"].items()},
+            }
+            for name, summ in entry["benchmarks"].items()
+        }
         all_scores.append(scores)
         log(f"{ckpt}: bias audit done ({sum(entry['seconds'].values()):.1f}s)")
     for i in range(1, len(checkpoints)):
