@@ -42,7 +42,6 @@ from lmforge.finetune.tasks import (
     load_examples,
     record_texts,
 )
-from lmforge.model.generate import generate
 from lmforge.model.transformer import Transformer, count_params
 from lmforge.paths import shared_data
 from lmforge.tokenizer import (
@@ -157,26 +156,21 @@ def generation_prompt(ex: Example, tok: Tokenizer, room: int) -> list[int]:
 def generate_answers(
     model: nn.Module, tok: Tokenizer, examples: list[Example], max_new_tokens: int
 ) -> list[str]:
-    """Greedy answers (up to '<|end|>') to each example's prompt, with the KV cache."""
+    """Greedy answers (up to '<|end|>') to each example's prompt.
+
+    Uses `lmforge.eval.generation.generate_batch`: prompts of equal length run as
+    one batch with the KV cache, no padding, so each answer is what a lone greedy
+    decode gives.
+    """
+    from lmforge.eval.generation import generate_batch
+
     model = unwrap(model)
     ctx = int(model.cfg.context_length)  # type: ignore[union-attr,arg-type]
-    end = tok.specials[END]
-    out = []
-    for ex in examples:
-        prompt = generation_prompt(ex, tok, ctx - max_new_tokens)
-        ids = generate(
-            model,  # type: ignore[arg-type]
-            prompt,
-            max_new_tokens,
-            temperature=0.0,
-            stop_ids=[end, tok.eot_id],
-        )[0, len(prompt) :].tolist()
-        cut = [t for t in ids if t not in (end, tok.eot_id)][: len(ids)]
-        if end in ids or tok.eot_id in ids:
-            stop = min(ids.index(t) for t in (end, tok.eot_id) if t in ids)
-            cut = ids[:stop]
-        out.append(tok.decode(cut).strip())
-    return out
+    prompts = [generation_prompt(ex, tok, ctx - max_new_tokens) for ex in examples]
+    new = generate_batch(
+        model, prompts, max_new_tokens, temperature=0.0, stop_ids=[tok.specials[END], tok.eot_id]
+    )
+    return [tok.decode(ids).strip() for ids in new]
 
 
 def metric_hook(
