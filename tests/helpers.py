@@ -43,3 +43,36 @@ def tiny_config(tmp: Path, *overrides: str, corpus: Path | None = None) -> Confi
         f"output.dir={tmp / 'run'}",
     ]
     return load_config(None, base + list(overrides))
+
+
+def tiny_run_overrides(tmp: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    """`lmforge run quickstart` shrunk to seconds: tiny BPE model, few steps, few examples."""
+    return [
+        f"data.sources=[{corpus}]",
+        "tokenizer.vocab_size=400",
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.context_length=64",
+        "train.micro_batch_size=4",
+        "train.tokens_per_step=256",
+        "train.max_steps=6",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.eval_tokens=512",
+        "train.checkpoint_every=2",
+        "train.peak_flops=1e11",
+        "train.dtype=fp32",
+        "train.tensorboard=false",
+        "finetune.max_steps=4",
+        "finetune.max_examples=12",
+        "finetune.eval_examples=2",
+        "finetune.max_new_tokens=4",
+        "eval.limit=3",
+        "eval.samples=1",
+        "eval.sample_tokens=8",
+        "run.stages=[tokenizer,tokenize,pretrain,finetune,eval,export,report]",
+        f"output.dir={out}",
+        *extra,
+    ]

@@ -18,7 +18,15 @@ from pathlib import Path
 from lmforge.config import ConfigError, builtin_recipes, dump_yaml, load_config
 
 # Stage modules that add their own sub-commands: each has `register(subparsers)`.
-EXTRA_COMMAND_MODULES: list[str] = ["lmforge.export.cli", "lmforge.finetune.cli", "lmforge.plan_cli", "lmforge.bias.cli"]
+EXTRA_COMMAND_MODULES: list[str] = [
+    "lmforge.eval.cli",
+    "lmforge.finetune.cli",
+    "lmforge.data.cli",
+    "lmforge.serve.cli",
+    "lmforge.plan_cli",
+    "lmforge.export.cli",
+    "lmforge.bias.cli",
+]
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -144,12 +152,44 @@ def cmd_generate(args, overrides) -> int:
 
 
 def cmd_quickstart(args, overrides) -> int:
-    """Run the built-in default: train a small model on the Python standard library, on CPU, in minutes."""
+    """Run the built-in default recipe: the Python standard library as corpus, pre-train,
+    fine-tune (code → docstring), evaluate, audit bias, export and report, on CPU, in minutes.
+
+    Same as `lmforge run quickstart`; a rerun skips finished stages.
+    """
     from lmforge.quickstart import quickstart
 
     t0 = time.perf_counter()
-    quickstart(overrides, resume=args.resume)
+    quickstart(overrides)
     print(f"quickstart finished in {time.perf_counter() - t0:.0f}s")
+    return 0
+
+
+def cmd_run(args, overrides) -> int:
+    """Run every stage of a recipe into one run folder; finished stages are skipped and an
+    interrupted run resumes. A changed setting reruns only the stages that depend on it.
+    """
+    from lmforge.run import run_recipe
+
+    run_recipe(args.recipe, overrides, only=args.only, start_from=args.start_from)
+    return 0
+
+
+def cmd_report(args, overrides) -> int:
+    """(Re)build the report card (report.html, report.md) of a run folder."""
+    from lmforge.report import write_report
+
+    paths = write_report(Path(args.run))
+    print(f"wrote {paths['html']} and {paths['markdown']}")
+    return 0
+
+
+def cmd_compare(args, overrides) -> int:
+    """Put several runs side by side: key metrics, and the config keys that differ."""
+    from lmforge.report import compare_runs
+
+    out = compare_runs(args.runs, args.out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -208,12 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false")
     p.add_argument("--device", default="cpu")
 
-    p = add("quickstart", cmd_quickstart)
+    add("quickstart", cmd_quickstart)
+
+    p = add("run", cmd_run)
+    p.add_argument("recipe", help="recipe file or built-in name (see `lmforge recipes`)")
+    p.add_argument("--only", default="", metavar="STAGE", help="run just this stage")
     p.add_argument(
-        "--resume",
-        default="auto",
-        help="'auto' (default) continues an interrupted run; '' restarts",
+        "--from", dest="start_from", default="", metavar="STAGE", help="rerun from this stage on"
     )
+
+    p = add("report", cmd_report)
+    p.add_argument("run", help="run folder")
+
+    p = add("compare", cmd_compare)
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="compare.html", help="HTML file to write")
 
     for module in EXTRA_COMMAND_MODULES:
         importlib.import_module(module).register(sub)

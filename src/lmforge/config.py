@@ -146,6 +146,10 @@ class EvalConfig:
     temperature: float = 0.8
     top_k: int = 50
     prompts: list[str] = field(default_factory=list)
+    # Tasks of `lmforge.eval.tasks` run by `lmforge run` on every model of the run
+    # ("ppl" scores the run's validation documents); see `lmforge eval --help`.
+    tasks: list[str] = field(default_factory=lambda: ["ppl"])
+    limit: int = 200  # examples (or validation documents) per task; 0 = all
 
 
 @dataclass
@@ -197,6 +201,29 @@ class FinetuneConfig:
     max_steps: int = 0
     lr: float = 0.0
     tokens_per_step: int = 0
+
+
+RUN_STAGES = (
+    "prepare",
+    "tokenizer",
+    "tokenize",
+    "pretrain",
+    "finetune",
+    "eval",
+    "bias",
+    "export",
+    "report",
+)
+
+
+@dataclass
+class RunConfig:
+    """`lmforge run`: the stages a recipe runs, in this order (see `lmforge.run`)."""
+
+    stages: list[str] = field(
+        default_factory=lambda: ["tokenizer", "tokenize", "pretrain", "eval", "report"]
+    )
+    export_formats: list[str] = field(default_factory=lambda: ["hf"])
 
 
 @dataclass
@@ -298,6 +325,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     bias: BiasConfig = field(default_factory=BiasConfig)
 
@@ -544,6 +572,12 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps"):
         if getattr(t, key) <= 0:
             bad(f"train.{key}", "must be positive")
+    for i, stage in enumerate(cfg.run.stages):
+        if stage not in RUN_STAGES:
+            bad(f"run.stages[{i}]", f"= {stage!r} is not a stage ({', '.join(RUN_STAGES)})")
+    for i, fmt in enumerate(cfg.run.export_formats):
+        if fmt not in ("hf", "gguf"):
+            bad(f"run.export_formats[{i}]", f"= {fmt!r} is not 'hf' or 'gguf'")
     if not 0.0 <= cfg.prepare.cda_ratio <= 1.0:
         bad("prepare.cda_ratio", f"= {cfg.prepare.cda_ratio} must be in [0, 1]")
     if cfg.prepare.bias_window < 0:

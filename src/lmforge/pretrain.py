@@ -67,7 +67,7 @@ def tokenize_stage(cfg: Config, tok: Tokenizer, run_dir: Path, force: bool = Fal
     docs = iter_documents(cfg.data.sources)
     if cfg.data.max_bytes:
         docs = _limit_docs(docs, cfg.data.max_bytes)
-    counts = tokenize_documents(docs, tok, out, cfg.data.val_fraction)
+    counts = tokenize_documents(docs, tok, out, cfg.data.val_fraction, split=cfg.data.split)
     for split, c in counts.items():
         print0(
             f"tokens/{split}: {c['n_documents']:,} documents, {c['n_tokens']:,} tokens, "
@@ -110,15 +110,21 @@ def unigram_bits_per_byte(tokens_dir: Path, vocab_size: int) -> float:
 def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
     """Tokenizer, shards (if needed), then the training loop. Returns the summary."""
     from lmforge.hardware import pick_device
-    from lmforge.train.dist import init_distributed
+    from lmforge.train.dist import barrier, init_distributed
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    init_distributed(pick_device(cfg.train.device))
+    info = init_distributed(pick_device(cfg.train.device), cfg.train.dist_timeout_s)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Under torchrun rank 0 writes the tokenizer and shards while the others wait
+    # (at most train.dist_timeout_s), then they find and reuse them.
+    if not info.is_main:
+        barrier()
     tok = tokenizer_stage(cfg, run_dir)
     tokens_dir = tokenize_stage(cfg, tok, run_dir)
+    if info.is_main:
+        barrier()
     mcfg = model_config_for(cfg, tok)
     cfg = replace(cfg, model=mcfg)
     model = build_model(mcfg, cfg.train.seed)

@@ -1,4 +1,4 @@
-"""`lmforge quickstart`: the whole core slice on the built-in corpus, offline, on CPU."""
+"""`lmforge quickstart`: `lmforge run quickstart` plus a short account of what was made."""
 
 from __future__ import annotations
 
@@ -7,65 +7,49 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import load_config
-from lmforge.model.generate import generate
-from lmforge.pretrain import load_model, pretrain, run_dir_of
+from lmforge.run import run_recipe
 from lmforge.train.dist import print0
 
 
-def write_samples(
-    checkpoint: Path, prompts: list[str], n: int, max_tokens: int, temperature: float, top_k: int
-) -> list[str]:
-    model, tok, _cfg = load_model(checkpoint)
-    samples = []
-    for i in range(n):
-        prompt = prompts[i % len(prompts)] if prompts else ""
-        ids = tok.encode(prompt) if prompt else [tok.eot_id]
-        out = generate(
-            model,
-            ids,
-            max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            seed=i,
-            stop_ids=[tok.eot_id],
-        )
-        text = tok.decode([t for t in out[0].tolist()[len(ids) :] if t != tok.eot_id])
-        samples.append(prompt + text)
-    return samples
-
-
-def quickstart(overrides: list[str] | None = None, resume: str = "auto") -> dict[str, Any]:
+def quickstart(overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config("quickstart", overrides)
-    run_dir = run_dir_of(cfg)
-    print0(f"lmforge quickstart → {run_dir}/")
-    summary = pretrain(cfg, resume=resume)
-    ckpt = run_dir / "checkpoints"
-    samples = write_samples(
-        run_dir,
-        cfg.eval.prompts,
-        cfg.eval.samples,
-        cfg.eval.sample_tokens,
-        cfg.eval.temperature,
-        cfg.eval.top_k,
+    state = run_recipe(None, cfg=cfg)
+    run_dir = Path(cfg.output.dir)
+    pre = json.loads((run_dir / "pretrain" / "summary.json").read_text())
+    ratio = pre["val_bpb"] / pre["unigram_bpb"]
+    samples = (
+        json.loads((run_dir / "eval" / "samples.json").read_text())
+        if (run_dir / "eval" / "samples.json").exists()
+        else {}
     )
-    sep = "\n" + "=" * 60 + "\n"
-    (run_dir / "samples.txt").write_text(sep.join(samples) + "\n")
-    summary["samples"] = samples
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-
-    ratio = summary["val_bpb"] / summary["unigram_bpb"]
-    print0(sep.join(["", *samples, ""]))
+    sep = "\n" + "-" * 60 + "\n"
+    for label, texts in samples.items():
+        print0(f"\nsamples from the {label} model:" + sep + sep.join(texts) + sep)
     print0(
-        f"validation: {summary['val_bpb']:.3f} bits/byte; unigram baseline {summary['unigram_bpb']:.3f} "
+        f"validation: {pre['val_bpb']:.3f} bits/byte; unigram baseline {pre['unigram_bpb']:.3f} "
         f"bits/byte ({100 * ratio:.0f}% of the baseline)"
     )
+    ft = (state.get("finetune") or {}).get("summary") or {}
+    if ft.get("test"):
+        print0(
+            "fine-tuned (code → docstring), test: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in ft["test"].items() if k != "seconds")
+        )
     print0(f"made in {run_dir}/:")
-    print0(f"  tokenizer.json       BPE tokenizer ({cfg.tokenizer.vocab_size} tokens)")
-    print0("  tokens/              train/val token shards")
+    rows = [
+        ("tokenizer/", "BPE tokenizer (tokenizer.json)"),
+        ("tokens/", "train/val token shards"),
+        ("pretrain/", "checkpoints, metrics.jsonl, summary.json"),
+        ("finetune/", "the fine-tuned model (code → docstring) and its test outputs"),
+        ("eval/", "eval.json and samples.json"),
+        ("bias/", "bias audit (bias.json)"),
+        ("export/hf/", "a transformers folder (AutoModelForCausalLM.from_pretrained)"),
+        ("report.html", "the report card (also report.md)"),
+    ]
+    for name, what in rows:
+        if (run_dir / name.rstrip("/")).exists():
+            print0(f"  {name:<14} {what}")
     print0(
-        f"  checkpoints/         {len(list(ckpt.glob('step_*')))} checkpoint(s), newest at step {summary['step']}"
+        f"next: open {run_dir / 'report.html'}, or lmforge generate --checkpoint {run_dir / 'pretrain'} --prompt 'def '"
     )
-    print0("  metrics.jsonl        loss, learning rate, tokens/s, MFU, validation bits/byte")
-    print0("  samples.txt          generated samples")
-    print0(f"next: lmforge generate --checkpoint {run_dir} --prompt 'def '")
-    return summary
+    return state

@@ -1,0 +1,602 @@
+"""The report card of a run: `report.html` (self-contained) and `report.md`.
+
+It reads only what the stages left in the run folder (`stages.json`,
+`prepared/data_report.json`, `tokens/*.json`, `pretrain/` and `finetune/`
+metrics and summaries, `eval/`, `bias/`, `export/`), so it can be rebuilt at any
+time with `lmforge report RUN`. Plots are matplotlib PNGs, embedded in the HTML
+as data URIs and written beside `report.md` in `report/`.
+
+`compare_runs` puts several runs side by side and highlights config differences.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge import __version__
+
+# Energy and CO2 assumptions for CPU runs (stated in the report).
+CPU_WATTS_PER_CORE = (
+    10.0  # a server core under full load, package power / cores, order of magnitude
+)
+GRID_KG_PER_KWH = 0.4  # world-average grid carbon intensity (IEA 2023 ≈ 0.44 kg/kWh)
+PUE = 1.2  # data-centre overhead (typical hyperscale value)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+    return out
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
+            return f"{x:.3g}"
+        return f"{x:,.4g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plot(fn) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+    fn(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_plots(metrics: dict[str, list[dict[str, Any]]]) -> dict[str, bytes]:
+    """Loss, validation bits/byte (or loss), learning rate and throughput curves."""
+    plots: dict[str, bytes] = {}
+    series = {k: [r for r in v if "loss" in r] for k, v in metrics.items()}
+    evals = {k: [r for r in v if "val_loss" in r] for k, v in metrics.items()}
+    if any(series.values()):
+
+        def loss(ax):
+            for label, recs in series.items():
+                if recs:
+                    ax.plot(
+                        [r["step"] for r in recs], [r["loss"] for r in recs], label=f"{label} train"
+                    )
+            for label, recs in evals.items():
+                if recs:
+                    ax.plot(
+                        [r["step"] for r in recs],
+                        [r["val_loss"] for r in recs],
+                        "o--",
+                        label=f"{label} val",
+                    )
+            ax.set_xlabel("step")
+            ax.set_ylabel("loss (nats/token)")
+            ax.legend()
+
+        plots["loss"] = _plot(loss)
+
+        def lr(ax):
+            for label, recs in series.items():
+                if recs:
+                    ax.plot([r["step"] for r in recs], [r["lr"] for r in recs], label=label)
+            ax.set_xlabel("step")
+            ax.set_ylabel("learning rate")
+            ax.legend()
+
+        plots["learning_rate"] = _plot(lr)
+
+        def speed(ax):
+            for label, recs in series.items():
+                if recs:
+                    ax.plot(
+                        [r["step"] for r in recs], [r["tokens_per_s"] for r in recs], label=label
+                    )
+            ax.set_xlabel("step")
+            ax.set_ylabel("tokens / s")
+            ax.legend()
+
+        plots["throughput"] = _plot(speed)
+    bpb = {k: [r for r in v if "val_bpb" in r] for k, v in evals.items()}
+    if any(bpb.values()):
+
+        def val_bpb(ax):
+            for label, recs in bpb.items():
+                if recs:
+                    ax.plot(
+                        [r["step"] for r in recs], [r["val_bpb"] for r in recs], "o-", label=label
+                    )
+            ax.set_xlabel("step")
+            ax.set_ylabel("validation bits / byte")
+            ax.legend()
+
+        plots["val_bits_per_byte"] = _plot(val_bpb)
+    return plots
+
+
+def funnel_plot(steps: list[dict[str, Any]]) -> bytes:
+    def draw(ax):
+        names = [s.get("name", "?") for s in steps]
+        docs = [s.get("docs_out", 0) for s in steps]
+        ax.barh(names[::-1], docs[::-1], color="#4a7ab5")
+        ax.set_xlabel("documents after the step")
+
+    return _plot(draw)
+
+
+# ----------------------------------------------------------------------------- content
+
+
+def environment() -> dict[str, Any]:
+    commit = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "lmforge": __version__ + (f" ({commit})" if commit else ""),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu cores": os.cpu_count(),
+        "torch threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+
+
+def compute_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """Time, throughput, MFU, and estimated energy/CO2 of a training stage on this machine."""
+    seconds = float(summary.get("elapsed_s", 0.0))
+    cores = os.cpu_count() or 1
+    kwh = CPU_WATTS_PER_CORE * cores * PUE * seconds / 3.6e6
+    return {
+        "wall time (s)": seconds,
+        "steps": summary.get("step"),
+        "tokens": summary.get("tokens"),
+        "tokens/s (last interval)": summary.get("tokens_per_s"),
+        "MFU": summary.get("mfu"),
+        "peak FLOP/s used for MFU": summary.get("peak_flops"),
+        "energy (kWh, estimated)": kwh,
+        "CO2 (kg, estimated)": kwh * GRID_KG_PER_KWH,
+        "non-finite steps skipped": summary.get("bad_steps"),
+    }
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Everything the report shows, as plain data."""
+    run_dir = Path(run_dir)
+    stages = _read_json(run_dir / "stages.json") or {}
+    data: dict[str, Any] = {"run_dir": str(run_dir), "stages": stages, "environment": environment()}
+    data["config"] = (
+        (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
+    )
+    data["data_report"] = _read_json(run_dir / "prepared" / "data_report.json")
+    headers = {p.stem: _read_json(p) for p in sorted((run_dir / "tokens").glob("*.json"))}
+    data["tokens"] = headers
+    data["tokenizer"] = (stages.get("tokenizer") or {}).get("summary")
+    for stage in ("pretrain", "finetune"):
+        folder = run_dir / stage
+        data[stage] = {
+            "summary": _read_json(folder / "summary.json"),
+            "metrics": _read_jsonl(folder / "metrics.jsonl"),
+        }
+    data["eval"] = _read_json(run_dir / "eval" / "eval.json")
+    data["samples"] = _read_json(run_dir / "eval" / "samples.json")
+    data["bias"] = _read_json(run_dir / "bias" / "bias.json")
+    data["export"] = (stages.get("export") or {}).get("summary")
+    return data
+
+
+def _table(rows: list[tuple[str, Any]] | dict[str, Any], head: tuple[str, str] = ("", "")) -> str:
+    items = rows.items() if isinstance(rows, dict) else rows
+    body = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in items
+    )
+    thead = (
+        f"<tr><th>{html.escape(head[0])}</th><th>{html.escape(head[1])}</th></tr>"
+        if any(head)
+        else ""
+    )
+    return f"<table>{thead}{body}</table>"
+
+
+def _grid(header: list[str], rows: list[list[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{th}</tr>{trs}</table>"
+
+
+def _flatten(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    if isinstance(obj, dict) and depth < 4:
+        out: list[tuple[str, Any]] = []
+        for k, v in obj.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)
+        return out
+    if isinstance(obj, list):
+        if all(isinstance(x, (int, float, str)) for x in obj) and len(obj) <= 8:
+            return [(prefix, ", ".join(_fmt(x) for x in obj))]
+        return [(prefix, f"[{len(obj)} items]")]
+    return [(prefix, obj)]
+
+
+SECTIONS = [
+    "Summary",
+    "Data",
+    "Tokenizer",
+    "Model",
+    "Compute",
+    "Training curves",
+    "Evaluation",
+    "Bias audit",
+    "Samples",
+    "Export",
+    "Environment",
+    "Config",
+]
+
+
+def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, bytes]]:
+    """HTML body per section, and the PNG plots."""
+    from lmforge.config import config_from_dict
+    from lmforge.model.transformer import count_params, flops_per_token
+
+    s: dict[str, str] = {}
+    plots: dict[str, bytes] = {}
+    stages = data["stages"]
+    s["Summary"] = _grid(
+        ["stage", "status", "seconds", "key"],
+        [
+            [k, "done" if v.get("done") else "incomplete", v.get("seconds", ""), v.get("key", "")]
+            for k, v in stages.items()
+            if k != "report"  # being written right now
+        ],
+    )
+
+    parts = []
+    dr = data.get("data_report")
+    if dr:
+        steps = dr.get("steps", [])
+        parts.append(
+            _grid(
+                ["step", "docs in", "docs out", "MB in", "MB out"],
+                [
+                    [
+                        st.get("name"),
+                        st.get("docs_in"),
+                        st.get("docs_out"),
+                        st.get("bytes_in", 0) / 1e6,
+                        st.get("bytes_out", 0) / 1e6,
+                    ]
+                    for st in steps
+                ],
+            )
+        )
+        if steps:
+            plots["data_funnel"] = funnel_plot(steps)
+        parts.append("<h3>Removals by reason</h3>" + _table(dr.get("removals", {})))
+        parts.append("<h3>Duplicates</h3>" + _table(_flatten(dr.get("dedup", {}))))
+        parts.append("<h3>PII redacted</h3>" + _table(dr.get("pii", {})))
+        parts.append("<h3>Licences</h3>" + _table(_flatten(dr.get("licenses", {}))))
+        parts.append("<h3>Languages</h3>" + _table(dr.get("languages", {})))
+    tokens = data.get("tokens") or {}
+    rows = []
+    for name, h in tokens.items():
+        if h:
+            rows.append(
+                [
+                    name,
+                    h.get("n_documents"),
+                    h.get("n_tokens"),
+                    h.get("n_bytes"),
+                    h.get("n_bytes", 0) / max(h.get("n_tokens", 1), 1),
+                ]
+            )
+    if rows:
+        parts.append(
+            "<h3>Token shards</h3>"
+            + _grid(["shard", "documents", "tokens", "bytes", "bytes/token"], rows)
+        )
+    s["Data"] = "".join(parts) or "<p>No data stage in this run.</p>"
+
+    tok = data.get("tokenizer") or {}
+    s["Tokenizer"] = _table(tok) if tok else "<p>The recipe used an existing tokenizer.</p>"
+
+    pre = data["pretrain"].get("summary") or {}
+    cfg_dict = None
+    for p in (Path(data["run_dir"]) / "pretrain").glob("checkpoints/step_*/trainer_state.json"):
+        cfg_dict = (_read_json(p) or {}).get("config")
+    if cfg_dict:
+        cfg = config_from_dict(cfg_dict)
+        m = cfg.model
+        params = count_params(m)
+        arch = {
+            "layers": m.n_layers,
+            "width": m.d_model,
+            "heads": m.n_heads,
+            "kv heads": m.n_kv_heads or m.n_heads,
+            "context": m.context_length,
+            "vocabulary": m.vocab_size,
+            "norm": m.norm,
+            "positions": m.position,
+            "MLP": m.mlp,
+            "QK-norm": m.qk_norm,
+            "tied embeddings": m.tie_embeddings,
+            "objective": m.objective,
+            "FLOPs per training token": flops_per_token(m),
+        }
+        s["Model"] = _table(arch) + "<h3>Parameters</h3>" + _table(params)
+    else:
+        s["Model"] = "<p>No pre-trained model.</p>"
+
+    compute = []
+    for stage in ("pretrain", "finetune"):
+        summ = data[stage].get("summary")
+        if summ:
+            compute.append(f"<h3>{stage}</h3>" + _table(compute_summary(summ)))
+    s["Compute"] = "".join(compute) + (
+        f"<p class=note>Energy assumes {CPU_WATTS_PER_CORE:.0f} W per CPU core, PUE {PUE}; "
+        f"CO2 at {GRID_KG_PER_KWH} kg/kWh. Estimates, not measurements.</p>"
+        if compute
+        else "<p>No training.</p>"
+    )
+
+    metrics = {k: data[k]["metrics"] for k in ("pretrain", "finetune") if data[k]["metrics"]}
+    plots.update(training_plots(metrics))
+    s["Training curves"] = "" if metrics else "<p>No training metrics.</p>"
+
+    ev = data.get("eval")
+    parts = []
+    if ev:
+        by_metric: dict[tuple[str, str], list[Any]] = {}
+        names = [c["checkpoint"].split(":")[0] for c in ev["checkpoints"]]
+        for i, c in enumerate(ev["checkpoints"]):
+            for r in c["results"]:
+                by_metric.setdefault((r["task"], r["metric"]), [None] * len(names))[i] = r["value"]
+        parts.append(_grid(["task", "metric", *names], [[t, m, *v] for (t, m), v in by_metric.items()]))
+    ft = data["finetune"].get("summary") or {}
+    if ft.get("test"):
+        parts.append(
+            f"<h3>Fine-tuning task ({html.escape(str(ft.get('task')))}), test split</h3>"
+            + _table(ft["test"])
+        )
+    if pre.get("unigram_bpb"):
+        parts.append(
+            _table(
+                {
+                    "validation bits/byte (pre-training)": pre.get("val_bpb"),
+                    "unigram baseline bits/byte": pre["unigram_bpb"],
+                }
+            )
+        )
+    s["Evaluation"] = "".join(parts) or "<p>No evaluation stage in this run.</p>"
+
+    bias = data.get("bias")
+    s["Bias audit"] = _table(_flatten(bias)) if bias else "<p>No bias stage in this run.</p>"
+
+    samples = data.get("samples") or {}
+    s["Samples"] = (
+        "".join(
+            f"<h3>{html.escape(label)}</h3>"
+            + "".join(f"<pre>{html.escape(t)}</pre>" for t in texts)
+            for label, texts in samples.items()
+        )
+        or "<p>No samples.</p>"
+    )
+    s["Export"] = (
+        _table(_flatten(data.get("export") or {}))
+        if data.get("export")
+        else "<p>No export stage in this run.</p>"
+    )
+    s["Environment"] = _table(data["environment"])
+    s["Config"] = f"<pre>{html.escape(data.get('config', ''))}</pre>"
+    return s, plots
+
+
+PLOT_SECTION = {
+    "data_funnel": "Data",
+    "loss": "Training curves",
+    "val_bits_per_byte": "Training curves",
+    "learning_rate": "Training curves",
+    "throughput": "Training curves",
+}
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:0} h2{border-bottom:2px solid #4a7ab5;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em} td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f2f5fa} pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em;white-space:pre-wrap}
+nav a{margin-right:.8em} img{max-width:100%;display:block;margin:.5em 0} .note{color:#666;font-size:.85em}
+"""
+
+
+def _anchor(name: str) -> str:
+    return name.lower().replace(" ", "-")
+
+
+def render_html(title: str, sections: dict[str, str], plots: dict[str, bytes]) -> str:
+    body = []
+    for name in SECTIONS:
+        imgs = "".join(
+            f'<img alt="{key}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+            for key, png in plots.items()
+            if PLOT_SECTION.get(key) == name
+        )
+        body.append(
+            f'<section id="{_anchor(name)}"><h2>{name}</h2>{imgs}{sections.get(name, "")}</section>'
+        )
+    nav = "".join(f'<a href="#{_anchor(n)}">{n}</a>' for n in SECTIONS)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p class=note>lmforge report card, {stamp}</p><nav>{nav}</nav>{''.join(body)}</body></html>"
+    )
+
+
+def _html_to_markdown(fragment: str) -> str:
+    """A plain-text rendering of a section for report.md (tables as pipes)."""
+    import re
+
+    text = fragment
+    text = re.sub(r"<h3>(.*?)</h3>", r"\n### \1\n", text)
+    text = re.sub(
+        r"<pre>(.*?)</pre>", lambda m: "\n```\n" + m.group(1) + "\n```\n", text, flags=re.S
+    )
+
+    def table(m):
+        rows = re.findall(r"<tr>(.*?)</tr>", m.group(0), flags=re.S)
+        lines = []
+        for i, row in enumerate(rows):
+            cells = re.findall(r"<t[hd]>(.*?)</t[hd]>", row, flags=re.S)
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            if i == 0:
+                lines.append("|" + "---|" * len(cells))
+        return "\n" + "\n".join(lines) + "\n"
+
+    text = re.sub(r"<table>.*?</table>", table, text, flags=re.S)
+    text = re.sub(r"<[^>]+>", "", text)
+    return html.unescape(text).strip()
+
+
+def write_report(run_dir: str | Path) -> dict[str, Path]:
+    """Write report.html, report.md and report/*.png into the run folder."""
+    run_dir = Path(run_dir)
+    data = collect(run_dir)
+    sections, plots = build_sections(data)
+    title = f"lmforge run: {run_dir.name}"
+    out_html = run_dir / "report.html"
+    tmp = out_html.with_suffix(".html.tmp")
+    tmp.write_text(render_html(title, sections, plots), encoding="utf-8")
+    os.replace(tmp, out_html)
+    img_dir = run_dir / "report"
+    img_dir.mkdir(exist_ok=True)
+    md = [f"# {title}", ""]
+    for name in SECTIONS:
+        md += [f"## {name}", ""]
+        for key, png in plots.items():
+            if PLOT_SECTION.get(key) == name:
+                (img_dir / f"{key}.png").write_bytes(png)
+                md += [f"![{key}](report/{key}.png)", ""]
+        md += [_html_to_markdown(sections.get(name, "")), ""]
+    (run_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    return {"html": out_html, "markdown": run_dir / "report.md"}
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def _flat_config(run_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return {}
+    return dict(_flatten(yaml.safe_load(path.read_text()) or {}, depth=-10))
+
+
+def key_metrics(run_dir: Path) -> dict[str, Any]:
+    data = collect(run_dir)
+    out: dict[str, Any] = {}
+    for stage in ("pretrain", "finetune"):
+        summ = data[stage].get("summary") or {}
+        for key in (
+            "val_loss",
+            "val_bpb",
+            "unigram_bpb",
+            "tokens_per_s",
+            "mfu",
+            "elapsed_s",
+            "step",
+        ):
+            if key in summ:
+                out[f"{stage}.{key}"] = summ[key]
+        for key, value in (summ.get("test") or {}).items():
+            out[f"{stage}.test.{key}"] = value
+    ev = data.get("eval")
+    if ev:
+        for c in ev["checkpoints"]:
+            label = c["checkpoint"].split(":")[0]
+            for r in c["results"]:
+                out[f"eval.{label}.{r['task']}.{r['metric']}"] = r["value"]
+    return out
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """An HTML page with key metrics side by side and the config keys that differ highlighted."""
+    runs = [Path(r) for r in run_dirs]
+    names = [r.name for r in runs]
+    metrics = [key_metrics(r) for r in runs]
+    configs = [_flat_config(r) for r in runs]
+    keys = sorted(set().union(*metrics))
+    metric_rows = [[k, *[m.get(k) for m in metrics]] for k in keys]
+    ckeys = sorted(set().union(*configs))
+    crow = []
+    for k in ckeys:
+        vals = [c.get(k) for c in configs]
+        differs = any(v != vals[0] for v in vals)
+        cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in vals)
+        style = ' class="diff"' if differs else ""
+        crow.append(f"<tr{style}><th>{html.escape(k)}</th>{cells}</tr>")
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    page = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>lmforge compare</title>"
+        f"<style>{CSS} tr.diff td,tr.diff th{{background:#fff3c4;font-weight:bold}}</style></head><body>"
+        f"<h1>Compare: {html.escape(' vs '.join(names))}</h1><h2>Key metrics</h2>"
+        + _grid(["metric", *names], metric_rows)
+        + f"<h2>Config (differences highlighted)</h2><table><tr><th>key</th>{head}</tr>{''.join(crow)}</table>"
+        + "</body></html>"
+    )
+    out = Path(out)
+    out.write_text(page, encoding="utf-8")
+    return out
