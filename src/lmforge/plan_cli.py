@@ -149,6 +149,7 @@ def cmd_scale(args, overrides) -> int:
         if args.predict_flops
         else 0.0,
         bootstrap_samples=args.bootstrap,
+        held_out=args.held_out,
     )
     h = report["held_out"]
     b = report["bootstrap"]["prediction"]
@@ -221,3 +222,9 @@ def register(sub) -> None:
         "--predict-flops", default="", help="held-out rung budget (default 3× the largest)"
     )
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for the intervals")
+    p.add_argument(
+        "--held-out",
+        choices=["optimal", "larger"],
+        default="optimal",
+        help="held-out shape: compute-optimal by the fit, or larger than every rung",
+    )

@@ -9,8 +9,9 @@
    by L-BFGS from a grid of starting points (their appendix D.2). Uncertainty: a
    bootstrap over rungs (resample the rungs, refit) gives intervals for every
    parameter and for the prediction.
-3. A held-out rung at a larger budget is predicted from the fit, then trained and
-   measured; `scale.json` holds the fit, the prediction and the measurement,
+3. A held-out rung at a larger budget (the shape the fit finds compute-optimal
+   there, or with `held_out="larger"` the smallest shape larger than every rung)
+   is predicted from the fit, then trained and measured; `scale.json` holds the fit, the prediction and the measurement,
    `scale.png` the plot.
 
 Each rung is an ordinary `pretrain` run in its own folder; finished rungs (with
@@ -232,6 +233,7 @@ def scale(
     predict_flops: float = 0.0,
     shapes: list[tuple[int, int, int]] | None = None,
     bootstrap_samples: int = 100,
+    held_out: str = "optimal",
 ) -> dict[str, Any]:
     """Train the ladder, fit the law, predict and then train the held-out rung; write scale.json/png."""
     from lmforge.pretrain import tokenize_stage, tokenizer_stage
@@ -278,7 +280,14 @@ def scale(
     candidates = plan_ladder(cfg.model, [predict_flops], shapes, tps, max_per_budget=len(shapes))
     if not candidates:
         raise ValueError(f"no shape fits the held-out budget {predict_flops:.2g}")
-    best = min(candidates, key=lambda r: predict(fit, r["params"], r["tokens"]))
+    if held_out == "larger":
+        # Extrapolate in N as well as in compute: the smallest shape larger than every rung.
+        bigger = [r for r in candidates if r["params"] > n.max()]
+        if not bigger:
+            raise ValueError(f"no shape at {predict_flops:.2g} FLOPs is larger than the ladder's")
+        best = min(bigger, key=lambda r: r["params"])
+    else:  # the compute-optimal shape by the fit
+        best = min(candidates, key=lambda r: predict(fit, r["params"], r["tokens"]))
     predicted = predict(fit, best["params"], best["tokens"])
     boot = bootstrap(
         n, d, loss, (best["params"], best["tokens"]), bootstrap_samples, cfg.train.seed, fit["_x"]
