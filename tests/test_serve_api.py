@@ -499,10 +499,13 @@ def test_closing_a_chat_stream_stops_generation(runs):
     from lmforge.serve.models import ModelPool, find_checkpoints, iter_stream
 
     pool = ModelPool(runs)
+    checkpoint = find_checkpoints(runs)[0]
+    # No stop token, so only cancellation can end it early: 100,000 tokens would take
+    # minutes; closing the stream after three pieces must end it at once.
+    pool.get(checkpoint).tokenizer.eot_id = -1
     messages = [{"role": "user", "content": "ROMEO:"}]
-    # 100,000 tokens would take minutes; closing after three pieces must end it at once.
     before = set(threading.enumerate())
-    stream = iter_stream(pool, find_checkpoints(runs)[0], messages, max_tokens=100_000)
+    stream = iter_stream(pool, checkpoint, messages, max_tokens=100_000, seed=0, temperature=0.5)
     pieces = [next(stream) for _ in range(3)]
     assert all(pieces)
     stream.close()
