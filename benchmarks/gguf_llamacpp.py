@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lmforge.config import load_config
-from lmforge.export.gguf import export_gguf, state_from_gguf
+from lmforge.export.gguf import export_gguf, open_llama_cpp, state_from_gguf
 from lmforge.model.generate import generate
 from lmforge.model.transformer import Transformer
 from lmforge.paths import shared_data
@@ -67,10 +67,10 @@ def train_tiny(out: Path, family: str, steps: int) -> Path:
             "tokenizer.vocab_size=1024",
             "model.context_length=128",
             "model.n_layers=2",
-            "model.d_model=128",
+            "model.d_model=96",
             "model.n_heads=4",
             f"train.max_steps={steps}",
-            "train.tokens_per_step=4096",
+            "train.tokens_per_step=2048",
             "train.micro_batch_size=8",
             "train.warmup_steps=20",
             "train.lr=3e-3",
@@ -117,19 +117,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def compare(
     name: str, model: Transformer, tok: Tokenizer, dtype: str, out: Path, n_new: int
 ) -> dict[str, Any]:
-    from llama_cpp import Llama
-
     path = export_gguf(model, tok, out / f"{name}-{dtype}.gguf", dtype)
     stored = Transformer(model.cfg).eval()
     stored.load_state_dict(state_from_gguf(path, model), strict=False)
-    llm = Llama(
-        model_path=str(path),
-        n_ctx=model.cfg.context_length,
-        n_batch=model.cfg.context_length,
-        logits_all=True,
-        n_threads=2,
-        verbose=False,
-    )
+    llm = open_llama_cpp(path, model.cfg.context_length, n_threads=2)
     text = (shared_data() / "tinyshakespeare" / "input.txt").read_text()[-4000:]
     held_out = tok.encode(text)[: model.cfg.context_length]
     ids = torch.tensor([held_out])
@@ -167,7 +158,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", action="append", default=[], help="run or checkpoint")
     parser.add_argument("--out", default="/tmp/lmforge-gguf")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per tiny model")
+    parser.add_argument("--steps", type=int, default=150, help="training steps per tiny model")
     parser.add_argument("--dtypes", default="f32,f16,bf16,q8_0")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()

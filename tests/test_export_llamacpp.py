@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.export.gguf import export_gguf, state_from_gguf
+from lmforge.export.gguf import export_gguf, open_llama_cpp, state_from_gguf
 from lmforge.model import Transformer
 from lmforge.model.generate import generate
 from lmforge.tokenizer import train_bpe
@@ -27,10 +27,13 @@ VARIANTS = {
     "qwen2": dict(LLAMA, qkv_bias=True),
     "qwen3": dict(LLAMA, qk_norm=True),
 }
-# llama.cpp vs our model on the same stored weights: f32 arithmetic differs only in
-# summation order; with f16/bf16/Q8_0 weights ggml also rounds the activations it
-# multiplies them with (to f16 / bf16 / 8-bit blocks), hence looser bounds.
-TOLERANCE = {"f32": 1e-3, "f16": 5e-2, "bf16": 2e-1, "q8_0": 2e-1}
+# llama.cpp against our model run on the very weights stored in the file. In f32 only
+# the order of summation differs — except that ggml evaluates GELU through a float16
+# lookup table (GGML_GELU_FP16), which costs GPT-2 ~1e-3. With f16/bf16/Q8_0 weights
+# ggml also rounds the activations it multiplies them with to the same format, so
+# its extra error is of the size of the weight rounding itself: we allow 1.5× our
+# own stored-vs-fp32 difference.
+F32_TOLERANCE = {"gpt2": 5e-3, "llama-gqa": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4}
 TEXT = [
     "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n",
     "First Citizen:\nBefore we proceed any further, hear me speak.\n",
@@ -78,9 +81,7 @@ def test_llamacpp_matches_ours(llama_cpp, variant, dtype, tok, tmp_path):
     path = export_gguf(model, tok, tmp_path / "m.gguf", dtype)
     stored = Transformer(model.cfg).eval()
     stored.load_state_dict(state_from_gguf(path, model), strict=False)
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False
-    )
+    llm = open_llama_cpp(path, n_ctx=64)
     try:
         for text in TEXT:
             ids = tok.encode(text)[:40]
@@ -92,7 +93,12 @@ def test_llamacpp_matches_ours(llama_cpp, variant, dtype, tok, tmp_path):
             theirs = np.array(llm.scores[: len(ids)])
             with torch.no_grad():
                 ours = stored(torch.tensor([ids]))[0].numpy()
-            assert np.abs(theirs - ours).max() < TOLERANCE[dtype]
+                fp32 = model(torch.tensor([ids]))[0].numpy()
+            diff = np.abs(theirs - ours).max()
+            if dtype == "f32":
+                assert diff < F32_TOLERANCE[variant]
+            else:
+                assert diff < 1.5 * np.abs(ours - fp32).max()
             if dtype == "f32":  # greedy decoding, token by token through llama.cpp's KV cache
                 prompt = ids[:8]
                 llm.reset()

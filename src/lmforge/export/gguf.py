@@ -297,3 +297,42 @@ def state_from_gguf(path: str | Path, model: Transformer) -> dict[str, torch.Ten
             out[a + "attn.q_norm.weight"] = g[b + "attn_q_norm.weight"]
             out[a + "attn.k_norm.weight"] = g[b + "attn_k_norm.weight"]
     return out
+
+
+def open_llama_cpp(path: str | Path, n_ctx: int, n_threads: int = 1, f32_cache: bool = True) -> Any:
+    """A `llama_cpp.Llama` for a GGUF file, with logits kept for every position.
+
+    `f32_cache` keeps keys and values in float32 (llama.cpp defaults to f16), so a
+    comparison with our model is about the stored weights only. "Extra buffer types"
+    (weight repacking and AMX tile kernels) are switched off: a llama.cpp compiled with
+    GGML_NATIVE on a CPU that reports AMX runs Q8_0 through AMX kernels, which fault
+    (SIGILL) in virtual machines that advertise AMX without enabling it.
+    """
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError(
+            "llama-cpp-python is not installed: pip install -c constraints.txt llama-cpp-python "
+            "(it compiles llama.cpp from source)"
+        ) from None
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
+    llama_cpp.llama_cpp.llama_model_default_params = params  # read inside Llama.__init__
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=True,
+            n_threads=n_threads,
+            verbose=False,
+            **cache,
+        )
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default_params
