@@ -59,11 +59,17 @@ def test_hellaswag_accuracy_equals_lm_eval_per_item(tok, shared, tmp_path):
     assert theirs.n == ours.n == 300
     for a, b in zip(ours.loglikelihoods, theirs.loglikelihoods, strict=True):
         assert a == pytest.approx(b, abs=1e-3)
+    diff = max(
+        abs(x - y)
+        for a, b in zip(ours.loglikelihoods, theirs.loglikelihoods, strict=True)
+        for x, y in zip(a, b, strict=True)
+    )
     assert ours.correct("none") == theirs.correct("none")
     assert ours.correct("chars") == theirs.correct("chars")
     assert ours.accuracy("none") == pytest.approx(metrics["acc,none"])
     assert ours.accuracy("chars") == pytest.approx(metrics["acc_norm,none"])
     print(
         f"HellaSwag 300 items: acc ours {ours.accuracy():.4f} lm-eval {metrics['acc,none']:.4f}; "
-        f"acc_norm ours {ours.accuracy('chars'):.4f} lm-eval {metrics['acc_norm,none']:.4f}"
+        f"acc_norm ours {ours.accuracy('chars'):.4f} lm-eval {metrics['acc_norm,none']:.4f}; "
+        f"max |Δ log-likelihood| {diff:.1e}"
     )

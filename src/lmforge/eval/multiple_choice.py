@@ -18,11 +18,11 @@ an empty context becomes the end-of-text token; a request longer than the
 context window keeps its last `context_length + 1` tokens.
 
 Speed: the context of an item is computed once. Items whose contexts have the
-same token length run together as one batch: the contexts go through the model
-filling a KV cache, the cache is repeated once per choice, and all the choices of
-all those items run as a second batch on top of it (right-padded: pads after the
-real tokens cannot change them under a causal mask). Groups are processed in
-order of length, so batches are dense.
+same token length run together as one batch through the model, filling a KV
+cache. Then every (item, choice) row continues from a copy of its item's cache
+rows; rows are sorted by continuation length and run in batches within a token
+budget (right-padded: pads after the real tokens cannot change them under a
+causal mask), so there is little padding.
 
 The generic task format is JSONL, one item a line:
 `{"context": str, "choices": [str, ...], "label": int}` (optional "id").
@@ -254,60 +254,78 @@ def _encode_item(
 
 
 def _groups(encoded: list[_Encoded], max_tokens: int) -> Iterator[list[_Encoded]]:
-    """Items with equal context length and choice count, longest first, batched by a token budget."""
-    by_shape: dict[tuple[int, int], list[_Encoded]] = defaultdict(list)
+    """Items with equal context length, batched so their contexts stay within the token budget."""
+    by_len: dict[int, list[_Encoded]] = defaultdict(list)
     for e in encoded:
-        by_shape[(len(e.context), len(e.continuations))].append(e)
-    for (ctx_len, n_choices), group in sorted(by_shape.items(), key=lambda kv: -kv[0][0]):
-        group.sort(key=lambda e: -max(len(c) for c in e.continuations))
-        batch: list[_Encoded] = []
-        width = 0  # padded width of the batch: its first (longest) item sets it
-        for e in group:
-            if not batch:
-                width = ctx_len + max(len(c) for c in e.continuations)
-            elif width * n_choices * (len(batch) + 1) > max_tokens:
-                yield batch
-                batch = []
-                width = ctx_len + max(len(c) for c in e.continuations)
-            batch.append(e)
-        if batch:
-            yield batch
+        by_len[len(e.context)].append(e)
+    for ctx_len in sorted(by_len, reverse=True):
+        group = by_len[ctx_len]
+        per_batch = max(1, max_tokens // ctx_len)
+        for start in range(0, len(group), per_batch):
+            yield group[start : start + per_batch]
+
+
+# A continuation joins a batch only if at least this long relative to the batch's longest:
+# fewer, larger batches against less padding. Swept on 200 HellaSwag items (1 CPU
+# thread, 5.4M-parameter model): 0 (one batch per context length) 18.8 s, 0.5 12.4 s,
+# 0.7 14.5 s, 0.85 16.8 s.
+PAD_RATIO = 0.5
 
 
 @torch.no_grad()
 def _score_group(
-    model: nn.Module, batch: list[_Encoded], pad_id: int, device: torch.device
+    model: nn.Module, batch: list[_Encoded], pad_id: int, max_tokens: int, device: torch.device
 ) -> list[list[float]]:
-    """Summed log-likelihood of every continuation of every item in `batch` (same context length)."""
-    n_choices = len(batch[0].continuations)
+    """Summed log-likelihood of every continuation of every item in `batch` (same context length).
+
+    The contexts run once, as one batch, filling a KV cache. Each (item, choice)
+    row then continues from a copy of its item's cache rows; rows are sorted by
+    continuation length and batched within the token budget, so little is padded.
+    """
     ctx = torch.tensor([e.context for e in batch], device=device)  # (B, Tc)
     B, Tc = ctx.shape
-    conts = [c for e in batch for c in e.continuations]
-    Te = max(len(c) for c in conts)
     dtype = next(model.parameters()).dtype
-    # The last token of a continuation is only a target, never an input: Tc + Te - 1 positions.
-    cache = KVCache.empty(model.cfg, B, Tc + Te - 1, device, dtype)  # type: ignore[arg-type]
-    last = model(ctx, cache=cache)[:, -1:].float()  # (B, 1, V): predicts each choice's first token
-    x = torch.full((B * n_choices, Te), pad_id, dtype=torch.long)
-    for r, c in enumerate(conts):
-        x[r, : len(c)] = torch.tensor(c)
-    x = x.to(device)
-    logits = last.repeat_interleave(n_choices, dim=0)  # (B·n, 1, V)
-    if Te > 1:
-        # One cache row per (item, choice), sharing the item's context keys and values.
-        big = KVCache(
-            [k.repeat_interleave(n_choices, dim=0) for k in cache.keys],
-            [v.repeat_interleave(n_choices, dim=0) for v in cache.values],
-            length=cache.length,
-        )
-        # Continuation position j is predicted by the context's last logits (j = 0)
-        # or by the output at continuation position j - 1.
-        logits = torch.cat([logits, model(x[:, :-1], cache=big).float()], dim=1)  # (B·n, Te, V)
-    logp = F.log_softmax(logits, dim=-1).gather(-1, x[..., None]).squeeze(-1)  # (B·n, Te)
-    lengths = torch.tensor([len(c) for c in conts], device=device)
-    valid = torch.arange(Te, device=device)[None, :] < lengths[:, None]
-    sums = (logp * valid).sum(dim=1).double().cpu().tolist()
-    return [sums[i * n_choices : (i + 1) * n_choices] for i in range(B)]
+    cache = KVCache.empty(model.cfg, B, Tc, device, dtype)  # type: ignore[arg-type]
+    # The context's last logits predict every choice's first token.
+    first = F.log_softmax(model(ctx, cache=cache)[:, -1].float(), dim=-1)  # (B, V)
+    rows = [(b, j, c) for b, e in enumerate(batch) for j, c in enumerate(e.continuations)]
+    rows.sort(key=lambda r: -len(r[2]))
+    scores = [[0.0] * len(e.continuations) for e in batch]
+    start = 0
+    while start < len(rows):
+        width = len(rows[start][2])  # longest continuation of this chunk (rows sorted)
+        end = start + 1
+        # Close the chunk at the token budget, or where a row would be mostly padding.
+        while (
+            end < len(rows)
+            and (end - start + 1) * width <= max_tokens
+            and len(rows[end][2]) >= PAD_RATIO * width
+        ):
+            end += 1
+        chunk = rows[start:end]
+        start = end
+        item = torch.tensor([r[0] for r in chunk], device=device)
+        x = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        for i, (_b, _j, c) in enumerate(chunk):
+            x[i, : len(c)] = torch.tensor(c)
+        x = x.to(device)
+        logp = first[item].gather(-1, x[:, :1])  # (R, 1)
+        if width > 1:
+            # A continuation's last token is only a target, never an input: Tc + width - 1.
+            rows_cache = KVCache.empty(model.cfg, len(chunk), Tc + width - 1, device, dtype)  # type: ignore[arg-type]
+            for layer in range(len(cache.keys)):
+                rows_cache.keys[layer][:, :, :Tc] = cache.keys[layer][item]
+                rows_cache.values[layer][:, :, :Tc] = cache.values[layer][item]
+            rows_cache.length = Tc
+            # Output at continuation position j - 1 predicts continuation token j.
+            out = F.log_softmax(model(x[:, :-1], cache=rows_cache).float(), dim=-1)
+            logp = torch.cat([logp, out.gather(-1, x[:, 1:, None]).squeeze(-1)], dim=1)
+        lengths = torch.tensor([len(r[2]) for r in chunk], device=device)
+        valid = torch.arange(width, device=device)[None, :] < lengths[:, None]
+        sums = logp.masked_fill(~valid, 0.0).sum(dim=1).double().cpu().tolist()
+        for (b, j, _c), total in zip(chunk, sums, strict=True):
+            scores[b][j] = total
+    return scores
 
 
 def score_items(
@@ -338,7 +356,7 @@ def score_items(
     try:
         for batch in _groups(encoded, max_batch_tokens):
             for e, scores in zip(
-                batch, _score_group(model, batch, tok.pad_id, device), strict=True
+                batch, _score_group(model, batch, tok.pad_id, max_batch_tokens, device), strict=True
             ):
                 lls[e.index][e.first : e.first + len(scores)] = scores
     finally:
