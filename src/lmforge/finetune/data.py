@@ -133,10 +133,13 @@ class PackedExamples:
         first = step * global_batch + (rank * accum_steps + micro) * micro_batch_size
         return self._rows([self._row(first + i) for i in range(micro_batch_size)])
 
-    def sequential(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every row once, in order (validation)."""
-        for i in range(0, self.n_rows, batch_size):
-            yield self._rows(list(range(i, min(i + batch_size, self.n_rows))))
+    def sequential(
+        self, batch_size: int, max_tokens: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rows in order (validation): all, or the first `max_tokens` worth."""
+        n = self.n_rows if not max_tokens else max(1, min(self.n_rows, max_tokens // self.seq_len))
+        for i in range(0, n, batch_size):
+            yield self._rows(list(range(i, min(i + batch_size, n))))
 
     @property
     def epoch_steps_tokens(self) -> int:

@@ -279,7 +279,11 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         PackedLM(model, tok.eot_id),
         run_dir,
         train,
-        val_data=(lambda: val.sequential(cfg.train.micro_batch_size)) if val is not None else None,
+        val_data=(
+            (lambda: val.sequential(cfg.train.micro_batch_size, cfg.train.eval_tokens))
+            if val is not None
+            else None
+        ),
         eval_hooks=hooks,
         extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
     )
