@@ -175,3 +175,31 @@ def test_python_stdlib_source():
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         list_files(PrepareSource(path=str(tmp_path / "nope" / "*.txt")))
+
+
+def test_hf_datasets_from_local_folders(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    rows = {"id": ["a", "b", "c"], "content": ["first text", "second text", "third text"]}
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(saved))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "content": t}) + "\n"
+            for i, t in zip(rows["id"], rows["content"], strict=True)
+        )
+    )
+    for path in (saved, raw):
+        src = PrepareSource(
+            path=str(path), kind="hf", text_field="content", id_field="id", name="hf"
+        )
+        docs, skips = read_all(src)
+        assert not skips, skips
+        assert [(d.id, d.text) for d in docs] == [
+            ("hf/a", "first text"),
+            ("hf/b", "second text"),
+            ("hf/c", "third text"),
+        ]
