@@ -180,7 +180,7 @@ def run_stage1(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
         "files": len(task.files),
         "kept": writer.count,
         "wall_seconds": round(time.perf_counter() - t_start, 4),
-        "steps": [s.stats.to_json() for s in [read, *steps]] + [sign.to_json()],
+        "steps": [read.stats.to_json(), *[s.stats.to_json() for s in steps], sign.to_json()],
     }
 
 

@@ -433,7 +433,7 @@ class Reader:
             return
         for name in task.files:
             path = Path(name)
-            k = kind
+            k: str = kind
             if kind == "python-stdlib":
                 k = "code"
             elif kind == "auto":
