@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -135,6 +136,8 @@ def stage_train(out: Path, run: str, steps: int) -> None:
 def stage_evaluate(out: Path) -> dict:
     import torch
 
+    from lmforge.bias.cda import Swapper
+    from lmforge.bias.lexicon import Lexicon
     from lmforge.bias.pairs import compare_paired, load_crows_pairs, score_pairs
     from lmforge.bias.probes import run_probes
     from lmforge.eval.intrinsic import evaluate_texts
@@ -146,12 +149,14 @@ def stage_evaluate(out: Path) -> dict:
     texts = [p for p in heldout.split("\n\n") if p.strip()]
     results: dict = {"runs": {}}
     scored = {}
+    per_text_bits = {}
     for run in ("base", "cda"):
         model, tok, _ = load_model(out / "runs" / run)
         t0 = time.perf_counter()
         scores = score_pairs(model, tok, pairs)
         scored[run] = scores
         ppl = evaluate_texts(model, tok, texts)
+        per_text_bits[run] = [x / math.log(2) for x in ppl.per_text_nll]
         probes = run_probes(model, tok, axes=["gender"], generate_samples=2, max_new_tokens=24)
         results["runs"][run] = {
             "crows_pairs": scores.summary(),
@@ -161,9 +166,29 @@ def stage_evaluate(out: Path) -> dict:
             "probes": probes["summary"],
             "seconds": round(time.perf_counter() - t0, 1),
         }
+    # Gender pairs whose two sentences are exact CDA swaps of each other ("He ..." /
+    # "She ..."): the pairs on which augmentation makes the training data symmetric.
+    swapper = Swapper(Lexicon())
+    swaps = [
+        i
+        for i, s in enumerate(pairs)
+        if s.category == "gender" and swapper.swap(s.sentences[0])[0] == s.sentences[1]
+    ]
+    for run in ("base", "cda"):
+        results["runs"][run]["crows_gender_exact_swaps"] = scored[run].figure(swaps)
+    # Paired difference of held-out bits per byte (same texts): ratio of summed differences,
+    # standard error over texts by the delta method (as IntrinsicResult does for one model).
+    n_bytes = [len(t.encode("utf-8")) for t in texts]
+    diffs = [c - b for b, c in zip(per_text_bits["base"], per_text_bits["cda"], strict=True)]
+    d = sum(diffs) / sum(n_bytes)
+    resid = [x - d * nb for x, nb in zip(diffs, n_bytes, strict=True)]
+    var = sum(r * r for r in resid) / (len(resid) - 1)
+    se = math.sqrt(var / len(resid)) / (sum(n_bytes) / len(n_bytes))
+    results["heldout_bpb_difference_cda_minus_base"] = {"difference": d, "stderr": se}
     results["difference_cda_minus_base"] = {
         "overall": compare_paired(scored["base"], scored["cda"]),
         "gender": compare_paired(scored["base"], scored["cda"], category="gender"),
+        "gender_exact_swaps": compare_paired(scored["base"], scored["cda"], indices=swaps),
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -256,12 +256,20 @@ class PairScores:
 
 
 def compare_paired(
-    a: PairScores, b: PairScores, category: str | None = None, n_boot: int = 2000, seed: int = 0
+    a: PairScores,
+    b: PairScores,
+    category: str | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    indices: list[int] | None = None,
 ) -> dict[str, Any]:
-    """B − A on the same sets: difference in % stereotype, paired bootstrap 95% CI, McNemar p."""
+    """B − A on the same sets: difference in % stereotype, paired bootstrap 95% CI, McNemar p.
+
+    `category` or explicit set `indices` restrict the comparison to a subset.
+    """
     if [s.sentences for s in a.sets] != [s.sentences for s in b.sets]:
         raise ValueError("compare_paired: the two score sets are not on the same minimal pairs")
-    idx = a.indices(category=category)
+    idx = indices if indices is not None else a.indices(category=category)
     oa = [a.outcome(i) or 0 for i in idx]
     ob = [b.outcome(i) or 0 for i in idx]
     n = len(idx)
