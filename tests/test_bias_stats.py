@@ -93,3 +93,20 @@ def test_mentions_on_real_books_match_an_independent_count(shared):
     assert all_male == pride["male"]["mentions"] + moby["male"]["mentions"]
     md = render_markdown(stats)
     assert md.startswith("## Bias statistics") and "| gender | male |" in md
+
+
+def test_balancing_weights_closed_form():
+    from lmforge.bias.stats import balancing_weights
+
+    docs = [
+        Document("1", "He ran. He sat. He spoke. She laughed.", "a"),  # male 3, female 1
+        Document("2", "She ran. She sat. He spoke.", "b"),  # male 1, female 2
+        Document("3", "The river was wide.", "c"),  # no mentions
+    ]
+    out = balancing_weights(bias_statistics(docs))
+    assert out["group"] == "female" and out["share_before"] == pytest.approx(3 / 7)
+    # Source b (female share 2/3) gets k with (1 + 2k) / (4 + 3k) = 1/2 → k = 2.
+    assert out["weights"] == {"a": 1.0, "b": pytest.approx(2.0), "c": 1.0}
+    assert out["share_after"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="every source leans the same way"):
+        balancing_weights(bias_statistics(docs[:1]))

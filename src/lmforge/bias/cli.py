@@ -17,6 +17,7 @@ def cmd_bias(args: argparse.Namespace, overrides: list[str]) -> int:
       lmforge bias --checkpoint runs/base --checkpoint runs/cda
       lmforge bias --checkpoint runs/a --pairs crows_pairs --pairs mine=pairs.jsonl
       lmforge bias --data docs/ --data more.jsonl        # data-side statistics only
+      lmforge bias --data a.jsonl --data b.jsonl --balance gender   # source weights
       lmforge bias --dump-lexicon words.yaml             # edit, then --lexicon words.yaml
     """
     from lmforge.bias.lexicon import dump_lexicon, load_lexicon
@@ -57,6 +58,16 @@ def cmd_bias(args: argparse.Namespace, overrides: list[str]) -> int:
         report.setdefault("lmforge_bias", 1)
         report["data"] = {"sources": args.data, "statistics": stats}
         print(render_markdown(stats), end="")
+        if args.balance:
+            from lmforge.bias.stats import balancing_weights
+
+            bal = balancing_weights(stats, args.balance)
+            report["data"]["balancing_weights"] = bal
+            print(
+                f"{args.balance}: {bal['group']} share {bal['share_before']:.3f} → "
+                f"{bal['share_after']:.3f} with source weight factors "
+                + ", ".join(f"{k} ×{v:.3g}" for k, v in bal["weights"].items())
+            )
     from lmforge.bias.audit import write_bias_json
 
     if args.out:
@@ -97,6 +108,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", action="append", help="text source for data statistics; repeatable")
     p.add_argument("--window", type=int, default=0, help="co-occurrence window (0 = sentence)")
+    p.add_argument(
+        "--balance",
+        default="",
+        metavar="AXIS",
+        help="with --data: source weight factors that balance a two-group axis (e.g. gender)",
+    )
     p.add_argument("--lexicon", default="", help="YAML/JSON word lists (see --dump-lexicon)")
     p.add_argument("--dump-lexicon", default="", metavar="FILE", help="write the word lists")
     p.add_argument("--device", default="cpu")

@@ -262,3 +262,48 @@ def render_markdown(section: dict[str, Any], max_groups: int = 12) -> str:
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def balancing_weights(
+    summary: dict[str, Any], axis: str = "gender", target: float = 0.5
+) -> dict[str, Any]:
+    """Source weight multipliers that balance a two-group axis in the mixed corpus.
+
+    With mentions a_s, b_s of the two groups in source s, the mixed share of the
+    first group is Σ w_s a_s / Σ w_s (a_s + b_s). Sources leaning to the
+    under-represented group get weight k (the others keep 1), with k solving
+    share(k) = `target` in closed form. Multiply each source's
+    ``prepare.sources[].weight`` by its factor. Raises ValueError when no source
+    leans the other way (reweighting cannot balance the mix; CDA can).
+    """
+    sources = summary["sources"]
+    groups = sorted({g for s in sources.values() for g in s["groups"].get(axis, {})})
+    if len(groups) != 2:
+        raise ValueError(f"balancing needs an axis with two groups; {axis!r} has {groups}")
+    g1, g2 = groups
+    a = {n: s["groups"][axis][g1]["mentions"] for n, s in sources.items()}
+    t = {n: a[n] + s["groups"][axis][g2]["mentions"] for n, s in sources.items()}
+    total_a, total = sum(a.values()), sum(t.values())
+    if total == 0:
+        raise ValueError(f"no mentions of the {axis} groups in any source")
+    share = total_a / total
+    over_first = share > target
+    helpers = [n for n in sources if t[n] and (a[n] / t[n] < target) == over_first]
+    others = [n for n in sources if n not in helpers]
+    if not helpers:
+        raise ValueError(
+            f"every source leans the same way on {axis} ({g1} share {share:.3f}): "
+            "reweighting sources cannot reach the target; use counterfactual augmentation"
+        )
+    a_h, t_h = sum(a[n] for n in helpers), sum(t[n] for n in helpers)
+    a_o, t_o = sum(a[n] for n in others), sum(t[n] for n in others)
+    k = (target * t_o - a_o) / (a_h - target * t_h)
+    weights = {n: (k if n in helpers else 1.0) for n in sources}
+    new_share = sum(weights[n] * a[n] for n in sources) / sum(weights[n] * t[n] for n in sources)
+    return {
+        "axis": axis,
+        "group": g1,
+        "share_before": share,
+        "share_after": new_share,
+        "weights": weights,
+    }
