@@ -49,6 +49,7 @@ def tiny_run_overrides(tmp: Path, corpus: Path, out: Path, *extra: str) -> list[
     """`lmforge run quickstart` shrunk to seconds: tiny BPE model, few steps, few examples."""
     return [
         f"data.sources=[{corpus}]",
+        "data.val_fraction=0.1",
         "tokenizer.vocab_size=400",
         "model.n_layers=1",
         "model.d_model=32",

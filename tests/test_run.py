@@ -36,11 +36,59 @@ def test_keys_follow_dependencies(tmp_path):
     assert a == d
 
 
-def test_rerun_skips_and_a_finetune_change_reruns_only_downstream(tmp_path):
-    corpus = shakespeare_snippet(tmp_path, 60_000)
-    run = tmp_path / "run"
-    overrides = tiny_run_overrides(tmp_path, corpus, run)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    corpus = shakespeare_snippet(tmp, 60_000)
+    run = tmp / "run"
+    overrides = tiny_run_overrides(tmp, corpus, run)
     run_recipe("quickstart", overrides)
+    return run, overrides
+
+
+def test_report_card_in_chromium(finished_run, tmp_path):
+    """Every section present and every image loaded in a real browser; a screenshot is kept."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("/usr/bin/chromium is missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from lmforge.report import SECTIONS, _anchor
+
+    run, _ = finished_run
+    out = Path(os.environ.get("LMFORGE_TEST_ARTIFACTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-quic",
+    ]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(chromium), args=args, headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((run / "report.html").as_uri())
+        ids = page.eval_on_selector_all("section", "els => els.map(e => e.id)")
+        assert ids == [_anchor(s) for s in SECTIONS]
+        images = page.eval_on_selector_all(
+            "img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth > 0])"
+        )
+        assert len(images) >= 4 and all(ok for _, ok in images), images
+        assert "pretrained" in page.inner_text("#evaluation")
+        assert "bits_per_byte" in page.inner_text("#evaluation")
+        page.screenshot(path=str(out / "report.png"), full_page=True)
+        browser.close()
+    assert not errors
+    assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_rerun_skips_and_a_finetune_change_reruns_only_downstream(finished_run):
+    run, overrides = finished_run
     first = state_of(run)
     assert all(first[s]["done"] for s in first)
     assert (run / "report.html").exists() and (run / "export" / "hf" / "config.json").exists()

@@ -64,7 +64,7 @@ def decode_bytes(data: bytes) -> tuple[str, int]:
 
 def read_text_file(path: Path, doc_id: str, source: str, license: str) -> Document:
     text, replaced = decode_bytes(path.read_bytes())
-    meta = {"path": str(path)}
+    meta: dict[str, object] = {"path": str(path)}
     if replaced:
         meta["replaced_bytes"] = replaced
     return Document(id=doc_id, text=text, source=source, license=license, meta=meta)
@@ -134,10 +134,11 @@ def iter_source(spec: str) -> Iterator[Document]:
         if name.endswith(JSONL_SUFFIXES):
             yield from iter_jsonl(path)
         elif path.suffix in TEXT_SUFFIXES:
+            # Ids are relative to the source (folder name / relative path), never absolute, so
+            # the train/val split does not depend on where the data happens to live.
             rel = path.relative_to(base).as_posix() if base else name
-            yield read_text_file(
-                path, f"{spec.rstrip('/')}/{rel}" if base else str(path), spec, "unknown"
-            )
+            doc_id = f"{base.name}/{rel}" if base else name
+            yield read_text_file(path, doc_id, spec, "unknown")
 
 
 def iter_documents(specs: list[str]) -> Iterator[Document]:
