@@ -196,6 +196,10 @@ def test_masked_metric_scores_only_unmodified_tokens():
     ref = reference_masked_score(model, tok, "ab", "cb")
     assert res.scores[0] == pytest.approx(list(ref), abs=1e-5)
     assert res.outcome(0) == 1  # the stereotypical "ab" wins on the unmodified token
+    assert res.summary()["truncated_sets"] == 0
+    model.cfg.context_length = 2  # room for the boundary and one token: "a" vs "c", cut
+    assert score_pairs(model, tok, sets).truncated == 1
+    model.cfg.context_length = 64
     # Random bag-of-words models against the hand reference on longer pairs.
     tok = train_tokenizer([s for m, ls, _ in SENTENCES for s in (m, ls)], "char", 0)
     g = torch.Generator().manual_seed(0)

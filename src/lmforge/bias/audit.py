@@ -196,6 +196,10 @@ def format_report(report: dict[str, Any]) -> str:
                 }
             )
         )
+        for s, c in zip(short, report["checkpoints"], strict=True):
+            cut = c["benchmarks"][bench].get("truncated_sets", 0)
+            if cut:
+                lines.append(f"warning: {s}: {cut} sets had a sentence longer than the context")
         lines.append("")
     for comp in report["comparisons"]:
         o = comp["overall"]

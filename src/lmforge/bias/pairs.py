@@ -177,6 +177,7 @@ class PairScores:
     sets: list[MinimalSet]
     scores: list[list[float]] = field(default_factory=list)
     scorer: str = "causal"  # "causal" (log-likelihood) or "masked" (pseudo-log-likelihood)
+    truncated: int = 0  # masked: sets with a sentence cut to the context (scored on the cut)
 
     def outcome(self, i: int) -> int | None:
         """1 if the stereotypical sentence strictly wins, 0 if not, None on a tie."""
@@ -229,6 +230,7 @@ class PairScores:
         dirs = sorted({s.direction for s in self.sets})
         return {
             "scorer": self.scorer,
+            "truncated_sets": self.truncated,
             "overall": self.figure(range(len(self.sets))),
             "by_category": {c: self.figure(self.indices(category=c)) for c in cats},
             "by_direction": {d: self.figure(self.indices(direction=d)) for d in dirs},
@@ -311,13 +313,19 @@ def shared_token_mask(ids: list[int], others: list[list[int]]) -> list[bool]:
 
 
 @torch.no_grad()
-def _masked_scores(model: nn.Module, tok: Tokenizer, sets: list[MinimalSet]) -> list[list[float]]:
+def _masked_scores(
+    model: nn.Module, tok: Tokenizer, sets: list[MinimalSet]
+) -> tuple[list[list[float]], int]:
+    """Scores per set, and how many sets had a sentence longer than the context."""
     from lmforge.masked import pseudo_log_likelihoods
 
     ctx = int(getattr(model, "cfg").context_length)  # noqa: B009 (nn.Module typing)
     out = []
+    truncated = 0
     for s in sets:
-        token_lists = [tok.encode(t)[: ctx - 1] for t in s.sentences]
+        full = [tok.encode(t) for t in s.sentences]
+        truncated += any(len(ids) > ctx - 1 for ids in full)
+        token_lists = [ids[: ctx - 1] for ids in full]
         row = []
         for i, ids in enumerate(token_lists):
             others = [t for j, t in enumerate(token_lists) if j != i]
@@ -330,7 +338,7 @@ def _masked_scores(model: nn.Module, tok: Tokenizer, sets: list[MinimalSet]) -> 
             pll = pseudo_log_likelihoods(model, seq, tok.mask_id, score)
             row.append(float(pll[score].sum()))
         out.append(row)
-    return out
+    return out, truncated
 
 
 def score_pairs(
@@ -345,9 +353,10 @@ def score_pairs(
     masked = getattr(getattr(model, "cfg", None), "objective", "causal") == "masked"
     was_training = model.training
     model.eval()
+    truncated = 0
     try:
         if masked:
-            scores = _masked_scores(model, tok, sets)
+            scores, truncated = _masked_scores(model, tok, sets)
         else:
             flat = [t for s in sets for t in s.sentences]
             res = evaluate_texts(model, tok, flat, max_batch_tokens=max_batch_tokens)
@@ -355,7 +364,7 @@ def score_pairs(
             scores = [[-next(it) for _ in s.sentences] for s in sets]
     finally:
         model.train(was_training)
-    return PairScores(sets, scores, "masked" if masked else "causal")
+    return PairScores(sets, scores, "masked" if masked else "causal", truncated)
 
 
 def summary_table(named: dict[str, dict[str, Any]]) -> str:
