@@ -77,7 +77,7 @@ def count_document(
     text: str, source: str, index: TermIndex, counts: Counter[str], window: int = 0
 ) -> None:
     """Add the counts of one document to `counts` (keys ``kind|source|labels``)."""
-    src = source or "unknown"
+    src = (source or "unknown").replace(SEP, "/")  # the separator of the counter keys
     counts[f"docs{SEP}{src}"] += 1
     units: list[list[str]]
     lowered = text.lower()
