@@ -112,3 +112,20 @@ def test_run_task_errors_are_clear(trained, capsys):
         run_task(model, tok, "mc", TaskOptions())
     rc = main(["eval", "--checkpoint", str(run_dir), "--task", "ppl", "--data", "mc=x.jsonl"])
     assert rc == 1 and "task 'mc' is not among --task" in capsys.readouterr().err
+
+
+def test_hooks_run_without_validation_data(tmp_path):
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.eval_every=2")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tok = tokenizer_stage(cfg, run_dir)
+    tokens = tokenize_stage(cfg, tok, run_dir)
+    cfg = replace(cfg, model=model_config_for(cfg, tok))
+    text = tmp_path / "t.txt"
+    text.write_text("First Citizen:\nSpeak, speak.\n")
+    loader = TokenLoader(tokens, "train", cfg.model.context_length, cfg.train.seed)
+    hook = make_eval_hook(tok, "ppl", data=[str(text)])
+    model = build_model(cfg.model, cfg.train.seed)
+    Trainer(cfg, model, run_dir, loader, eval_hooks=[hook], log=lambda *_: None).fit()
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "ppl/bits_per_byte" in r] == [2, 4]

@@ -247,7 +247,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         if self.val_data is None:
-            return {}
+            return self._hook_metrics({})  # in-loop hooks run with or without validation data
         model = self.train_model
         model.eval()
         total, count = torch.zeros((), device=self.device), 0
@@ -262,6 +262,9 @@ class Trainer:
         out = {"val_loss": val_loss}
         if self.tokens_per_byte:
             out["val_bpb"] = val_loss / math.log(2) * self.tokens_per_byte
+        return self._hook_metrics(out)
+
+    def _hook_metrics(self, out: dict[str, float]) -> dict[str, float]:
         for hook in self.eval_hooks:
             out.update(hook(self.model, self.step))
         return out
