@@ -141,3 +141,45 @@ def test_chat_streams_replies_and_keeps_history():
     ).strip()
     assert history[3][1] == expected
     assert expected in "".join(written)
+
+
+@pytest.mark.slow
+def test_finetune_stage_code_docstring_from_a_pretrained_checkpoint(tmp_path):
+    """The quickstart hook: an lmforge checkpoint → code-docstring fine-tuning → test ROUGE."""
+    from lmforge.finetune.finetune import finetune_stage
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import train_bpe
+    from lmforge.train.checkpoint import save_checkpoint
+
+    cfg = load_config(
+        None,
+        [
+            "model.context_length=256",
+            "model.n_layers=1",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "train.max_steps=2",
+            "train.tokens_per_step=512",
+            "train.micro_batch_size=2",
+            "train.peak_flops=1e11",
+            "finetune.max_examples=20",
+            "finetune.eval_examples=2",
+            "finetune.max_new_tokens=8",
+        ],
+    )
+    tok = train_bpe(["def add(a, b):\n    return a + b\n    Return the sum."] * 50, 300)
+    cfg.model.vocab_size = tok.vocab_size
+    from lmforge.config import to_dict
+
+    save_checkpoint(
+        tmp_path / "pre",
+        0,
+        Transformer(cfg.model),
+        None,
+        {"config": to_dict(cfg)},
+        extra_files={"tokenizer.json": tok.to_json().encode()},
+    )
+    summary = finetune_stage(cfg, tmp_path / "pre", tmp_path / "ft")
+    assert summary["task"] == "code-docstring" and summary["step"] == 2
+    assert {"rouge1", "rouge2", "rougeL"} <= set(summary["test"])
+    assert (tmp_path / "ft" / "task_data" / "train.jsonl").exists()
