@@ -69,9 +69,12 @@ def _ppl(model: nn.Module, tok: Tokenizer, data: list[str], opts: TaskOptions) -
     from lmforge.eval.intrinsic import evaluate_texts, read_texts
 
     texts = read_texts(data, limit=opts.limit)
-    res = evaluate_texts(
-        model, tok, texts, stride=opts.stride or None, max_batch_tokens=opts.batch_tokens
-    )
+    try:
+        res = evaluate_texts(
+            model, tok, texts, stride=opts.stride or None, max_batch_tokens=opts.batch_tokens
+        )
+    except ValueError as exc:  # e.g. a character the char tokenizer has never seen
+        raise ValueError(f"ppl on {', '.join(data)}: {exc}") from None
     ctx = context_length_of(model)
     masked = getattr(model.cfg, "objective", "causal") == "masked"  # type: ignore[union-attr]
     settings = {
