@@ -117,7 +117,11 @@ def main() -> None:
     ref = results["lm-eval"]
     for name, res in results.items():
         same = res.correct() == ref.correct() and res.correct("chars") == ref.correct("chars")
-        diff = max(abs(a - b) for x, y in zip(res.loglikelihoods, ref.loglikelihoods, strict=True) for a, b in zip(x, y, strict=True))
+        diff = max(
+            abs(a - b)
+            for x, y in zip(res.loglikelihoods, ref.loglikelihoods, strict=True)
+            for a, b in zip(x, y, strict=True)
+        )
         print(f"{name}: acc {res.accuracy():.4f} acc_norm {res.accuracy('chars'):.4f} "
               f"same predictions as lm-eval: {same}; max |Δ loglik| {diff:.2e}")  # fmt: skip
     rate = {k: len(items) / statistics.median(v) for k, v in times.items()}
