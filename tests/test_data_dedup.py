@@ -76,9 +76,10 @@ def planted_corpus(shared, n_chunks: int = 1500, n_planted: int = 150, edit_rate
     return texts, planted
 
 
-def test_planted_near_duplicates_precision_recall(shared):
+@pytest.mark.parametrize("threshold", [0.7, 0.8])
+def test_planted_near_duplicates_precision_recall(shared, threshold):
     texts, planted = planted_corpus(shared)
-    threshold, n = 0.7, 5
+    n = 5
     sig = MinHasher(num_perm=128, shingle_size=n).signatures(texts)
     clusters = near_duplicate_clusters(sig, threshold)
     owner = cluster_of(clusters)
@@ -94,8 +95,8 @@ def test_planted_near_duplicates_precision_recall(shared):
         f"(median {np.median(true_j):.2f}); recall {recall:.3f}, precision {precision:.3f} "
         f"({len(reported)} pairs reported)"
     )
-    assert len(positives) > 100
-    assert recall >= 0.9
+    assert len(positives) > 50
+    assert recall >= 0.95
     assert precision >= 0.95
 
 

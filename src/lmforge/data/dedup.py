@@ -71,13 +71,21 @@ def _collision_probability(s: float, bands: int, rows: int) -> float:
     return 1.0 - (1.0 - s**rows) ** bands
 
 
+FN_WEIGHT = 3.0
+
+
 @lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) minimising false positive + false negative area around `threshold`.
+    """(bands, rows) minimising the weighted false positive + false negative area.
 
     The S-curve 1 − (1 − s^r)^b should step from 0 to 1 at s = threshold; we integrate
     the collision probability below the threshold (false positives) and its complement
-    above (false negatives) and pick the divisor pair with the smallest sum.
+    above (false negatives) and pick the divisor pair with the smallest weighted sum.
+    False negatives weigh `FN_WEIGHT` times more: every candidate pair is verified
+    against the signatures afterwards, so a false candidate costs only a comparison,
+    while a missed pair is a duplicate left in the corpus. (With equal weights, 0.8 on
+    128 permutations gives 8 × 16, which finds a pair of Jaccard 0.9 only 81% of the
+    time; 16 × 8 finds it > 99% of the time.)
     """
     grid = np.linspace(0.0, 1.0, 201)
     best, best_err = (1, num_perm), float("inf")
@@ -88,8 +96,9 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
         p = np.array([_collision_probability(s, bands, rows) for s in grid])
         fp = np.trapezoid(np.where(grid < threshold, p, 0.0), grid)
         fn = np.trapezoid(np.where(grid >= threshold, 1.0 - p, 0.0), grid)
-        if fp + fn < best_err:
-            best, best_err = (bands, rows), fp + fn
+        err = fp + FN_WEIGHT * fn
+        if err < best_err:
+            best, best_err = (bands, rows), err
     return best
 
 
