@@ -117,6 +117,7 @@ def test_masked_lm_learns_on_shakespeare(tmp_path):
     cfg = tiny_config(
         tmp_path,
         "model.objective=masked",
+        "model.position=rope",
         "model.context_length=64",
         "model.n_layers=2",
         "model.d_model=64",
