@@ -135,7 +135,9 @@ def model_card(
         f"| vocabulary | {m.vocab_size} ({cfg.tokenizer.kind} tokenizer) |",
         f"| norm epsilon, RoPE base | {m.norm_eps:g}, "
         + (f"{m.rope_theta:g} |" if m.position == "rope" else "n/a |"),
-        "| chat format | `<|system|>…<|end|><|user|>…<|end|><|assistant|>` (tokenizer chat template) |",
+        # Pipes inside a table cell must be escaped, code spans included (GitHub Markdown).
+        "| chat format | `<\\|system\\|>…<\\|end\\|><\\|user\\|>…<\\|end\\|><\\|assistant\\|>` "
+        "(the tokenizer's chat template) |",
         "",
         "## Training data",
         "",
