@@ -103,3 +103,29 @@ def test_import_refuses_clearly(tmp_path):
         load_hf_model(tmp_path / "hf")
     with pytest.raises(ExportError, match=r"no config\.json"):
         load_hf_model(tmp_path)
+
+
+def test_qkv_bias_counts_match_the_model():
+    """`ModelConfig.qkv_bias` (added for Qwen2): the parameter counter still equals the model."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer, count_params
+    from lmforge.model.transformer import matmul_params
+
+    cfg = ModelConfig(
+        vocab_size=50,
+        context_length=8,
+        n_layers=2,
+        d_model=16,
+        n_heads=4,
+        n_kv_heads=2,
+        norm="rmsnorm",
+        position="rope",
+        mlp="swiglu",
+        qkv_bias=True,
+    )
+    model = Transformer(cfg)
+    assert count_params(cfg)["total"] == model.num_params()
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    assert biases == 2 * (4 + 2 * 2) * 4  # layers × (q + k + v heads) × head dim
+    no_bias = Transformer(ModelConfig(**{**cfg.__dict__, "qkv_bias": False}))
+    assert matmul_params(cfg) == matmul_params(no_bias.cfg)
