@@ -107,7 +107,9 @@ def model_checkpoints(run_dir: Path, cfg: Config) -> dict[str, Path]:
     """Label → checkpoint of every model the run produced, in training order."""
     from lmforge.train.checkpoint import resolve_checkpoint
 
-    out = {"pretrained": resolve_checkpoint(run_dir / "pretrain")}
+    out = {}
+    if "pretrain" in cfg.run.stages:
+        out["pretrained"] = resolve_checkpoint(run_dir / "pretrain")
     if "finetune" in cfg.run.stages:
         out["finetuned"] = final_checkpoint(run_dir, cfg)
     return out
@@ -184,11 +186,17 @@ def stage_pretrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
 
 def stage_finetune(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    from lmforge.finetune.finetune import finetune_stage
+    """Fine-tune the run's pre-trained model, or (without a pretrain stage) `finetune.init`:
+    an lmforge checkpoint, a HF folder, or "" for a new model trained on the task alone."""
+    from lmforge.finetune.finetune import finetune, finetune_stage
     from lmforge.train.checkpoint import resolve_checkpoint
 
     ft_cfg = replace(cfg, output=replace(cfg.output, dir=str(run_dir / "finetune")))
-    summary = finetune_stage(ft_cfg, resolve_checkpoint(run_dir / "pretrain"), run_dir / "finetune")
+    if "pretrain" in cfg.run.stages:
+        summary = finetune_stage(ft_cfg, resolve_checkpoint(run_dir / "pretrain"), run_dir / "finetune")
+    else:
+        tokenizer = replace(cfg.tokenizer, path="") if not Path(cfg.tokenizer.path).exists() else cfg.tokenizer
+        summary = finetune(replace(ft_cfg, tokenizer=tokenizer), run_dir / "finetune", resume="auto")
     if summary.get("interrupted"):
         raise RunError("fine-tuning was interrupted; run the same command again to resume")
     return summary
@@ -203,7 +211,7 @@ def stage_eval(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     folder = run_dir / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    texts = validation_texts(cfg, cfg.eval.limit)
+    texts = validation_texts(cfg, cfg.eval.limit) if "ppl" in cfg.eval.tasks else []
     runs, samples = [], {}
     for label, ckpt in model_checkpoints(run_dir, cfg).items():
         model, tok, _ = load_model(ckpt)

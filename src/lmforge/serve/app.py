@@ -58,7 +58,14 @@ from lmforge.serve.models import (
     iter_stream,
     safe_join,
 )
-from lmforge.serve.runs import eval_tables, find_runs, is_running, read_metrics, run_summary
+from lmforge.serve.runs import (
+    eval_json_path,
+    eval_tables,
+    find_runs,
+    is_running,
+    read_metrics,
+    run_summary,
+)
 from lmforge.serve.store import CHOICES, Annotator, Store, StudySettings
 
 log = logging.getLogger("lmforge.serve")
@@ -670,7 +677,7 @@ def create_app(
         require_organiser(request)
         path = run_folder(rel)
         config = path / "config.yaml"
-        tables, eval_error = eval_tables(path / "eval.json")
+        tables, eval_error = eval_tables(eval_json_path(path))
         checkpoints = sorted(
             (
                 c

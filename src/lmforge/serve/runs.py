@@ -91,7 +91,7 @@ def run_summary(runs_dir: Path, run: Path) -> dict[str, Any]:
         "step": train[-1]["step"] if train else None,
         "loss": train[-1].get("loss") if train else None,
         "val_loss": evals[-1].get("val_loss") if evals else None,
-        "has_eval": (run / "eval.json").is_file(),
+        "has_eval": eval_json_path(run).is_file(),
         "has_report": (run / "report.html").is_file(),
         "updated": max((p.stat().st_mtime for p in run.iterdir() if p.is_file()), default=0.0),
     }
@@ -110,6 +110,12 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
             rows += flatten(v, f"{prefix}[{i}]")
         return rows
     return [(prefix, value)]
+
+
+def eval_json_path(run: Path) -> Path:
+    """A run's eval.json: `lmforge eval` writes it at the top, `lmforge run` under eval/."""
+    top = run / "eval.json"
+    return top if top.is_file() or not (run / "eval" / "eval.json").is_file() else run / "eval" / "eval.json"
 
 
 def eval_tables(path: Path) -> tuple[list[dict[str, Any]], str]:
