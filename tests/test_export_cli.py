@@ -154,3 +154,72 @@ def test_cli_export_gguf_and_refusal(run, tmp_path, capsys):
         == 1
     )
     assert "int3" in capsys.readouterr().err
+
+
+def test_model_card_finds_results_of_an_lmforge_run_folder(run, tmp_path):
+    """`lmforge run` layout: ROOT/pretrain/checkpoints, ROOT/eval, ROOT/bias, ROOT/prepared."""
+    from lmforge.export.model_card import model_card
+    from lmforge.pretrain import load_model
+    from lmforge.train.checkpoint import resolve_checkpoint
+
+    run_dir, _, _ = run
+    root = tmp_path / "root"
+    root.mkdir()
+    pretrain_dir = run_dir.rename(root / "pretrain")
+    (pretrain_dir / "eval.json").unlink()
+    ckpt = resolve_checkpoint(pretrain_dir)
+    other = {
+        "checkpoint": str(root / "finetune"),
+        "results": [{"task": "scitldr", "metric": "rougeL", "value": 0.31, "n": 10}],
+    }
+    mine = {
+        "checkpoint": str(pretrain_dir),
+        "results": [{"task": "hellaswag", "metric": "acc", "value": 0.25, "stderr": 0.01, "n": 50}],
+    }
+    (root / "eval").mkdir()
+    (root / "eval" / "eval.json").write_text(json.dumps({"checkpoints": [mine, other]}))
+    (root / "bias").mkdir()
+    (root / "bias" / "bias.json").write_text(
+        json.dumps(
+            {
+                "lmforge_bias": 1,
+                "checkpoints": [
+                    {
+                        "checkpoint": str(ckpt),
+                        "results": [
+                            {
+                                "task": "crows_pairs",
+                                "metric": "pct_stereotype",
+                                "value": 57.5,
+                                "ci_low": 55.0,
+                                "ci_high": 60.0,
+                                "n": 1508,
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    (root / "prepared").mkdir()
+    (root / "prepared" / "data_report.json").write_text(
+        json.dumps(
+            {
+                "sources": [
+                    {
+                        "name": "gutenberg",
+                        "license": "public-domain",
+                        "docs_out": 15,
+                        "bytes_out": 12_400_000,
+                    }
+                ],
+                "unknown_license_sources": ["web"],
+            }
+        )
+    )
+    _, _, cfg = load_model(ckpt)
+    card = model_card(cfg, "llama", ckpt)
+    evaluation = card.split("## Evaluation")[1].split("## Bias audit")[0]
+    assert "hellaswag" in evaluation and "scitldr" not in evaluation  # another model's result
+    assert "| crows_pairs | pct_stereotype | 57.5000 [55.0000, 60.0000] | 1508 |" in card
+    assert "| gutenberg | public-domain | 15 | 12.4 |" in card and "unknown licence: web" in card

@@ -40,8 +40,7 @@ def export_checkpoint(
         written = export_gguf(model, tok, out, dtype or "f16", name=cfg.name)
     else:
         raise ExportError(f"--format {fmt!r} is not 'hf' or 'gguf'")
-    run_dir = path.parent.parent  # run/checkpoints/step_N
-    card = model_card(cfg, arch, run_dir, fmt, license=license, price_per_hour=price_per_hour)
+    card = model_card(cfg, arch, path, fmt, license=license, price_per_hour=price_per_hour)
     (out / "README.md").write_text(card, encoding="utf-8")
     return written
 

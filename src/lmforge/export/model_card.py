@@ -83,20 +83,82 @@ def _flat_numbers(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str
     return out
 
 
+def _search_dirs(run: Path) -> list[Path]:
+    """Where a checkpoint's run keeps its reports: the training folder itself, or, inside an
+    `lmforge run` folder (run/pretrain, run/finetune), the stage folders beside it."""
+    top = run.parent
+    return [run, run / "eval", top / "eval", top / "prepared", top / "bias"]
+
+
+def _find(run: Path, name: str) -> Path:
+    for folder in _search_dirs(run):
+        if (folder / name).is_file():
+            return folder / name
+    return run / name
+
+
+def _first_json(candidates: list[Path]) -> tuple[Any, Path | None]:
+    for path in candidates:
+        data = _read_json(path) if path.is_file() else None
+        if data is not None:
+            return data, path
+    return None, None
+
+
+def _rows_for(rows: list[dict[str, Any]], checkpoint: Path | None) -> list[dict[str, Any]]:
+    """Rows about this checkpoint (or its run folder) when the file covers several."""
+    if checkpoint is None:
+        return rows
+    mine = {checkpoint.resolve(), checkpoint.resolve().parent.parent}
+    own = [r for r in rows if r.get("checkpoint") and Path(r["checkpoint"]).resolve() in mine]
+    return own or rows
+
+
 def model_card(
     cfg: Config,
     arch: str,
-    run_dir: Path | None = None,
+    checkpoint: Path | None = None,
     fmt: str = "hf",
     license: str = "other",
     price_per_hour: float = 0.0,
 ) -> str:
-    """The card's Markdown text for a model of `cfg` exported as `arch` in format `fmt`."""
+    """The card's Markdown text for a model of `cfg` exported as `arch` in format `fmt`.
+
+    Results are looked up around `checkpoint` (``RUN/checkpoints/step_N``): in its run
+    folder RUN, and for `lmforge run` folders (RUN = ROOT/pretrain or ROOT/finetune) in
+    ROOT/prepared, ROOT/eval and ROOT/bias; `lmforge bias --checkpoint` writes bias.json
+    into the checkpoint folder itself.
+    """
     m = cfg.model
-    run = run_dir if run_dir is not None and run_dir.is_dir() else None
-    summary = (_read_json(run / "summary.json") if run else None) or {}
-    data_report = (_read_json(run / "data_report.json") if run else None) or {}
-    evals = _eval_rows(_read_json(run / "eval.json") if run else None)
+    ckpt = checkpoint if checkpoint is not None and checkpoint.is_dir() else None
+    run = ckpt.parent.parent if ckpt is not None else None
+    root = run.parent if run is not None else None
+    summary = (_first_json([run / "summary.json"])[0] if run else None) or {}
+    data_report = (
+        _first_json([run / "data_report.json", root / "prepared" / "data_report.json"])[0]
+        if run and root
+        else None
+    ) or {}
+    evals: list[dict[str, Any]] = []
+    bias_rows: list[dict[str, Any]] = []
+    bias_summary: dict[str, Any] = {}
+    if run and root and ckpt:
+        eval_json, _ = _first_json(
+            [run / "eval.json", run / "eval" / "eval.json", root / "eval" / "eval.json"]
+        )
+        evals = _rows_for(_eval_rows(eval_json), ckpt)
+        bias_json, _ = _first_json(
+            [
+                ckpt / "bias.json",
+                run / "bias.json",
+                run / "bias" / "bias.json",
+                root / "bias" / "bias.json",
+            ]
+        )
+        bias_rows = _rows_for(_eval_rows(bias_json), ckpt)
+        if isinstance(bias_json, dict) and not bias_rows:
+            bias_summary = bias_json.get("summary") or {}
+    bias_rows += [r for r in evals if _is_bias(r)]
     params = count_params(m)
     non_embedding = params["total"] - params["embedding"] - params["position"]
     name = cfg.name or "lmforge-model"
@@ -201,30 +263,22 @@ def model_card(
         )
     plain = [r for r in evals if not _is_bias(r)]
     if plain:
-        lines += ["", "| task | metric | value | n |", "|---|---|---|---|"]
-        lines += [
-            f"| {r['task']} | {r.get('metric', '')} | {_result_text(r)} | {r.get('n', '')} |"
-            for r in plain
-        ]
+        lines += ["", *_results_table(plain)]
     if "val_loss" not in summary and not plain:
         lines.append(
             "No evaluation results were found in the run folder (`lmforge eval` writes them)."
         )
     lines += ["", "## Bias audit", ""]
-    bias_rows = [r for r in evals if _is_bias(r)]
-    bias_files = sorted(run.glob("bias*.json")) if run else []
     if bias_rows:
-        lines += ["| task | metric | value | n |", "|---|---|---|---|"]
+        lines += _results_table(bias_rows)
         lines += [
-            f"| {r['task']} | {r.get('metric', '')} | {_result_text(r)} | {r.get('n', '')} |"
-            for r in bias_rows
+            "",
+            "Minimal-pair figures are the percentage of pairs where the model prefers the "
+            "stereotypical sentence (50 = no preference).",
         ]
-    for f in bias_files:
-        numbers = _flat_numbers(_read_json(f))[:20]
-        if numbers:
-            lines += ["", f"From `{f.name}`:", ""]
-            lines += [f"- {k}: {v:.4g}" for k, v in numbers]
-    if not bias_rows and not any(_flat_numbers(_read_json(f)) for f in bias_files):
+    elif _flat_numbers(bias_summary):
+        lines += [f"- {k}: {v:.4g}" for k, v in _flat_numbers(bias_summary)[:20]]
+    else:
         lines.append(
             "No bias audit results were found (`lmforge bias` writes them). Assume the model "
             "reproduces the social biases of its training text."
@@ -256,6 +310,13 @@ def model_card(
     else:
         lines += ["```", 'llama-cli -m model.gguf -p "def add(a, b):" -n 40', "```"]
     return "\n".join(lines) + "\n"
+
+
+def _results_table(rows: list[dict[str, Any]]) -> list[str]:
+    return ["| task | metric | value | n |", "|---|---|---|---|"] + [
+        f"| {r['task']} | {r.get('metric', '')} | {_result_text(r)} | {r.get('n', '')} |"
+        for r in rows
+    ]
 
 
 def _is_bias(r: dict[str, Any]) -> bool:
