@@ -210,9 +210,11 @@ def kind_of_file(path: Path) -> str | None:
 def resolve_source_path(path: str) -> Path:
     """A source path as written in a recipe; ``…/shared/data/X`` falls back to `shared_data()`.
 
-    Recipes name the shared data as ``../shared/data/gutenberg`` (relative to a checkout);
-    the fallback makes them work from any working directory and in CI.
+    Recipes name the shared data as ``../shared/data/gutenberg`` (relative to a checkout)
+    or ``shared:gutenberg``; the fallback makes them work from any working directory and in CI.
     """
+    if path.startswith("shared:"):
+        return shared_data() / path[len("shared:") :]
     p = Path(path).expanduser()
     if p.exists():
         return p

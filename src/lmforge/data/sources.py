@@ -111,7 +111,9 @@ def iter_jsonl(path: Path, text_field: str = "text") -> Iterator[Document]:
 
 
 def _expand(spec: str) -> list[Path]:
-    path = Path(spec)
+    from lmforge.data.readers import resolve_source_path
+
+    path = resolve_source_path(spec)
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     if path.exists():
@@ -128,7 +130,9 @@ def iter_source(spec: str) -> Iterator[Document]:
     if spec == "python-stdlib":
         yield from iter_stdlib()
         return
-    base = Path(spec) if Path(spec).is_dir() else None
+    from lmforge.data.readers import resolve_source_path
+
+    base = resolve_source_path(spec) if resolve_source_path(spec).is_dir() else None
     for path in _expand(spec):
         name = path.name
         if name.endswith(JSONL_SUFFIXES):
