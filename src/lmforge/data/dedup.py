@@ -96,7 +96,7 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
         p = np.array([_collision_probability(s, bands, rows) for s in grid])
         fp = np.trapezoid(np.where(grid < threshold, p, 0.0), grid)
         fn = np.trapezoid(np.where(grid >= threshold, 1.0 - p, 0.0), grid)
-        err = fp + FN_WEIGHT * fn
+        err = float(fp + FN_WEIGHT * fn)
         if err < best_err:
             best, best_err = (bands, rows), err
     return best
