@@ -26,6 +26,7 @@ EXTRA_COMMAND_MODULES: list[str] = [
     "lmforge.plan_cli",
     "lmforge.export.cli",
     "lmforge.bias.cli",
+    "lmforge.doctor",
 ]
 
 
