@@ -45,7 +45,7 @@ def measure_matmul_peak(
     b = torch.randn(size, size).to(dtype)
     for _ in range(2):
         a @ b
-    times = []
+    times: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 5:
         t0 = time.perf_counter()

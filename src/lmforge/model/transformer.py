@@ -214,10 +214,13 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        cos = sin = None
         if cfg.position == "rope":
             cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.context_length, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.rope_cos: torch.Tensor | None
+        self.rope_sin: torch.Tensor | None
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -282,7 +285,7 @@ class Transformer(nn.Module):
             )
         x = self.drop(x)
         rope = None
-        if self.cfg.position == "rope":
+        if self.rope_cos is not None and self.rope_sin is not None:
             if pos is not None:  # per-row positions: (B, 1, T, D/2) broadcasts over heads
                 rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])
             else:
