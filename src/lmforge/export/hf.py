@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,12 @@ def _read_hf_weights(folder: Path) -> State:
         if index.exists():
             state: State = {}
             for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                # The index comes with the (untrusted) folder: a shard name must stay inside
+                # it. Checked on the name, not the resolved path: HF cache snapshots are
+                # symlinks into ../../blobs by design.
+                norm = os.path.normpath(str(shard))
+                if os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
+                    raise ExportError(f"{index}: shard {shard!r} lies outside {folder}")
                 state.update(loader(folder / shard))
             return state
     if (folder / "model.safetensors").exists():

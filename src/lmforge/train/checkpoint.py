@@ -177,10 +177,18 @@ def verify_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"{sums_path}: missing (checkpoint incomplete)")
     try:
         sums = json.loads(sums_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{sums_path}: corrupt") from None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{sums_path}: corrupt (not a mapping of file name to sha256)")
     for name, digest in sums.items():
         f = path / name
+        # A checkpoint may come from someone else: its file list must not reach outside
+        # the folder (``../x``, an absolute path, or a symlink to another file).
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{sums_path}: file name {name!r} is not a plain file name")
+        if f.is_symlink():
+            raise CheckpointError(f"{f}: is a symbolic link; checkpoint files must be plain files")
         if not f.exists():
             raise CheckpointError(f"{f}: missing from checkpoint")
         if sha256_file(f) != digest:
