@@ -311,3 +311,17 @@ def test_time_estimate_from_measured_mfu_predicts_other_shape():
     predicted = make_plan(b, hw, tokens=B * 128, mfu=mfu).hours * 3600
     measured = float(np.median(times_b))
     assert math.isclose(predicted, measured, rel_tol=0.4), (predicted, measured, mfu)
+
+
+def test_measured_run_carries_its_achieved_flops_to_cpu_plans(tmp_path, capsys):
+    """--measured RUN on CPU: time = FLOPs / (the run's MFU × the run's peak), whatever peak
+    this command measures now."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "mfu": m} for s, m in ((10, 0.2), (20, 0.3), (30, 0.4))]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps({"peak_flops": 5e10}))
+    args = ["plan", "--preset", "baby-gpt", "--vocab", "72", "--gpu", "cpu", "--dtype", "fp32"]
+    assert main([*args, "--tokens", "1M", "--measured", str(run), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["hours"] * 3600 == pytest.approx(plan["training_flops"] / (0.3 * 5e10), rel=1e-9)

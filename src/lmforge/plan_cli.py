@@ -59,7 +59,7 @@ def _plan(args, overrides) -> int:
         if value:
             target[key] = parse_quantity(value, f"--{key}")
     common: dict[str, Any] = dict(
-        mfu=_mfu(args),
+        mfu=_mfu(args, hw),
         price=args.price,
         power_w=args.power_w,
         pue=args.pue,
@@ -89,14 +89,20 @@ def _plan(args, overrides) -> int:
     return 0
 
 
-def _mfu(args) -> float:
-    """--mfu as a fraction, or the median MFU logged by a finished run (--measured RUN_DIR)."""
+def _mfu(args, hw: Hardware) -> float:
+    """--mfu as a fraction, or the median MFU logged by a finished run (--measured RUN_DIR).
+
+    A run's MFU is relative to the peak it measured or assumed (summary.json's
+    `peak_flops`); on CPU, whose peak this command measures again, the run's achieved
+    FLOP/s are carried over instead, so a different peak reading does not change the time.
+    """
     if args.measured:
         from pathlib import Path
 
         import numpy as np
 
         path = Path(args.measured)
+        run_dir = path if path.is_dir() else path.parent
         path = path / "metrics.jsonl" if path.is_dir() else path
         values = [
             r["mfu"]
@@ -105,7 +111,13 @@ def _mfu(args) -> float:
         ]
         if not values:
             raise PlanError(f"{path}: no MFU records")
-        return float(np.median(values))
+        mfu = float(np.median(values))
+        summary = run_dir / "summary.json"
+        if hw.device.name == "cpu" and summary.exists():
+            run_peak = float(json.loads(summary.read_text()).get("peak_flops") or 0.0)
+            if run_peak and hw.peak_per_device:
+                mfu *= run_peak / hw.peak_per_device
+        return mfu
     mfu = args.mfu
     if mfu and mfu > 1:
         mfu /= 100  # "40" means 40%
