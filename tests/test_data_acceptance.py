@@ -17,6 +17,10 @@ def test_prepare_tokenize_pretrain_on_the_data_mix(tmp_path):
         f"--data.sources=[{prepared}/shards]",
         f"--output.dir={run}",
         f"--prepare.output={prepared}",
+        # Keep the slow test to minutes: a small tokenizer and the first 3 MB of the corpus.
+        "--tokenizer.vocab_size=512",
+        "--tokenizer.train_bytes=1000000",
+        "--data.max_bytes=3000000",
     ]
     assert main(["prepare", "data-mix", *common]) == 0
     report = json.loads((prepared / "data_report.json").read_text())

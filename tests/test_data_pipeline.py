@@ -245,6 +245,14 @@ def test_sigkill_mid_run_then_rerun_gives_identical_output(tmp_path, shared):
     assert a == b
 
 
+def test_process_pool_matches_in_process(tmp_path, run):
+    cfg, out, report = run
+    pool_cfg = PrepareConfig(**{**cfg.__dict__, "workers": 2})
+    pool_report = prepare(pool_cfg, tmp_path / "pool", log=lambda s: None)
+    assert snapshot(tmp_path / "pool") == snapshot(out)
+    assert pool_report["totals"] == report["totals"]
+
+
 @pytest.mark.slow
 def test_ray_executor_matches_local(tmp_path, shared, run):
     pytest.importorskip("ray")
