@@ -27,7 +27,12 @@ import torch
 from lmforge.config import Config, ModelConfig, config_from_dict
 from lmforge.data.sources import iter_documents
 from lmforge.model.transformer import Transformer, count_params, flops_per_token
-from lmforge.shards import TokenLoader, TokenStream, split_info, tokenize_documents
+from lmforge.shards import (
+    TokenLoader,
+    TokenStream,
+    shards_complete,
+    tokenize_documents,
+)
 from lmforge.tokenizer import Tokenizer, iter_limited, load_tokenizer, train_tokenizer
 from lmforge.train.checkpoint import load_weights, resolve_checkpoint, verify_checkpoint
 from lmforge.train.dist import print0
@@ -60,10 +65,8 @@ def tokens_dir_of(cfg: Config, run_dir: Path) -> Path:
 def tokenize_stage(cfg: Config, tok: Tokenizer, run_dir: Path, force: bool = False) -> Path:
     """Write train/val token shards unless matching ones exist."""
     out = tokens_dir_of(cfg, run_dir)
-    if not force and list(out.glob("train_*.json")):
-        info = split_info(out, "train")
-        if info.tokenizer_hash == tok.hash:
-            return out
+    if not force and shards_complete(out, tok.hash):
+        return out
     docs = iter_documents(cfg.data.sources)
     if cfg.data.max_bytes:
         docs = _limit_docs(docs, cfg.data.max_bytes)

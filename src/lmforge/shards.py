@@ -35,6 +35,7 @@ from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-tokens"
 VERSION = 1
+COMPLETE = "tokens_complete.json"  # completion marker of a tokens folder
 
 
 class ShardError(ValueError):
@@ -165,6 +166,7 @@ def tokenize_documents(
         raise ValueError(f"data.split = {split!r} is not 'document' or 'tail'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / COMPLETE).unlink(missing_ok=True)  # first: the folder is unfinished from here on
     for old in list(out.glob("train_*")) + list(out.glob("val_*")):
         old.unlink()
     writers = {s: ShardWriter(out, s, tok, shard_tokens) for s in ("train", "val")}
@@ -178,7 +180,40 @@ def tokenize_documents(
             else:
                 name = "val" if is_validation(doc.id, val_fraction) else "train"
             writers[name].add(ids, len(doc.text.encode("utf-8", errors="replace")))
-    return {s: w.close() for s, w in writers.items()}
+    counts = {s: w.close() for s, w in writers.items()}
+    # Written last, so a folder with the marker holds every shard of both splits:
+    # a run killed between shards leaves no marker and is tokenized again.
+    tmp = out / (COMPLETE + ".tmp")
+    tmp.write_text(json.dumps({"tokenizer_hash": tok.hash, **counts}, indent=1))
+    _fsync_path(tmp)
+    tmp.replace(out / COMPLETE)
+    return counts
+
+
+def _fsync_path(path: Path) -> None:
+    with path.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def shards_complete(tokens_dir: str | Path, tokenizer_hash: str) -> bool:
+    """Whether `tokens_dir` holds a finished tokenization made with this tokenizer.
+
+    Folders from before the completion marker count as finished only when no
+    temporary file is left and both splits' headers check out.
+    """
+    out = Path(tokens_dir)
+    marker = out / COMPLETE
+    if marker.exists():
+        try:
+            return json.loads(marker.read_text()).get("tokenizer_hash") == tokenizer_hash
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return False
+    if not out.is_dir() or any(out.glob("*.tmp")):
+        return False
+    try:
+        return all(split_info(out, s).tokenizer_hash == tokenizer_hash for s in ("train", "val"))
+    except ShardError:
+        return False
 
 
 # ----------------------------------------------------------------------------- reading
