@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.shards import TokenLoader, TokenStream
+from lmforge.shards import TokenLoader, TokenStream, first_sample
 from lmforge.tokenizer import Tokenizer
 
 MASK_PROB = 0.15  # Devlin et al. 2019: 15% of positions are prediction targets
@@ -103,8 +103,7 @@ class MaskedBatches:
         world_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The same global sample numbering as TokenLoader.batch, so masks follow the windows.
-        global_batch = micro_batch_size * accum_steps * world_size
-        first = step * global_batch + (rank * accum_steps + micro) * micro_batch_size
+        first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
         xs, ys = [], []
         for g in range(first, first + micro_batch_size):
             window = self.loader.sample(g)[:-1]  # T tokens; no shift for a masked LM

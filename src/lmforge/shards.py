@@ -20,6 +20,7 @@ uninterrupted one would, and the global batch does not depend on world size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,7 +74,10 @@ class ShardWriter:
 
     def add(self, ids: list[int], n_bytes: int) -> None:
         arr = np.asarray([*ids, self.tok.eot_id], dtype=self.dtype)
-        self.fh.write(arr.tobytes())
+        try:
+            self.fh.write(arr.tobytes())
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         self.n_tokens += arr.size
         self.n_docs += 1
         self.n_bytes += n_bytes
@@ -82,7 +86,28 @@ class ShardWriter:
             self.index += 1
             self._open()
 
+    def discard(self) -> None:
+        """Drop the shard being written (finished shards stay)."""
+        with contextlib.suppress(OSError):  # the buffered bytes cannot be written either
+            self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+        self.path.with_suffix(".json.tmp").unlink(missing_ok=True)
+
+    def _write_error(self, exc: OSError) -> ShardError:
+        """Disk full (or similar) while writing: drop the partial shard, name it, keep the rest."""
+        self.discard()
+        return ShardError(
+            f"{self.tmp}: could not write token shard ({exc.strerror or exc}); "
+            "the tokens folder is left unfinished and will be tokenized again on the next run"
+        )
+
     def _close(self) -> None:
+        try:
+            self._finish()
+        except OSError as exc:
+            raise self._write_error(exc) from exc
+
+    def _finish(self) -> None:
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()
@@ -170,23 +195,32 @@ def tokenize_documents(
     for old in list(out.glob("train_*")) + list(out.glob("val_*")):
         old.unlink()
     writers = {s: ShardWriter(out, s, tok, shard_tokens) for s in ("train", "val")}
-    for batch in _batched(
-        _split_tails(docs, val_fraction) if split == "tail" else docs, batch_size
-    ):
-        texts = [d.text for d in batch]
-        for doc, ids in zip(batch, tok.encode_batch(texts), strict=True):
-            if split == "tail":
-                name = doc.meta["split"]
-            else:
-                name = "val" if is_validation(doc.id, val_fraction) else "train"
-            writers[name].add(ids, len(doc.text.encode("utf-8", errors="replace")))
-    counts = {s: w.close() for s, w in writers.items()}
+    try:
+        for batch in _batched(
+            _split_tails(docs, val_fraction) if split == "tail" else docs, batch_size
+        ):
+            texts = [d.text for d in batch]
+            for doc, ids in zip(batch, tok.encode_batch(texts), strict=True):
+                if split == "tail":
+                    name = doc.meta["split"]
+                else:
+                    name = "val" if is_validation(doc.id, val_fraction) else "train"
+                writers[name].add(ids, len(doc.text.encode("utf-8", errors="replace")))
+        counts = {s: w.close() for s, w in writers.items()}
+    except (OSError, ShardError):
+        for w in writers.values():  # free the space the partial shards hold
+            w.discard()
+        raise
     # Written last, so a folder with the marker holds every shard of both splits:
     # a run killed between shards leaves no marker and is tokenized again.
     tmp = out / (COMPLETE + ".tmp")
-    tmp.write_text(json.dumps({"tokenizer_hash": tok.hash, **counts}, indent=1))
-    _fsync_path(tmp)
-    tmp.replace(out / COMPLETE)
+    try:
+        tmp.write_text(json.dumps({"tokenizer_hash": tok.hash, **counts}, indent=1))
+        _fsync_path(tmp)
+        tmp.replace(out / COMPLETE)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ShardError(f"{tmp}: could not write ({exc.strerror or exc})") from exc
     return counts
 
 
@@ -316,6 +350,23 @@ class TokenStream:
         return total
 
 
+def first_sample(
+    step: int,
+    micro: int,
+    micro_batch_size: int,
+    accum_steps: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> int:
+    """Global number of the first sample of micro-batch `micro` of step `step` on `rank`.
+
+    Step `s` owns samples [s·G, (s+1)·G) with G = micro_batch · accum · world; each rank takes a
+    contiguous slice of them. The set a step sees depends only on G, never on how it is split.
+    """
+    global_batch = micro_batch_size * accum_steps * world_size
+    return step * global_batch + (rank * accum_steps + micro) * micro_batch_size
+
+
 class TokenLoader:
     """Deterministic batches of (inputs, targets) drawn from (seed, step, rank, world size)."""
 
@@ -367,8 +418,7 @@ class TokenLoader:
         world_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
-        global_batch = micro_batch_size * accum_steps * world_size
-        first = step * global_batch + (rank * accum_steps + micro) * micro_batch_size
+        first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
         rows = np.stack([self.sample(first + i) for i in range(micro_batch_size)])
         data = torch.from_numpy(rows)
         return data[:, :-1], data[:, 1:]
