@@ -6,16 +6,6 @@ import time
 
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, without sparsity.
-GPU_PEAK_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10": 125e12,
-    "RTX 4090": 165e12,
-}
-
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -26,10 +16,13 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def gpu_peak_flops(device: torch.device) -> float:
-    name = torch.cuda.get_device_name(device)
-    for key, peak in GPU_PEAK_BF16.items():
-        if key in name:
-            return peak
+    """Dense bf16 peak of the GPU, from the datasheet table in `lmforge.plan` (0 if unknown)."""
+    from lmforge.plan import DEVICES
+
+    name = torch.cuda.get_device_name(device).upper().replace(" ", "")
+    for key, dev in DEVICES.items():
+        if key.split("-")[0].upper() in name:  # "A100-80" matches "NVIDIA A100-SXM4-80GB"
+            return dev.peak_flops
     return 0.0
 
 
