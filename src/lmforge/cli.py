@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"lmforge: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. disk full while writing metrics or outputs
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"lmforge: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130

@@ -86,12 +86,22 @@ class ShardWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        self.zfh.write(line.encode("utf-8", errors="replace"))
+        try:
+            self.zfh.write(line.encode("utf-8", errors="replace"))
+        except OSError as exc:
+            raise self._write_error(exc) from exc
         self.count += 1
 
     def close(self) -> None:
-        self.zfh.close()  # also closes self.raw
-        _fsync_replace(self.tmp, self.path)
+        try:
+            self.zfh.close()  # also closes self.raw
+            _fsync_replace(self.tmp, self.path)
+        except OSError as exc:
+            raise self._write_error(exc) from exc
+
+    def _write_error(self, exc: OSError) -> OSError:
+        """Disk full (or similar): name the file; the task stays unfinished and reruns."""
+        return OSError(exc.errno, f"{exc.strerror or exc} while writing", str(self.tmp))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

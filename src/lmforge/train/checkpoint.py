@@ -129,6 +129,36 @@ def save_checkpoint(
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        _write_checkpoint_files(tmp, step, model, optimizer, state, extra_files or {})
+    except (OSError, RuntimeError) as exc:
+        # Disk full or quota (torch.save reports it as a RuntimeError from its zip writer):
+        # free what we wrote, keep every finished checkpoint, and say so.
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        free = shutil.disk_usage(root).free
+        full = f"; {free:,} bytes free: the disk is full" if free < 1 << 26 else ""
+        raise CheckpointError(
+            f"{final}: could not write the checkpoint ({reason}{full}); "
+            f"the previous checkpoints in {root} are intact"
+        ) from exc
+    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    step: int,
+    model: nn.Module | dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None,
+    state: dict[str, Any],
+    extra_files: dict[str, bytes],
+) -> None:
     tmp.mkdir()
     save_weights(model, tmp / "model.safetensors", {"format": "pt", "lmforge": __version__})
     if isinstance(optimizer, torch.optim.Optimizer):
@@ -142,7 +172,6 @@ def save_checkpoint(
         state, step=step, lmforge_version=__version__, torch_version=torch.__version__
     )
     (tmp / "trainer_state.json").write_text(json.dumps(full_state, indent=1, default=str))
-    extra_files = extra_files or {}
     for name, data in extra_files.items():
         (tmp / name).write_bytes(data)
     sums = {}
@@ -152,13 +181,6 @@ def save_checkpoint(
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
     _fsync_file(tmp / "checksums.json")
     _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    tmp.rename(final)
-    _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path | str) -> list[Path]:

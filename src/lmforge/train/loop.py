@@ -82,12 +82,18 @@ class MetricsLog:
         """On resume, drop records of steps the resumed run will redo."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill or a full disk: its step is redone
+            if record.get("step", 0) <= step:
+                keep.append(line)
+        # Replaced atomically: a kill here must not lose the records before `step`.
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
