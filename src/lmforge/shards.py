@@ -232,8 +232,10 @@ def _fsync_path(path: Path) -> None:
 def shards_complete(tokens_dir: str | Path, tokenizer_hash: str) -> bool:
     """Whether `tokens_dir` holds a finished tokenization made with this tokenizer.
 
-    Folders from before the completion marker count as finished only when no
-    temporary file is left and both splits' headers check out.
+    Folders without the marker (from before it existed, or killed just before
+    writing it) count as finished only when no temporary file is left, every
+    ``.bin`` has its header (a shard is renamed into place before its header is
+    written) and both splits' headers check out.
     """
     out = Path(tokens_dir)
     marker = out / COMPLETE
@@ -243,6 +245,8 @@ def shards_complete(tokens_dir: str | Path, tokenizer_hash: str) -> bool:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             return False
     if not out.is_dir() or any(out.glob("*.tmp")):
+        return False
+    if any(not b.with_suffix(".json").exists() for b in out.glob("*.bin")):
         return False
     try:
         return all(split_info(out, s).tokenizer_hash == tokenizer_hash for s in ("train", "val"))
