@@ -277,8 +277,11 @@ def _headers(tokens_dir: Path, split: str) -> list[tuple[Path, dict]]:
             header = json.loads(hpath.read_text())
         except json.JSONDecodeError as exc:
             raise ShardError(f"{hpath}: corrupt shard header ({exc.msg})") from None
-        if header.get("format") != FORMAT:
+        except UnicodeDecodeError:
+            raise ShardError(f"{hpath}: corrupt shard header (not UTF-8)") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ShardError(f"{hpath}: not an lmforge token shard header")
+        _check_header(hpath, header)
         binpath = hpath.with_suffix(".bin")
         if not binpath.exists():
             raise ShardError(f"{hpath}: its data file {binpath.name} is missing")
@@ -291,6 +294,18 @@ def _headers(tokens_dir: Path, split: str) -> list[tuple[Path, dict]]:
     if not headers:
         raise ShardError(f"no '{split}' token shards in {tokens_dir} (run `lmforge tokenize`)")
     return headers
+
+
+def _check_header(hpath: Path, header: dict) -> None:
+    """Every field the readers use, with its type: a mangled header is a clear error."""
+    for key in ("n_tokens", "n_documents", "n_bytes", "vocab_size", "eot_id"):
+        value = header.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ShardError(f"{hpath}: field '{key}' = {value!r} is not a non-negative integer")
+    if header.get("dtype") not in ("uint16", "uint32"):
+        raise ShardError(f"{hpath}: field 'dtype' = {header.get('dtype')!r} is not uint16/uint32")
+    if not isinstance(header.get("tokenizer_hash"), str):
+        raise ShardError(f"{hpath}: field 'tokenizer_hash' is missing")
 
 
 def split_info(tokens_dir: str | Path, split: str) -> SplitInfo:
