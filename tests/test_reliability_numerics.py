@@ -102,3 +102,91 @@ def test_inf_step_is_skipped_and_counted(tmp_path, inject):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bad_steps"] for r in records if "loss" in r] == [0, 0, 0, 1, 1, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+
+
+# ----------------------------------------------------------------------------- loss spikes
+
+
+class CrashAt:
+    """Batch source that dies when asked for `step` (a crash between checkpoints)."""
+
+    def __init__(self, inner, step):
+        self.inner, self.step = inner, step
+
+    def batch(self, step, *args):
+        if step == self.step:
+            raise KeyboardInterrupt("simulated crash")
+        return self.inner.batch(step, *args)
+
+
+def spiking_trainer(cfg, spike_step: int = 5) -> Trainer:
+    """A trainer whose loss is 20× too large on optimizer step `spike_step` (1-based)."""
+    trainer = make_trainer(cfg)
+    real_forward = trainer.model.forward
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        hit = trainer.model.training and trainer.step == spike_step - 1 and out.dim() == 0
+        return out * 20.0 if hit else out
+
+    trainer.model.forward = forward  # type: ignore[method-assign]
+    trainer.train_model = trainer.model
+    return trainer
+
+
+SPIKE = ("train.spike_policy=skip", "train.spike_factor=3", "train.spike_warmup=2")
+
+
+def test_loss_spike_is_skipped_and_counted_when_asked(tmp_path):
+    opts = ("train.max_steps=7", "train.checkpoint_every=1")
+    skip = spiking_trainer(tiny_config(tmp_path / "skip", *opts, *SPIKE))
+    skip.fit()
+    none = spiking_trainer(tiny_config(tmp_path / "none", *opts))
+    none.fit()
+    assert skip.spike_steps == 1 and skip.bad_steps == 0 and none.spike_steps == 0
+
+    def weights(root, step):
+        ckpt = root / "run" / "checkpoints" / f"step_{step:08d}" / "model.safetensors"
+        return load_file(str(ckpt))
+
+    w4, w5 = weights(tmp_path / "skip", 4), weights(tmp_path / "skip", 5)
+    assert all(torch.equal(w4[k], w5[k]) for k in w4)  # the spike never reached the weights
+    n4, n5 = weights(tmp_path / "none", 4), weights(tmp_path / "none", 5)
+    assert not all(torch.equal(n4[k], n5[k]) for k in n4)  # without the guard it did
+    assert all(torch.equal(w4[k], n4[k]) for k in w4)  # and before it both runs are equal
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "skip" / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["spike_steps"] for r in records if "loss" in r] == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_spike_guard_state_survives_resume_bit_exactly(tmp_path):
+    opts = ("train.max_steps=8", "train.checkpoint_every=3", *SPIKE)
+    full = spiking_trainer(tiny_config(tmp_path / "a", *opts))
+    full.fit()
+    cut_cfg = tiny_config(tmp_path / "b", *opts)
+    cut = spiking_trainer(cut_cfg)
+    cut.train_data = CrashAt(cut.train_data, 7)  # checkpoint at 6, crash during step 8
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    resumed = spiking_trainer(cut_cfg)
+    resumed.fit(resume="auto")
+    assert resumed.spike_steps == full.spike_steps == 1
+    assert resumed.loss_ema == full.loss_ema
+    a = load_file(
+        str(tmp_path / "a" / "run" / "checkpoints" / "step_00000008" / "model.safetensors")
+    )
+    b = load_file(
+        str(tmp_path / "b" / "run" / "checkpoints" / "step_00000008" / "model.safetensors")
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_spike_config_is_validated():
+    from lmforge.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train\.spike_factor"):
+        load_config(None, ["train.spike_factor=0.5"])
+    with pytest.raises(ConfigError, match=r"train\.spike_policy"):
+        load_config(None, ["train.spike_policy=rollback"])

@@ -118,6 +118,13 @@ class TrainConfig:
     keep_last: int = 3
     # Stop after this many consecutive non-finite steps, leaving the last good checkpoint.
     max_bad_steps: int = 5
+    # Loss-spike guard. "skip" drops the update of a step whose (finite) loss exceeds
+    # spike_factor × the running mean of accepted losses (an EMA, active after
+    # spike_warmup accepted steps); the skip is counted, and spikes count towards
+    # max_bad_steps. "none" leaves training exactly as without the guard.
+    spike_policy: Literal["none", "skip"] = "none"
+    spike_factor: float = 3.0
+    spike_warmup: int = 20
     # Wall-clock budget in seconds for one invocation (0 = none): training stops cleanly,
     # checkpointing first; `--resume auto` continues with a fresh budget.
     max_time_s: float = 0.0
@@ -572,6 +579,10 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps"):
         if getattr(t, key) <= 0:
             bad(f"train.{key}", "must be positive")
+    if not t.spike_factor > 1.0:
+        bad("train.spike_factor", f"= {t.spike_factor} must be greater than 1")
+    if t.spike_warmup < 0:
+        bad("train.spike_warmup", "must not be negative")
     for i, stage in enumerate(cfg.run.stages):
         if stage not in RUN_STAGES:
             bad(f"run.stages[{i}]", f"= {stage!r} is not a stage ({', '.join(RUN_STAGES)})")

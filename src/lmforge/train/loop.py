@@ -192,6 +192,9 @@ class Trainer:
         self.tokens_seen = 0
         self.bad_steps = 0
         self.consecutive_bad = 0
+        self.spike_steps = 0  # updates skipped by train.spike_policy
+        self.loss_ema: float | None = None  # running mean of accepted losses (spike guard)
+        self.loss_seen = 0
         self.elapsed_before = 0.0
         self._stop_signal: str | None = None
 
@@ -202,6 +205,9 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "bad_steps": self.bad_steps,
             "consecutive_bad": self.consecutive_bad,
+            "spike_steps": self.spike_steps,
+            "loss_ema": self.loss_ema,
+            "loss_seen": self.loss_seen,
             "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0),
             "data": {"next_step": self.step, "seed": self.cfg.train.seed},
             "config": to_dict(self.cfg),
@@ -244,6 +250,9 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         self.bad_steps = int(state["bad_steps"])
         self.consecutive_bad = int(state["consecutive_bad"])
+        self.spike_steps = int(state.get("spike_steps", 0))
+        self.loss_ema = state.get("loss_ema")
+        self.loss_seen = int(state.get("loss_seen", 0))
         self.elapsed_before = float(state["elapsed_s"])
         self.metrics.truncate_after(self.step)
         self.log(f"resumed from {path} at step {self.step}")
@@ -279,6 +288,21 @@ class Trainer:
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signal.Signals(signum).name
+
+    def _is_spike(self, loss: float) -> bool:
+        """Whether `loss` is a spike (train.spike_policy); if not, fold it into the running mean."""
+        t = self.cfg.train
+        if (
+            self.loss_ema is not None
+            and self.loss_seen >= t.spike_warmup
+            and loss > t.spike_factor * self.loss_ema
+        ):
+            return True
+        # EMA over roughly the last 10 accepted steps: it trails a falling loss from above,
+        # so ordinary progress never looks like a spike.
+        self.loss_ema = loss if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * loss
+        self.loss_seen += 1
+        return False
 
     def fit(self, resume: str = "") -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
@@ -337,9 +361,17 @@ class Trainer:
                 grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else math.inf)
                 step_loss = all_reduce_mean(step_loss)
                 finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
-                if finite:
+                spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
+                if finite and not spike:
                     opt.step()
                     self.consecutive_bad = 0
+                elif spike:
+                    self.spike_steps += 1
+                    self.consecutive_bad += 1
+                    self.log(
+                        f"step {self.step}: loss {step_loss.item():.4f} > train.spike_factor "
+                        f"{t.spike_factor} × running mean {self.loss_ema:.4f}; update skipped"
+                    )
                 else:
                     # A non-finite loss or gradient never reaches the weights or the moments.
                     self.bad_steps += 1
@@ -356,7 +388,8 @@ class Trainer:
                     loss_sum += step_loss
                 if self.consecutive_bad >= t.max_bad_steps:
                     raise TrainingDiverged(
-                        f"{self.consecutive_bad} consecutive non-finite steps (train.max_bad_steps = "
+                        f"{self.consecutive_bad} consecutive non-finite steps"
+                        f"{' or loss spikes' if self.spike_steps else ''} (train.max_bad_steps = "
                         f"{t.max_bad_steps}) at step {self.step}; stopped. The last good checkpoint "
                         f"in {self.run_dir / 'checkpoints'} is intact: lower train.lr, check the data, "
                         f"or resume with --resume auto"
@@ -382,6 +415,8 @@ class Trainer:
                         "elapsed_s": elapsed,
                         "bad_steps": self.bad_steps,
                     }
+                    if t.spike_policy != "none":
+                        record["spike_steps"] = self.spike_steps
                     self.metrics.write(record)
                     self.log(
                         f"step {self.step:>6}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
