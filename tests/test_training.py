@@ -246,3 +246,16 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_measuring_the_peak_leaves_the_rng_alone(tmp_path, monkeypatch):
+    """The MFU peak is measured at the start of every fit, resumed ones too: it must not
+    consume the global RNG, or dropout masks after a resume would differ."""
+    from lmforge.hardware import peak_flops
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert peak_flops(torch.device("cpu"), "fp32") > 0
+    assert torch.equal(before, torch.get_rng_state())
+    assert (tmp_path / "cpu_peak.json").exists()

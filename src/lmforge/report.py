@@ -173,14 +173,9 @@ def environment() -> dict[str, Any]:
             text=True,
             timeout=5,
         ).stdout.strip()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from lmforge.hardware import cpu_model
+
+    cpu = cpu_model()
     return {
         "lmforge": __version__ + (f" ({commit})" if commit else ""),
         "python": platform.python_version(),
