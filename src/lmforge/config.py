@@ -483,8 +483,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
                     continue
         node = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        if not all(p.strip() for p in parts):
+            raise ConfigError(f"override '{item}' has an empty key (use --section.key=value)")
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # e.g. --train=5 --train.lr=3e-4
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(f"override '{item}': '{prefix}' was given a value earlier")
         node[parts[-1]] = value
     return out
 
