@@ -41,7 +41,9 @@ NANOGPT_VAL_LOSS = 1.886
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--compile", action="store_true")
@@ -74,8 +76,13 @@ def main() -> int:
         t0 = time.perf_counter()
         summary = pretrain(cfg)
         wall = time.perf_counter() - t0
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # skip the warm-up interval
+        records = [
+            json.loads(line)
+            for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][
+        1:
+    ]  # skip the warm-up interval
     tok_s = statistics.median(rates)
     tokens_per_iter = cfg.train.tokens_per_step
     ms_per_iter = 1000 * tokens_per_iter / tok_s

@@ -398,7 +398,9 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
         for i, c in enumerate(ev["checkpoints"]):
             for r in c["results"]:
                 by_metric.setdefault((r["task"], r["metric"]), [None] * len(names))[i] = r["value"]
-        parts.append(_grid(["task", "metric", *names], [[t, m, *v] for (t, m), v in by_metric.items()]))
+        parts.append(
+            _grid(["task", "metric", *names], [[t, m, *v] for (t, m), v in by_metric.items()])
+        )
     ft = data["finetune"].get("summary") or {}
     if ft.get("test"):
         parts.append(

@@ -193,10 +193,18 @@ def stage_finetune(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     ft_cfg = replace(cfg, output=replace(cfg.output, dir=str(run_dir / "finetune")))
     if "pretrain" in cfg.run.stages:
-        summary = finetune_stage(ft_cfg, resolve_checkpoint(run_dir / "pretrain"), run_dir / "finetune")
+        summary = finetune_stage(
+            ft_cfg, resolve_checkpoint(run_dir / "pretrain"), run_dir / "finetune"
+        )
     else:
-        tokenizer = replace(cfg.tokenizer, path="") if not Path(cfg.tokenizer.path).exists() else cfg.tokenizer
-        summary = finetune(replace(ft_cfg, tokenizer=tokenizer), run_dir / "finetune", resume="auto")
+        tokenizer = (
+            replace(cfg.tokenizer, path="")
+            if not Path(cfg.tokenizer.path).exists()
+            else cfg.tokenizer
+        )
+        summary = finetune(
+            replace(ft_cfg, tokenizer=tokenizer), run_dir / "finetune", resume="auto"
+        )
     if summary.get("interrupted"):
         raise RunError("fine-tuning was interrupted; run the same command again to resume")
     return summary

@@ -115,7 +115,11 @@ def flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def eval_json_path(run: Path) -> Path:
     """A run's eval.json: `lmforge eval` writes it at the top, `lmforge run` under eval/."""
     top = run / "eval.json"
-    return top if top.is_file() or not (run / "eval" / "eval.json").is_file() else run / "eval" / "eval.json"
+    return (
+        top
+        if top.is_file() or not (run / "eval" / "eval.json").is_file()
+        else run / "eval" / "eval.json"
+    )
 
 
 def eval_tables(path: Path) -> tuple[list[dict[str, Any]], str]:
