@@ -106,21 +106,91 @@ def test_tour_outputs_are_committed():
     assert (DOCS / "generated/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(
+needs_mkdocs = pytest.mark.skipif(
     importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None,
     reason="mkdocs / mkdocs-material not installed (pip install -c constraints.txt -e '.[docs]')",
 )
-def test_mkdocs_build_strict(tmp_path):
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("site") / "site"
     mkdocs = shutil.which("mkdocs")
     cmd = [mkdocs] if mkdocs else [sys.executable, "-m", "mkdocs"]
     proc = subprocess.run(
-        [*cmd, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        [*cmd, "build", "--strict", "--site-dir", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    html = (tmp_path / "site/tour/index.html").read_text(encoding="utf-8")
+    return out
+
+
+@needs_mkdocs
+def test_mkdocs_build_strict(site):
+    html = (site / "tour/index.html").read_text(encoding="utf-8")
     assert "loss.png" in html and "lmforge pretrain tour.yaml" in html
     assert "fonts.googleapis.com" not in html  # builds and renders offline
+    assert (site / "reference/config/index.html").is_file()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
+
+
+@needs_mkdocs
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is missing")
+def test_tour_page_renders_plots_in_chromium(site, tmp_path):
+    """Serve the built site locally, open the tour in headless Chromium, check that the
+    loss plot is decoded and that no request leaves the machine; keep a screenshot."""
+    import functools
+    import http.server
+    import threading
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    outside: list[str] = []
+    out = Path(os.environ.get("LMFORGE_TEST_ARTIFACTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+
+            def route(r):
+                if r.request.url.startswith(base):
+                    r.continue_()
+                else:
+                    outside.append(r.request.url)
+                    r.abort()
+
+            page.route("**/*", route)
+            page.goto(f"{base}/tour/", wait_until="load")
+            img = page.locator("img[src*='loss.png']")
+            img.scroll_into_view_if_needed()
+            width = img.evaluate("i => i.complete ? i.naturalWidth : 0")
+            assert width > 100, "the loss plot did not render"
+            assert "3. Pre-training" in page.inner_text("article")
+            img.screenshot(path=str(out / "tour_loss_plot.png"))
+            page.screenshot(path=str(out / "tour_page.png"), full_page=True)
+            browser.close()
+    finally:
+        server.shutdown()
+    assert not outside, f"the docs tried to load from outside: {outside}"
+    assert (out / "tour_page.png").stat().st_size > 10_000
