@@ -33,7 +33,7 @@ COMMANDS = [
     ("pretrain", "lmforge pretrain tour.yaml"),
     ("generate", "lmforge generate --checkpoint runs/tour --prompt 'It was a ' --max-tokens 60 --seed 0"),
     ("finetune", "lmforge finetune tour.yaml --checkpoint runs/tour --out runs/tour-sft"),
-    ("eval", "lmforge eval --checkpoint runs/tour --checkpoint runs/tour-sft --task ppl --task hellaswag --limit 100 --out runs/tour/eval.json"),
+    ("eval", "lmforge eval --checkpoint runs/tour --checkpoint runs/tour-sft --task ppl --data ppl=../shared/data/tinyshakespeare/input.txt --task hellaswag --limit 100 --out runs/tour/eval.json"),
     ("bias", "lmforge bias --checkpoint runs/tour --limit 200 --samples 1 --out runs/tour/bias.json"),
 ]  # fmt: skip
 
@@ -50,7 +50,10 @@ def _clean(text: str, work: Path) -> str:
 
 
 def run(name: str, command: str, work: Path) -> str:
-    argv = shlex.split(command)
+    from lmforge.paths import shared_data
+
+    # Commands are shown with the shared data beside the work folder; run with the real path.
+    argv = shlex.split(command.replace("../shared/data", str(shared_data())))
     argv = [sys.executable, "-m", "lmforge", *argv[1:]]
     env = dict(os.environ, NO_COLOR="1", TERM="dumb", COLUMNS="100")
     t0 = time.perf_counter()
