@@ -28,7 +28,7 @@ COMMANDS = [
     ("prepare", "lmforge prepare tour.yaml"),
     ("tokenizer", "lmforge tokenizer train tour.yaml"),
     ("tokenize", "lmforge tokenize tour.yaml"),
-    ("plan", "lmforge plan tour.yaml --gpu cpu"),
+    ("plan", "lmforge plan tour.yaml --gpu cpu --vocab 4096"),
     ("plan_budget", "lmforge plan --budget '$500' --gpu H100"),
     ("pretrain", "lmforge pretrain tour.yaml"),
     ("generate", "lmforge generate --checkpoint runs/tour --prompt 'It was a ' --max-tokens 60 --seed 0"),
