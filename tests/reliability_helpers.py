@@ -74,59 +74,63 @@ class Finished:
 def run_killed(args: list[str], kill_at: int, count_file: Path | None = None, timeout: int = 600):
     """Run ``lmforge ARGS`` with a kill at operation `kill_at`; return its exit status.
 
-    A forked child of this (already imported) process does the run: the same as a
-    fresh interpreter for lmforge, which seeds everything it uses, and seconds
-    faster per kill point on a busy machine. Without fork, a subprocess.
+    Runs are forked from a clean fork server that has imported torch and lmforge
+    but never trained (forking the test process itself after it trained can
+    deadlock, and would make the operation count depend on its history). That
+    equals a fresh interpreter for lmforge, which seeds everything it uses, and
+    saves seconds per kill point. Without fork, a subprocess.
     """
-    if hasattr(os, "fork"):
-        return _run_forked(args, kill_at, count_file, timeout)
-    return _run_subprocess(args, kill_at, count_file, timeout)
+    import multiprocessing as mp
 
-
-def _run_forked(args: list[str], kill_at: int, count_file: Path | None, timeout: int) -> Finished:
+    if "forkserver" not in mp.get_all_start_methods():
+        return _run_subprocess(args, kill_at, count_file, timeout)
     import tempfile
-    import time
 
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "lmforge.cli", "reliability_helpers"])
     log_fd, log_name = tempfile.mkstemp(prefix="lmforge-killed-", suffix=".log")
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the test process
-        code = 1
-        try:
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            install(kill_at)
-            from lmforge.cli import main
-
-            code = main(args)
-            if count_file is not None:
-                Path(count_file).write_text(json.dumps({"ops": _ops["n"]}))
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise TimeoutError(f"lmforge {' '.join(args[:1])} ran over {timeout} s")
-        time.sleep(0.02)
-    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     os.close(log_fd)
+    proc = ctx.Process(target=_child, args=(args, kill_at, count_file, log_name))
+    proc.start()
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise TimeoutError(f"lmforge {args[0]} ran over {timeout} s")
     text = Path(log_name).read_text(errors="replace")
     os.unlink(log_name)
-    return Finished(code, text)
+    return Finished(int(proc.exitcode), text)
+
+
+def _child(args: list[str], kill_at: int, count_file: Path | None, log_name: str) -> None:
+    code = 1
+    try:
+        log_fd = os.open(log_name, os.O_WRONLY)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        # A first import writes .pyc files (os.replace): keep them out of the count.
+        sys.dont_write_bytecode = True
+        import torch
+
+        torch.set_num_threads(1)
+        install(kill_at)
+        from lmforge.cli import main
+
+        code = main(args)
+        if count_file is not None:
+            Path(count_file).write_text(json.dumps({"ops": _ops["n"]}))
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _run_subprocess(args: list[str], kill_at: int, count_file: Path | None, timeout: int):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, str(HERE / "reliability_helpers.py"), str(kill_at)]
     cmd += [str(count_file or os.devnull), "--", *args]

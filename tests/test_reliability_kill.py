@@ -91,34 +91,40 @@ def rerun(args: list[str]) -> None:
 
 
 def check_tokenize(tmp_path: Path, n_points: int) -> None:
-    # several shards per split, so kills also land between two finished shards
+    """Both ways of splitting validation off, half of the kill points each."""
     corpus = shakespeare_snippet(tmp_path, 40_000)
-    base = ["--tokenizer.kind=char", f"--data.sources=[{corpus}]", "--data.val_fraction=0.2"]
-    args = lambda out: ["tokenize", *base, f"--output.dir={out}"]
-    ref = tmp_path / "ref"
-    n_ops = count_ops(args(ref), tmp_path)
-    # shard_tokens is not a config field: monkeypatching would not reach the subprocess,
-    # so the test relies on the order train→val of two single-shard splits instead.
-    assert (ref / "tokens" / "tokens_complete.json").exists()
-    # the shards; the marker may be missing when the kill came after the last header
-    want = tree_bytes(ref / "tokens", "*_0*")
-    assert {"train_00000.bin", "val_00000.bin"} <= set(want)
-    points = kill_points(n_ops, n_points, SEED)
-    for k in points:
-        out = tmp_path / f"k{k}"
-        proc = run_killed(args(out), k)
-        assert killed(proc), (k, proc.returncode, proc.stderr[-2000:])
-        # the consumer (pretrain, run) takes the folder only if it is complete
-        cfg = load_config("quickstart", [o.lstrip("-") for o in base] + [f"output.dir={out}"])
-        tok = tokenizer_stage(cfg, out)
-        tokens = tokenize_stage(cfg, tok, out)
-        assert shards_complete(tokens, tok.hash)
-        assert tree_bytes(tokens, "*_0*") == want, f"kill point {k}: tokens differ after the rerun"
-    record("tokenize", points=len(points), survived=len(points), ops=n_ops)
+    total = 0
+    for i, split in enumerate(("document", "tail")):
+        base = [
+            "--tokenizer.kind=char",
+            f"--data.sources=[{corpus}]",
+            "--data.val_fraction=0.2",
+            f"--data.split={split}",
+        ]
+        args = lambda out, base=base: ["tokenize", *base, f"--output.dir={out}"]
+        ref = tmp_path / f"ref-{split}"
+        n_ops = count_ops(args(ref), tmp_path)
+        assert (ref / "tokens" / "tokens_complete.json").exists()
+        # the shards; the marker may be missing when the kill came after the last header
+        want = tree_bytes(ref / "tokens", "*_0*")
+        assert {"train_00000.bin", "val_00000.bin"} <= set(want)
+        points = kill_points(n_ops, (n_points + 1 - i) // 2, SEED + i)
+        for k in points:
+            out = tmp_path / f"{split}-k{k}"
+            proc = run_killed(args(out), k)
+            assert killed(proc), (k, proc.returncode, proc.stderr[-2000:])
+            # the consumer (pretrain, run) takes the folder only if it is complete
+            cfg = load_config("quickstart", [o.lstrip("-") for o in base] + [f"output.dir={out}"])
+            tok = tokenizer_stage(cfg, out)
+            tokens = tokenize_stage(cfg, tok, out)
+            assert shards_complete(tokens, tok.hash)
+            assert tree_bytes(tokens, "*_0*") == want, f"{split} kill point {k}: tokens differ"
+        total += len(points)
+    record("tokenize", points=total, survived=total, ops=n_ops)
 
 
 def test_kill_tokenize_fast(tmp_path):
-    check_tokenize(tmp_path, 1)
+    check_tokenize(tmp_path, 2)
 
 
 @pytest.mark.slow
