@@ -203,6 +203,9 @@ def verify_checkpoint(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"{sums_path}: corrupt") from None
     if not isinstance(sums, dict):
         raise CheckpointError(f"{sums_path}: corrupt (not a mapping of file name to sha256)")
+    unlisted = [name for name in CKPT_FILES if name not in sums]
+    if unlisted:  # every file that gets loaded must be covered by a checksum
+        raise CheckpointError(f"{sums_path}: corrupt (no checksum for {', '.join(unlisted)})")
     for name, digest in sums.items():
         f = path / name
         # A checkpoint may come from someone else: its file list must not reach outside
