@@ -259,3 +259,17 @@ def test_measuring_the_peak_leaves_the_rng_alone(tmp_path, monkeypatch):
     assert peak_flops(torch.device("cpu"), "fp32") > 0
     assert torch.equal(before, torch.get_rng_state())
     assert (tmp_path / "cpu_peak.json").exists()
+
+
+def test_time_budget_stops_cleanly_with_a_final_evaluation(tmp_path):
+    cfg = tiny_config(
+        tmp_path, "train.max_steps=1000", "train.eval_every=1000", "train.max_time_s=0.5"
+    )
+    summary = pretrain(cfg)
+    assert 0 < summary["step"] < 1000 and "val_loss" in summary
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest is not None and newest.name == f"step_{summary['step']:08d}"
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert records[-1]["step"] == summary["step"] and "val_loss" in records[-1]

@@ -448,6 +448,12 @@ class Trainer:
                     float(bool(out_of_time or self._stop_signal)), device=self.device
                 )
                 stop = all_reduce_mean(stop_flag).item() > 0
+                if stop and not self._stop_signal and self.step % t.eval_every:
+                    # Out of time: evaluate the model being left behind, so the summary
+                    # describes it (not the last scheduled evaluation).
+                    eval_metrics = self.evaluate()
+                    if eval_metrics:
+                        self.metrics.write({"step": self.step, **eval_metrics})
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or stop:
                     self.save()
                 if stop:
