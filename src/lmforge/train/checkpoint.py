@@ -143,12 +143,22 @@ def save_checkpoint(
             f"the previous checkpoints in {root} are intact"
         ) from exc
     if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+        _remove(final)
     tmp.rename(final)
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+    for trash in root.glob(".trash-*"):  # left by a kill during an earlier removal
+        shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a half-deleted ``step_*``:
+    rename it out of the ``step_*`` namespace first (atomic), then delete it."""
+    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_checkpoint_files(
