@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.finetune.tasks import Example
+from lmforge.shards import first_sample
 
 IGNORE = -100
 
@@ -129,8 +130,7 @@ class PackedExamples:
         rank: int = 0,
         world_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        global_batch = micro_batch_size * accum_steps * world_size
-        first = step * global_batch + (rank * accum_steps + micro) * micro_batch_size
+        first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
         return self._rows([self._row(first + i) for i in range(micro_batch_size)])
 
     def sequential(
