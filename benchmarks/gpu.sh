@@ -7,6 +7,7 @@
 #
 #   benchmarks/gpu.sh [OUT_DIR]          # default: $OUT, else runs/gpu-bench
 #   DRY_RUN=1 benchmarks/gpu.sh [OUT_DIR]  # same code path on CPU, tiny presets, < 1 minute
+#   ONLY="gpt2-eager gpt2-compile" benchmarks/gpu.sh  # rerun some configurations only
 #
 # Writes OUT_DIR/gpu.md (Markdown tables), OUT_DIR/results.jsonl, OUT_DIR/logs/*.log.
 # A run that fails or runs out of its time slot is listed as failed; the others still report.
@@ -41,6 +42,9 @@ LOSS=(--preset gpt2-124m --micro-batch 8 --steps 200)
 run() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return  # ONLY="name ..." reruns just those configurations
+    fi
     local left=$((BUDGET_S - ($(date +%s) - START) - 10))
     if [ "$left" -lt 20 ]; then
         echo "{\"name\": \"$name\", \"error\": \"skipped: time budget spent\"}" >>"$OUT_DIR/results.jsonl"

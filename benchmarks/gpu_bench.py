@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import load_config
+from lmforge.config import ModelConfig, load_config
+from lmforge.model.presets import PRESETS
 from lmforge.model.transformer import Transformer, count_params
 from lmforge.train.dist import dist_info, init_distributed
 from lmforge.train.loop import Trainer
@@ -95,8 +96,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if args.context:
         overrides.append(f"model.context_length={args.context}")
-    cfg0 = load_config(None, overrides)
-    T = cfg0.model.context_length
+    # The context length comes from the preset (or --context); tokens per step follow from it.
+    T = args.context or PRESETS[args.preset].get("context_length", ModelConfig.context_length)
     tokens_per_step = args.micro_batch * T * args.accum * dist_info().world_size
     cfg = load_config(None, [*overrides, f"train.tokens_per_step={tokens_per_step}"])
     device = torch.device(args.device if args.device != "auto" else "cuda")
