@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lmforge.data.document import Document
+from lmforge.fast_encode import batches_of, encode_documents
 from lmforge.tokenizer import Tokenizer
 
 FORMAT = "lmforge-tokens"
@@ -61,6 +62,7 @@ class ShardWriter:
     def __init__(self, out_dir: Path, split: str, tok: Tokenizer, shard_tokens: int = 50_000_000):
         self.out_dir, self.split, self.tok = out_dir, split, tok
         self.dtype = dtype_for(tok.vocab_size)
+        self.eot = np.asarray([tok.eot_id], dtype=self.dtype.newbyteorder("<")).tobytes()
         self.shard_tokens = shard_tokens
         self.index = 0
         self.totals = {"n_tokens": 0, "n_documents": 0, "n_bytes": 0, "n_shards": 0}
@@ -69,16 +71,20 @@ class ShardWriter:
     def _open(self) -> None:
         self.path = self.out_dir / f"{self.split}_{self.index:05d}.bin"
         self.tmp = self.path.with_suffix(".bin.tmp")
-        self.fh = self.tmp.open("wb")
+        self.fh = self.tmp.open("wb", buffering=1 << 20)
         self.n_tokens = self.n_docs = self.n_bytes = 0
 
     def add(self, ids: list[int], n_bytes: int) -> None:
-        arr = np.asarray([*ids, self.tok.eot_id], dtype=self.dtype)
+        self.add_bytes(np.asarray(ids, dtype=self.dtype.newbyteorder("<")).tobytes(), n_bytes)
+
+    def add_bytes(self, data: bytes, n_bytes: int) -> None:
+        """One document's ids as little-endian bytes of the shard dtype; adds the end-of-text."""
         try:
-            self.fh.write(arr.tobytes())
+            self.fh.write(data)
+            self.fh.write(self.eot)
         except OSError as exc:
             raise self._write_error(exc) from exc
-        self.n_tokens += arr.size
+        self.n_tokens += len(data) // self.dtype.itemsize + 1
         self.n_docs += 1
         self.n_bytes += n_bytes
         if self.n_tokens >= self.shard_tokens:
@@ -143,17 +149,6 @@ class ShardWriter:
         return self.totals
 
 
-def _batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _split_tails(docs: Iterable[Document], val_fraction: float) -> Iterator[Document]:
     for doc in docs:
         cut = int(len(doc.text) * (1 - val_fraction))
@@ -178,13 +173,17 @@ def tokenize_documents(
     shard_tokens: int = 50_000_000,
     batch_size: int = 512,
     split: str = "document",
+    workers: int | None = None,
+    parallel_after: int = 8_000_000,
 ) -> dict[str, dict[str, int]]:
     """Tokenise documents into train/val shards; returns counts per split.
 
     split="document": whole documents go to validation by a hash of their id.
     split="tail": the last `val_fraction` of every document's characters goes to
     validation (nanoGPT's split of a single file such as tinyshakespeare).
-    Batches go through the tokenizer's parallel `encode_batch` (Rust threads).
+    Batches of up to `batch_size` documents (and about 4 MB) are encoded by
+    `lmforge.fast_encode`: the same ids as `tok.encode`, on `workers` processes
+    (default: the usable cores) once `parallel_after` characters have passed.
     Existing shards in `out_dir` are replaced.
     """
     if split not in ("document", "tail"):
@@ -196,16 +195,16 @@ def tokenize_documents(
         old.unlink()
     writers = {s: ShardWriter(out, s, tok, shard_tokens) for s in ("train", "val")}
     try:
-        for batch in _batched(
-            _split_tails(docs, val_fraction) if split == "tail" else docs, batch_size
-        ):
-            texts = [d.text for d in batch]
-            for doc, ids in zip(batch, tok.encode_batch(texts), strict=True):
+        source = _split_tails(docs, val_fraction) if split == "tail" else docs
+        batches = batches_of(source, _text, 4_000_000, batch_size)
+        dtype = writers["train"].dtype
+        for batch, encoded in encode_documents(batches, _text, tok, dtype, workers, parallel_after):
+            for doc, data in zip(batch, encoded, strict=True):
                 if split == "tail":
                     name = doc.meta["split"]
                 else:
                     name = "val" if is_validation(doc.id, val_fraction) else "train"
-                writers[name].add(ids, len(doc.text.encode("utf-8", errors="replace")))
+                writers[name].add_bytes(data, _utf8_len(doc.text))
         counts = {s: w.close() for s, w in writers.items()}
     except (OSError, ShardError):
         for w in writers.values():  # free the space the partial shards hold
@@ -222,6 +221,17 @@ def tokenize_documents(
         tmp.unlink(missing_ok=True)
         raise ShardError(f"{tmp}: could not write ({exc.strerror or exc})") from exc
     return counts
+
+
+def _text(doc: Document) -> str:
+    return doc.text
+
+
+def _utf8_len(text: str) -> int:
+    """UTF-8 bytes of the source text (a lone surrogate counts as one replaced byte)."""
+    if text.isascii():  # O(1) in CPython: one byte per character
+        return len(text)
+    return len(text.encode("utf-8", errors="replace"))
 
 
 def _fsync_path(path: Path) -> None:

@@ -1,0 +1,132 @@
+"""The fast tokenize path gives exactly the ids and shard files of plain per-document encoding."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmforge.data import Document
+from lmforge.fast_encode import PieceEncoder, supports
+from lmforge.shards import dtype_for, is_validation, tokenize_documents
+from lmforge.tokenizer import EOT, train_bpe, train_char
+
+TRICKY = [
+    "",
+    " ",
+    "  \n\n  x",
+    "It's a dog's life, isn't it? We'll see. I'D say 'tis",
+    "tabs\tand\x0bvertical\x0cfeeds\r\nand \x1c\x1d\x1e\x1f file separators",
+    "numbers 12345 ٣٤ Ⅻ ½ and 3.14159e-10",
+    "ünïcödé café naïve — “quotes” ‘single’ … €100",
+    "中文字符 日本語のテキスト 한국어",
+    "emoji 🙂🙃 flags 🇫🇷 zwj 👩‍💻 combining e\u0301",
+    "nbsp\u00a0here, ideographic\u3000space, nel\u0085line, ls\u2028ps\u2029",
+    f"a{EOT}b<|user|>hi<|end|> <|notspecial|> <|endoftext",
+    "lone \ud800 surrogate \udfff",
+    "x" * 300 + " " + "9" * 200 + " " + "=" * 150,
+    "trailing spaces   ",
+    "\n",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe(shared):
+    text = (shared / "tinyshakespeare" / "input.txt").read_text()[:300_000]
+    chunks = [text[i : i + 5000] for i in range(0, len(text), 5000)]
+    return train_bpe([*chunks, *TRICKY[:10]], 700)
+
+
+def reference(tok, text):
+    return np.asarray(tok.encode(text), dtype=dtype_for(tok.vocab_size)).tobytes()
+
+
+def test_supports_only_gpt2_byte_level_bpe(bpe):
+    assert supports(bpe) and not supports(train_char(["abc"]))
+
+
+def test_tricky_texts_match_hf(bpe):
+    enc = PieceEncoder(bpe, dtype_for(bpe.vocab_size))
+    assert enc.encode(TRICKY) == [reference(bpe, t) for t in TRICKY]
+    # a second pass answers from the cache, and must still agree
+    assert enc.encode(TRICKY[::-1]) == [reference(bpe, t) for t in TRICKY[::-1]]
+
+
+pieces = st.sampled_from(
+    ["'s", "'t", "'re", "'ll", "'S", " ", "  ", "\n", "\r\n", "\t", "\u00a0", EOT, "<|end|>", "<|"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=12), pieces), max_size=12))
+def test_any_text_matches_hf(bpe, parts):
+    enc = PieceEncoder(bpe, dtype_for(bpe.vocab_size))
+    text = "".join(parts)
+    assert enc.encode([text, text]) == [reference(bpe, text)] * 2
+
+
+def docs_from_books(shared, n_books=3, size=3000):
+    docs = list(map(lambda i_t: Document(f"t{i_t[0]}", i_t[1]), enumerate(TRICKY)))
+    for path in sorted((shared / "gutenberg").glob("*.txt.gz"))[:n_books]:
+        text = gzip.decompress(path.read_bytes()).decode()[:150_000]
+        for i in range(0, len(text), size):
+            docs.append(Document(f"{path.name}/{i}", text[i : i + size]))
+    return docs
+
+
+def reference_shards(tok, docs, val_fraction, shard_tokens):
+    """The straightforward writer: per document `tok.encode` + end-of-text, rolled over."""
+    dtype = dtype_for(tok.vocab_size)
+    out = {}
+    for split in ("train", "val"):
+        shards, cur = [], []
+        for doc in docs:
+            if is_validation(doc.id, val_fraction) != (split == "val"):
+                continue
+            cur.extend([*tok.encode(doc.text), tok.eot_id])
+            if len(cur) >= shard_tokens:
+                shards.append(cur)
+                cur = []
+        if cur or not shards:
+            shards.append(cur)
+        for k, ids in enumerate(shards):
+            out[f"{split}_{k:05d}.bin"] = np.asarray(ids, dtype=dtype).tobytes()
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shards_identical_to_per_document_encoding(bpe, shared, tmp_path, workers):
+    docs = docs_from_books(shared)
+    # parallel_after=0: with 2 workers every batch after the first goes to a worker process
+    counts = tokenize_documents(
+        docs,
+        bpe,
+        tmp_path,
+        0.1,
+        shard_tokens=20_000,
+        batch_size=7,
+        workers=workers,
+        parallel_after=0,
+    )
+    want = reference_shards(bpe, docs, 0.1, 20_000)
+    got = {p.name: p.read_bytes() for p in sorted(tmp_path.glob("*.bin"))}
+    assert len(want) > 4 and got == want
+    for split in ("train", "val"):
+        expected = [d for d in docs if is_validation(d.id, 0.1) == (split == "val")]
+        assert counts[split]["n_documents"] == len(expected)
+        assert counts[split]["n_bytes"] == sum(
+            len(d.text.encode("utf-8", errors="replace")) for d in expected
+        )
+    header = json.loads((tmp_path / "train_00000.json").read_text())
+    assert header["n_tokens"] * 2 == len(got["train_00000.bin"])
+
+
+def test_char_tokenizer_takes_the_generic_path(tmp_path):
+    docs = [Document(f"d{i}", "abc " * i) for i in range(50)]
+    tok = train_char(["abc "])
+    tokenize_documents(docs, tok, tmp_path, 0.2, workers=2, parallel_after=0, batch_size=4)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.bin")} == reference_shards(
+        tok, docs, 0.2, 50_000_000
+    )
