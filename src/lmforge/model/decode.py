@@ -1,0 +1,219 @@
+"""A decode-only forward for one new token per row, over a static KV cache.
+
+`Transformer.forward` serves training, prompt processing and scoring; at one
+token per step its generality (module calls, (B, T, ·) shapes, masks, GQA
+repeats) costs about as much as the matmuls themselves on a small model. The
+`Decoder` here computes the same function for T = 1 from the same weights with
+a short, fixed sequence of tensor ops:
+
+- the prompt goes through `Transformer.forward` with a `KVCache` (so the cache
+  holds exactly what the model computes); each later token is one `step`;
+- keys and values are written in place into the preallocated cache, no
+  concatenation or reallocation per token;
+- attention of one query needs no mask: it sees the whole filled cache; grouped
+  heads read their shared key/value head through a view (no repeat);
+- with more than one row, the weights are used transposed to (in, out) and
+  contiguous: oneDNN/MKL run a small-M matmul on that layout about 1.6× faster
+  than `F.linear` on (out, in) here (benchmarks/LOG.md, goal 4); one row is a
+  matrix-vector product bound by memory bandwidth, where the layout does not
+  matter, so no copy is made.
+
+Only the plain model qualifies (`Decoder.supports`); a wrapped model or a
+replaced linear layer (LoRA) goes through `Transformer.forward`. Training never
+runs this code, so it cannot change training numerics; tests check it against
+the full forward and against HF `generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.model.transformer import MLP, Attention, Block, KVCache, Transformer, apply_rope
+
+# ModelConfig fields whose every value `Decoder.step` implements (or that only concern
+# training or initialisation). A model that sets any other field away from its default
+# (a variant added later) is decoded by `Transformer.forward` until this file learns it.
+_UNDERSTOOD = {
+    "preset", "vocab_size", "context_length", "n_layers", "d_model", "n_heads", "n_kv_heads",
+    "d_ff", "norm", "position", "qk_norm", "tie_embeddings", "bias", "qkv_bias", "dropout",
+    "rope_theta", "norm_eps", "init_std", "zero_init_proj", "logit_softcap",
+    "objective", "mlp",  # checked by value in `Decoder.supports`
+}  # fmt: skip
+_MLPS = ("gelu", "swiglu", "relu2")
+
+
+def _plain(m: nn.Module | None, kind: type[nn.Module]) -> bool:
+    return m is None or type(m) is kind
+
+
+class Decoder:
+    """Greedy or sampled decoding state for `batch` rows of at most `max_len` tokens."""
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """True for a `Transformer` built of the stock layers (not wrapped, no adapters, no hooks)."""
+        if type(model) is not Transformer or model.training:
+            return False
+        cfg, default = model.cfg, ModelConfig()
+        if cfg.objective != "causal" or cfg.mlp not in _MLPS:
+            return False
+        for f in fields(cfg):
+            if f.name not in _UNDERSTOOD and getattr(cfg, f.name) != getattr(default, f.name):
+                return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            return False  # someone observes or changes activations: keep the module calls
+        norm = type(model.norm)
+        if norm not in (nn.LayerNorm, nn.RMSNorm) or not _plain(model.lm_head, nn.Linear):
+            return False
+        for block in model.blocks:
+            if type(block) is not Block:  # e.g. an activation-checkpointing wrapper
+                return False
+            a, m = block.attn, block.mlp
+            if type(a) is not Attention or type(m) is not MLP:
+                return False
+            if not all(_plain(x, nn.Linear) for x in (a.qkv, a.proj, m.up, m.down)):
+                return False
+            if not all(_plain(x, norm) for x in (block.attn_norm, block.mlp_norm)):
+                return False
+            if not all(_plain(x, nn.RMSNorm) for x in (a.q_norm, a.k_norm)):
+                return False
+        return True
+
+    def __init__(
+        self,
+        model: Transformer,
+        batch: int,
+        max_len: int,
+        transpose: bool | None = None,
+    ):
+        if not self.supports(model):
+            raise ValueError("Decoder needs a plain Transformer in eval mode (not wrapped)")
+        cfg = model.cfg
+        if max_len > cfg.context_length:
+            raise ValueError(f"max_len {max_len} exceeds context_length {cfg.context_length}")
+        self.model = model
+        p = model.lm_head.weight
+        self.cache = KVCache.empty(cfg, batch, max_len, p.device, p.dtype)
+        self.H = cfg.n_heads
+        self.K = cfg.n_kv_heads or cfg.n_heads
+        self.D = cfg.d_model // cfg.n_heads
+        self.C = cfg.d_model
+        self.mlp = cfg.mlp
+        self.softcap = float(getattr(cfg, "logit_softcap", 0.0) or 0.0)
+        self.rmsnorm = cfg.norm == "rmsnorm"
+        self.eps = cfg.norm_eps
+        self.scale = 1.0 / math.sqrt(self.D)  # SDPA's default 1/sqrt(D) (Vaswani et al. 2017)
+        # Transposed copies pay off only for a real matrix product (see the module docstring).
+        self.transposed = batch > 1 if transpose is None else transpose
+
+        def lin(m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+            w = m.weight.detach()
+            return (w.t().contiguous() if self.transposed else w), (
+                None if m.bias is None else m.bias.detach()
+            )
+
+        def norm(m: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            if m is None:
+                return None, None
+            w = getattr(m, "weight", None)
+            b = getattr(m, "bias", None)
+            return (None if w is None else w.detach()), (None if b is None else b.detach())
+
+        blocks = cast(list[Block], list(model.blocks))  # checked by `supports`
+        self.layers = [
+            (
+                norm(b.attn_norm),
+                lin(b.attn.qkv),
+                norm(b.attn.q_norm)[0],
+                norm(b.attn.k_norm)[0],
+                lin(b.attn.proj),
+                norm(b.mlp_norm),
+                lin(b.mlp.up),
+                lin(b.mlp.down),
+            )
+            for b in blocks
+        ]
+        self.final_norm = norm(model.norm)
+        self.head = lin(model.lm_head)
+        self.tok_emb = model.tok_emb.weight.detach()
+        self.pos_emb = None if model.pos_emb is None else model.pos_emb.weight.detach()
+
+    @property
+    def length(self) -> int:
+        """Positions filled in the cache so far."""
+        return self.cache.length
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T) through the model into the cache; last position's logits (B, V)."""
+        return self.model(idx, cache=self.cache)[:, -1]
+
+    # ------------------------------------------------------------------ one token
+
+    def _linear(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]):
+        w, b = wb
+        if self.transposed:
+            y = torch.mm(x, w)  # w is (in, out)
+            return y if b is None else y.add_(b)
+        return F.linear(x, w, b)
+
+    def _norm(self, x: torch.Tensor, wb: tuple[torch.Tensor | None, torch.Tensor | None]):
+        if self.rmsnorm:
+            return F.rms_norm(x, (self.C,), wb[0], self.eps)
+        return F.layer_norm(x, (self.C,), wb[0], wb[1], self.eps)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) at the next position; logits (B, V) for the one after."""
+        pos = self.cache.length
+        if pos >= self.cache.keys[0].size(2):
+            raise ValueError(f"the cache holds {pos} positions and is full")
+        B = tokens.size(0)
+        H, K, D = self.H, self.K, self.D
+        G = H // K  # query heads per key/value head
+        x = F.embedding(tokens, self.tok_emb)  # (B, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[pos]
+        rope = None
+        m = self.model
+        if m.rope_cos is not None and m.rope_sin is not None:
+            rope = (m.rope_cos[pos], m.rope_sin[pos])  # (D/2,) each
+        for layer, (n1, qkv, qn, kn, proj, n2, up, down) in enumerate(self.layers):
+            h = self._linear(self._norm(x, n1), qkv)  # (B, (H + 2K)·D)
+            q = h[:, : H * D].view(B, H, D)
+            k = h[:, H * D : (H + K) * D].view(B, K, D)
+            v = h[:, (H + K) * D :].view(B, K, D)
+            if qn is not None:
+                q = F.rms_norm(q, (D,), qn, self.eps)
+                k = F.rms_norm(k, (D,), kn, self.eps)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            keys, values = self.cache.keys[layer], self.cache.values[layer]  # (B, K, T_max, D)
+            keys[:, :, pos] = k
+            values[:, :, pos] = v
+            keys, values = keys[:, :, : pos + 1], values[:, :, : pos + 1]  # (B, K, L, D)
+            # One query per row: scores over every cached position, no mask needed.
+            q = q.view(B, K, G, D) * self.scale
+            att = torch.matmul(q, keys.transpose(-1, -2))  # (B, K, G, L)
+            att = att.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+            y = torch.matmul(att, values).view(B, self.C)  # (B, K, G, D) → (B, C)
+            x = x + self._linear(y, proj)
+            h = self._linear(self._norm(x, n2), up)
+            if self.mlp == "swiglu":
+                gate, u = h.chunk(2, dim=-1)
+                h = F.silu(gate) * u
+            elif self.mlp == "relu2":
+                h = F.relu(h).square()
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + self._linear(h, down)
+        self.cache.length = pos + 1
+        logits = self._linear(self._norm(x, self.final_norm), self.head)  # (B, V)
+        if self.softcap:  # as Transformer.forward: cap·tanh(logits / cap), in float32
+            logits = self.softcap * torch.tanh(logits.float() / self.softcap)
+        return logits
