@@ -130,3 +130,62 @@ def test_char_tokenizer_takes_the_generic_path(tmp_path):
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.bin")} == reference_shards(
         tok, docs, 0.2, 50_000_000
     )
+
+
+def test_vectorised_batch_equals_row_by_row_samples(bpe, shared, tmp_path):
+    """`TokenLoader.batch` gathers whole batches at once: the same tokens as `sample(g)` per
+    row, across shard boundaries and across epoch boundaries."""
+    import torch
+
+    from lmforge.shards import TokenLoader
+
+    tokenize_documents(docs_from_books(shared, 1), bpe, tmp_path, 0.1, shard_tokens=3_000)
+    assert len(list(tmp_path.glob("train_*.bin"))) > 5
+    loader = TokenLoader(tmp_path, "train", 32, seed=5)
+    batch = 7
+    steps = loader.n_windows // batch + 3  # well into the second epoch
+    for step in range(steps):
+        for micro in range(2):
+            x, y = loader.batch(step, micro, batch, 2)
+            first = (step * 2 + micro) * batch
+            rows = np.stack([loader.sample(first + i) for i in range(batch)])
+            assert torch.equal(x, torch.from_numpy(rows[:, :-1]))
+            assert torch.equal(y, torch.from_numpy(rows[:, 1:]))
+
+
+def test_trainer_logs_the_loaders_share_of_step_time(tmp_path):
+    """`data_ms`/`data_frac` see a loader that sleeps 30 ms per micro-batch."""
+    import time
+    from dataclasses import replace
+
+    from helpers import tiny_config
+
+    from lmforge.pretrain import build_model, model_config_for, tokenize_stage, tokenizer_stage
+    from lmforge.shards import TokenLoader
+    from lmforge.train.loop import Trainer
+
+    class Slow:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def batch(self, *args):
+            time.sleep(0.03)
+            return self.inner.batch(*args)
+
+    cfg = tiny_config(tmp_path, "train.max_steps=4", "train.log_every=2", "train.eval_every=100")
+    run = tmp_path / "run"
+    tok = tokenizer_stage(cfg, run)
+    cfg = replace(cfg, model=model_config_for(cfg, tok))
+    loader = TokenLoader(tokenize_stage(cfg, tok, run), "train", 32, cfg.train.seed)
+    fracs = {}
+    for name, data in (("plain", loader), ("slow", Slow(loader))):
+        out = tmp_path / name
+        model = build_model(cfg.model, cfg.train.seed)
+        Trainer(cfg, model, out, data, log=lambda *_: None).fit()
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        recs = [r for r in recs if "data_frac" in r]
+        assert len(recs) == 2 and all(0 <= r["data_frac"] <= 1 for r in recs)
+        fracs[name] = recs[-1]
+    # 2 micro-batches per step (256 tokens = 2 × 4 × 32)
+    assert fracs["slow"]["data_ms"] >= 60 and fracs["slow"]["data_frac"] > 0.3
+    assert fracs["plain"]["data_ms"] < 30

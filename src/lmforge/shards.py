@@ -372,6 +372,26 @@ class TokenStream:
             k, local = k + 1, 0
         return np.concatenate(parts)
 
+    def read_rows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows ``[s, s + length)`` for each start, as one (len(starts), length) int64 array.
+
+        One fancy-indexed gather per shard instead of a Python loop over rows; a row
+        that crosses a shard boundary (rare) is read on its own.
+        """
+        sizes = np.diff(self.starts)
+        k = np.searchsorted(self.starts, starts, side="right") - 1
+        local = starts - self.starts[k]
+        cross = local + length > sizes[k]
+        if len(self.arrays) == 1 and not cross.any():
+            return self.arrays[0][local[:, None] + np.arange(length)].astype(np.int64)
+        out = np.empty((len(starts), length), dtype=np.int64)
+        for shard in np.unique(k[~cross]):
+            rows = np.nonzero((k == shard) & ~cross)[0]
+            out[rows] = self.arrays[shard][local[rows, None] + np.arange(length)]
+        for row in np.nonzero(cross)[0]:
+            out[row] = self.read(int(starts[row]), length)
+        return out
+
     def counts(self, vocab_size: int) -> np.ndarray:
         total = np.zeros(vocab_size, dtype=np.int64)
         for a in self.arrays:
@@ -433,6 +453,16 @@ class TokenLoader:
         self._epoch_order(epoch)
         return self._offset + int(self._perm[k]) * self.seq_len
 
+    def window_starts(self, first: int, n: int) -> np.ndarray:
+        """Token offsets of windows ``first .. first + n - 1`` of the run (as `window_start`)."""
+        epoch, k = np.divmod(np.arange(first, first + n, dtype=np.int64), self.n_windows)
+        out = np.empty(n, dtype=np.int64)
+        for e in np.unique(epoch):  # one epoch, or two where the batch straddles a boundary
+            self._epoch_order(int(e))
+            sel = epoch == e
+            out[sel] = self._offset + self._perm[k[sel]] * self.seq_len
+        return out
+
     def sample(self, g: int) -> np.ndarray:
         """Window number `g` of the run: seq_len + 1 tokens."""
         return self.stream.read(self.window_start(g), self.seq_len + 1)
@@ -448,8 +478,8 @@ class TokenLoader:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
         first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
-        rows = np.stack([self.sample(first + i) for i in range(micro_batch_size)])
-        data = torch.from_numpy(rows)
+        starts = self.window_starts(first, micro_batch_size)
+        data = torch.from_numpy(self.stream.read_rows(starts, self.seq_len + 1))
         return data[:, :-1], data[:, 1:]
 
     def sequential(

@@ -330,6 +330,7 @@ class Trainer:
         last_log_t, last_log_step = time.perf_counter(), self.step
         summary: dict[str, Any] = {}
         loss_sum = torch.zeros((), device=self.device)
+        data_s = 0.0  # time spent getting batches since the last log line
         eval_metrics: dict[str, float] = {}
         bar = ProgressBar(t.max_steps, self.step, self.dist.is_main)
         try:
@@ -339,6 +340,7 @@ class Trainer:
                     group["lr"] = lr
                 step_loss = torch.zeros((), device=self.device)
                 for micro in range(self.accum_steps):
+                    t_data = time.perf_counter()
                     x, y = self.train_data.batch(
                         self.step,
                         micro,
@@ -351,6 +353,7 @@ class Trainer:
                         x.to(self.device, non_blocking=True),
                         y.to(self.device, non_blocking=True),
                     )
+                    data_s += time.perf_counter() - t_data
                     sync = micro == self.accum_steps - 1
                     # A fresh context each time: DDP's no_sync() cannot be entered twice.
                     with grad_sync(model, sync), self.autocast:
@@ -414,6 +417,9 @@ class Trainer:
                         "mfu": mfu,
                         "elapsed_s": elapsed,
                         "bad_steps": self.bad_steps,
+                        # the loader's share of step time (batches, and copies to the device)
+                        "data_ms": 1000 * data_s / max(n, 1),
+                        "data_frac": data_s / max(dt, 1e-9),
                     }
                     if t.spike_policy != "none":
                         record["spike_steps"] = self.spike_steps
@@ -429,6 +435,7 @@ class Trainer:
                     )
                     summary.update(loss=mean_loss, tokens_per_s=tok_s, mfu=mfu)
                     loss_sum.zero_()
+                    data_s = 0.0
                     last_log_t, last_log_step = time.perf_counter(), self.step
 
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
