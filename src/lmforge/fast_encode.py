@@ -86,9 +86,14 @@ class PieceEncoder:
             {t.content for t in tok.hf.get_added_tokens_decoder().values()}, key=len
         )
         self.added_first = {a[0] for a in self.added}
-        self.cache: dict[str, bytes] = {}
+        self.cache: dict[str, bytes] = {}  # chunk -> its ids
+        self.piece_cache: dict[str, bytes] = {}  # GPT-2 piece -> its ids
         self.classes: dict[str, str] = {}
         self._classify(chr(c) for c in range(128))
+        newline = self.hf.encode("\n", add_special_tokens=False).ids
+        if len(newline) != 1 or self.classes["\n"] != SPACE:
+            raise ValueError("the tokenizer does not encode a newline as one token")
+        self.newline_id = newline[0]
 
     # ------------------------------------------------------------------ character classes
 
@@ -121,7 +126,14 @@ class PieceEncoder:
         # chunk splits alone as it does in context, so chunks can be cached as wholes:
         # fewer lookups than pieces, and a simpler expression to run.
         S = _ranges(by[SPACE])
-        self.split = re.compile(rf"[{S}]+(?![^{S}])| ?[^{S}]+|[{S}]+").findall
+        # Word chunks come first: they are most chunks, and the alternatives never match
+        # at the same place, so their order changes nothing but speed.
+        self.split = re.compile(rf" ?[^{S}]+|[{S}]+(?![^{S}])|[{S}]+").findall
+        self.spaces = frozenset(by[SPACE])
+        L, N = _ranges(by[LETTER]), _ranges(by[NUMBER])
+        self.pieces = re.compile(
+            rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
+        ).findall
         known = [c for c, v in self.classes.items() if v != "?"]
         self.unknown = re.compile(f"[^{_ranges(known)}]").search
 
@@ -131,8 +143,60 @@ class PieceEncoder:
         encs = self.hf.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(e.ids, dtype=self.dtype).tobytes() for e in encs]
 
+    def _learn(self, chunks: list[str]) -> None:
+        """Put the ids of new chunks in the cache, asking HF only about new pieces.
+
+        A new chunk is mostly made of known pieces ("said" in "said,"), so word chunks
+        are cut into GPT-2 pieces (all at once: joined by newlines, each newline is a
+        piece of its own), and only pieces never seen go to HF. Whitespace chunks
+        (few) go to HF one by one.
+        """
+        words = [c for c in chunks if c[-1] not in self.spaces]
+        rest = [c for c in chunks if c[-1] in self.spaces]
+        if rest:
+            self.cache.update(zip(rest, self._hf_bytes(rest), strict=True))
+        if not words:
+            return
+        pieces = self.pieces("\n".join(words))
+        new = set(pieces)
+        new.discard("\n")
+        new.difference_update(self.piece_cache.keys())
+        self._learn_pieces(list(new))
+        lookup = self.piece_cache.__getitem__
+        start, last = 0, len(words) - 1
+        for k, chunk in enumerate(words):
+            end = pieces.index("\n", start) if k < last else len(pieces)
+            self.cache[chunk] = b"".join(map(lookup, pieces[start:end]))
+            start = end + 1
+        for piece in new:  # long pieces (rare: base64, long numbers) are not kept
+            if len(piece) > _MAX_CACHED_LEN:
+                del self.piece_cache[piece]
+
+    def _learn_pieces(self, pieces: list[str]) -> None:
+        """HF's ids for new pieces (no whitespace but a leading space).
+
+        HF takes ~20 µs per text however short, so pieces go to it joined by newlines,
+        a few thousand per text: each newline comes back as one id found in no piece,
+        and cutting the ids there gives each piece's ids.
+        """
+        groups = [pieces[i : i + 4096] for i in range(0, len(pieces), 4096)]
+        encs = self.hf.encode_batch_fast(["\n".join(g) for g in groups], add_special_tokens=False)
+        for group, enc in zip(groups, encs, strict=True):
+            ids = np.asarray(enc.ids, dtype=self.dtype)
+            cuts = np.flatnonzero(ids == self.newline_id)
+            if len(cuts) != len(group) - 1:  # cannot happen; stay exact regardless
+                self.piece_cache.update(zip(group, self._hf_bytes(group), strict=True))
+                continue
+            size = ids.itemsize
+            buf = ids.tobytes()
+            starts = (np.concatenate([[0], cuts + 1]) * size).tolist()
+            ends = (np.concatenate([cuts, [len(ids)]]) * size).tolist()
+            self.piece_cache.update(
+                zip(group, (buf[a:b] for a, b in zip(starts, ends, strict=True)), strict=True)
+            )
+
     def _fits(self, text: str) -> bool:
-        """Whether the piece path applies: no added token, only characters of known class."""
+        """Whether the chunk path applies: no added token, only characters of known class."""
         if any(f in text for f in self.added_first) and any(a in text for a in self.added):
             return False
         if self.unknown(text) is None:
@@ -143,31 +207,38 @@ class PieceEncoder:
     def encode(self, texts: list[str]) -> list[bytes]:
         """Ids of each text (lone surrogates → U+FFFD, as `encode`), as little-endian bytes."""
         texts = [_clean(t) for t in texts]
-        out: list[bytes | None] = [None] * len(texts)
+        out: list[bytes] = [b""] * len(texts)
         whole: list[int] = []
-        if len(self.cache) > _CACHE_LIMIT:
+        missed: list[tuple[int, list[str]]] = []
+        if len(self.cache) + len(self.piece_cache) > _CACHE_LIMIT:
             self.cache.clear()
-        cache, get = self.cache, self.cache.get
+            self.piece_cache.clear()
+        cache = self.cache
+        lookup = cache.__getitem__
         for i, text in enumerate(texts):
             if not self._fits(text):
                 whole.append(i)
                 continue
-            pieces = self.split(text)
-            found = [get(p) for p in pieces]
-            if None in found:
-                new = list({p for p, f in zip(pieces, found, strict=True) if f is None})
-                fresh = dict(zip(new, self._hf_bytes(new), strict=True))
-                for p, b in fresh.items():
-                    if len(p) <= _MAX_CACHED_LEN:
-                        cache[p] = b
-                found = [
-                    f if f is not None else fresh[p] for p, f in zip(pieces, found, strict=True)
-                ]
-            out[i] = b"".join(found)  # type: ignore[arg-type]
+            chunks = self.split(text)
+            try:  # C loops only: most documents find all their chunks
+                out[i] = b"".join(map(lookup, chunks))
+            except KeyError:
+                missed.append((i, chunks))
+        if missed:
+            new: set[str] = set()
+            for _, chunks in missed:
+                new.update(chunks)
+            new.difference_update(cache.keys())
+            self._learn(list(new))
+            for i, chunks in missed:
+                out[i] = b"".join(map(lookup, chunks))
+            for chunk in new:  # long chunks (rare: base64, long numbers) are not kept
+                if len(chunk) > _MAX_CACHED_LEN:
+                    del cache[chunk]
         if whole:
             for i, b in zip(whole, self._hf_bytes([texts[i] for i in whole]), strict=True):
                 out[i] = b
-        return out  # type: ignore[return-value]
+        return out
 
 
 class _Generic:
@@ -181,7 +252,10 @@ class _Generic:
 
 
 def make_encoder(tok: Tokenizer, dtype: np.dtype) -> PieceEncoder | _Generic:
-    return PieceEncoder(tok, dtype) if supports(tok) else _Generic(tok, dtype)  # type: ignore[arg-type]
+    if supports(tok):
+        with contextlib.suppress(ValueError):  # a pre-tokenizer that acts unlike GPT-2's
+            return PieceEncoder(tok, dtype)  # type: ignore[arg-type]
+    return _Generic(tok, dtype)
 
 
 # ----------------------------------------------------------------------------- processes
