@@ -289,7 +289,7 @@ def encode_documents(
     tok: Tokenizer,
     dtype: np.dtype,
     workers: int | None = None,
-    parallel_after: int = 8_000_000,
+    parallel_after: int = 4_000_000,
 ) -> Iterator[tuple[list[T], list[bytes]]]:
     """Each batch with the id bytes of its items' texts, in order.
 

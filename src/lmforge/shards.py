@@ -174,7 +174,7 @@ def tokenize_documents(
     batch_size: int = 512,
     split: str = "document",
     workers: int | None = None,
-    parallel_after: int = 8_000_000,
+    parallel_after: int = 4_000_000,
 ) -> dict[str, dict[str, int]]:
     """Tokenise documents into train/val shards; returns counts per split.
 
