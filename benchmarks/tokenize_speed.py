@@ -146,13 +146,13 @@ def run_ours(spec: str, tok: BPETokenizer, out: Path) -> tuple[float, float, int
     return dt, cpu, n_bytes, n_tokens
 
 
-def run_anchor(batches: list[list[str]], tok: BPETokenizer, fast: bool) -> tuple[float, int]:
+def run_anchor(batches: list[list[str]], tok: BPETokenizer, fast: bool) -> tuple[float, float, int]:
     encode = tok.hf.encode_batch_fast if fast else tok.hf.encode_batch
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     n = 0
     for b in batches:
         n += sum(len(e.ids) for e in encode(b, add_special_tokens=False))
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, cpu_s() - c0, n
 
 
 def main() -> None:
@@ -188,7 +188,7 @@ def main() -> None:
         sizes = {"ours": size, "ours-distinct": first_size, "anchor": n, "anchor-fast": n}
         rates: dict[str, list[float]] = {k: [] for k in sizes}
         tok_rates: dict[str, list[float]] = {k: [] for k in sizes}
-        cores: dict[str, list[float]] = {"ours": [], "ours-distinct": []}
+        cores: dict[str, list[float]] = {k: [] for k in sizes}
         anchor_tokens = {}
         for r in range(args.runs):
             for name, spec in (("ours", str(corpus)), ("ours-distinct", first)):
@@ -198,8 +198,9 @@ def main() -> None:
                 tok_rates[name].append(n_tok / dt / 1e6)
                 cores[name].append(cpu / dt)
             for name, fast in (("anchor", False), ("anchor-fast", True)):
-                dt, n_tok = run_anchor(batches, tok, fast)
+                dt, cpu, n_tok = run_anchor(batches, tok, fast)
                 rates[name].append(n / MB / dt)
+                cores[name].append(cpu / dt)
                 tok_rates[name].append(n_tok / dt / 1e6)
                 anchor_tokens[name] = n_tok
             print(
@@ -211,10 +212,11 @@ def main() -> None:
             raise SystemExit(f"token counts differ between the anchors: {anchor_tokens}")
         med = {k: statistics.median(v) for k, v in rates.items()}
         for k, v in med.items():
-            extra = f"  on {statistics.median(cores[k]):.2f} cores" if k in cores else ""
+            c = statistics.median(cores[k])
             print(
                 f"  {k:<14} {sizes[k] / MB:6.1f} MB  {v:6.1f} MB/s  "
-                f"{statistics.median(tok_rates[k]):5.2f}M tokens/s{extra}"
+                f"{statistics.median(tok_rates[k]):5.2f}M tokens/s  on {c:.2f} cores  "
+                f"= {v / c:5.1f} MB per CPU-second"
             )
         print(f"  ours / anchor = {med['ours'] / med['anchor']:.2f} (speed ratio)")
         print(f"  ours-distinct / anchor = {med['ours-distinct'] / med['anchor']:.2f}")
@@ -222,7 +224,7 @@ def main() -> None:
             "mb": size / MB,
             "documents": len(texts),
             **{f"{k}_mb_s": v for k, v in med.items()},
-            "ours_cores": statistics.median(cores["ours"]),
+            **{f"{k}_cores": statistics.median(v) for k, v in cores.items()},
         }
     print("\n" + json.dumps(results, indent=1))
     shutil.rmtree(work / "tokens", ignore_errors=True)

@@ -40,7 +40,8 @@ from lmforge.tokenizer import BPETokenizer, Tokenizer, _clean
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 # It is rebuilt below with explicit classes L, N, S (whitespace); "other" is [^SLN].
 LETTER, NUMBER, SPACE, OTHER = "L", "N", "S", "O"
-_CACHE_LIMIT = 2_000_000  # pieces; past this the cache starts again (only speed depends on it)
+# Cache entries (≈ 150 bytes each, per process); past this the caches start again.
+_CACHE_LIMIT = 1_000_000
 _MAX_CACHED_LEN = 64  # longer pieces (rare: base64, long numbers) are encoded but not kept
 
 
