@@ -64,7 +64,9 @@ pieces = st.sampled_from(
 def test_any_text_matches_hf(bpe, parts):
     enc = PieceEncoder(bpe, dtype_for(bpe.vocab_size))
     text = "".join(parts)
-    assert enc.encode([text, text]) == [reference(bpe, text)] * 2
+    want = reference(bpe, text)
+    assert enc.encode([text, text]) == [want] * 2  # chunks new: regular expression, then HF
+    assert enc.encode([text]) == [want]  # every chunk cached: the `str.split` path
 
 
 def docs_from_books(shared, n_books=3, size=3000):
