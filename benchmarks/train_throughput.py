@@ -49,14 +49,19 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--no-peak", action="store_true", help="skip the matmul peaks (no MFU)")
+    ap.add_argument("--override", action="append", default=[], help="extra config override")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    peaks = {
-        "fp32": measure_matmul_peak(torch.float32, 2048, 2.0),
-        "bf16": measure_matmul_peak(torch.bfloat16, 2048, 2.0),
-    }
+    if args.no_peak:
+        peaks = {"fp32": float("nan"), "bf16": float("nan")}
+    else:
+        peaks = {
+            "fp32": measure_matmul_peak(torch.float32, 2048, 2.0),
+            "bf16": measure_matmul_peak(torch.bfloat16, 2048, 2.0),
+        }
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
             "shakespeare-char",
@@ -69,8 +74,9 @@ def main() -> int:
                 f"train.eval_every={args.iters}",
                 "train.eval_tokens=200000",  # the whole validation split
                 f"train.checkpoint_every={args.iters}",
-                f"train.peak_flops={peaks[args.dtype]}",
+                f"train.peak_flops={peaks[args.dtype] if not args.no_peak else 1e11}",
                 f"output.dir={tmp}/run",
+                *args.override,
             ],
         )
         t0 = time.perf_counter()

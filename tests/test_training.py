@@ -70,13 +70,31 @@ class StopAt:
         return self.inner.batch(step, *args)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_resume_is_bit_exact(tmp_path, dropout):
+# The speed recipe's settings: Muon's momentum buffers and the AdamW moments of its
+# other groups must survive a resume too.
+FAST = (
+    "train.optimizer=muon",
+    "model.mlp=relu2",
+    "model.logit_softcap=30",
+    "model.zero_init_proj=true",
+    "model.position=rope",
+    "model.norm=rmsnorm",
+    "model.qk_norm=true",
+    "model.tie_embeddings=false",
+)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("model.dropout=0.0",), ("model.dropout=0.1",), FAST],
+    ids=["plain", "dropout", "fast"],
+)
+def test_resume_is_bit_exact(tmp_path, overrides):
     corpus = shakespeare_snippet(tmp_path)
-    full_cfg = tiny_config(tmp_path / "a", f"model.dropout={dropout}", corpus=corpus)
+    full_cfg = tiny_config(tmp_path / "a", *overrides, corpus=corpus)
     trainer, _ = make_trainer(full_cfg)
     trainer.fit()
-    cut_cfg = tiny_config(tmp_path / "b", f"model.dropout={dropout}", corpus=corpus)
+    cut_cfg = tiny_config(tmp_path / "b", *overrides, corpus=corpus)
     trainer, loader = make_trainer(cut_cfg)
     trainer.train_data = StopAt(loader, 6)  # checkpoint at 4, crash during step 6
     with pytest.raises(KeyboardInterrupt):

@@ -74,7 +74,8 @@ class ModelConfig:
     d_ff: int = 0  # 0 = derived: 4*d for GELU, 8/3*d rounded to a multiple of 64 for SwiGLU
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     position: Literal["learned", "rope"] = "learned"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    # relu2: squared ReLU (So et al. 2021, "Primer"), 4·C wide like GELU.
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = False
@@ -85,6 +86,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     objective: Literal["causal", "masked"] = "causal"
     init_std: float = 0.02
+    # Logit soft-capping, cap·tanh(logits/cap) (Gemma 2; modded-nanogpt); 0 = off.
+    logit_softcap: float = 0.0
+    # Zero-initialise the residual output projections (attn.proj, mlp.down), so each block
+    # starts as the identity (modded-nanogpt); False keeps GPT-2's scaled N(0, σ/√(2L)).
+    zero_init_proj: bool = False
 
 
 @dataclass
@@ -101,7 +107,12 @@ class TrainConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     # warmup-stable-decay: the last `decay_fraction` of steps decay linearly to min_lr.
     decay_fraction: float = 0.2
-    optimizer: Literal["adamw"] = "adamw"
+    # muon: Muon (Jordan et al. 2024) on the blocks' weight matrices, AdamW (lr, betas,
+    # weight_decay below) on embeddings, head, norms and biases; see lmforge.train.optim.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -581,6 +592,18 @@ def validate(cfg: Config, where: str = "config") -> None:
         bad("train.dist_timeout_s", "must be positive")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         bad("train.beta1/beta2", "must be in [0, 1)")
+    if t.optimizer == "muon":
+        if t.muon_lr <= 0 or not math.isfinite(t.muon_lr):
+            bad("train.muon_lr", f"= {t.muon_lr} must be a positive number")
+        if not 0.0 <= t.muon_momentum < 1.0:
+            bad("train.muon_momentum", f"= {t.muon_momentum} must be in [0, 1)")
+        if t.parallel == "fsdp":
+            bad(
+                "train.optimizer",
+                "= muon needs whole weight matrices; FSDP shards them (use train.parallel=ddp)",
+            )
+    if m.logit_softcap < 0:
+        bad("model.logit_softcap", f"= {m.logit_softcap} must not be negative (0 = off)")
     for key in ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps"):
         if getattr(t, key) <= 0:
             bad(f"train.{key}", "must be positive")

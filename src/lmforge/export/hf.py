@@ -74,6 +74,12 @@ def hf_architecture(m: ModelConfig) -> str:
             f"model.objective = {m.objective!r}: only causal language models export to "
             "AutoModelForCausalLM (train with model.objective=causal)"
         )
+    if m.logit_softcap:
+        raise ExportError(
+            f"model.logit_softcap = {m.logit_softcap}: GPT-2, Llama and Qwen have no logit "
+            "soft-capping, so the exported model would compute different logits; train with "
+            "model.logit_softcap=0 to export"
+        )
     gpt2_like = (m.norm, m.position, m.mlp) == ("layernorm", "learned", "gelu")
     llama_like = (m.norm, m.position, m.mlp) == ("rmsnorm", "rope", "swiglu")
     if gpt2_like:

@@ -4,7 +4,8 @@ Variants are fields of `ModelConfig`, not subclasses:
 
 - norm: LayerNorm (GPT-2) or RMSNorm (Llama; Zhang & Sennrich 2019)
 - position: learned absolute embeddings (GPT-2) or RoPE (Su et al. 2021)
-- mlp: GELU (GPT-2) or SwiGLU (Shazeer 2020)
+- mlp: GELU (GPT-2), SwiGLU (Shazeer 2020) or squared ReLU (So et al. 2021)
+- logit_softcap: cap·tanh(logits/cap) on the output logits (Gemma 2)
 - n_kv_heads: MHA (= n_heads), GQA (Ainslie et al. 2023) or MQA (= 1)
 - qk_norm: RMSNorm on queries and keys per head (Dehghani et al. 2023)
 - tie_embeddings, bias, dropout
@@ -149,6 +150,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = derived_d_ff(cfg)
         self.swiglu = cfg.mlp == "swiglu"
+        self.relu2 = cfg.mlp == "relu2"
         # SwiGLU's gate and up projections fused into one matmul: (C → 2·hidden).
         self.up = nn.Linear(cfg.d_model, hidden * (2 if self.swiglu else 1), bias=cfg.bias)
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
@@ -158,6 +160,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
         return self.down(h)
@@ -232,6 +236,7 @@ class Transformer(nn.Module):
         | tok_emb, pos_emb                 | N(0, init_std)                        |
         | attn.qkv, mlp.up                 | N(0, init_std)                        |
         | attn.proj, mlp.down (residual)   | N(0, init_std / sqrt(2·n_layers))     |
+        |   (model.zero_init_proj)         |   0                                   |
         | lm_head (when untied)            | N(0, init_std)                        |
         | biases                           | 0                                     |
         | norm weights                     | 1                                     |
@@ -248,7 +253,10 @@ class Transformer(nn.Module):
             elif p.dim() == 1:  # norm weights
                 p.fill_(1.0)
             elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                p.copy_(torch.randn(p.shape, generator=gen) * residual_std)
+                if self.cfg.zero_init_proj:
+                    p.zero_()  # each block starts as the identity (modded-nanogpt)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * residual_std)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
@@ -296,6 +304,9 @@ class Transformer(nn.Module):
             cache.length += T
         x = self.norm(x)
         logits = self.lm_head(x)  # (B, T, V)
+        if self.cfg.logit_softcap:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
         if targets is None:
             return logits
         return F.cross_entropy(

@@ -34,6 +34,7 @@ from lmforge.train.checkpoint import (
     unwrap,
 )
 from lmforge.train.dist import DistInfo, all_reduce_mean, dist_info, print0
+from lmforge.train.optim import Muon, muon_param_groups
 from lmforge.train.parallel import (
     as_rank_failure,
     clip_grad_norm,
@@ -121,6 +122,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     t = cfg.train
+    if t.optimizer == "muon":
+        groups = muon_param_groups(
+            model,
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            muon_lr=t.muon_lr,
+            muon_momentum=t.muon_momentum,
+            muon_weight_decay=t.muon_weight_decay,
+            betas=(t.beta1, t.beta2),
+            eps=t.eps,
+        )
+        return Muon(groups)
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay),
         lr=t.lr,
@@ -337,7 +350,7 @@ class Trainer:
             while self.step < t.max_steps:
                 lr = lr_at(self.step, t)
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 step_loss = torch.zeros((), device=self.device)
                 for micro in range(self.accum_steps):
                     t_data = time.perf_counter()

@@ -1,0 +1,83 @@
+"""lmforge against nanoGPT on the baby-GPT shape, side by side: tokens/s ratio.
+
+Runs `benchmarks/nanogpt_ref.py` (a re-implementation of nanoGPT's CPU baby-GPT
+training loop) and lmforge's `shakespeare-char` recipe at exactly that shape
+(`benchmarks/train_throughput.py`, same iterations, same threads) in turn,
+A B A B ..., each in a fresh process, and reports each side's median
+ms/iteration and the ratio pair by pair, so that a drifting machine speed cancels
+out of the comparison.
+
+    python benchmarks/baby_gpt_ab.py                       # 5 pairs of 300 iterations, 2 threads
+    python benchmarks/baby_gpt_ab.py --lmforge-arg=--compile   # any train_throughput.py flag
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from lmforge.paths import shared_data
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_json(cmd: list[str]) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # Both scripts print their result as the last JSON object of their output.
+    start = out.rfind("\n{") + 1 if out.rstrip().endswith("}") else -1
+    if start < 0:
+        raise RuntimeError(f"no JSON result from {' '.join(cmd)}:\n{out[-2000:]}")
+    return json.loads(out[start:])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--lmforge-arg", action="append", default=[], help="extra train_throughput.py flag"
+    )
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    args = ap.parse_args()
+    data = shared_data() / "tinyshakespeare" / "input.txt"
+    ref_cmd = [sys.executable, str(HERE / "nanogpt_ref.py"), "--data", str(data)]
+    ref_cmd += ["--iters", str(args.iters), "--threads", str(args.threads)]
+    ours_cmd = [sys.executable, str(HERE / "train_throughput.py"), "--iters", str(args.iters)]
+    ours_cmd += ["--threads", str(args.threads), "--no-peak", *args.lmforge_arg]
+    pairs = []
+    for i in range(args.pairs):
+        ref = run_json(ref_cmd)
+        ours = run_json(ours_cmd)
+        pairs.append((ref["ms_per_iter"], ours["median_ms_per_iter"]))
+        print(
+            f"pair {i + 1}: nanoGPT-ref {pairs[-1][0]:.1f} ms/iter, lmforge {pairs[-1][1]:.1f} "
+            f"ms/iter, speed-up {pairs[-1][0] / pairs[-1][1]:.2f}×",
+            flush=True,
+        )
+    result = {
+        "iters": args.iters,
+        "threads": args.threads,
+        "lmforge_args": args.lmforge_arg,
+        "nanogpt_ref_ms_per_iter": [round(a, 2) for a, _ in pairs],
+        "lmforge_ms_per_iter": [round(b, 2) for _, b in pairs],
+        "median_nanogpt_ref_ms": statistics.median(a for a, _ in pairs),
+        "median_lmforge_ms": statistics.median(b for _, b in pairs),
+        "median_speedup": statistics.median(a / b for a, b in pairs),
+        "min_speedup": min(a / b for a, b in pairs),
+        "max_speedup": max(a / b for a, b in pairs),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
