@@ -178,4 +178,9 @@ def test_gguf_refuses_char_tokenizer_and_odd_models(tok, tmp_path):
     )
     with pytest.raises(ExportError, match="no standard"):
         export_gguf(Transformer(cfg), tok, tmp_path / "b.gguf")
+    exact = ModelConfig(
+        vocab_size=400, context_length=8, n_layers=1, d_model=16, n_heads=2, mlp="gelu_exact"
+    )
+    with pytest.raises(ExportError, match="gelu_exact"):
+        export_gguf(Transformer(exact), tok, tmp_path / "c.gguf")
     assert not list(tmp_path.iterdir())

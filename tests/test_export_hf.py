@@ -22,6 +22,8 @@ VARIANTS = {
     "gpt2": (dict(GPT2, bias=True), "gpt2"),
     "gpt2-nobias-untied": (dict(GPT2, tie_embeddings=False, norm_eps=1e-6), "gpt2"),
     "gpt2-qkv-bias": (dict(GPT2, qkv_bias=True), "gpt2"),
+    # nanoGPT's baby GPT: no biases, exact GELU (HF activation_function "gelu")
+    "gpt2-exact-gelu": (dict(GPT2, mlp="gelu_exact"), "gpt2"),
     "llama-gqa-untied": (
         dict(LLAMA, n_kv_heads=2, tie_embeddings=False, rope_theta=500.0),
         "llama",

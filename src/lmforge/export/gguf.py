@@ -67,6 +67,12 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
     """llama.cpp architecture name and float32 tensors under llama.cpp's names and layouts."""
     m = model.cfg
     arch = hf_architecture(m)
+    if m.mlp == "gelu_exact":
+        raise ExportError(
+            "model.mlp = gelu_exact: llama.cpp's GPT-2 computes the tanh form of GELU, so "
+            "its logits would differ; export this model to an HF folder (activation 'gelu'), "
+            "or train with model.mlp=gelu for GGUF"
+        )
     ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     heads, kv = m.n_heads, m.n_kv_heads or m.n_heads
     head_dim = m.d_model // heads

@@ -9,6 +9,7 @@ Which standard architecture expresses which lmforge model:
 | lmforge model                                   | transformers architecture |
 |-------------------------------------------------|---------------------------|
 | layernorm + learned positions + GELU (tanh)     | GPT-2 (`gelu_new`)        |
+| layernorm + learned positions + GELU (exact)    | GPT-2 (`gelu`)            |
 | rmsnorm + RoPE + SwiGLU, no bias or bias on all | Llama (`attention_bias`,  |
 |   linear layers                                 |   `mlp_bias`)             |
 | rmsnorm + RoPE + SwiGLU + bias on q/k/v only    | Qwen2                     |
@@ -80,7 +81,10 @@ def hf_architecture(m: ModelConfig) -> str:
             "soft-capping, so the exported model would compute different logits; train with "
             "model.logit_softcap=0 to export"
         )
-    gpt2_like = (m.norm, m.position, m.mlp) == ("layernorm", "learned", "gelu")
+    gpt2_like = (m.norm, m.position) == ("layernorm", "learned") and m.mlp in (
+        "gelu",
+        "gelu_exact",
+    )
     llama_like = (m.norm, m.position, m.mlp) == ("rmsnorm", "rope", "swiglu")
     if gpt2_like:
         if m.qk_norm:
@@ -132,10 +136,10 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     kind = hf.get("model_type", "")
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise ExportError(
-                f"{where}: activation_function = {act!r}; lmforge's GELU is the tanh "
-                "approximation (gelu_new)"
+                f"{where}: activation_function = {act!r}; lmforge implements GELU in the tanh "
+                "form (gelu_new, gelu_pytorch_tanh) and the exact form (gelu)"
             )
         if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
             raise ExportError(f"{where}: non-standard GPT-2 attention scaling is not supported")
@@ -149,7 +153,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
             d_ff=int(hf.get("n_inner") or 4 * d),
             norm="layernorm",
             position="learned",
-            mlp="gelu",
+            mlp="gelu_exact" if act == "gelu" else "gelu",
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             bias=True,
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
@@ -550,7 +554,8 @@ def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
             n_layer=m.n_layers,
             n_head=m.n_heads,
             n_inner=derived_d_ff(m),
-            activation_function="gelu_new",  # tanh-approximate GELU, as ours
+            # HF "gelu" is the exact (erf) form, "gelu_new" the tanh form.
+            activation_function="gelu" if m.mlp == "gelu_exact" else "gelu_new",
             resid_pdrop=m.dropout,
             embd_pdrop=m.dropout,
             attn_pdrop=m.dropout,

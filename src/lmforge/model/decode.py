@@ -46,7 +46,7 @@ _UNDERSTOOD = {
     "rope_theta", "norm_eps", "init_std", "zero_init_proj", "logit_softcap",
     "objective", "mlp",  # checked by value in `Decoder.supports`
 }  # fmt: skip
-_MLPS = ("gelu", "swiglu", "relu2")
+_MLPS = ("gelu", "gelu_exact", "swiglu", "relu2")
 
 
 def _plain(m: nn.Module | None, kind: type[nn.Module]) -> bool:
@@ -100,10 +100,17 @@ class Decoder:
             raise ValueError(f"max_len {max_len} exceeds context_length {cfg.context_length}")
         self.model = model
         p = model.lm_head.weight
-        self.cache = KVCache.empty(cfg, batch, max_len, p.device, p.dtype)
         self.H = cfg.n_heads
         self.K = cfg.n_kv_heads or cfg.n_heads
         self.D = cfg.d_model // cfg.n_heads
+        # Keys and values of a layer side by side in one (2, B, K, T_max, D) tensor: the new
+        # token's k|v (adjacent in the qkv output) lands in it with one copy, and each half
+        # is a (B, K, T_max, D) view whose (B, K) dims merge for a batched matmul.
+        self.kv = [
+            torch.zeros(2, batch, self.K, max_len, self.D, device=p.device, dtype=p.dtype)
+            for _ in range(cfg.n_layers)
+        ]
+        self.cache = KVCache([kv[0] for kv in self.kv], [kv[1] for kv in self.kv])
         self.C = cfg.d_model
         self.mlp = cfg.mlp
         self.softcap = float(getattr(cfg, "logit_softcap", 0.0) or 0.0)
@@ -176,6 +183,7 @@ class Decoder:
         B = tokens.size(0)
         H, K, D = self.H, self.K, self.D
         G = H // K  # query heads per key/value head
+        L = pos + 1  # positions attended to, the new one included
         x = F.embedding(tokens, self.tok_emb)  # (B, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos]
@@ -185,23 +193,36 @@ class Decoder:
             rope = (m.rope_cos[pos], m.rope_sin[pos])  # (D/2,) each
         for layer, (n1, qkv, qn, kn, proj, n2, up, down) in enumerate(self.layers):
             h = self._linear(self._norm(x, n1), qkv)  # (B, (H + 2K)·D)
+            kv = self.kv[layer]  # (2, B, K, T_max, D)
             q = h[:, : H * D].view(B, H, D)
-            k = h[:, H * D : (H + K) * D].view(B, K, D)
-            v = h[:, (H + K) * D :].view(B, K, D)
-            if qn is not None:
-                q = F.rms_norm(q, (D,), qn, self.eps)
-                k = F.rms_norm(k, (D,), kn, self.eps)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            keys, values = self.cache.keys[layer], self.cache.values[layer]  # (B, K, T_max, D)
-            keys[:, :, pos] = k
-            values[:, :, pos] = v
-            keys, values = keys[:, :, : pos + 1], values[:, :, : pos + 1]  # (B, K, L, D)
-            # One query per row: scores over every cached position, no mask needed.
-            q = q.view(B, K, G, D) * self.scale
-            att = torch.matmul(q, keys.transpose(-1, -2))  # (B, K, G, L)
-            att = att.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
-            y = torch.matmul(att, values).view(B, self.C)  # (B, K, G, D) → (B, C)
+            if qn is None and rope is None:
+                kv[:, :, :, pos] = h[:, H * D :].view(B, 2, K, D).transpose(0, 1)
+            else:
+                k = h[:, H * D : (H + K) * D].view(B, K, D)
+                if qn is not None:
+                    q = F.rms_norm(q, (D,), qn, self.eps)
+                    k = F.rms_norm(k, (D,), kn, self.eps)
+                if rope is not None:
+                    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+                kv[0, :, :, pos] = k
+                kv[1, :, :, pos] = h[:, (H + K) * D :].view(B, K, D)
+            keys = kv[0, :, :, :L].view(B * K, L, D)
+            values = kv[1, :, :, :L].view(B * K, L, D)
+            # One query per row sees every cached position: no mask. Query heads of a group
+            # are consecutive (h = k·G + g, as `repeat_interleave` in Attention), so a
+            # group's G queries share their key/value head as rows of one matmul.
+            att = torch.baddbmm(
+                torch.empty(B * K, G, L, device=h.device, dtype=h.dtype),
+                q.reshape(B * K, G, D),
+                keys.transpose(1, 2),
+                beta=0.0,
+                alpha=self.scale,
+            )  # (B·K, G, L)
+            if att.dtype == torch.float32:
+                att = att.softmax(dim=-1)
+            else:  # half precision: normalise in float32, as SDPA does
+                att = att.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+            y = torch.bmm(att, values).view(B, self.C)  # (B·K, G, D) → (B, C)
             x = x + self._linear(y, proj)
             h = self._linear(self._norm(x, n2), up)
             if self.mlp == "swiglu":
@@ -210,9 +231,9 @@ class Decoder:
             elif self.mlp == "relu2":
                 h = F.relu(h).square()
             else:
-                h = F.gelu(h, approximate="tanh")
+                h = F.gelu(h, approximate="none" if self.mlp == "gelu_exact" else "tanh")
             x = x + self._linear(h, down)
-        self.cache.length = pos + 1
+        self.cache.length = L
         logits = self._linear(self._norm(x, self.final_norm), self.head)  # (B, V)
         if self.softcap:  # as Transformer.forward: cap·tanh(logits / cap), in float32
             logits = self.softcap * torch.tanh(logits.float() / self.softcap)

@@ -29,8 +29,18 @@ _LLAMA: dict[str, Any] = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # nanoGPT's CPU "baby GPT" for shakespeare_char (char-level; vocab from the tokenizer).
-    "baby-gpt": dict(_GPT2, context_length=64, vocab_size=0, n_layers=4, n_heads=4, d_model=128),
+    # nanoGPT's CPU "baby GPT" for shakespeare_char (char-level; vocab from the tokenizer),
+    # as nanoGPT builds it: no biases (its train.py sets bias=False) and exact GELU (nn.GELU).
+    "baby-gpt": dict(
+        _GPT2,
+        context_length=64,
+        vocab_size=0,
+        n_layers=4,
+        n_heads=4,
+        d_model=128,
+        bias=False,
+        mlp="gelu_exact",
+    ),
     # Small shapes that train on two CPU cores in minutes.
     "cpu-tiny": dict(n_layers=2, d_model=128, n_heads=4, context_length=128),
     "cpu-small": dict(n_layers=4, d_model=256, n_heads=4, context_length=256),

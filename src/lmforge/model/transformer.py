@@ -4,7 +4,8 @@ Variants are fields of `ModelConfig`, not subclasses:
 
 - norm: LayerNorm (GPT-2) or RMSNorm (Llama; Zhang & Sennrich 2019)
 - position: learned absolute embeddings (GPT-2) or RoPE (Su et al. 2021)
-- mlp: GELU (GPT-2), SwiGLU (Shazeer 2020) or squared ReLU (So et al. 2021)
+- mlp: GELU (tanh form as GPT-2, or exact as nanoGPT), SwiGLU (Shazeer 2020) or
+  squared ReLU (So et al. 2021)
 - logit_softcap: cap·tanh(logits/cap) on the output logits (Gemma 2)
 - n_kv_heads: MHA (= n_heads), GQA (Ainslie et al. 2023) or MQA (= 1)
 - qk_norm: RMSNorm on queries and keys per head (Dehghani et al. 2023)
@@ -151,6 +152,7 @@ class MLP(nn.Module):
         hidden = derived_d_ff(cfg)
         self.swiglu = cfg.mlp == "swiglu"
         self.relu2 = cfg.mlp == "relu2"
+        self.gelu_approx = "none" if cfg.mlp == "gelu_exact" else "tanh"
         # SwiGLU's gate and up projections fused into one matmul: (C → 2·hidden).
         self.up = nn.Linear(cfg.d_model, hidden * (2 if self.swiglu else 1), bias=cfg.bias)
         self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
@@ -163,7 +165,7 @@ class MLP(nn.Module):
         elif self.relu2:
             h = F.relu(h).square()
         else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
+            h = F.gelu(h, approximate=self.gelu_approx)  # tanh: GPT-2's gelu_new
         return self.down(h)
 
 
