@@ -291,3 +291,21 @@ def test_time_budget_stops_cleanly_with_a_final_evaluation(tmp_path):
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert records[-1]["step"] == summary["step"] and "val_loss" in records[-1]
+
+
+def test_matmul_precision_applies_during_fit_and_is_restored(tmp_path):
+    cfg = tiny_config(tmp_path, "train.matmul_precision=medium", "train.max_steps=2")
+    trainer, _ = make_trainer(cfg)
+    seen = []
+    inner = trainer.train_data
+
+    class Spy:
+        def batch(self, *args):
+            seen.append(torch.get_float32_matmul_precision())
+            return inner.batch(*args)
+
+    trainer.train_data = Spy()
+    before = torch.get_float32_matmul_precision()
+    trainer.fit()
+    assert seen == ["medium"] * (2 * trainer.accum_steps)
+    assert torch.get_float32_matmul_precision() == before

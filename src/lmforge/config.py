@@ -121,6 +121,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dtype: Literal["fp32", "bf16"] = "fp32"
+    # Precision of fp32 matmuls (torch.set_float32_matmul_precision) during training:
+    # "highest" = true fp32; "high" = TF32 on NVIDIA GPUs; "medium" = bf16 inputs with fp32
+    # accumulation (oneDNN/AMX on CPUs, like TF32 on GPUs), every other op staying fp32.
+    matmul_precision: Literal["highest", "high", "medium"] = "highest"
     compile: bool = False
     seed: int = 1337
     threads: int = 0  # 0 = leave torch's default

@@ -338,6 +338,8 @@ class Trainer:
 
         model, opt = self.train_model, self.optimizer
         model.train()
+        old_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(t.matmul_precision)
         params = [p for p in self.model.parameters() if p.requires_grad]
         tokens_per_step = t.tokens_per_step
         last_log_t, last_log_step = time.perf_counter(), self.step
@@ -492,6 +494,7 @@ class Trainer:
                 raise
             raise failure from exc
         finally:
+            torch.set_float32_matmul_precision(old_precision)
             bar.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
