@@ -21,6 +21,8 @@ VARIANTS = {
 }
 if "logit_softcap" in ModelConfig.__dataclass_fields__:  # variants newer than this file
     VARIANTS["relu2-softcap"] = dict(mlp="relu2", logit_softcap=3.0, tie_embeddings=False)
+if "gelu_exact" in str(ModelConfig.__dataclass_fields__["mlp"].type):
+    VARIANTS["gelu-exact"] = dict(mlp="gelu_exact")
 
 
 def make(variant: str, vocab: int = 97, context: int = 40) -> Transformer:
