@@ -124,6 +124,8 @@ class TrainConfig:
     # Precision of fp32 matmuls (torch.set_float32_matmul_precision) during training:
     # "highest" = true fp32; "high" = TF32 on NVIDIA GPUs; "medium" = bf16 inputs with fp32
     # accumulation (oneDNN/AMX on CPUs, like TF32 on GPUs), every other op staying fp32.
+    # On CPUs "medium" speeds up linear layers but slows torch 2.13's flash-attention
+    # kernel badly at small head sizes (benchmarks/LOG.md): measure before using it there.
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
     compile: bool = False
     seed: int = 1337

@@ -338,8 +338,12 @@ class Trainer:
 
         model, opt = self.train_model, self.optimizer
         model.train()
-        old_precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(t.matmul_precision)
+        # Only touched when asked for: torch refuses to read the legacy setting once a
+        # program has used the per-backend API (torch.backends.*.fp32_precision).
+        old_precision = None
+        if t.matmul_precision != "highest":
+            old_precision = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(t.matmul_precision)
         params = [p for p in self.model.parameters() if p.requires_grad]
         tokens_per_step = t.tokens_per_step
         last_log_t, last_log_step = time.perf_counter(), self.step
@@ -494,7 +498,8 @@ class Trainer:
                 raise
             raise failure from exc
         finally:
-            torch.set_float32_matmul_precision(old_precision)
+            if old_precision is not None:
+                torch.set_float32_matmul_precision(old_precision)
             bar.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
