@@ -41,12 +41,31 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+# Machine-generated modules: codec tables written by gencodec.py (≈ 1.2 MB of near-identical
+# `0x00e9 -> LATIN SMALL LETTER E WITH ACUTE` lines that a small model learns first and then
+# samples forever) and pydoc's topic dump. Generated code is filtered from code corpora for
+# the same reason (auto-generated markers, as in the data pipeline's code filters).
+STDLIB_GENERATED = ("pydoc_data/topics.py",)
+
+
+def _is_generated(path: Path, rel: str) -> bool:
+    if rel in STDLIB_GENERATED:
+        return True
+    if rel.startswith("encodings/"):
+        with path.open("rb") as fh:
+            return b"gencodec.py" in fh.read(600)
+    return False
+
+
 def stdlib_files() -> list[Path]:
+    """The standard library's own source: no tests, vendored packages or generated tables."""
     root = stdlib_root()
     files = []
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if any(part in STDLIB_SKIP for part in rel.parts[:-1]):
+        if any(part in STDLIB_SKIP for part in rel.parts[:-1]) or _is_generated(
+            path, rel.as_posix()
+        ):
             continue
         files.append(path)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())

@@ -238,6 +238,9 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
             max_steps=fc.max_steps or cfg.train.max_steps,
             lr=fc.lr or cfg.train.lr,
             tokens_per_step=fc.tokens_per_step or cfg.train.tokens_per_step,
+            # Fine-tuning (full or LoRA) uses AdamW even when pre-training used Muon: the
+            # finetune section has one learning rate, and Muon's has not been tuned here.
+            optimizer="adamw",
         ),
     )
     task = get_task(fc.task)
