@@ -1,14 +1,15 @@
 """lmforge against nanoGPT on the baby-GPT shape, side by side: tokens/s ratio.
 
 Runs `benchmarks/nanogpt_ref.py` (a re-implementation of nanoGPT's CPU baby-GPT
-training loop) and lmforge's `shakespeare-char` recipe at exactly that shape
-(`benchmarks/train_throughput.py`, same iterations, same threads) in turn,
-A B A B ..., each in a fresh process, and reports each side's median
-ms/iteration and the ratio pair by pair, so that a drifting machine speed cancels
-out of the comparison.
+training loop) and `lmforge pretrain shakespeare-char` (exactly that model, batch
+and schedule; the recipe's defaults, so on a multi-core CPU it trains in one
+single-threaded process per core, `train.cpu_processes`) in turn, A B A B ...,
+each in a fresh process, and reports each side's median ms/iteration over
+25-iteration windows (the first left out) and the ratio pair by pair, so that a
+drifting machine speed cancels out of the comparison.
 
     python benchmarks/baby_gpt_ab.py                       # 5 pairs of 300 iterations, 2 threads
-    python benchmarks/baby_gpt_ab.py --lmforge-arg=--compile   # any train_throughput.py flag
+    python benchmarks/baby_gpt_ab.py --lmforge-arg=--train.cpu_processes=1   # one process, 2 threads
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from lmforge.paths import shared_data
@@ -34,6 +36,24 @@ def run_json(cmd: list[str]) -> dict:
     return json.loads(out[start:])
 
 
+def run_lmforge(iters: int, threads: int, extra: list[str]) -> float:
+    """Median ms/iteration of `lmforge pretrain shakespeare-char` for `iters` iterations."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "lmforge", "pretrain", "shakespeare-char"]
+        cmd += [f"--output.dir={tmp}/run", f"--train.max_steps={iters}", "--train.log_every=25"]
+        cmd += [f"--train.eval_every={iters}", f"--train.checkpoint_every={iters}"]
+        cmd += ["--train.peak_flops=1e11", *extra]
+        if threads and not any(a.startswith("--train.threads") for a in extra):
+            cmd.append(f"--train.threads={threads}")
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        records = [
+            json.loads(line)
+            for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+    return 1000 * 768 / statistics.median(rates)  # 768 tokens per iteration
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -42,20 +62,21 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
-        "--lmforge-arg", action="append", default=[], help="extra train_throughput.py flag"
+        "--lmforge-arg",
+        action="append",
+        default=[],
+        help="extra `lmforge pretrain` flag, e.g. --train.cpu_processes=1",
     )
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
     data = shared_data() / "tinyshakespeare" / "input.txt"
     ref_cmd = [sys.executable, str(HERE / "nanogpt_ref.py"), "--data", str(data)]
     ref_cmd += ["--iters", str(args.iters), "--threads", str(args.threads)]
-    ours_cmd = [sys.executable, str(HERE / "train_throughput.py"), "--iters", str(args.iters)]
-    ours_cmd += ["--threads", str(args.threads), "--no-peak", *args.lmforge_arg]
     pairs = []
     for i in range(args.pairs):
         ref = run_json(ref_cmd)
-        ours = run_json(ours_cmd)
-        pairs.append((ref["ms_per_iter"], ours["median_ms_per_iter"]))
+        ours = run_lmforge(args.iters, args.threads, args.lmforge_arg)
+        pairs.append((ref["ms_per_iter"], ours))
         print(
             f"pair {i + 1}: nanoGPT-ref {pairs[-1][0]:.1f} ms/iter, lmforge {pairs[-1][1]:.1f} "
             f"ms/iter, speed-up {pairs[-1][0] / pairs[-1][1]:.2f}×",

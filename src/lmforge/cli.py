@@ -102,9 +102,21 @@ def cmd_tokenize(args, overrides) -> int:
 def cmd_pretrain(args, overrides) -> int:
     """Pre-train a model (next-token objective) from a recipe; --resume auto continues a run."""
     from lmforge.pretrain import pretrain
+    from lmforge.train.dist import dist_info
+    from lmforge.train.launch import cpu_process_count, relaunch
 
     cfg = load_config(args.recipe, overrides)
+    n = cpu_process_count(cfg)
+    if n > 1:
+        argv = ["pretrain", *([args.recipe] if args.recipe else [])]
+        argv += [
+            *(["--resume", args.resume] if args.resume else []),
+            *(f"--{o}" for o in overrides),
+        ]
+        return relaunch(n, argv, cfg)
     summary = pretrain(cfg, resume=args.resume)
+    if not dist_info().is_main:
+        return 0  # under torchrun, rank 0 reports
     if "val_bpb" in summary:
         print(
             f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "

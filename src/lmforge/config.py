@@ -130,6 +130,11 @@ class TrainConfig:
     compile: bool = False
     seed: int = 1337
     threads: int = 0  # 0 = leave torch's default
+    # `lmforge pretrain` on a CPU: train in this many single-threaded processes (DDP over
+    # gloo, the same global batch) instead of one multi-threaded one; 0 = one per usable
+    # core; train.threads is then the threads of all processes together. Small models
+    # train faster so (lmforge.train.launch); 1 = one process.
+    cpu_processes: int = 1
     log_every: int = 10
     eval_every: int = 250
     eval_tokens: int = 65536
@@ -583,6 +588,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         bad("train.warmup_steps", "must not be negative")
     if t.micro_batch_size <= 0:
         bad("train.micro_batch_size", "must be positive")
+    if t.cpu_processes < 0:
+        bad("train.cpu_processes", "must not be negative (0 = one per core)")
     if t.tokens_per_step <= 0:
         bad("train.tokens_per_step", "must be positive")
     micro_tokens = t.micro_batch_size * m.context_length

@@ -15,6 +15,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -141,7 +142,13 @@ def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
     val = TokenLoader(tokens_dir, "val", mcfg.context_length, cfg.train.seed, tok.hash)
     tokens_per_byte: float | None = val.stream.n_tokens / max(val.stream.n_bytes, 1)
     train_data: Any = train
-    val_data: Any = lambda: val.sequential(cfg.train.eval_tokens, cfg.train.micro_batch_size)
+    # Under torchrun each rank scores every world_size-th validation batch.
+    val_data: Any = lambda: itertools.islice(
+        val.sequential(cfg.train.eval_tokens, cfg.train.micro_batch_size),
+        info.rank,
+        None,
+        info.world_size,
+    )
     hooks: list[Any] = []
     masked_baseline: dict[str, float] = {}
     if mcfg.objective == "masked":

@@ -66,6 +66,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        value = value.clone()
+        tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
+    return value
+
+
 def barrier() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()

@@ -33,7 +33,7 @@ from lmforge.train.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from lmforge.train.dist import DistInfo, all_reduce_mean, dist_info, print0
+from lmforge.train.dist import DistInfo, all_reduce_mean, all_reduce_sum, dist_info, print0
 from lmforge.train.optim import Muon, muon_param_groups
 from lmforge.train.parallel import (
     as_rank_failure,
@@ -278,15 +278,18 @@ class Trainer:
             return self._hook_metrics({})  # in-loop hooks run with or without validation data
         model = self.train_model
         model.eval()
-        total, count = torch.zeros((), device=self.device), 0
+        # Sum and count across ranks: the validation batches may be split between ranks
+        # (pretrain does), or each rank may see all of them; the mean is right either way.
+        sums = torch.zeros(2, device=self.device)  # loss sum, batch count
         for x, y in self.val_data():
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast:
                 loss = model(x, y)
-            total += loss.float()
-            count += 1
+            sums[0] += loss.float()
+            sums[1] += 1
         model.train()
-        val_loss = all_reduce_mean(total / max(count, 1)).item()
+        total, count = all_reduce_sum(sums).tolist()
+        val_loss = total / max(count, 1.0)
         out = {"val_loss": val_loss}
         if self.tokens_per_byte:
             out["val_bpb"] = val_loss / math.log(2) * self.tokens_per_byte
