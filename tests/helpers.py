@@ -21,7 +21,12 @@ def shakespeare_snippet(tmp: Path, n_chars: int = 200_000) -> Path:
 
 def tiny_config(tmp: Path, *overrides: str, corpus: Path | None = None) -> Config:
     corpus = corpus or shakespeare_snippet(tmp)
-    base = [
+    return load_config(None, tiny_overrides(tmp, corpus) + list(overrides))
+
+
+def tiny_overrides(tmp: Path, corpus: Path) -> list[str]:
+    """The overrides of `tiny_config`: a 2-layer char model, 8 steps, output in tmp/run."""
+    return [
         f"data.sources=[{corpus}]",
         "data.val_fraction=0.1",
         "tokenizer.kind=char",
@@ -42,7 +47,6 @@ def tiny_config(tmp: Path, *overrides: str, corpus: Path | None = None) -> Confi
         "train.dtype=fp32",
         f"output.dir={tmp / 'run'}",
     ]
-    return load_config(None, base + list(overrides))
 
 
 def tiny_run_overrides(tmp: Path, corpus: Path, out: Path, *extra: str) -> list[str]:

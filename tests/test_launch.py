@@ -5,32 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import shakespeare_snippet
+from helpers import shakespeare_snippet, tiny_overrides
 
 from lmforge.config import load_config
 from lmforge.train import launch
-
-
-def tiny_overrides(corpus, out):
-    return [
-        f"data.sources=[{corpus}]",
-        "data.val_fraction=0.1",
-        "tokenizer.kind=char",
-        "model.context_length=32",
-        "model.n_layers=2",
-        "model.d_model=32",
-        "model.n_heads=4",
-        "train.max_steps=6",
-        "train.tokens_per_step=256",
-        "train.micro_batch_size=8",
-        "train.warmup_steps=2",
-        "train.log_every=1",
-        "train.eval_every=6",
-        "train.eval_tokens=2048",
-        "train.checkpoint_every=3",
-        "train.peak_flops=1e11",
-        f"output.dir={out}",
-    ]
 
 
 def metrics(run_dir):
@@ -43,12 +21,14 @@ def test_two_cpu_processes_train_like_one(tmp_path):
     for n in (1, 2):
         out = tmp_path / f"p{n}"
         cmd = [sys.executable, "-m", "lmforge", "pretrain"]
-        cmd += [f"--{o}" for o in tiny_overrides(corpus, out)]
-        cmd += [f"--train.cpu_processes={n}", "--train.threads=1"]
+        cmd += [f"--{o}" for o in tiny_overrides(out, corpus)]
+        # 8 rows of 32 per step: one micro-batch, split 4 + 4 between two processes
+        cmd += ["--train.micro_batch_size=8", "--train.max_steps=6", "--train.eval_every=6"]
+        cmd += ["--train.checkpoint_every=3", f"--train.cpu_processes={n}", "--train.threads=1"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("done: step 6") == 1  # rank 0 reports, once
-        runs[n] = metrics(out)
+        runs[n] = metrics(out / "run")
     one, two = runs[1], runs[2]
     loss1 = [r["loss"] for r in one if "tokens_per_s" in r]
     loss2 = [r["loss"] for r in two if "tokens_per_s" in r]
@@ -61,7 +41,7 @@ def test_two_cpu_processes_train_like_one(tmp_path):
     val1 = [r["val_loss"] for r in one if "val_loss" in r]
     val2 = [r["val_loss"] for r in two if "val_loss" in r]
     assert val2 == pytest.approx(val1, abs=1e-3)  # the validation split, shared by the ranks
-    assert (tmp_path / "p2" / "checkpoints").is_dir()
+    assert (tmp_path / "p2" / "run" / "checkpoints").is_dir()
 
 
 def test_process_count_rules(monkeypatch):
