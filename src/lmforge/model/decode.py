@@ -49,6 +49,12 @@ _UNDERSTOOD = {
 _MLPS = ("gelu", "gelu_exact", "swiglu", "relu2")
 
 
+def _mm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w + b for a weight stored transposed, (in, out)."""
+    y = torch.mm(x, w)
+    return y if b is None else y.add_(b)
+
+
 def _plain(m: nn.Module | None, kind: type[nn.Module]) -> bool:
     return m is None or type(m) is kind
 
@@ -163,68 +169,65 @@ class Decoder:
 
     # ------------------------------------------------------------------ one token
 
-    def _linear(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]):
-        w, b = wb
-        if self.transposed:
-            y = torch.mm(x, w)  # w is (in, out)
-            return y if b is None else y.add_(b)
-        return F.linear(x, w, b)
-
     def _norm(self, x: torch.Tensor, wb: tuple[torch.Tensor | None, torch.Tensor | None]):
         if self.rmsnorm:
-            return F.rms_norm(x, (self.C,), wb[0], self.eps)
-        return F.layer_norm(x, (self.C,), wb[0], wb[1], self.eps)
+            return torch.rms_norm(x, (self.C,), wb[0], self.eps)
+        return torch.layer_norm(x, (self.C,), wb[0], wb[1], self.eps)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) at the next position; logits (B, V) for the one after."""
         pos = self.cache.length
         if pos >= self.cache.keys[0].size(2):
             raise ValueError(f"the cache holds {pos} positions and is full")
+        # Everything the loop touches in locals, ATen ops called directly (`torch.layer_norm`,
+        # not the `F.layer_norm` wrapper): at ~100 ops per token the Python around each op
+        # is a measurable share (benchmarks/LOG.md, goal 4).
         B = tokens.size(0)
-        H, K, D = self.H, self.K, self.D
+        H, K, D, C, eps = self.H, self.K, self.D, self.C, self.eps
         G = H // K  # query heads per key/value head
         L = pos + 1  # positions attended to, the new one included
-        x = F.embedding(tokens, self.tok_emb)  # (B, C)
+        lin = _mm_bias if self.transposed else F.linear
+        norm = self._norm
+        x = torch.embedding(self.tok_emb, tokens)  # (B, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos]
         rope = None
         m = self.model
         if m.rope_cos is not None and m.rope_sin is not None:
             rope = (m.rope_cos[pos], m.rope_sin[pos])  # (D/2,) each
-        for layer, (n1, qkv, qn, kn, proj, n2, up, down) in enumerate(self.layers):
-            h = self._linear(self._norm(x, n1), qkv)  # (B, (H + 2K)·D)
-            kv = self.kv[layer]  # (2, B, K, T_max, D)
-            q = h[:, : H * D].view(B, H, D)
+        for kv, (n1, qkv, qn, kn, proj, n2, up, down) in zip(self.kv, self.layers, strict=True):
+            # kv: (2, B, K, T_max, D)
+            h = lin(norm(x, n1), *qkv)  # (B, (H + 2K)·D)
+            q = h[:, : H * D]
             if qn is None and rope is None:
                 kv[:, :, :, pos] = h[:, H * D :].view(B, 2, K, D).transpose(0, 1)
             else:
+                q = q.view(B, H, D)
                 k = h[:, H * D : (H + K) * D].view(B, K, D)
                 if qn is not None:
-                    q = F.rms_norm(q, (D,), qn, self.eps)
-                    k = F.rms_norm(k, (D,), kn, self.eps)
+                    q = torch.rms_norm(q, (D,), qn, eps)
+                    k = torch.rms_norm(k, (D,), kn, eps)
                 if rope is not None:
                     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
                 kv[0, :, :, pos] = k
                 kv[1, :, :, pos] = h[:, (H + K) * D :].view(B, K, D)
-            keys = kv[0, :, :, :L].view(B * K, L, D)
-            values = kv[1, :, :, :L].view(B * K, L, D)
             # One query per row sees every cached position: no mask. Query heads of a group
             # are consecutive (h = k·G + g, as `repeat_interleave` in Attention), so a
             # group's G queries share their key/value head as rows of one matmul.
             att = torch.baddbmm(
                 torch.empty(B * K, G, L, device=h.device, dtype=h.dtype),
                 q.reshape(B * K, G, D),
-                keys.transpose(1, 2),
+                kv[0, :, :, :L].view(B * K, L, D).transpose(1, 2),
                 beta=0.0,
                 alpha=self.scale,
             )  # (B·K, G, L)
             if att.dtype == torch.float32:
                 att = att.softmax(dim=-1)
             else:  # half precision: normalise in float32, as SDPA does
-                att = att.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
-            y = torch.bmm(att, values).view(B, self.C)  # (B·K, G, D) → (B, C)
-            x = x + self._linear(y, proj)
-            h = self._linear(self._norm(x, n2), up)
+                att = att.softmax(dim=-1, dtype=torch.float32).to(h.dtype)
+            y = torch.bmm(att, kv[1, :, :, :L].view(B * K, L, D))  # (B·K, G, D)
+            x = x + lin(y.view(B, C), *proj)
+            h = lin(norm(x, n2), *up)
             if self.mlp == "swiglu":
                 gate, u = h.chunk(2, dim=-1)
                 h = F.silu(gate) * u
@@ -232,9 +235,9 @@ class Decoder:
                 h = F.relu(h).square()
             else:
                 h = F.gelu(h, approximate="none" if self.mlp == "gelu_exact" else "tanh")
-            x = x + self._linear(h, down)
+            x = x + lin(h, *down)
         self.cache.length = L
-        logits = self._linear(self._norm(x, self.final_norm), self.head)  # (B, V)
+        logits = lin(norm(x, self.final_norm), *self.head)  # (B, V)
         if self.softcap:  # as Transformer.forward: cap·tanh(logits / cap), in float32
             logits = self.softcap * torch.tanh(logits.float() / self.softcap)
         return logits
