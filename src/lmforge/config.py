@@ -132,8 +132,9 @@ class TrainConfig:
     threads: int = 0  # 0 = leave torch's default
     # `lmforge pretrain` on a CPU: train in this many single-threaded processes (DDP over
     # gloo, the same global batch) instead of one multi-threaded one; 0 = one per usable
-    # core; train.threads is then the threads of all processes together. Small models
-    # train faster so (lmforge.train.launch); 1 = one process.
+    # core; train.threads is then the threads of all processes together. Faster for small
+    # models on a machine shared with other jobs, slower on a quiet one
+    # (lmforge.train.launch); 1 = one process.
     cpu_processes: int = 1
     log_every: int = 10
     eval_every: int = 250

@@ -2,10 +2,13 @@
 
 On a CPU, a small model's step is a long chain of small ops; with N intra-op
 threads each op ends in a barrier where N threads wait for the slowest one, and
-on a shared machine a descheduled thread stalls all of them (benchmarks/LOG.md:
-the baby GPT at 2 threads ran 1.7–1.9× slower than as 2 processes of 1 thread
-on a loaded machine). Data parallelism across processes (DDP over gloo, one
-thread each) has one synchronisation per step, the gradient all-reduce.
+on a shared machine a descheduled thread stalls all of them. Data parallelism
+across processes (DDP over gloo, one thread each) has one synchronisation per
+step, the gradient all-reduce. Measured on the baby GPT (benchmarks/LOG.md): 2
+processes of 1 thread ran 1.7–1.9× faster than 1 process of 2 threads while
+other jobs loaded the machine, but 1.5× slower on a quiet machine (52 against
+≈ 35 ms per step: the all-reduce and DDP's hooks cost more than the barriers).
+So it is an option for shared machines, not a default.
 
 `lmforge pretrain` with `train.cpu_processes` ≠ 1 on a CPU re-runs itself under
 `torch.distributed.run` with N processes, each taking micro_batch_size / N rows
