@@ -2,14 +2,13 @@
 
 Runs `benchmarks/nanogpt_ref.py` (a re-implementation of nanoGPT's CPU baby-GPT
 training loop) and `lmforge pretrain shakespeare-char` (exactly that model, batch
-and schedule; the recipe's defaults, so on a multi-core CPU it trains in one
-single-threaded process per core, `train.cpu_processes`) in turn, A B A B ...,
+and schedule, the recipe's defaults) in turn, A B A B ...,
 each in a fresh process, and reports each side's median ms/iteration over
 25-iteration windows (the first left out) and the ratio pair by pair, so that a
 drifting machine speed cancels out of the comparison.
 
     python benchmarks/baby_gpt_ab.py                       # 5 pairs of 300 iterations, 2 threads
-    python benchmarks/baby_gpt_ab.py --lmforge-arg=--train.cpu_processes=1   # one process, 2 threads
+    python benchmarks/baby_gpt_ab.py --lmforge-arg=--train.cpu_processes=2   # 2 processes of 1 thread
 """
 
 from __future__ import annotations
