@@ -76,7 +76,18 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="tuned: glibc settings the `lmforge` command applies (lmforge.malloc), "
+        "for both sides, since they share this process",
+    )
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        from lmforge.malloc import tune_malloc
+
+        tune_malloc()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers

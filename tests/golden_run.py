@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 GOLDEN = Path(__file__).parent / "golden" / "shakespeare_char_100.json"
 
 
-def run_golden(tmp: Path) -> dict:
+def run_golden(tmp: Path, dtype: str = "fp32") -> dict:
     from lmforge.config import load_config
     from lmforge.paths import shared_data
     from lmforge.pretrain import pretrain
@@ -28,6 +28,7 @@ def run_golden(tmp: Path) -> dict:
         [
             f"data.sources=[{shared_data() / 'tinyshakespeare' / 'input.txt'}]",
             "train.max_steps=100",
+            f"train.dtype={dtype}",  # the recipe says auto (bf16 on AMX CPUs); the golden is fp32
             "train.warmup_steps=10",
             "train.log_every=10",
             "train.eval_every=100",

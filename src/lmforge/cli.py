@@ -291,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        from lmforge.malloc import tune_malloc
+
+        tune_malloc()
         return int(args.func(args, overrides) or 0)
     except ConfigError as exc:
         print(f"lmforge: config error: {exc}", file=sys.stderr)

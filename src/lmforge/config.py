@@ -120,7 +120,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    # "bf16" = bf16 autocast (fp32 master weights and optimizer state). "auto" = bf16
+    # where the hardware multiplies it natively (a CUDA GPU with bf16, or a CPU with
+    # AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 is slower than fp32.
+    dtype: Literal["fp32", "bf16", "auto"] = "fp32"
     # Precision of fp32 matmuls (torch.set_float32_matmul_precision) during training:
     # "highest" = true fp32; "high" = TF32 on NVIDIA GPUs; "medium" = bf16 inputs with fp32
     # accumulation (oneDNN/AMX on CPUs, like TF32 on GPUs), every other op staying fp32.

@@ -20,6 +20,24 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware (CUDA bf16, or AVX512-BF16/AMX on a CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        from lmforge.doctor import cpu_flags
+
+        return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """`train.dtype`, with "auto" made concrete for `device`."""
+    if dtype == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return dtype
+
+
 def gpu_peak_flops(device: torch.device) -> float:
     """Dense bf16 peak of the GPU, from the datasheet table in `lmforge.plan` (0 if unknown)."""
     from lmforge.plan import DEVICES

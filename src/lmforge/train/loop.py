@@ -24,7 +24,7 @@ from torch import nn
 
 from lmforge import __version__
 from lmforge.config import Config, dump_yaml, to_dict
-from lmforge.hardware import peak_flops, pick_device
+from lmforge.hardware import peak_flops, pick_device, resolve_dtype
 from lmforge.model.transformer import flops_per_token
 from lmforge.train.checkpoint import (
     latest_checkpoint,
@@ -175,6 +175,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist: DistInfo = dist_info()
         self.device = pick_device(cfg.train.device)
+        # "auto" becomes bf16 or fp32 here, and the run's config.yaml records which.
+        cfg.train.dtype = resolve_dtype(cfg.train.dtype, self.device)  # type: ignore[assignment]
         self.model = model.to(self.device)
         self.train_data = train_data
         self.val_data = val_data
