@@ -72,6 +72,45 @@ def test_greedy_fast_path_equals_recompute(variant, batch):
     assert not fast.is_inference()  # callers may modify the result
 
 
+@pytest.mark.parametrize("change", ["in_place", "data", "load_state_dict"])
+def test_transposed_weights_follow_weight_changes(change):
+    """The (in, out) weight copies are reused across calls, but never once stale:
+    after an in-place update, a `.data` swap or `load_state_dict`, the step's logits
+    still equal the full forward's."""
+    model = make("gpt2-bias")
+    seq = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def check():
+        with torch.no_grad():
+            full = model(seq)
+            dec = Decoder(model, 2, 12, transpose=True)
+            logits = [dec.prefill(seq[:, :4])] + [dec.step(seq[:, t]) for t in range(4, 12)]
+        torch.testing.assert_close(torch.stack(logits, 1), full[:, 3:], rtol=1e-5, atol=1e-5)
+
+    check()
+    check()  # the second call reuses the copies
+    w = model.blocks[0].mlp.up.weight
+    with torch.no_grad():
+        if change == "in_place":
+            w.mul_(-1.5)
+        elif change == "data":
+            w.data = torch.randn_like(w)
+        else:
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            for k in state:
+                if k.endswith("qkv.weight"):
+                    state[k].normal_()
+            model.load_state_dict(state)
+    check()
+
+
+def test_prefill_last_only_equals_the_full_head():
+    model = make("gpt2-bias")
+    seq = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(seq, last_only=True), model(seq)[:, -1:])
+
+
 def test_wrapped_or_adapted_models_take_the_general_path():
     model = make("llama-gqa")
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))

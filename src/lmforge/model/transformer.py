@@ -351,8 +351,12 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V) for token ids `idx` (B, T); or the mean loss when `targets` given.
+
+        `last_only`: logits of the last position only, (B, 1, V) — what prompt
+        processing for generation needs, without the head's matmul over every position.
 
         Targets equal to -100 are ignored (loss masks for fine-tuning and masked LM).
         With a `cache`, `idx` continues the cached sequence and the cache is advanced.
@@ -387,6 +391,8 @@ class Transformer(nn.Module):
             x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.length += T
+        if last_only and targets is None:
+            x = x[:, -1:]
         x = self.norm(x)
         logits = self.lm_head(x)  # (B, T, V)
         if self.cfg.logit_softcap:
