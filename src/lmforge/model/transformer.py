@@ -219,6 +219,7 @@ class Attention(nn.Module):
             and q.dtype in (torch.bfloat16, torch.float16)
             and T <= SMALL_ATTENTION_MAX_T
             and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()  # inductor fuses attention its own way
         ):
             y = SmallCausalAttention.apply(q, k, v)  # (B, T, H, D)
         else:
