@@ -11,6 +11,13 @@ into the repository): the 15 books are repeated until about `--mb` MB, in two sh
 - ``docs``: the same text cut at paragraph breaks into ≈ 4 KB documents (web-page
   sized, ≈ 25,000 of them) in JSONL shards, read by the JSONL reader.
 
+- ``code`` (not in the default `--shapes`): text that never repeats — every distinct
+  `.py` file of this interpreter's standard library and installed packages (sorted by
+  path, exact duplicates dropped, files that are not UTF-8 skipped) until `--mb` MB,
+  one document per file in ≈ 10 MB JSONL shards. Its chunks are mostly new to the
+  cache, the hard case for `lmforge.fast_encode`, and it is code encoded by a BPE
+  trained on prose, so more tokens per byte.
+
 A byte-level BPE (vocabulary `--vocab`, as the recipes train) is trained once on one
 copy of the books and cached in the work folder.
 
@@ -81,6 +88,8 @@ def build_corpus(work: Path, shape: str, mb: float) -> Path:
         return root
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    if shape == "code":
+        return _build_code_corpus(root, mb)
     src = books()
     total, copy = 0, 0
     while total < mb * MB:
@@ -96,6 +105,40 @@ def build_corpus(work: Path, shape: str, mb: float) -> Path:
                         fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                         total += len(doc.encode())
         copy += 1
+    (root / "DONE").write_text(str(total))
+    return root
+
+
+def _build_code_corpus(root: Path, mb: float) -> Path:
+    import hashlib
+    import sysconfig
+
+    seen: set[str] = set()
+    dirs = sorted({sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")})
+    total, shard, fh = 0, 0, None
+    for top in dirs:
+        for path in sorted(Path(top).rglob("*.py")):
+            if total >= mb * MB:
+                break
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            digest = hashlib.sha1(text.encode()).hexdigest()
+            if not text.strip() or digest in seen:
+                continue
+            seen.add(digest)
+            if fh is None or total >= (shard + 1) * 10 * MB:
+                if fh is not None:
+                    fh.close()
+                    shard += 1
+                fh = (root / f"c{shard:02d}.jsonl").open("w", encoding="utf-8")
+            fh.write(json.dumps({"id": str(path), "text": text}, ensure_ascii=False) + "\n")
+            total += len(text.encode())
+    if fh is not None:
+        fh.close()
+    if total < mb * MB:
+        print(f"note: only {total / MB:.1f} MB of distinct .py files found")
     (root / "DONE").write_text(str(total))
     return root
 
