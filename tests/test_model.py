@@ -151,6 +151,24 @@ def test_small_causal_attention_matches_float64_sdpa(dtype):
     assert (g - ref_g).abs().max() < tol * 4
 
 
+def test_causal_attention_math_matches_the_function():
+    """The plain-ops form compiled code uses computes what `SmallCausalAttention` does."""
+    from lmforge.model.transformer import SmallCausalAttention, causal_attention_math
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 20, 3, 4, 8)
+    grad_out = torch.randn(2, 20, 4, 8)
+    results = []
+    for fn in (SmallCausalAttention.apply, causal_attention_math):
+        x = base.clone().requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in x.unbind(2))
+        y = fn(q, k, v)
+        y.backward(grad_out)
+        results.append((y, x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_autocast_attention_path_agrees_with_flash():
     """Under CPU bf16 autocast a short causal sequence takes `SmallCausalAttention`;
     with the threshold at 0 the same model takes torch's flash kernel. Both must be
@@ -184,9 +202,9 @@ def test_bf16_autocast_attention_path_agrees_with_flash():
 
 def test_bf16_autocast_training_forward_compiles():
     """`train.compile` with bf16 on a CPU: dynamo cannot trace `SmallCausalAttention`'s
-    saved views, so compiled code takes SDPA; the eager and compiled losses and
-    gradients agree to bf16 rounding. (aot_eager: dynamo's tracing, without
-    inductor's slow C++ build.)"""
+    saved views, so compiled code takes `causal_attention_math`; the eager and
+    compiled losses and gradients agree to bf16 rounding. (aot_eager: dynamo's
+    tracing, without inductor's slow C++ build.)"""
     model = make("gpt2").train()
     idx = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(1))
     compiled = torch.compile(model, backend="aot_eager")

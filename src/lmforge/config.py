@@ -130,6 +130,8 @@ class TrainConfig:
     # On CPUs "medium" speeds up linear layers but slows torch 2.13's flash-attention
     # kernel badly at small head sizes (benchmarks/LOG.md): measure before using it there.
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
+    # torch.compile the model (inductor). On a CPU with bf16 it speeds up small models'
+    # steps by ≈ 15-20% after ≈ 30 s of compiling (BENCHMARKS.md, issue 13 goal 1).
     compile: bool = False
     seed: int = 1337
     threads: int = 0  # 0 = leave torch's default

@@ -142,6 +142,19 @@ class SmallCausalAttention(torch.autograd.Function):
         return back(dq, qt), back(dk, kt), back(dv, vt)
 
 
+def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What `SmallCausalAttention` computes, as plain differentiable ops (for compiled code).
+
+    q, k, v: (B, H, T, D); returns (B, T, H, D) in q's dtype, scores and softmax in fp32.
+    """
+    T, D = q.shape[-2], q.shape[-1]
+    scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(D))
+    # Built here, not taken from `_causal_bias`'s cache: compiled code folds it in.
+    scores = scores + torch.full((T, T), float("-inf"), device=q.device).triu(1)
+    y = scores.softmax(dim=-1) @ v.float()
+    return y.transpose(1, 2).to(q.dtype)
+
+
 @dataclass
 class KVCache:
     """Pre-allocated keys and values for incremental decoding: (B, K, T_max, D) per layer."""
@@ -212,15 +225,19 @@ class Attention(nn.Module):
             k = k.repeat_interleave(H // K, dim=1)  # (B, H, T', D)
             v = v.repeat_interleave(H // K, dim=1)
         dropout_p = self.dropout if self.training else 0.0
-        if (
+        small_cpu = (
             is_causal
             and not dropout_p
             and x.device.type == "cpu"
             and q.dtype in (torch.bfloat16, torch.float16)
             and T <= SMALL_ATTENTION_MAX_T
-            and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()  # inductor fuses attention its own way
-        ):
+        )
+        if small_cpu and torch.compiler.is_compiling():
+            # Dynamo cannot trace the Function's saved views; the same math as plain ops
+            # lets inductor fuse the mask and softmax (torch's flash kernel would be
+            # slow here in bf16, compiled or not).
+            y = causal_attention_math(q, k, v)  # (B, T, H, D)
+        elif small_cpu and torch.is_grad_enabled():
             y = SmallCausalAttention.apply(q, k, v)  # (B, T, H, D)
         else:
             y = F.scaled_dot_product_attention(
