@@ -16,8 +16,8 @@ def tune_malloc() -> bool:
     glibc serves allocations above `M_MMAP_THRESHOLD` (128 KiB at first, adjusted
     as the program runs) with fresh `mmap` pages and unmaps them when freed, so a
     training step that allocates the same activations again and again takes a page
-    fault on every 4 KiB it touches. On the baby GPT that was ~3,000 faults per
-    step and 15-20% of the CPU time (benchmarks/LOG.md). Raising the mmap and trim
+    fault on every 4 KiB it touches. On the baby GPT that was ≈ 3,500 faults per
+    step and 15-20% of the wall time (benchmarks/LOG.md). Raising the mmap and trim
     thresholds to 32 / 256 MiB (the largest mmap threshold glibc accepts) and
     padding the heap by 64 MiB lets the heap keep and reuse those pages: what
     jemalloc or tcmalloc would give, without installing either.

@@ -58,7 +58,7 @@ def _mm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.
 
 # (in, out) copies of weights, kept while their parameter lives and is unchanged: a
 # server or an evaluation calls `generate` over and over, and transposing the 14M
-# model of the benchmark took ~35 ms of each batch-8 call (≈ 5%). An in-place update
+# model of the benchmark took ≈ 60 ms of each ≈ 0.8 s batch-8 call. An in-place update
 # (an optimizer step, `load_state_dict`) bumps the parameter's version; assigning
 # `.data` changes its storage; either makes the copy stale, and it is rebuilt.
 _TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
