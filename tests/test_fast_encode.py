@@ -54,6 +54,22 @@ def test_tricky_texts_match_hf(bpe):
     assert enc.encode(TRICKY[::-1]) == [reference(bpe, t) for t in TRICKY[::-1]]
 
 
+def test_text_that_never_repeats_skips_the_first_lookups_and_stays_exact(bpe, shared):
+    """After a call where most documents brought new chunks, the next call looks for new
+    chunks in every document at once (no per-document try first); the ids must not change,
+    for documents with new chunks and for documents whose chunks are all known."""
+    enc = PieceEncoder(bpe, dtype_for(bpe.vocab_size))
+    text = (shared / "tinyshakespeare" / "input.txt").read_text()
+    first = [text[i : i + 700] for i in range(0, 70_000, 700)]
+    assert enc.encode(first) == [reference(bpe, t) for t in first]
+    assert enc.missed_share > 0.5  # the cache started empty: every document missed
+    # new documents mixed with ones whose every chunk is known now, and tricky ones
+    second = [text[i : i + 700] for i in range(500_000, 560_000, 700)] + first[:20] + TRICKY
+    assert enc.encode(second) == [reference(bpe, t) for t in second]
+    assert 0 < enc.missed_share < 1  # the known documents were counted as hits
+    assert enc.encode(first[:30]) == [reference(bpe, t) for t in first[:30]]
+
+
 pieces = st.sampled_from(
     ["'s", "'t", "'re", "'ll", "'S", " ", "  ", "\n", "\r\n", "\t", "\u00a0", EOT, "<|end|>", "<|"]
 )
@@ -101,7 +117,7 @@ def reference_shards(tok, docs, val_fraction, shard_tokens):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_shards_identical_to_per_document_encoding(bpe, shared, tmp_path, workers):
     docs = docs_from_books(shared)
-    # parallel_after=0: with 2 workers every batch after the first goes to a worker process
+    # parallel_after=0: with 2 workers every batch goes to a worker process
     counts = tokenize_documents(
         docs,
         bpe,
