@@ -9,6 +9,11 @@ drifting machine speed cancels out of the comparison.
 
     python benchmarks/baby_gpt_ab.py                       # 5 pairs of 300 iterations, 2 threads
     python benchmarks/baby_gpt_ab.py --lmforge-arg=--train.cpu_processes=2   # 2 processes of 1 thread
+    python benchmarks/baby_gpt_ab.py --also compiled=--train.compile=true   # a third arm
+
+`--also NAME=FLAGS` (repeatable; FLAGS split at spaces) adds lmforge runs with those
+extra flags to every round, A B C ..., so that two lmforge settings are compared
+with each other side by side too, not only each with nanoGPT in separate runs.
 """
 
 from __future__ import annotations
@@ -66,21 +71,40 @@ def main() -> int:
         default=[],
         help="extra `lmforge pretrain` flag, e.g. --train.cpu_processes=1",
     )
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="another lmforge arm in every round, e.g. compiled=--train.compile=true",
+    )
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
+    arms: dict[str, list[str]] = {}
+    for spec in args.also:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            ap.error(f"--also {spec!r}: expected NAME=FLAGS")
+        arms[name] = [*args.lmforge_arg, *flags.split()]
     data = shared_data() / "tinyshakespeare" / "input.txt"
     ref_cmd = [sys.executable, str(HERE / "nanogpt_ref.py"), "--data", str(data)]
     ref_cmd += ["--iters", str(args.iters), "--threads", str(args.threads)]
     pairs = []
+    extra: dict[str, list[float]] = {name: [] for name in arms}
     for i in range(args.pairs):
         ref = run_json(ref_cmd)
         ours = run_lmforge(args.iters, args.threads, args.lmforge_arg)
         pairs.append((ref["ms_per_iter"], ours))
-        print(
+        line = (
             f"pair {i + 1}: nanoGPT-ref {pairs[-1][0]:.1f} ms/iter, lmforge {pairs[-1][1]:.1f} "
-            f"ms/iter, speed-up {pairs[-1][0] / pairs[-1][1]:.2f}×",
-            flush=True,
+            f"ms/iter, speed-up {pairs[-1][0] / pairs[-1][1]:.2f}×"
         )
+        for name, flags in arms.items():
+            extra[name].append(run_lmforge(args.iters, args.threads, flags))
+            line += (
+                f"; {name} {extra[name][-1]:.1f} ms/iter ({pairs[-1][0] / extra[name][-1]:.2f}×)"
+            )
+        print(line, flush=True)
     result = {
         "iters": args.iters,
         "threads": args.threads,
@@ -93,6 +117,19 @@ def main() -> int:
         "min_speedup": min(a / b for a, b in pairs),
         "max_speedup": max(a / b for a, b in pairs),
     }
+    for name, times in extra.items():
+        ref_times = [a for a, _ in pairs]
+        result[name] = {
+            "flags": arms[name],
+            "ms_per_iter": [round(x, 2) for x in times],
+            "median_speedup": statistics.median(
+                a / x for a, x in zip(ref_times, times, strict=True)
+            ),
+            # > 1: this arm is faster than the default lmforge arm, round by round
+            "median_vs_lmforge": statistics.median(
+                b / x for (_, b), x in zip(pairs, times, strict=True)
+            ),
+        }
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

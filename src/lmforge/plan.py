@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import ModelConfig
+from lmforge.model.arith import count_params, derived_d_ff, flops_per_token
 from lmforge.model.presets import PRESETS
-from lmforge.model.transformer import count_params, derived_d_ff, flops_per_token
 
 GiB = 1024**3
 

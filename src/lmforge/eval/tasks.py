@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from lmforge.eval.intrinsic import context_length_of
 from lmforge.eval.results import Result
 from lmforge.paths import shared_data
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch is imported by the tasks that run, not by `lmforge --help`
+    from torch import nn
 
 TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization")
 
@@ -75,6 +75,8 @@ def _ppl(model: nn.Module, tok: Tokenizer, data: list[str], opts: TaskOptions) -
         )
     except ValueError as exc:  # e.g. a character the char tokenizer has never seen
         raise ValueError(f"ppl on {', '.join(data)}: {exc}") from None
+    from lmforge.eval.intrinsic import context_length_of
+
     ctx = context_length_of(model)
     masked = getattr(model.cfg, "objective", "causal") == "masked"  # type: ignore[union-attr]
     settings = {

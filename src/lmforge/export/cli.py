@@ -6,8 +6,6 @@ import argparse
 import inspect
 from pathlib import Path
 
-from lmforge.export.hf import ExportError, hf_architecture
-
 
 def export_checkpoint(
     checkpoint: str | Path,
@@ -22,6 +20,7 @@ def export_checkpoint(
     `out` is a folder; GGUF writes ``model-DTYPE.gguf`` inside it. Returns what was written
     (the folder for HF, the file for GGUF).
     """
+    from lmforge.export.hf import ExportError, hf_architecture
     from lmforge.export.model_card import model_card
     from lmforge.pretrain import load_model
     from lmforge.train.checkpoint import resolve_checkpoint
@@ -56,7 +55,7 @@ def cmd_export(args, overrides) -> int:
 
 def cmd_import(args, overrides) -> int:
     """Convert a transformers folder (Llama, Mistral, Qwen2, Qwen3, GPT-2) into an lmforge run."""
-    from lmforge.export.hf import import_hf
+    from lmforge.export.hf import ExportError, import_hf
 
     if args.format != "hf":
         raise ExportError(f"--format {args.format!r}: only 'hf' folders can be imported")
