@@ -90,12 +90,15 @@ class PieceEncoder:
         self.added = sorted(
             {t.content for t in tok.hf.get_added_tokens_decoder().values()}, key=len
         )
-        self.added_first = {a[0] for a in self.added}
+        # Two-character heads ("<|"): rarer in text than a lone "<" (code is full of
+        # those), so the search for whole added tokens seldom has to run.
+        self.added_heads = {a[:2] for a in self.added}
         self.cache: dict[str, bytes] = {}  # chunk -> its ids
         self.piece_cache: dict[str, bytes] = {}  # GPT-2 piece -> its ids
         self.classes: dict[str, str] = {}
         self.missed_share = 0.0  # of the last call's documents, those with a new chunk
         self._classify(chr(c) for c in range(128))
+        self.ascii_known = all(self.classes[chr(c)] != "?" for c in range(128))
         newline = self.hf.encode("\n", add_special_tokens=False).ids
         if len(newline) != 1 or self.classes["\n"] != SPACE:
             raise ValueError("the tokenizer does not encode a newline as one token")
@@ -144,7 +147,9 @@ class PieceEncoder:
             rf" ?[{L}]+| ?[{N}]+|'(?:s|t|re|ve|m|ll|d)| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
         ).findall
         known = [c for c, v in self.classes.items() if v != "?"]
-        self.unknown = re.compile(f"[^{_ranges(known)}]").search
+        not_known = re.compile(f"[^{_ranges(known)}]")
+        self.unknown, self.find_unknown = not_known.search, not_known.findall
+        self.all_known = len(known) == len(self.classes)  # no character HF treats oddly
 
     # ------------------------------------------------------------------ encoding
 
@@ -209,18 +214,32 @@ class PieceEncoder:
         ends = (np.concatenate([cuts, [len(ids)]]) * size).tolist()
         return [buf[a:b] for a, b in zip(starts, ends, strict=True)]
 
+    def _learn_classes(self, texts: list[str]) -> None:
+        """Classify, all at once, the characters of `texts` never seen before.
+
+        Each new character recompiles the expressions (milliseconds, with classes of
+        thousands of characters), so one call's new characters go in together.
+        """
+        rest = [t for t in texts if not t.isascii()]  # ASCII was classified at the start
+        if rest:
+            new = set(self.find_unknown("".join(rest))).difference(self.classes)
+            if new:
+                self._classify(new)
+
     def _fits(self, text: str) -> bool:
-        """Whether the chunk path applies: no added token, only characters of known class."""
-        if any(f in text for f in self.added_first) and any(a in text for a in self.added):
+        """Whether the chunk path applies: no added token, only characters of known class.
+
+        The text's characters must have been through `_learn_classes`.
+        """
+        if any(h in text for h in self.added_heads) and any(a in text for a in self.added):
             return False
-        if self.unknown(text) is None:
-            return True
-        self._classify(set(text))
-        return self.unknown(text) is None
+        # `isascii` takes no time: CPython marks ASCII strings.
+        return (text.isascii() and self.ascii_known) or self.all_known or not self.unknown(text)
 
     def encode(self, texts: list[str]) -> list[bytes]:
         """Ids of each text (lone surrogates → U+FFFD, as `encode`), as little-endian bytes."""
         texts = [_clean(t) for t in texts]
+        self._learn_classes(texts)
         out: list[bytes] = [b""] * len(texts)
         whole: list[int] = []
         missed: list[tuple[int, list[str]]] = []

@@ -46,6 +46,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _clean(text: str) -> str:
     """Replace lone surrogates, which cannot cross into Rust, with U+FFFD."""
+    if text.isascii():  # constant time in CPython, and most text is
+        return text
     try:
         text.encode("utf-8")
         return text
