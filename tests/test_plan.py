@@ -183,20 +183,23 @@ _PROBE = textwrap.dedent(
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
 
-    def step(model, opt, B, T, V):
+    def step(model, opt, B, T, V, dtype):
         x = torch.randint(0, V, (B, T))
-        model(x, x).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = model(x, x)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     peaks = []
-    for fields, B, T in json.loads(sys.argv[1]):
+    for fields, B, T, *rest in json.loads(sys.argv[1]):
+        dtype = rest[0] if rest else "fp32"
         cfg = ModelConfig(**fields)
         small = dict(fields, d_model=32, n_layers=1, n_heads=2, n_kv_heads=0)
         warm = Transformer(ModelConfig(**small))
         opt = torch.optim.AdamW(warm.parameters(), fused=True)
         for _ in range(2):
-            step(warm, opt, 2, T, cfg.vocab_size)
+            step(warm, opt, 2, T, cfg.vocab_size, dtype)
         del warm, opt
         gc.collect()
         with open("/proc/self/clear_refs", "w") as fh:
@@ -205,7 +208,7 @@ _PROBE = textwrap.dedent(
         model = Transformer(cfg)
         opt = torch.optim.AdamW(model.parameters(), fused=True)
         for _ in range(2):  # Adam's moments exist from the first step's update on
-            step(model, opt, B, T, cfg.vocab_size)
+            step(model, opt, B, T, cfg.vocab_size, dtype)
         peaks.append(status("VmHWM") - base)
         del model, opt
         gc.collect()
@@ -267,6 +270,23 @@ def test_memory_estimate_matches_peak_rss():
     for (fields, B, T), peak in zip(MEMORY_SHAPES, measured, strict=True):
         estimate = memory_per_device(ModelConfig(**fields), B, T, "fp32").peak
         assert 0.75 < estimate / peak < 1.25, (fields, estimate, peak)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_memory_estimate_counts_the_small_cpu_attention():
+    """bf16 on a CPU at T ≤ 256 trains through `SmallCausalAttention`, which keeps fp32
+    T×T probabilities: the estimate must count them (within 25%), where the SDPA
+    count would be far too low."""
+    fields, B, T = (
+        dict(vocab_size=256, n_layers=4, d_model=128, n_heads=8, context_length=256),
+        8,
+        256,
+    )
+    (peak,) = _measure_peaks([(fields, B, T, "bf16")])
+    cfg = ModelConfig(**fields)
+    estimate = memory_per_device(cfg, B, T, "bf16", on_gpu=False).peak
+    assert 0.75 < estimate / peak < 1.25, (estimate, peak)
+    assert memory_per_device(cfg, B, T, "bf16", on_gpu=True).peak / peak < 0.5
 
 
 # ----------------------------------------------------------------------------- time

@@ -18,7 +18,8 @@ Every figure comes from a closed form written out below, with its source:
   *this* implementation, tensor by tensor, in the manner of Korthikanti et al.
   2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1);
   see :func:`activation_bytes`. Attention runs through SDPA's fused kernels,
-  which keep no T×T score matrix. With activation checkpointing (Chen et al.
+  which keep no T×T score matrix — except bf16 training on a CPU with T ≤ 256,
+  where `SmallCausalAttention` keeps the fp32 probabilities (H·T per token). With activation checkpointing (Chen et al.
   2016) only each block's input is kept, plus one block's activations while it
   is recomputed.
 - Peak: weights + optimizer state + max(activations + loss head, gradients) —
@@ -51,7 +52,12 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import ModelConfig
-from lmforge.model.arith import count_params, derived_d_ff, flops_per_token
+from lmforge.model.arith import (
+    SMALL_ATTENTION_MAX_T,
+    count_params,
+    derived_d_ff,
+    flops_per_token,
+)
 from lmforge.model.presets import PRESETS
 
 GiB = 1024**3
@@ -147,7 +153,7 @@ def _bytes(dtype: str) -> int:
     return 2 if dtype == "bf16" else 4
 
 
-def block_activation_elements(cfg: ModelConfig) -> dict[str, int]:
+def block_activation_elements(cfg: ModelConfig, small_attention: int = 0) -> dict[str, int]:
     """Elements autograd keeps per token in one block of *our* transformer (× B·T per layer).
 
     Counted from `model/transformer.py` (C width, F MLP hidden, H heads, K kv heads, D head dim):
@@ -165,11 +171,23 @@ def block_activation_elements(cfg: ModelConfig) -> dict[str, int]:
 
     RoPE writes new q and k tensors (the fused qkv output stays alive for v);
     GQA's `repeat_interleave` writes new k and v of H·D each.
+
+    `small_attention` = T: bf16/fp16 training on a CPU with T ≤ `SMALL_ATTENTION_MAX_T`,
+    where `SmallCausalAttention` replaces SDPA. It keeps fp32 copies of q, k and v
+    (3·C) and the fp32 probabilities (H·T per token) instead of SDPA's inputs, output
+    and log-sum-exp; its output is the proj input. QK-norm's inputs ((H + K)·D) stay
+    kept by the norms. `fp32` is the part of `total` held in 4 bytes whatever the dtype
+    (besides the residual stream, which `activation_bytes` counts itself).
     """
     C, H = cfg.d_model, cfg.n_heads
     K = cfg.n_kv_heads or H
     D = C // H
     F = derived_d_ff(cfg)
+    mlp = 2 * C + (4 * F if cfg.mlp == "swiglu" else 2 * F)
+    if small_attention:
+        fp32 = 3 * C + H * small_attention
+        attn = C + C + C + ((H + K) * D if cfg.qk_norm else 0) + fp32
+        return {"attention": attn, "mlp": mlp, "total": attn + mlp, "fp32": fp32}
     qkv = (H + 2 * K) * D
     extra_qk = 0
     if cfg.position == "rope":
@@ -179,8 +197,18 @@ def block_activation_elements(cfg: ModelConfig) -> dict[str, int]:
     if K != H:
         extra_qk += 2 * H * D  # repeated k and v
     attn = C + C + qkv + extra_qk + C + H + C
-    mlp = 2 * C + (4 * F if cfg.mlp == "swiglu" else 2 * F)
-    return {"attention": attn, "mlp": mlp, "total": attn + mlp}
+    return {"attention": attn, "mlp": mlp, "total": attn + mlp, "fp32": 0}
+
+
+def uses_small_attention(cfg: ModelConfig, seq_len: int, dtype: str, on_gpu: bool) -> bool:
+    """Whether training runs attention through `SmallCausalAttention` (see the model)."""
+    return (
+        not on_gpu
+        and dtype == "bf16"
+        and cfg.objective == "causal"
+        and not cfg.dropout
+        and seq_len <= SMALL_ATTENTION_MAX_T
+    )
 
 
 def activation_bytes(
@@ -189,6 +217,7 @@ def activation_bytes(
     seq_len: int,
     dtype: str = "fp32",
     checkpointing: bool = False,
+    on_gpu: bool = True,
 ) -> dict[str, float]:
     """Bytes of activations kept between forward and backward, per device.
 
@@ -198,20 +227,24 @@ def activation_bytes(
     exists at once on top of the kept tensors early in the backward pass.
     """
     BT = micro_batch * seq_len
-    per = block_activation_elements(cfg)
+    small = uses_small_attention(cfg, seq_len, dtype, on_gpu)
+    per = block_activation_elements(cfg, seq_len if small else 0)
     C, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     half = _bytes(dtype)
-    residual_elems = 2 * C  # attn_norm and mlp_norm inputs stay in fp32
-    block = BT * (residual_elems * 4 + (per["total"] - residual_elems) * half)
+    fp32_elems = 2 * C + per["fp32"]  # attn_norm and mlp_norm inputs stay in fp32
+    block = BT * (fp32_elems * 4 + (per["total"] - fp32_elems) * half)
     head = BT * (2 * C * 4 + V * 4)  # final norm input and output, log-softmax
     # With checkpointing: each block's input (the residual stream, fp32), plus one
     # block's activations while it is recomputed.
     blocks = L * BT * C * 4 + block if checkpointing else L * block
     # Transient at the start of the backward pass, on top of what is kept: either the
     # loss head's two B·T·V fp32 gradients, or the widest gradients inside a block's
-    # MLP (GELU: the gradients of the GELU output and input, 2·F; SwiGLU: 4·F).
+    # MLP (GELU: the gradients of the GELU output and input, 2·F; SwiGLU: 4·F), or
+    # those of the small CPU attention's T×T matrices.
     F = derived_d_ff(cfg)
     transient = max(2 * BT * V * 4, BT * F * (4 if cfg.mlp == "swiglu" else 2) * half)
+    if small:  # SmallCausalAttention's backward: the fp32 probability and score gradients
+        transient = max(transient, 2 * BT * cfg.n_heads * seq_len * 4)
     return {
         "blocks": float(blocks),
         "head": float(head),
@@ -237,6 +270,7 @@ def memory_per_device(
     seq_len: int,
     dtype: str = "fp32",
     shards: int = 1,
+    on_gpu: bool = True,
 ) -> Memory:
     """Bytes per device for weights, gradients, AdamW state and activations (see module doc).
 
@@ -249,8 +283,10 @@ def memory_per_device(
         weights += 2 * per_block * _bytes(dtype)  # two gathered blocks in flight
     if dtype == "bf16":
         weights += 2.0 * n / shards  # autocast's bf16 copies of the weights, cached per step
-    act = activation_bytes(cfg, micro_batch, seq_len, dtype)["total"]
-    act_ckpt = activation_bytes(cfg, micro_batch, seq_len, dtype, checkpointing=True)["total"]
+    act = activation_bytes(cfg, micro_batch, seq_len, dtype, on_gpu=on_gpu)["total"]
+    act_ckpt = activation_bytes(
+        cfg, micro_batch, seq_len, dtype, checkpointing=True, on_gpu=on_gpu
+    )["total"]
     return Memory(
         weights,
         grads,
@@ -374,7 +410,7 @@ def make_plan(
     seconds = total_flops / throughput
     hours = seconds / 3600
     shard = hw.devices if (fsdp if fsdp is not None else hw.devices > 1) else 1
-    mem = memory_per_device(cfg, micro_batch, T, hw.dtype, shard)
+    mem = memory_per_device(cfg, micro_batch, T, hw.dtype, shard, on_gpu=on_gpu)
     cap = hw.device.memory_gib * GiB
     # Leave ~10% of the device for the CUDA context, allocator fragmentation and buffers.
     usable = 0.9 * cap

@@ -10,6 +10,11 @@ import math
 
 from lmforge.config import ModelConfig
 
+# Up to this many positions, bf16/fp16 training attention on a CPU runs through
+# `transformer.SmallCausalAttention` (fp32 scores, saved probabilities) rather than
+# torch's flash kernel; `lmforge plan` counts its memory accordingly.
+SMALL_ATTENTION_MAX_T = 256
+
 
 def derived_d_ff(cfg: ModelConfig) -> int:
     """Hidden width of the MLP when `d_ff` is 0.

@@ -30,6 +30,7 @@ from lmforge.config import ModelConfig
 
 # Re-exported: the counting functions lived here before `arith` (torch-free) took them.
 from lmforge.model.arith import (  # noqa: F401
+    SMALL_ATTENTION_MAX_T,
     count_params,
     derived_d_ff,
     flops_per_token,
@@ -67,8 +68,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 #                  (8, 4, 128, 32): 3.2 against 10.7 (2.6)
 #                  (8, 8, 256, 32): 20.0 against 27.9; (4, 8, 256, 64): 12.1 against 13.8
 #                  (2, 12, 512, 64): 42.5 against 40.1, so flash from here on.
-# In fp32 flash is as fast or faster, and is kept.
-SMALL_ATTENTION_MAX_T = 256
+# In fp32 flash is as fast or faster, and is kept. (SMALL_ATTENTION_MAX_T = 256, in `arith`.)
 
 _causal_bias_cache: dict[tuple[int, str], torch.Tensor] = {}
 
