@@ -1,12 +1,13 @@
 """`lmforge tokenize` as a whole command: this checkout against an older commit.
 
-    python benchmarks/tokenize_cli_ab.py [--base 7fae689] [--mb 20] [--runs 3]
+    python benchmarks/tokenize_cli_ab.py [--base 7fae689] [--mb 20] [--runs 3] [--shape books]
 
 The older commit's `src/` is exported with `git archive` into a temporary folder and run
 with ``PYTHONPATH`` pointing at it. Both sides run `lmforge tokenize quickstart` on the
 same folder of text files (the shared Gutenberg books repeated to about `--mb` MB, as
 `tokenize_speed.py` builds it; a fixed folder, so changes to built-in corpora between
-the commits do not count) with the same tokenizer file (trained once on the folder),
+the commits do not count; `--shape code` takes `tokenize_speed.py`'s 100 MB of distinct
+Python files instead) with the same tokenizer file (trained once on the books),
 interleaved A B A B ..., each a fresh process (startup and imports included). Prints
 the median wall and CPU seconds of each side and their ratio, and checks that both
 wrote byte-identical shard files. The default base is the last commit before goal 5
@@ -66,13 +67,19 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=20)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/lmforge-tokenize-speed")
+    ap.add_argument("--shape", choices=["books", "docs", "code"], default="books")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="lmforge-tok-ab-") as tmp:
         work = Path(tmp)
         sides = {"base": export(args.base, work / "export"), "this": REPO / "src"}
-        corpus = build_corpus(Path(args.workdir), "books", args.mb)
+        books = build_corpus(Path(args.workdir), "books", args.mb)
+        corpus = (
+            books
+            if args.shape == "books"
+            else build_corpus(Path(args.workdir), args.shape, args.mb)
+        )
         tok = work / "tokenizer.json"
-        train_bpe((d.text for d in iter_documents([str(corpus / "c00_*.txt")])), 4096).save(tok)
+        train_bpe((d.text for d in iter_documents([str(books / "c00_*.txt")])), 4096).save(tok)
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in sides}
         for r in range(args.runs):
             for name, src in sides.items():

@@ -1,5 +1,6 @@
 """The CLI starts without importing torch: `lmforge --help`, `recipes`, `config` and `plan`
-answer in well under a second instead of waiting ≈ 3 s for torch to load."""
+answer in well under a second instead of waiting ≈ 3 s for torch to load, and
+`lmforge tokenize` never needs it."""
 
 import subprocess
 import sys
@@ -35,3 +36,14 @@ def test_parser_of_every_command_builds_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_tokenize_does_not_import_torch(tmp_path):
+    """`lmforge tokenize` (tokenizer training, encoding, shard writing) needs no torch."""
+    argv = ["tokenize", "shakespeare-char", f"--output.dir={tmp_path / 'run'}"]
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY=\n" in out.stdout, out.stdout[-500:]
+    assert (tmp_path / "run" / "tokens" / "train_00000.bin").stat().st_size > 1_000_000

@@ -18,16 +18,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lmforge.config import Config, ModelConfig, config_from_dict
 from lmforge.data.sources import iter_documents
-from lmforge.model.transformer import Transformer, count_params, flops_per_token
+from lmforge.model.arith import count_params, flops_per_token
 from lmforge.shards import (
     TokenLoader,
     TokenStream,
@@ -35,9 +36,22 @@ from lmforge.shards import (
     tokenize_documents,
 )
 from lmforge.tokenizer import Tokenizer, iter_limited, load_tokenizer, train_tokenizer
-from lmforge.train.checkpoint import load_weights, resolve_checkpoint, verify_checkpoint
-from lmforge.train.dist import print0
-from lmforge.train.loop import Trainer
+
+# torch is imported by the stages that train or load a model, not by `lmforge tokenize`
+# and `lmforge tokenizer train` (≈ 2 s saved per command, and lighter forked workers).
+if TYPE_CHECKING:
+    from lmforge.model.transformer import Transformer
+
+
+def print0(*args: Any) -> None:
+    """`train.dist.print0` (rank 0 only) without importing torch when it is not loaded:
+    then no process group can exist here, and torchrun's RANK says which process this is."""
+    if "torch" in sys.modules:
+        from lmforge.train.dist import print0 as dist_print0
+
+        dist_print0(*args)
+    elif int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -94,6 +108,10 @@ def model_config_for(cfg: Config, tok: Tokenizer) -> ModelConfig:
 
 
 def build_model(mcfg: ModelConfig, seed: int) -> Transformer:
+    import torch
+
+    from lmforge.model.transformer import Transformer
+
     torch.manual_seed(seed)
     return Transformer(mcfg)
 
@@ -113,8 +131,11 @@ def unigram_bits_per_byte(tokens_dir: Path, vocab_size: int) -> float:
 
 def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
     """Tokenizer, shards (if needed), then the training loop. Returns the summary."""
+    import torch
+
     from lmforge.hardware import pick_device
     from lmforge.train.dist import barrier, init_distributed
+    from lmforge.train.loop import Trainer
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -183,6 +204,9 @@ def load_model(
     checkpoint: str | Path, device: str = "cpu"
 ) -> tuple[Transformer, Tokenizer, Config]:
     """A model, its tokenizer and its config from a checkpoint or run folder."""
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.checkpoint import load_weights, resolve_checkpoint, verify_checkpoint
+
     path = resolve_checkpoint(checkpoint)
     state = verify_checkpoint(path)
     cfg = config_from_dict(state["config"], where=f"{path}/trainer_state.json")

@@ -27,13 +27,16 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lmforge.data.document import Document
 from lmforge.fast_encode import batches_of, encode_documents
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch is needed by the loaders, not by tokenising
+    import torch
 
 FORMAT = "lmforge-tokens"
 VERSION = 1
@@ -477,6 +480,8 @@ class TokenLoader:
         world_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
+        import torch  # loaded already by whoever trains: a dictionary lookup
+
         first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
         starts = self.window_starts(first, micro_batch_size)
         data = torch.from_numpy(self.stream.read_rows(starts, self.seq_len + 1))
@@ -486,6 +491,8 @@ class TokenLoader:
         self, n_tokens: int, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Validation batches: consecutive windows from the start, about `n_tokens` in all."""
+        import torch
+
         n_seq = max(1, min(n_tokens // self.seq_len, self.n_windows))
         for i in range(0, n_seq, batch_size):
             rows = [
