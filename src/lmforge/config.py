@@ -130,8 +130,9 @@ class TrainConfig:
     # On CPUs "medium" speeds up linear layers but slows torch 2.13's flash-attention
     # kernel badly at small head sizes (benchmarks/LOG.md): measure before using it there.
     matmul_precision: Literal["highest", "high", "medium"] = "highest"
-    # torch.compile the model (inductor). On a CPU with bf16 it speeds up small models'
-    # steps by ≈ 15-20% after ≈ 30 s of compiling (BENCHMARKS.md, issue 13 goal 1).
+    # torch.compile the model (inductor). On a CPU with bf16 the baby GPT's steps are
+    # ≈ 5% faster side by side, after ≈ 30 s of compiling (≈ 3 s once inductor's disk
+    # cache holds the graphs) (BENCHMARKS.md, issue 13 goal 1).
     compile: bool = False
     seed: int = 1337
     threads: int = 0  # 0 = leave torch's default

@@ -18,8 +18,9 @@ pre-tokenizer about that character, once, the first time it appears. Text holdin
 added token (``<|endoftext|>`` ...) goes to HF whole, as does any tokenizer whose
 normaliser or pre-tokenizer is not the plain GPT-2 byte-level one.
 
-`encode_documents` spreads batches over worker processes (forked, so they start
-with the cache warm) once the input is large enough to pay for them.
+`encode_documents` spreads batches over worker processes (forked: they inherit the
+tokenizer and the character classes, with no re-import) once the input is large
+enough to pay for them.
 """
 
 from __future__ import annotations
