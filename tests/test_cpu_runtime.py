@@ -18,7 +18,11 @@ from lmforge.pretrain import pretrain
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
-    [({"avx2", "amx_bf16"}, "bf16"), ({"avx512f", "avx512_bf16"}, "bf16"), ({"avx2"}, "fp32")],
+    [
+        ({"avx2", "amx_bf16"}, "bf16-pure"),
+        ({"avx512f", "avx512_bf16"}, "bf16-pure"),
+        ({"avx2"}, "fp32"),
+    ],
 )
 def test_auto_dtype_follows_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(lmforge.doctor, "cpu_flags", lambda *a: flags)
@@ -26,13 +30,14 @@ def test_auto_dtype_follows_the_cpu_flags(monkeypatch, flags, expected):
     # explicit choices are kept whatever the hardware
     assert resolve_dtype("fp32", torch.device("cpu")) == "fp32"
     assert resolve_dtype("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_dtype("bf16-pure", torch.device("cpu")) == "bf16-pure"
 
 
 def test_a_run_records_the_dtype_auto_chose(tmp_path):
     cfg = tiny_config(tmp_path, "train.dtype=auto", "train.max_steps=2")
     pretrain(cfg)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["train"]["dtype"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert saved["train"]["dtype"] == ("bf16-pure" if native_bf16(torch.device("cpu")) else "fp32")
 
 
 # Counts the minor page faults of 20 steps of a small model's forward and backward,
@@ -77,3 +82,40 @@ def test_malloc_tuning_stops_the_page_faults_of_a_training_step():
     # Untuned, glibc maps and unmaps the activations' pages every step (measured:
     # thousands of faults per step); tuned, the heap keeps them.
     assert tuned["faults"] * 5 < untuned["faults"], (tuned, untuned)
+
+
+def test_bf16_pure_accumulates_micro_batch_gradients_in_fp32_and_publishes_masters():
+    """`train.dtype = bf16-pure`: the bf16 copy's gradients of several micro-batches sum in
+    fp32 into the master weights' gradients (not in bf16), and after an update the copy
+    holds the masters rounded to bf16."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+    from lmforge.train.loop import _Bf16Compute
+
+    torch.manual_seed(0)
+    master = Transformer(
+        ModelConfig(vocab_size=50, n_layers=1, d_model=32, n_heads=4, context_length=16)
+    )
+    comp = _Bf16Compute(master)
+    assert all(p.dtype == torch.bfloat16 for p in comp.model.parameters())
+    assert all(p.dtype == torch.float32 for p in master.parameters())
+    expected = None
+    for i in range(3):
+        x = torch.randint(0, 50, (2, 16))
+        comp.model(x, x).backward()
+        g = [p.grad.float() for p in comp.params]
+        expected = g if expected is None else [a + b for a, b in zip(expected, g, strict=True)]
+        comp.collect(first=i == 0)
+        assert all(p.grad is None for p in comp.params)
+    comp.attach()
+    assert all(torch.equal(m.grad, e) for m, e in zip(comp.masters, expected, strict=True))
+    # bf16 accumulation would differ: the test can tell the two apart
+    bf16_sum = [e.bfloat16().float() for e in expected]
+    assert any(not torch.equal(a, b) for a, b in zip(expected, bf16_sum, strict=True))
+    with torch.no_grad():
+        for m in comp.masters:
+            m.add_(1e-3)
+    comp.publish()
+    assert all(
+        torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(comp.params, comp.masters, strict=True)
+    )

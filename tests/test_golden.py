@@ -35,3 +35,14 @@ def test_bf16_autocast_tracks_the_fp32_golden_curve(tmp_path):
     for step, loss in golden["train_loss"].items():
         assert result["train_loss"][step] == pytest.approx(loss, abs=0.01), f"step {step}"
     assert result["val_loss"] == pytest.approx(golden["val_loss"], abs=0.01)
+
+
+def test_bf16_pure_tracks_the_fp32_golden_curve(tmp_path):
+    """bf16-pure (bf16 weights, activations and residual stream; fp32 master weights)
+    learns like fp32 too, within the same 0.01 nats as autocast."""
+    golden = json.loads(GOLDEN.read_text())
+    result = run_golden(tmp_path, dtype="bf16-pure")
+    assert result["train_loss"].keys() == golden["train_loss"].keys()
+    for step, loss in golden["train_loss"].items():
+        assert result["train_loss"][step] == pytest.approx(loss, abs=0.01), f"step {step}"
+    assert result["val_loss"] == pytest.approx(golden["val_loss"], abs=0.01)

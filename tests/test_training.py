@@ -86,8 +86,8 @@ FAST = (
 
 @pytest.mark.parametrize(
     "overrides",
-    [("model.dropout=0.0",), ("model.dropout=0.1",), FAST],
-    ids=["plain", "dropout", "fast"],
+    [("model.dropout=0.0",), ("model.dropout=0.1",), FAST, ("train.dtype=bf16-pure",)],
+    ids=["plain", "dropout", "fast", "bf16-pure"],
 )
 def test_resume_is_bit_exact(tmp_path, overrides):
     corpus = shakespeare_snippet(tmp_path)

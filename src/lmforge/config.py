@@ -120,10 +120,13 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    # "bf16" = bf16 autocast (fp32 master weights and optimizer state). "auto" = bf16
-    # where the hardware multiplies it natively (a CUDA GPU with bf16, or a CPU with
-    # AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 is slower than fp32.
-    dtype: Literal["fp32", "bf16", "auto"] = "fp32"
+    # "bf16" = bf16 autocast (fp32 weights and optimizer state). "bf16-pure" = a bf16
+    # copy of the model computes (weights, activations and the residual stream in bf16,
+    # no autocast casts), fp32 master weights take the optimizer steps and fill the
+    # checkpoints (Megatron-LM's bf16 mode; not with FSDP). "auto" = where the hardware
+    # multiplies bf16 natively, bf16 on a CUDA GPU and bf16-pure on a CPU with
+    # AVX512-BF16 or AMX; fp32 elsewhere, where emulated bf16 is slower than fp32.
+    dtype: Literal["fp32", "bf16", "bf16-pure", "auto"] = "fp32"
     # Precision of fp32 matmuls (torch.set_float32_matmul_precision) during training:
     # "highest" = true fp32; "high" = TF32 on NVIDIA GPUs; "medium" = bf16 inputs with fp32
     # accumulation (oneDNN/AMX on CPUs, like TF32 on GPUs), every other op staying fp32.

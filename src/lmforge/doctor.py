@@ -167,9 +167,9 @@ def check_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> Check:
             "cpu",
             "ok",
             found,
-            "The CPU multiplies bf16 natively: --train.dtype=bf16 (or auto, which picks it "
-            "here) multiplies 2-3x faster than fp32 (≈ 700 vs 250 GFLOP/s for 768×128×512 "
-            "on 2 AMX Xeon cores).",
+            "The CPU multiplies bf16 natively: --train.dtype=bf16-pure (or auto, which picks "
+            "it here) or bf16 (autocast) multiplies 2-3x faster than fp32 (≈ 700 vs 250 "
+            "GFLOP/s for 768×128×512 on 2 AMX Xeon cores).",
         )
     return Check(
         "cpu",
