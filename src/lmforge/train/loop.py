@@ -150,9 +150,10 @@ class _Bf16Compute:
 
     Forward and backward run on bf16 weights and activations with no autocast casts
     (≈ 13% faster per step than autocast on the baby GPT on an AMX CPU). Gradients
-    accumulate in fp32 buffers across micro-batches and become the master weights'
-    gradients; the optimizer updates the fp32 masters, and `publish` rounds them into
-    the bf16 copy. Checkpoints hold the masters, so resuming is exact.
+    accumulate in fp32 buffers across micro-batches (under DDP, in bf16 until the last
+    micro-batch's all-reduce) and become the master weights' gradients; the optimizer
+    updates the fp32 masters, and `publish` rounds them into the bf16 copy.
+    Checkpoints hold the masters, so resuming is exact.
     """
 
     def __init__(self, master: nn.Module):
@@ -454,8 +455,10 @@ class Trainer:
                         loss = model(x, y) / self.accum_steps
                     with grad_sync(model, sync):
                         loss.backward()
-                    if self.compute is not None:
-                        self.compute.collect(first=micro == 0)
+                    # Under DDP the bf16 gradients stay in place until the last micro-batch,
+                    # whose backward all-reduces them; alone, each micro-batch's go to fp32.
+                    if self.compute is not None and (sync or self.dist.world_size == 1):
+                        self.compute.collect(first=micro == 0 or self.dist.world_size > 1)
                     step_loss += loss.detach()
                 if self.compute is not None:
                     self.compute.attach()
