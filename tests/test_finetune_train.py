@@ -104,6 +104,18 @@ def test_lora_finetune_resume_matches_uninterrupted(shared, tmp_path, monkeypatc
     assert cfg.finetune.method == "full" and tok.vocab_size == model.cfg.vocab_size
 
 
+def test_lora_finetune_in_bf16_pure_trains_the_fp32_master_adapters(shared, tmp_path):
+    """With train.dtype = bf16-pure the bf16 copy computes and the fp32 masters are what
+    the adapter file holds: LoRA's B matrices start at zero, so they must have moved."""
+    data = task_data(shared, tmp_path)
+    cfg = tiny_cfg(data, tmp_path / "run")
+    cfg.train.dtype = "bf16-pure"
+    finetune(cfg)
+    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+    b_mats = [v for k, v in adapter.items() if k.endswith("lora_B")]
+    assert b_mats and all(v.dtype == torch.float32 and v.abs().max() > 1e-3 for v in b_mats)
+
+
 def test_chat_streams_replies_and_keeps_history():
     """Each streamed reply equals a direct greedy generation from the templated history."""
     from lmforge.config import ModelConfig
