@@ -19,9 +19,9 @@ Every figure comes from a closed form written out below, with its source:
   2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1);
   see :func:`activation_bytes`. Attention runs through SDPA's fused kernels,
   which keep no T×T score matrix — except bf16 training on a CPU with T ≤ 256,
-  where `SmallCausalAttention` keeps the fp32 probabilities (H·T per token). With activation checkpointing (Chen et al.
-  2016) only each block's input is kept, plus one block's activations while it
-  is recomputed.
+  where `SmallCausalAttention` keeps the fp32 probabilities (H·T per token).
+  With activation checkpointing (Chen et al. 2016) only each block's input is
+  kept, plus one block's activations while it is recomputed.
 - Peak: weights + optimizer state + max(activations + loss head, gradients) —
   gradients grow while activations are freed during the backward pass.
 - Time: training FLOPs / (devices × peak FLOP/s × MFU) (MFU as defined in PaLM,

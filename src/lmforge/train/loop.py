@@ -171,24 +171,17 @@ class _Bf16Compute:
         """Add this micro-batch's bf16 gradients into the fp32 buffers (copy on the first)."""
         if first:
             self.has_grad = [False] * len(self.params)
-        for adding in (False, True):
-            idx = [
-                i
-                for i, p in enumerate(self.params)
-                if p.grad is not None and self.has_grad[i] == adding
-            ]
-            if not idx:
-                continue
-            bufs = [self.grads[i] for i in idx]
-            grads = [g for i in idx if (g := self.params[i].grad) is not None]
-            if adding:
-                torch._foreach_add_(bufs, grads)
-            else:
-                torch._foreach_copy_(bufs, grads)
-        for i, p in enumerate(self.params):
-            if p.grad is not None:
-                self.has_grad[i] = True
-                p.grad = None
+        copy_i = [
+            i for i, p in enumerate(self.params) if p.grad is not None and not self.has_grad[i]
+        ]
+        add_i = [i for i, p in enumerate(self.params) if p.grad is not None and self.has_grad[i]]
+        for idx, op in ((copy_i, torch._foreach_copy_), (add_i, torch._foreach_add_)):
+            if idx:
+                op([self.grads[i] for i in idx], [self.params[i].grad for i in idx])  # type: ignore[misc]
+        for i in copy_i:
+            self.has_grad[i] = True
+        for p in self.params:
+            p.grad = None
 
     def attach(self) -> None:
         """Give the master weights their accumulated fp32 gradients."""
