@@ -117,11 +117,26 @@ def test_context_overflow_is_an_error():
         model(torch.zeros(1, 25, dtype=torch.long))
 
 
+def _packed_attention(x: torch.Tensor) -> torch.Tensor:
+    """`PackedSmallCausalAttention` on x (B, T, 3, H, D), as the fused projection gives it."""
+    from lmforge.model.transformer import PackedSmallCausalAttention
+
+    B, T, _, H, D = x.shape
+    return PackedSmallCausalAttention.apply(x.reshape(B, T, 3 * H * D), H)
+
+
+def _split_attention(fn):
+    """fn(q, k, v) on q, k, v sliced out of x (B, T, 3, H, D): (B, H, T, D), strided."""
+    return lambda x: fn(*(t.transpose(1, 2) for t in x.unbind(2)))
+
+
+@pytest.mark.parametrize("form", ["split", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_causal_attention_matches_float64_sdpa(dtype):
-    """The CPU attention for short bf16 sequences: outputs and gradients of q, k, v
-    against torch's SDPA in float64, from q/k/v sliced out of one fused projection
-    (the strides the model gives it)."""
+def test_small_causal_attention_matches_float64_sdpa(dtype, form):
+    """The CPU attention for short bf16 sequences, on q/k/v sliced out of one fused
+    projection (`SmallCausalAttention`) or on the projection itself
+    (`PackedSmallCausalAttention`): outputs and input gradients against torch's SDPA
+    in float64."""
     from lmforge.model.transformer import SmallCausalAttention
 
     torch.manual_seed(0)
@@ -131,24 +146,76 @@ def test_small_causal_attention_matches_float64_sdpa(dtype):
 
     def run(fn, x):
         x = x.clone().requires_grad_()
-        q, k, v = (t.transpose(1, 2) for t in x.unbind(2))  # (B, H, T, D), strided
-        y = fn(q, k, v)  # (B, T, H, D)
+        y = fn(x)  # (B, T, H, D)
         y.backward(grad_out.to(y.dtype))
         return y.double(), x.grad.double()
 
-    ref_y, ref_g = run(
+    sdpa = _split_attention(
         lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True
-        ).transpose(1, 2),
-        base,
+        ).transpose(1, 2)
     )
-    y, g = run(SmallCausalAttention.apply, base.to(dtype))
+    ref_y, ref_g = run(sdpa, base)
+    fn = _packed_attention if form == "packed" else _split_attention(SmallCausalAttention.apply)
+    y, g = run(fn, base.to(dtype))
     assert y.shape == ref_y.shape and g.shape == ref_g.shape
     # fp32 math inside: fp32 inputs agree to rounding; bf16 inputs and outputs carry
     # bf16's 2^-8 relative rounding (on values of order 1 here).
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert (y - ref_y).abs().max() < tol
     assert (g - ref_g).abs().max() < tol * 4
+
+
+def test_packed_and_split_small_attention_are_bitwise_equal():
+    """The two forms run the same fp32 math: in bf16, outputs and gradients are equal."""
+    from lmforge.model.transformer import SmallCausalAttention
+
+    torch.manual_seed(0)
+    base = torch.randn(4, 24, 3, 2, 8).bfloat16()
+    grad_out = torch.randn(4, 24, 2, 8).bfloat16()
+    results = []
+    for fn in (_packed_attention, _split_attention(SmallCausalAttention.apply)):
+        x = base.clone().requires_grad_()
+        y = fn(x)
+        y.backward(grad_out)
+        results.append((y, x.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize(
+    ("variant", "kw", "packed"),
+    [("gpt2", {}, True), ("llama", {}, False), ("gpt2", {"n_kv_heads": 2}, False)],
+)
+def test_bf16_cpu_training_routes_attention_by_what_touches_q_and_k(
+    monkeypatch, variant, kw, packed
+):
+    """bf16 training on a CPU: a model that uses the projection's q, k and v as they are
+    (GPT-2) takes `PackedSmallCausalAttention`; RoPE or grouped heads change them first,
+    so those take `SmallCausalAttention`. Inference and fp32 take neither."""
+    import lmforge.model.transformer as tr
+
+    calls = {"packed": 0, "split": 0}
+    for name, cls in (
+        ("packed", tr.PackedSmallCausalAttention),
+        ("split", tr.SmallCausalAttention),
+    ):
+        original = cls.apply
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(cls, "apply", counted)
+    model = make(variant, **kw).train()
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    model(idx, idx).backward()  # fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+    assert calls == {"packed": 0, "split": 0}
+    model.to(torch.bfloat16)(idx, idx).backward()
+    n = model.cfg.n_layers
+    assert calls == ({"packed": n, "split": 0} if packed else {"packed": 0, "split": n})
 
 
 def test_causal_attention_math_matches_the_function():

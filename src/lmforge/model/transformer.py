@@ -83,6 +83,43 @@ def _causal_bias(T: int, device: torch.device) -> torch.Tensor:
     return bias
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` with contiguous strides, in one copy (none when it already is)."""
+    # `.to` ignores memory_format when the dtype does not change; `.contiguous()` then
+    # copies, and costs nothing after `.to` has copied.
+    return t.to(dtype, memory_format=torch.contiguous_format).contiguous()
+
+
+def _small_attention_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of x = (3, B, H, T, D) fp32 (q, k, v stacked, contiguous).
+
+    Returns y (B, H, T, D) fp32 and the probabilities (B·H, T, T) fp32."""
+    _, B, H, T, D = x.shape
+    with torch.autocast("cpu", enabled=False):  # fp32 throughout, whatever the caller's
+        q3, k3, v3 = (t.view(B * H, T, D) for t in x.unbind(0))
+        scores = torch.baddbmm(
+            _causal_bias(T, x.device), q3, k3.transpose(1, 2), alpha=1.0 / math.sqrt(D)
+        )
+        probs = torch.softmax(scores, dim=-1)
+        return torch.bmm(probs, v3).view(B, H, T, D), probs
+
+
+def _small_attention_backward(dy: torch.Tensor, x: torch.Tensor, probs: torch.Tensor):
+    """Gradients (3, B, H, T, D) fp32 of q, k and v, from dy (B, T, H, D) in any dtype."""
+    _, B, H, T, D = x.shape
+    q3, k3, v3 = (t.view(B * H, T, D) for t in x.unbind(0))
+    dy3 = _dense(dy.transpose(1, 2), torch.float32).view(B * H, T, D)
+    g = torch.empty_like(x)
+    dq, dk, dv = (t.view(B * H, T, D) for t in g.unbind(0))
+    torch.bmm(probs.transpose(1, 2), dy3, out=dv)
+    dprobs = torch.bmm(dy3, v3.transpose(1, 2))
+    dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
+    torch.bmm(dscores, k3, out=dq)
+    torch.bmm(dscores.transpose(1, 2), q3, out=dk)
+    g[:2].mul_(1.0 / math.sqrt(D))  # dq and dk, in one pass
+    return g
+
+
 class SmallCausalAttention(torch.autograd.Function):
     """Causal softmax(q·kᵀ/√D)·v for short sequences on a CPU: fp32 math, hand-written backward.
 
@@ -92,49 +129,62 @@ class SmallCausalAttention(torch.autograd.Function):
     scores and softmax stay in fp32. It saves the (B·H, T, T) probabilities, which
     is why it is used only up to `SMALL_ATTENTION_MAX_T` positions.
 
-    q, k, v: (B, H, T, D), any dtype and strides (they are upcast and made contiguous
-    in one copy each). Returns (B, T, H, D), contiguous, in q's dtype: the layout
-    the output projection reads, so the caller's transpose costs nothing.
+    q, k, v: (B, H, T, D), any dtype and strides (they are upcast into one fp32
+    buffer, one copy each). Returns (B, T, H, D), contiguous, in q's dtype: the
+    layout the output projection reads, so the caller's transpose costs nothing.
+    `PackedSmallCausalAttention` is the same computation on the fused projection's
+    output, for models that do not touch q and k between projection and attention.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        B, H, T, D = q.shape
-        f32, dense = torch.float32, torch.contiguous_format
-        with torch.autocast("cpu", enabled=False):  # fp32 throughout, whatever the caller's
-            q3 = q.to(f32, memory_format=dense).reshape(B * H, T, D)
-            k3 = k.to(f32, memory_format=dense).reshape(B * H, T, D)
-            v3 = v.to(f32, memory_format=dense).reshape(B * H, T, D)
-            scores = torch.baddbmm(
-                _causal_bias(T, q.device), q3, k3.transpose(1, 2), alpha=1.0 / math.sqrt(D)
-            )
-            probs = torch.softmax(scores, dim=-1)
-            y = torch.bmm(probs, v3).view(B, H, T, D).transpose(1, 2)
-        ctx.save_for_backward(q3, k3, v3, probs)
+        x = torch.empty((3, *q.shape), dtype=torch.float32, device=q.device)
+        for dst, src in zip(x.unbind(0), (q, k, v), strict=True):
+            dst.copy_(src)
+        y, probs = _small_attention_forward(x)
+        ctx.save_for_backward(x, probs)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        return y.to(q.dtype, memory_format=dense).contiguous()
+        return _dense(y.transpose(1, 2), q.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        q3, k3, v3, probs = ctx.saved_tensors
-        B, T, H, D = dy.shape
-        scale = 1.0 / math.sqrt(D)
-        dense = torch.contiguous_format
-        dy3 = dy.transpose(1, 2).to(torch.float32, memory_format=dense).reshape(B * H, T, D)
-        dv = torch.bmm(probs.transpose(1, 2), dy3)
-        dprobs = torch.bmm(dy3, v3.transpose(1, 2))
-        dscores = torch._softmax_backward_data(dprobs, probs, -1, probs.dtype)
-        dq = torch.bmm(dscores, k3).mul_(scale)
-        dk = torch.bmm(dscores.transpose(1, 2), q3).mul_(scale)
+        x, probs = ctx.saved_tensors
+        g = _small_attention_backward(dy, x, probs)
 
         def back(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             # (B, H, T, D) with the strides of (B, T, H, D): the layout q, k and v were
             # sliced from, so the transpose and split backward that follow copy nothing.
-            g = g.view(B, H, T, D).transpose(1, 2)
-            return g.to(dtype, memory_format=dense).contiguous().transpose(1, 2)
+            return _dense(g.transpose(1, 2), dtype).transpose(1, 2)
 
-        qt, kt, vt = ctx.dtypes
-        return back(dq, qt), back(dk, kt), back(dv, vt)
+        return tuple(back(gi, dt) for gi, dt in zip(g.unbind(0), ctx.dtypes, strict=True))
+
+
+class PackedSmallCausalAttention(torch.autograd.Function):
+    """`SmallCausalAttention` on the fused q/k/v projection's output, (B, T, 3·H·D).
+
+    One copy brings q, k and v into fp32 in the layout the matmuls read, and one
+    copy takes their gradients back as the projection's output gradient. The
+    (q, k, v) form needs three copies each way and autograd's concatenation of the
+    split: ≈ 10% of the attention's time at the baby GPT's size (benchmarks/LOG.md).
+    Returns (B, T, H, D), contiguous, in qkv's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_heads: int) -> torch.Tensor:  # type: ignore[override]
+        B, T, C3 = qkv.shape
+        D = C3 // (3 * n_heads)
+        x = qkv.view(B, T, 3, n_heads, D).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        x = _dense(x, torch.float32)
+        y, probs = _small_attention_forward(x)
+        ctx.save_for_backward(x, probs)
+        return _dense(y.transpose(1, 2), qkv.dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        x, probs = ctx.saved_tensors
+        _, B, H, T, D = x.shape
+        g = _small_attention_backward(dy, x, probs).permute(1, 3, 0, 2, 4)  # (B, T, 3, H, D)
+        return _dense(g, dy.dtype).view(B, T, 3 * H * D), None
 
 
 def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -193,7 +243,31 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        qkv = self.qkv(x)
+        dropout_p = self.dropout if self.training else 0.0
+        # Short causal bf16/fp16 training on a CPU: torch's flash kernel is slow there
+        # (see SMALL_ATTENTION_MAX_T); fp32 attention with a hand-written backward.
+        small_cpu = (
+            self.causal
+            and (cache is None or cache.length == 0)
+            and attn_mask is None
+            and 1 < T <= SMALL_ATTENTION_MAX_T
+            and not dropout_p
+            and x.device.type == "cpu"
+            and qkv.dtype in (torch.bfloat16, torch.float16)
+        )
+        if (
+            small_cpu
+            and cache is None
+            and rope is None
+            and self.q_norm is None
+            and K == H
+            and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        ):
+            # Nothing happens to q and k between the projection and the attention.
+            return self.proj(PackedSmallCausalAttention.apply(qkv, H).view(B, T, C))
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -219,14 +293,6 @@ class Attention(nn.Module):
         if K != H:
             k = k.repeat_interleave(H // K, dim=1)  # (B, H, T', D)
             v = v.repeat_interleave(H // K, dim=1)
-        dropout_p = self.dropout if self.training else 0.0
-        small_cpu = (
-            is_causal
-            and not dropout_p
-            and x.device.type == "cpu"
-            and q.dtype in (torch.bfloat16, torch.float16)
-            and T <= SMALL_ATTENTION_MAX_T
-        )
         if small_cpu and torch.compiler.is_compiling():
             # Dynamo cannot trace the Function's saved views; the same math as plain ops
             # lets inductor fuse the mask and softmax (torch's flash kernel would be
