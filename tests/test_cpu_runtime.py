@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -119,3 +120,38 @@ def test_bf16_pure_accumulates_micro_batch_gradients_in_fp32_and_publishes_maste
     assert all(
         torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(comp.params, comp.masters, strict=True)
     )
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3, math.inf])
+def test_bf16_pure_clip_matches_torch_clip_grad_norm(max_norm):
+    """`_Bf16Compute.clip` (one norm over the flat fp32 buffer) returns torch's total
+    norm and scales like `clip_grad_norm_`, clipping or not. A parameter without a
+    gradient this step contributes nothing, even if it had one the step before."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+    from lmforge.train.loop import _Bf16Compute
+
+    torch.manual_seed(0)
+    master = Transformer(
+        ModelConfig(vocab_size=50, n_layers=2, d_model=32, n_heads=4, context_length=16)
+    )
+    comp = _Bf16Compute(master)
+    for step in range(2):
+        x = torch.randint(0, 50, (2, 16))
+        comp.model(x, x).backward()
+        if step == 1:  # as if the last block took no part in this step
+            for p in comp.model.blocks[-1].parameters():
+                p.grad = None
+        comp.collect(first=True)
+        comp.attach()
+    with_grad = [m for m in comp.masters if m.grad is not None]
+    assert len(with_grad) < len(comp.masters)
+    reference = [m.grad.clone().requires_grad_(False) for m in with_grad]
+    holders = [torch.nn.Parameter(torch.zeros_like(g)) for g in reference]
+    for h, g in zip(holders, reference, strict=True):
+        h.grad = g
+    want = torch.nn.utils.clip_grad_norm_(holders, max_norm)
+    got = comp.clip(max_norm)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for m, h in zip(with_grad, holders, strict=True):
+        torch.testing.assert_close(m.grad, h.grad, rtol=1e-6, atol=1e-12)

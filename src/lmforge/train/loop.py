@@ -164,13 +164,23 @@ class _Bf16Compute:
         pairs = [(named[n], p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.masters: list[torch.Tensor] = [m for m, _ in pairs]
         self.params: list[torch.Tensor] = [p for _, p in pairs]
-        self.grads = [torch.zeros_like(m) for m in self.masters]  # fp32 accumulators
+        # fp32 accumulators: views into one flat buffer, so that clipping is one norm
+        # and one multiply rather than one of each per tensor (≈ 1% of a baby-GPT step).
+        sizes = [m.numel() for m in self.masters]
+        device = self.masters[0].device if self.masters else None
+        self.flat_grad = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        self.grads = [
+            g.view_as(m) for g, m in zip(self.flat_grad.split(sizes), self.masters, strict=True)
+        ]
         self.has_grad = [False] * len(self.params)
 
     def collect(self, first: bool) -> None:
         """Add this micro-batch's bf16 gradients into the fp32 buffers (copy on the first)."""
         if first:
             self.has_grad = [False] * len(self.params)
+            for i, p in enumerate(self.params):
+                if p.grad is None:  # keep `clip`'s flat norm free of last step's values
+                    self.grads[i].zero_()
         copy_i = [
             i for i, p in enumerate(self.params) if p.grad is not None and not self.has_grad[i]
         ]
@@ -187,6 +197,14 @@ class _Bf16Compute:
         """Give the master weights their accumulated fp32 gradients."""
         for m, buf, has in zip(self.masters, self.grads, self.has_grad, strict=True):
             m.grad = buf if has else None
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """`clip_grad_norm_` on the accumulated gradients: their total norm, and the
+        gradients scaled by min(1, max_norm / (norm + 1e-6)), as torch computes it."""
+        norm = torch.linalg.vector_norm(self.flat_grad)
+        if max_norm < math.inf:
+            self.flat_grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
 
     @torch.no_grad()
     def publish(self) -> None:
@@ -455,7 +473,11 @@ class Trainer:
                     step_loss += loss.detach()
                 if self.compute is not None:
                     self.compute.attach()
-                grad_norm = clip_grad_norm(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+                max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+                if self.compute is not None:
+                    grad_norm = self.compute.clip(max_norm)
+                else:
+                    grad_norm = clip_grad_norm(params, max_norm)
                 step_loss = all_reduce_mean(step_loss)
                 finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
                 spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
