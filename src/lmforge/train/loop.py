@@ -463,7 +463,9 @@ class Trainer:
                     sync = micro == self.accum_steps - 1
                     # A fresh context each time: DDP's no_sync() cannot be entered twice.
                     with grad_sync(model, sync), self.autocast:
-                        loss = model(x, y) / self.accum_steps
+                        loss = model(x, y)
+                        if self.accum_steps > 1:  # (a division by 1 is an op each way)
+                            loss = loss / self.accum_steps
                     with grad_sync(model, sync):
                         loss.backward()
                     # Under DDP the bf16 gradients stay in place until the last micro-batch,
@@ -569,10 +571,10 @@ class Trainer:
 
                 # The budget is per invocation: a resumed run gets a fresh one.
                 out_of_time = t.max_time_s and (time.perf_counter() - self._t0) >= t.max_time_s
-                stop_flag = torch.tensor(
-                    float(bool(out_of_time or self._stop_signal)), device=self.device
-                )
-                stop = all_reduce_mean(stop_flag).item() > 0
+                stop = bool(out_of_time or self._stop_signal)
+                if self.dist.world_size > 1:  # every rank stops at the same step
+                    stop_flag = torch.tensor(float(stop), device=self.device)
+                    stop = all_reduce_mean(stop_flag).item() > 0
                 if stop and not self._stop_signal and self.step % t.eval_every:
                     # Out of time: evaluate the model being left behind, so the summary
                     # describes it (not the last scheduled evaluation).
