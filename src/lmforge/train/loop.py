@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +60,17 @@ class BatchSource(Protocol):
         rank: int,
         world_size: int,
     ) -> Batch: ...
+
+
+@dataclass
+class StepResult:
+    """What one `Trainer.train_step` did."""
+
+    loss: torch.Tensor  # mean over the step's micro-batches (and ranks), a 0-d tensor
+    grad_norm: torch.Tensor  # before clipping
+    lr: float
+    finite: bool  # loss and gradient norm finite (otherwise the update was skipped)
+    data_s: float  # seconds spent getting the step's batches
 
 
 class TrainingDiverged(RuntimeError):
@@ -292,6 +304,8 @@ class Trainer:
         self.loss_seen = 0
         self.elapsed_before = 0.0
         self._stop_signal: str | None = None
+        # what clipping reads (after `parallelize`, whose FSDP replaces the parameters)
+        self._clip_params = [p for p in self.model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ state
 
@@ -404,6 +418,91 @@ class Trainer:
         self.loss_seen += 1
         return False
 
+    def train_step(self) -> StepResult:
+        """One optimizer step: its micro-batches forward and backward, clipping, and the
+        update (skipped, and counted, for a non-finite loss or gradient, or a loss spike).
+        Advances `self.step`; raises `TrainingDiverged` after `train.max_bad_steps`
+        skipped updates in a row.
+
+        `fit` calls it between its logs, evaluations and checkpoints; a benchmark may
+        call it alone, after `self.train_model.train()`.
+        """
+        t, model, opt = self.cfg.train, self.train_model, self.optimizer
+        lr = lr_at(self.step, t)
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        step_loss = torch.zeros((), device=self.device)
+        data_s = 0.0
+        for micro in range(self.accum_steps):
+            t_data = time.perf_counter()
+            x, y = self.train_data.batch(
+                self.step,
+                micro,
+                t.micro_batch_size,
+                self.accum_steps,
+                self.dist.rank,
+                self.dist.world_size,
+            )
+            x, y = (
+                x.to(self.device, non_blocking=True),
+                y.to(self.device, non_blocking=True),
+            )
+            data_s += time.perf_counter() - t_data
+            sync = micro == self.accum_steps - 1
+            # A fresh context each time: DDP's no_sync() cannot be entered twice.
+            with grad_sync(model, sync), self.autocast:
+                loss = model(x, y)
+                if self.accum_steps > 1:  # (a division by 1 is an op each way)
+                    loss = loss / self.accum_steps
+            with grad_sync(model, sync):
+                loss.backward()
+            # Under DDP the bf16 gradients stay in place until the last micro-batch,
+            # whose backward all-reduces them; alone, each micro-batch's go to fp32.
+            if self.compute is not None and (sync or self.dist.world_size == 1):
+                self.compute.collect(first=micro == 0 or self.dist.world_size > 1)
+            step_loss += loss.detach()
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        if self.compute is not None:
+            self.compute.attach()
+            grad_norm = self.compute.clip(max_norm)
+        else:
+            grad_norm = clip_grad_norm(self._clip_params, max_norm)
+        step_loss = all_reduce_mean(step_loss)
+        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+        spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
+        if finite and not spike:
+            opt.step()
+            self.consecutive_bad = 0
+        elif spike:
+            self.spike_steps += 1
+            self.consecutive_bad += 1
+            self.log(
+                f"step {self.step}: loss {step_loss.item():.4f} > train.spike_factor "
+                f"{t.spike_factor} × running mean {self.loss_ema:.4f}; update skipped"
+            )
+        else:
+            # A non-finite loss or gradient never reaches the weights or the moments.
+            self.bad_steps += 1
+            self.consecutive_bad += 1
+            self.log(
+                f"step {self.step}: non-finite loss/gradient "
+                f"(loss {step_loss.item()}, grad norm {grad_norm.item()}); update skipped"
+            )
+        opt.zero_grad(set_to_none=True)
+        if self.compute is not None:
+            self.compute.publish()
+        self.step += 1
+        self.tokens_seen += t.tokens_per_step
+        if self.consecutive_bad >= t.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.consecutive_bad} consecutive non-finite steps"
+                f"{' or loss spikes' if self.spike_steps else ''} (train.max_bad_steps = "
+                f"{t.max_bad_steps}) at step {self.step}; stopped. The last good checkpoint "
+                f"in {self.run_dir / 'checkpoints'} is intact: lower train.lr, check the data, "
+                f"or resume with --resume auto"
+            )
+        return StepResult(step_loss, grad_norm, lr, finite, data_s)
+
     def fit(self, resume: str = "") -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -423,15 +522,13 @@ class Trainer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
 
-        model, opt = self.train_model, self.optimizer
-        model.train()
+        self.train_model.train()
         # Only touched when asked for: torch refuses to read the legacy setting once a
         # program has used the per-backend API (torch.backends.*.fp32_precision).
         old_precision = None
         if t.matmul_precision != "highest":
             old_precision = torch.get_float32_matmul_precision()
             torch.set_float32_matmul_precision(t.matmul_precision)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         tokens_per_step = t.tokens_per_step
         last_log_t, last_log_step = time.perf_counter(), self.step
         summary: dict[str, Any] = {}
@@ -441,82 +538,12 @@ class Trainer:
         bar = ProgressBar(t.max_steps, self.step, self.dist.is_main)
         try:
             while self.step < t.max_steps:
-                lr = lr_at(self.step, t)
-                for group in opt.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                step_loss = torch.zeros((), device=self.device)
-                for micro in range(self.accum_steps):
-                    t_data = time.perf_counter()
-                    x, y = self.train_data.batch(
-                        self.step,
-                        micro,
-                        t.micro_batch_size,
-                        self.accum_steps,
-                        self.dist.rank,
-                        self.dist.world_size,
-                    )
-                    x, y = (
-                        x.to(self.device, non_blocking=True),
-                        y.to(self.device, non_blocking=True),
-                    )
-                    data_s += time.perf_counter() - t_data
-                    sync = micro == self.accum_steps - 1
-                    # A fresh context each time: DDP's no_sync() cannot be entered twice.
-                    with grad_sync(model, sync), self.autocast:
-                        loss = model(x, y)
-                        if self.accum_steps > 1:  # (a division by 1 is an op each way)
-                            loss = loss / self.accum_steps
-                    with grad_sync(model, sync):
-                        loss.backward()
-                    # Under DDP the bf16 gradients stay in place until the last micro-batch,
-                    # whose backward all-reduces them; alone, each micro-batch's go to fp32.
-                    if self.compute is not None and (sync or self.dist.world_size == 1):
-                        self.compute.collect(first=micro == 0 or self.dist.world_size > 1)
-                    step_loss += loss.detach()
-                if self.compute is not None:
-                    self.compute.attach()
-                max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
-                if self.compute is not None:
-                    grad_norm = self.compute.clip(max_norm)
-                else:
-                    grad_norm = clip_grad_norm(params, max_norm)
-                step_loss = all_reduce_mean(step_loss)
-                finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
-                spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
-                if finite and not spike:
-                    opt.step()
-                    self.consecutive_bad = 0
-                elif spike:
-                    self.spike_steps += 1
-                    self.consecutive_bad += 1
-                    self.log(
-                        f"step {self.step}: loss {step_loss.item():.4f} > train.spike_factor "
-                        f"{t.spike_factor} × running mean {self.loss_ema:.4f}; update skipped"
-                    )
-                else:
-                    # A non-finite loss or gradient never reaches the weights or the moments.
-                    self.bad_steps += 1
-                    self.consecutive_bad += 1
-                    self.log(
-                        f"step {self.step}: non-finite loss/gradient "
-                        f"(loss {step_loss.item()}, grad norm {grad_norm.item()}); update skipped"
-                    )
-                opt.zero_grad(set_to_none=True)
-                if self.compute is not None:
-                    self.compute.publish()
-                self.step += 1
+                result = self.train_step()
                 bar.update(self.step)
-                self.tokens_seen += tokens_per_step
-                if finite:
-                    loss_sum += step_loss
-                if self.consecutive_bad >= t.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{self.consecutive_bad} consecutive non-finite steps"
-                        f"{' or loss spikes' if self.spike_steps else ''} (train.max_bad_steps = "
-                        f"{t.max_bad_steps}) at step {self.step}; stopped. The last good checkpoint "
-                        f"in {self.run_dir / 'checkpoints'} is intact: lower train.lr, check the data, "
-                        f"or resume with --resume auto"
-                    )
+                data_s += result.data_s
+                if result.finite:
+                    loss_sum += result.loss
+                lr, grad_norm = result.lr, result.grad_norm
 
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     now = time.perf_counter()
