@@ -96,6 +96,76 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
+class RefRun:
+    """nanoGPT's baby-GPT training state: data, model, AdamW, schedule.
+
+    `step(it)` is one timed iteration of nanoGPT's loop (learning rate, forward, next
+    batch, backward, clip, update, `loss.item()`); `val_loss()` its 20-batch estimate.
+    `benchmarks/baby_gpt_inproc.py` interleaves `step` with lmforge's in one process.
+    """
+
+    block, batch = 64, 12
+
+    def __init__(self, data: Path, seed: int = 1337, max_iters: int = 2000):
+        torch.manual_seed(seed)
+        text = data.read_text(encoding="utf-8")
+        chars = sorted(set(text))
+        stoi = {c: i for i, c in enumerate(chars)}
+        ids = np.array([stoi[c] for c in text], dtype=np.uint16)
+        n = int(0.9 * len(ids))
+        self.tmp = Path(f"/tmp/nanogpt_ref_{len(ids)}")
+        self.tmp.mkdir(exist_ok=True)
+        ids[:n].tofile(self.tmp / "train.bin")
+        ids[n:].tofile(self.tmp / "val.bin")
+        self.max_iters = max_iters
+        self.model = GPT(len(chars), self.block, 4, 4, 128)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-3,
+            betas=(0.9, 0.99),
+        )
+        self.X, self.Y = self.get_batch("train")
+
+    def get_batch(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        block = self.block
+        data = np.memmap(self.tmp / f"{split}.bin", dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - block, (self.batch,))
+        x = torch.stack([torch.from_numpy(data[i : i + block].astype(np.int64)) for i in ix])
+        y = torch.stack(
+            [torch.from_numpy(data[i + 1 : i + 1 + block].astype(np.int64)) for i in ix]
+        )
+        return x, y
+
+    def lr_at(self, it: int) -> float:
+        if it < 100:
+            return 1e-3 * (it + 1) / 101
+        ratio = (it - 100) / (self.max_iters - 100)
+        return 1e-4 + 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio))) * (1e-3 - 1e-4)
+
+    def set_lr(self, it: int) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(it)
+
+    def step(self) -> None:
+        """One iteration at the learning rate `set_lr` gave (nanoGPT sets it first)."""
+        loss = self.model(self.X, self.Y)
+        self.X, self.Y = self.get_batch("train")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        self.model.eval()
+        losses = [self.model(*self.get_batch("val")).item() for _ in range(20)]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="tinyshakespeare input.txt")
@@ -106,72 +176,19 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-
-    text = args.data.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids = np.array([stoi[c] for c in text], dtype=np.uint16)
-    n = int(0.9 * len(ids))
-    tmp = Path(f"/tmp/nanogpt_ref_{len(ids)}")
-    tmp.mkdir(exist_ok=True)
-    ids[:n].tofile(tmp / "train.bin")
-    ids[n:].tofile(tmp / "val.bin")
-
-    block, batch = 64, 12
-
-    def get_batch(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        data = np.memmap(tmp / f"{split}.bin", dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - block, (batch,))
-        x = torch.stack([torch.from_numpy(data[i : i + block].astype(np.int64)) for i in ix])
-        y = torch.stack(
-            [torch.from_numpy(data[i + 1 : i + 1 + block].astype(np.int64)) for i in ix]
-        )
-        return x, y
-
-    model = GPT(len(chars), block, 4, 4, 128)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-3,
-        betas=(0.9, 0.99),
-    )
-
-    def lr_at(it: int) -> float:
-        if it < 100:
-            return 1e-3 * (it + 1) / 101
-        ratio = (it - 100) / (2000 - 100)
-        return 1e-4 + 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio))) * (1e-3 - 1e-4)
-
-    @torch.no_grad()
-    def val_loss() -> float:
-        model.eval()
-        losses = [model(*get_batch("val")).item() for _ in range(20)]
-        model.train()
-        return sum(losses) / len(losses)
-
+    run = RefRun(args.data, args.seed)
     step_ms: list[float] = []
-    X, Y = get_batch("train")
     final_val = float("nan")
     for it in range(args.iters + 1):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it)
+        run.set_lr(it)
         if it % args.eval_interval == 0 or it == args.iters:
-            final_val = val_loss()
+            final_val = run.val_loss()
             if it == args.iters:
                 break
         t0 = time.perf_counter()
-        loss = model(X, Y)
-        X, Y = get_batch("train")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+        run.step()
         step_ms.append((time.perf_counter() - t0) * 1000)
-
     # Median over windows of 25 iterations (after the first 25), as lmforge logs them.
     windows = [sum(step_ms[i : i + 25]) / 25 for i in range(25, len(step_ms) - 24, 25)]
     ms = statistics.median(windows or step_ms)
@@ -182,7 +199,7 @@ def main() -> int:
                 "iters": args.iters,
                 "ms_per_iter": ms,
                 "mean_ms_per_iter": statistics.fmean(step_ms),
-                "tokens_per_s": batch * block / ms * 1000,
+                "tokens_per_s": run.batch * run.block / ms * 1000,
                 "val_loss": final_val,
                 "wall_s": time.perf_counter() - t_start,
                 "threads": torch.get_num_threads(),
