@@ -240,11 +240,12 @@ def activation_bytes(
     # Transient at the start of the backward pass, on top of what is kept: either the
     # loss head's two B·T·V fp32 gradients, or the widest gradients inside a block's
     # MLP (GELU: the gradients of the GELU output and input, 2·F; SwiGLU: 4·F), or
-    # those of the small CPU attention's T×T matrices.
+    # those of the small CPU attention.
     F = derived_d_ff(cfg)
     transient = max(2 * BT * V * 4, BT * F * (4 if cfg.mlp == "swiglu" else 2) * half)
-    if small:  # SmallCausalAttention's backward: the fp32 probability and score gradients
-        transient = max(transient, 2 * BT * cfg.n_heads * seq_len * 4)
+    if small:  # SmallCausalAttention's backward, in fp32: the output gradient, the q/k/v
+        # gradients (4·C), and the probability gradients, which become the scores' in place
+        transient = max(transient, BT * (cfg.n_heads * seq_len + 4 * cfg.d_model) * 4)
     return {
         "blocks": float(blocks),
         "head": float(head),
