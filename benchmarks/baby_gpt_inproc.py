@@ -18,8 +18,12 @@ applies and a plain nanoGPT process does not have): that makes nanoGPT faster
 than in its own process (fewer page faults), so the ratio here understates the
 process-against-process one and measures the training code alone.
 
-    python benchmarks/baby_gpt_inproc.py                    # 40 rounds of 25 iterations, 2 threads
-    python benchmarks/baby_gpt_inproc.py --rounds 60 --override train.compile=true
+    python benchmarks/baby_gpt_inproc.py --rounds 200 --window 5
+    python benchmarks/baby_gpt_inproc.py --override train.compile=true
+    python benchmarks/baby_gpt_inproc.py --also compiled=train.compile=true   # a third arm
+
+`--also NAME=KEY=VALUE[,KEY=VALUE...]` (repeatable) adds another lmforge trainer with
+those overrides to every round, so two lmforge settings meet the same machine too.
 """
 
 from __future__ import annotations
@@ -53,8 +57,21 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="extra config override for lmforge, e.g. train.dtype=bf16",
     )
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=OVERRIDES",
+        help="another lmforge arm, overrides comma-separated, e.g. compiled=train.compile=true",
+    )
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
+    extra_arms: dict[str, list[str]] = {}
+    for spec in args.also:
+        name, sep, overrides = spec.partition("=")
+        if not sep or not name or name in ("nanogpt_ref", "lmforge"):
+            ap.error(f"--also {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+        extra_arms[name] = [o for o in overrides.split(",") if o]
 
     from lmforge.malloc import tune_malloc
 
@@ -70,15 +87,22 @@ def main() -> int:
     iters = args.warmup + args.rounds * args.window
     ref = RefRun(shared_data() / "tinyshakespeare" / "input.txt", max_iters=max(iters, 2000))
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [
-            f"output.dir={tmp}/run",
-            f"train.threads={args.threads}",
-            f"train.max_steps={max(iters, 2000)}",
-            *args.override,
-        ]
-        cfg = load_config("shakespeare-char", overrides)
-        trainer = setup_pretrain(cfg).trainer
-        trainer.train_model.train()
+
+        def trainer_for(name: str, extra: list[str]):
+            overrides = [
+                f"output.dir={tmp}/{name}",
+                f"train.threads={args.threads}",
+                f"train.max_steps={max(iters, 2000)}",
+                *args.override,
+                *extra,
+            ]
+            trainer = setup_pretrain(load_config("shakespeare-char", overrides)).trainer
+            trainer.train_model.train()
+            return trainer
+
+        trainers = {"lmforge": trainer_for("lmforge", [])}
+        for name, extra in extra_arms.items():
+            trainers[name] = trainer_for(name, extra)
         ref_it = 0
 
         def run_ref(n: int) -> None:
@@ -88,11 +112,14 @@ def main() -> int:
                 ref.step()
                 ref_it += 1
 
-        def run_ours(n: int) -> None:
-            for _ in range(n):
-                trainer.train_step()
+        def runner(trainer):
+            def run(n: int) -> None:
+                for _ in range(n):
+                    trainer.train_step()
 
-        arms = {"nanogpt_ref": run_ref, "lmforge": run_ours}
+            return run
+
+        arms = {"nanogpt_ref": run_ref, **{name: runner(t) for name, t in trainers.items()}}
         for run in arms.values():
             run(args.warmup)
         ms: dict[str, list[float]] = {name: [] for name in arms}
@@ -104,13 +131,11 @@ def main() -> int:
                 t0 = time.perf_counter()
                 arms[name](args.window)
                 ms[name].append((time.perf_counter() - t0) * 1000 / args.window)
-            ratio = ms["nanogpt_ref"][-1] / ms["lmforge"][-1]
-            print(
-                f"round {r + 1}: nanoGPT-ref {ms['nanogpt_ref'][-1]:.1f} ms/iter, "
-                f"lmforge {ms['lmforge'][-1]:.1f}, speed-up {ratio:.2f}×",
-                flush=True,
-            )
-        dtype = trainer.cfg.train.dtype
+            line = f"round {r + 1}: nanoGPT-ref {ms['nanogpt_ref'][-1]:.1f} ms/iter"
+            for name in trainers:
+                line += f", {name} {ms[name][-1]:.1f} ({ms['nanogpt_ref'][-1] / ms[name][-1]:.2f}×)"
+            print(line, flush=True)
+        dtype = trainers["lmforge"].cfg.train.dtype
     ratios = sorted(a / b for a, b in zip(ms["nanogpt_ref"], ms["lmforge"], strict=True))
     q = statistics.quantiles(ratios, n=4)
     result = {
@@ -129,7 +154,24 @@ def main() -> int:
         "nanogpt_ref_ms": [round(x, 2) for x in ms["nanogpt_ref"]],
         "lmforge_ms": [round(x, 2) for x in ms["lmforge"]],
     }
-    print(json.dumps({k: v for k, v in result.items() if not k.endswith("_ms")}, indent=1))
+    for name, extra in extra_arms.items():
+        arm = sorted(a / b for a, b in zip(ms["nanogpt_ref"], ms[name], strict=True))
+        result[name] = {
+            "overrides": extra,
+            "median_ms": statistics.median(ms[name]),
+            "median_speedup": statistics.median(arm),
+            "quartiles_speedup": [statistics.quantiles(arm, n=4)[i] for i in (0, 2)],
+            "rounds_at_or_above_1.5": sum(r >= 1.5 for r in arm),
+            # > 1: this arm is faster than the default lmforge arm, round by round
+            "median_vs_lmforge": statistics.median(
+                b / x for b, x in zip(ms["lmforge"], ms[name], strict=True)
+            ),
+            "ms": [round(x, 2) for x in ms[name]],
+        }
+    shown = {k: v for k, v in result.items() if not k.endswith("_ms")}
+    for name in extra_arms:
+        shown[name] = {k: v for k, v in result[name].items() if k != "ms"}  # type: ignore[attr-defined]
+    print(json.dumps(shown, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
