@@ -309,3 +309,33 @@ def test_matmul_precision_applies_during_fit_and_is_restored(tmp_path):
     trainer.fit()
     assert seen == ["medium"] * (2 * trainer.accum_steps)
     assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-pure"])
+def test_train_step_alone_matches_fit(tmp_path, dtype):
+    """`setup_pretrain(cfg).trainer.train_step()`, called N times, trains exactly what
+    `fit` trains in N steps (the loop body is the same method): equal weights, and the
+    step results carry the logged loss and learning rate."""
+    from lmforge.pretrain import setup_pretrain
+    from lmforge.train.loop import StepResult
+
+    corpus = shakespeare_snippet(tmp_path)
+    cfg = tiny_config(tmp_path / "a", "train.max_steps=5", f"train.dtype={dtype}", corpus=corpus)
+    fitted = setup_pretrain(cfg).trainer
+    fitted.fit()
+    cfg = tiny_config(tmp_path / "b", "train.max_steps=5", f"train.dtype={dtype}", corpus=corpus)
+    stepped = setup_pretrain(cfg).trainer
+    stepped.train_model.train()
+    results = [stepped.train_step() for _ in range(5)]
+    assert all(isinstance(r, StepResult) and r.finite for r in results)
+    assert stepped.step == 5 and stepped.tokens_seen == fitted.tokens_seen
+    a, b = fitted.model.state_dict(), stepped.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [
+        json.loads(line)
+        for line in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = {r["step"]: r for r in logged if "loss" in r}
+    for step, r in enumerate(results, start=1):  # log_every=1: one record per step
+        assert r.loss.item() == pytest.approx(losses[step]["loss"], rel=1e-6)
+        assert r.lr == pytest.approx(losses[step]["lr"])
