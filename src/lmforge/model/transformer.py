@@ -181,6 +181,7 @@ class PackedSmallCausalAttention(torch.autograd.Function):
         x = _dense(x, torch.float32)
         y, probs = _small_attention_forward(x)
         ctx.save_for_backward(x, probs)
+        ctx.dtype = qkv.dtype
         return _dense(y.transpose(1, 2), qkv.dtype)
 
     @staticmethod
@@ -188,7 +189,7 @@ class PackedSmallCausalAttention(torch.autograd.Function):
         x, probs = ctx.saved_tensors
         _, B, H, T, D = x.shape
         g = _small_attention_backward(dy, x, probs).permute(1, 3, 0, 2, 4)  # (B, T, 3, H, D)
-        return _dense(g, dy.dtype).view(B, T, 3 * H * D), None
+        return _dense(g, ctx.dtype).view(B, T, 3 * H * D), None
 
 
 def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
