@@ -14,6 +14,10 @@ drifting machine speed cancels out of the comparison.
 `--also NAME=FLAGS` (repeatable; FLAGS split at spaces) adds lmforge runs with those
 extra flags to every round, A B C ..., so that two lmforge settings are compared
 with each other side by side too, not only each with nanoGPT in separate runs.
+
+On a shared machine whose speed changes within a second, rounds of whole processes
+swing widely (1.1–2.2× on one run); `baby_gpt_inproc.py` interleaves the two
+trainers every few iterations inside one process, for effects of a few percent.
 """
 
 from __future__ import annotations
