@@ -15,3 +15,24 @@ def shared() -> "os.PathLike[str]":
     if not path.is_dir():
         pytest.fail(f"shared test data not found at {path}; set LMFORGE_SHARED_DATA")
     return path
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def attention_impl(request, monkeypatch) -> str:
+    """Run the test with the C attention kernel (`lmforge.kernels`) and with its torch form.
+
+    The kernel must build wherever a C compiler is on PATH: a failure there fails the
+    test rather than falling back unseen."""
+    import shutil
+
+    from lmforge import kernels
+
+    if request.param == "kernel":
+        if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+            pytest.skip("no C compiler: the kernel cannot be built here")
+        kern = kernels.load_attention()
+        monkeypatch.setattr(kernels, "_attention", kern)
+    else:
+        monkeypatch.setattr(kernels, "_attention", None)
+    monkeypatch.setattr(kernels, "_attention_tried", True)
+    return request.param

@@ -92,3 +92,17 @@ def test_cli_text_output(capsys, tmp_path):
     assert main(["doctor", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "core: ready to train" in out and "[ok  ] torch" in out
+
+
+def test_kernel_check_reports_the_build_and_its_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LMFORGE_KERNELS", raising=False)
+    ok = doctor.check_kernels()
+    if ok.status == "ok":  # a compiler is here: the library it names exists
+        assert (tmp_path / "cache").is_dir() and str(tmp_path / "cache") in ok.found
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    bad = doctor.check_kernels()
+    assert bad.status == "warn" and str(broken) in bad.found and "apt install gcc" in bad.fix

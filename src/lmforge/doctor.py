@@ -199,6 +199,27 @@ def check_threads() -> Check:
     return Check("threads", "ok", found)
 
 
+def check_kernels() -> Check:
+    """Whether the C attention kernel builds here (bf16/fp16 CPU training, short contexts)."""
+    from lmforge import kernels
+
+    if os.environ.get("LMFORGE_KERNELS", "1") == "0":
+        return Check("cpu kernels", "ok", "switched off (LMFORGE_KERNELS=0)")
+    try:
+        kern = kernels.load_attention()
+    except (OSError, RuntimeError) as e:
+        return Check(
+            "cpu kernels",
+            "warn",
+            str(e).splitlines()[0],
+            "bf16 CPU training of short contexts uses torch's operators for attention "
+            "instead of lmforge's C kernel: same results, ≈ 10% slower steps at the "
+            "baby-GPT size.",
+            "Install a C compiler (Debian/Ubuntu: apt install gcc), or set CC.",
+        )
+    return Check("cpu kernels", "ok", f"attention kernel built: {kern.path}")
+
+
 def check_gpu() -> Check:
     import torch
 
@@ -304,7 +325,7 @@ def run_checks(
 ) -> list[Check]:
     checks = [check_python(), check_torch(), check_core_modules()]
     if checks[1].status == "ok":
-        checks += [check_cpu(), check_threads(), check_gpu()]
+        checks += [check_cpu(), check_threads(), check_kernels(), check_gpu()]
     checks.append(check_disk(runs_dir))
     checks += [check_extra(name, do_import=do_import) for name in (extras or list(EXTRAS))]
     checks += [check_chromium(), check_shared_data()]

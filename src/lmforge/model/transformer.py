@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import kernels
 from lmforge.config import ModelConfig
 
 # Re-exported: the counting functions lived here before `arith` (torch-free) took them.
@@ -124,24 +125,51 @@ def _small_attention_backward(dy: torch.Tensor, x: torch.Tensor, probs: torch.Te
     return g
 
 
+def _kernel_for(*ts: torch.Tensor) -> kernels.CpuAttention | None:
+    """The C attention kernel, if it is built and can read these (B, H, T, D) tensors."""
+    dtype = ts[0].dtype
+    if not kernels.supports(dtype) or any(t.dtype != dtype or t.stride(-1) != 1 for t in ts):
+        return None
+    return kernels.attention()
+
+
+# Strides (batch, head, time) of a contiguous (B, T, H, D) tensor: the kernel's output layout.
+def _bthd(T: int, H: int, D: int) -> tuple[int, int, int]:
+    return (T * H * D, D, H * D)
+
+
 class SmallCausalAttention(torch.autograd.Function):
     """Causal softmax(q·kᵀ/√D)·v for short sequences on a CPU: fp32 math, hand-written backward.
 
-    Three batched matmuls forward and four backward, one softmax and its derivative.
-    For bf16 inputs (autocast) it is 3× faster than torch's CPU flash kernel at the
-    baby GPT's size (see `SMALL_ATTENTION_MAX_T`), and more accurate, since the
-    scores and softmax stay in fp32. It saves the (B·H, T, T) probabilities, which
-    is why it is used only up to `SMALL_ATTENTION_MAX_T` positions.
+    Uses the C kernel of `lmforge.kernels` (one pass per batch and head, in cache, reading
+    q, k and v where they lie) when it is available, else three batched matmuls forward
+    and four backward, one softmax and its derivative. Either way it is several times
+    faster than torch's CPU flash kernel for bf16 inputs (autocast) at the baby GPT's
+    size (see `SMALL_ATTENTION_MAX_T`), and more accurate, since the scores and softmax
+    stay in fp32. It saves the (B·H, T, T) probabilities, which is why it is used only
+    up to `SMALL_ATTENTION_MAX_T` positions.
 
-    q, k, v: (B, H, T, D), any dtype and strides (they are upcast into one fp32
-    buffer, one copy each). Returns (B, T, H, D), contiguous, in q's dtype: the
-    layout the output projection reads, so the caller's transpose costs nothing.
-    `PackedSmallCausalAttention` is the same computation on the fused projection's
-    output, for models that do not touch q and k between projection and attention.
+    q, k, v: (B, H, T, D), any dtype and strides. Returns (B, T, H, D), contiguous, in
+    q's dtype: the layout the output projection reads, so the caller's transpose costs
+    nothing. `PackedSmallCausalAttention` is the same computation on the fused
+    projection's output, for models that do not touch q and k between projection and
+    attention.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        B, H, T, D = q.shape
+        kern = _kernel_for(q, k, v)
+        ctx.kernel = kern
+        if kern is not None:
+            y = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
+            probs = torch.empty(B * H * kern.padded(T) ** 2, device=q.device)
+            kern.forward(
+                kernels.view(q), kernels.view(k), kernels.view(v),
+                kernels.view(y, 0, _bthd(T, H, D)), probs, B, H, T, D, q.dtype, D**-0.5,
+            )  # fmt: skip
+            ctx.save_for_backward(q, k, v, probs)
+            return y
         x = torch.empty((3, *q.shape), dtype=torch.float32, device=q.device)
         for dst, src in zip(x.unbind(0), (q, k, v), strict=True):
             dst.copy_(src)
@@ -152,12 +180,25 @@ class SmallCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        if ctx.kernel is not None:
+            q, k, v, probs = ctx.saved_tensors
+            B, H, T, D = q.shape
+            dy = dy.contiguous()
+            # (B, T, H, D) buffers seen as (B, H, T, D): the layout q, k and v were sliced
+            # from, so the transposes and split backward that follow copy nothing.
+            g = [torch.empty((B, T, H, D), dtype=q.dtype, device=q.device) for _ in range(3)]
+            bthd = _bthd(T, H, D)
+            ctx.kernel.backward(
+                kernels.view(q), kernels.view(k), kernels.view(v),
+                kernels.view(dy, 0, bthd), probs,
+                *(kernels.view(t, 0, bthd) for t in g), B, H, T, D, q.dtype, D**-0.5,
+            )  # fmt: skip
+            return tuple(t.transpose(1, 2) for t in g)
         x, probs = ctx.saved_tensors
         g = _small_attention_backward(dy, x, probs)
 
         def back(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            # (B, H, T, D) with the strides of (B, T, H, D): the layout q, k and v were
-            # sliced from, so the transpose and split backward that follow copy nothing.
+            # (B, H, T, D) with the strides of (B, T, H, D), as above.
             return _dense(g.transpose(1, 2), dtype).transpose(1, 2)
 
         return tuple(back(gi, dt) for gi, dt in zip(g.unbind(0), ctx.dtypes, strict=True))
@@ -166,18 +207,33 @@ class SmallCausalAttention(torch.autograd.Function):
 class PackedSmallCausalAttention(torch.autograd.Function):
     """`SmallCausalAttention` on the fused q/k/v projection's output, (B, T, 3·H·D).
 
-    One copy brings q, k and v into fp32 in the layout the matmuls read, and one
-    copy takes their gradients back as the projection's output gradient. The
-    (q, k, v) form needs three copies each way and autograd's concatenation of the
-    split: ≈ 10% of the attention's time at the baby GPT's size (benchmarks/LOG.md).
+    The C kernel reads q, k and v straight from it and writes their gradients into one
+    buffer of its shape. Without the kernel, one copy brings q, k and v into fp32 in the
+    layout the matmuls read, and one copy takes their gradients back. The (q, k, v) form
+    needs three copies each way and autograd's concatenation of the split: ≈ 10% of the
+    attention's time at the baby GPT's size (benchmarks/LOG.md).
     Returns (B, T, H, D), contiguous, in qkv's dtype.
     """
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, n_heads: int) -> torch.Tensor:  # type: ignore[override]
         B, T, C3 = qkv.shape
-        D = C3 // (3 * n_heads)
-        x = qkv.view(B, T, 3, n_heads, D).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+        H, C = n_heads, C3 // 3
+        D = C // H
+        qkv = qkv.contiguous()
+        kern = _kernel_for(qkv)
+        ctx.kernel = kern
+        if kern is not None:
+            y = torch.empty((B, T, H, D), dtype=qkv.dtype, device=qkv.device)
+            probs = torch.empty(B * H * kern.padded(T) ** 2, device=qkv.device)
+            kern.forward(
+                *_packed_views(qkv, H), kernels.view(y, 0, _bthd(T, H, D)), probs,
+                B, H, T, D, qkv.dtype, D**-0.5,
+            )  # fmt: skip
+            ctx.save_for_backward(qkv, probs)
+            ctx.n_heads = H
+            return y
+        x = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         x = _dense(x, torch.float32)
         y, probs = _small_attention_forward(x)
         ctx.save_for_backward(x, probs)
@@ -186,10 +242,30 @@ class PackedSmallCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        if ctx.kernel is not None:
+            qkv, probs = ctx.saved_tensors
+            B, T, C3 = qkv.shape
+            H = ctx.n_heads
+            D = C3 // (3 * H)
+            dy = dy.contiguous()
+            g = torch.empty_like(qkv)
+            ctx.kernel.backward(
+                *_packed_views(qkv, H), kernels.view(dy, 0, _bthd(T, H, D)), probs,
+                *_packed_views(g, H), B, H, T, D, qkv.dtype, D**-0.5,
+            )  # fmt: skip
+            return g, None
         x, probs = ctx.saved_tensors
         _, B, H, T, D = x.shape
         g = _small_attention_backward(dy, x, probs).permute(1, 3, 0, 2, 4)  # (B, T, 3, H, D)
         return _dense(g, ctx.dtype).view(B, T, 3 * H * D), None
+
+
+def _packed_views(qkv: torch.Tensor, H: int) -> tuple[kernels.View, kernels.View, kernels.View]:
+    """The kernel's (B, H, T, D) views of q, k and v inside a contiguous (B, T, 3·H·D)."""
+    _, T, C3 = qkv.shape
+    C = C3 // 3
+    strides = (T * C3, C // H, C3)
+    return tuple(kernels.view(qkv, i * C, strides) for i in range(3))  # type: ignore[return-value]
 
 
 def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

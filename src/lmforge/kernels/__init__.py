@@ -1,0 +1,225 @@
+"""Small C kernels for the CPU, built on first use with the system's C compiler.
+
+`attention()` returns the causal-attention kernel of `cpu_attention.c` (bf16/fp16 in
+and out, fp32 math, see the file's header), or None when it cannot be had: no C
+compiler, a failed build, not Linux/x86-64 or ARM64, or ``LMFORGE_KERNELS=0``. Callers
+then use their torch form, which computes the same thing; tests compare the two.
+
+The source is plain C, so a build takes about a second (no torch headers). It is
+compiled for this CPU (``-march=native``) and cached under
+``$LMFORGE_KERNEL_CACHE`` (default ``~/.cache/lmforge/kernels``), keyed by the source,
+the flags, the compiler's version and the CPU's model and flags: a cache copied to
+another machine is rebuilt, not run with instructions it lacks. The library links to
+the OpenMP runtime torch has loaded, so the kernel's threads are torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_attention.c")
+_CFLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=gnu11"]
+_DTYPES = {torch.bfloat16: 0, torch.float16: 1}
+
+_lock = threading.Lock()
+_attention: CpuAttention | None = None
+_attention_tried = False
+
+
+class View(ctypes.Structure):
+    """A (B, H, T, D) tensor as the kernel reads it: pointer and element strides."""
+
+    _fields_ = [
+        ("ptr", ctypes.c_void_p),
+        ("sb", ctypes.c_int64),
+        ("sh", ctypes.c_int64),
+        ("st", ctypes.c_int64),
+    ]
+
+
+def view(t: torch.Tensor, offset: int = 0, bhtd: tuple[int, int, int] | None = None) -> View:
+    """`View` of `t` (B, H, T, D) with D contiguous, `offset` elements in.
+
+    bhtd: the batch, head and time strides, when `t` is not shaped (B, H, T, D).
+    """
+    sb, sh, st = bhtd if bhtd is not None else t.stride()[:3]
+    return View(t.data_ptr() + offset * t.element_size(), sb, sh, st)
+
+
+@dataclass
+class CpuAttention:
+    """The loaded kernel. Shapes and strides are the caller's to get right: the C does
+    no bounds checks, so every call site builds its views from tensors it allocated."""
+
+    lib: ctypes.CDLL
+    path: Path
+    block: int  # the kernel pads time to a multiple of this
+
+    def padded(self, T: int) -> int:
+        """T rounded up to the kernel's block: the probabilities are (B·H, padded, padded)."""
+        return -(-T // self.block) * self.block
+
+    def forward(
+        self, q: View, k: View, v: View, y: View, probs: torch.Tensor,
+        B: int, H: int, T: int, D: int, dtype: torch.dtype, scale: float,
+    ) -> None:  # fmt: skip
+        assert probs.dtype == torch.float32 and probs.is_contiguous()
+        assert probs.numel() == B * H * self.padded(T) ** 2
+        rc = self.lib.lmf_attention_forward(
+            q, k, v, y, probs.data_ptr(), B, H, T, D, _DTYPES[dtype], scale,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("cpu_attention: could not allocate a thread's workspace")
+
+    def backward(
+        self, q: View, k: View, v: View, dy: View, probs: torch.Tensor,
+        dq: View, dk: View, dv: View,
+        B: int, H: int, T: int, D: int, dtype: torch.dtype, scale: float,
+    ) -> None:  # fmt: skip
+        assert probs.dtype == torch.float32 and probs.is_contiguous()
+        assert probs.numel() == B * H * self.padded(T) ** 2
+        rc = self.lib.lmf_attention_backward(
+            q, k, v, dy, probs.data_ptr(), dq, dk, dv, B, H, T, D, _DTYPES[dtype], scale,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("cpu_attention: could not allocate a thread's workspace")
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in _DTYPES
+
+
+def _openmp_runtime() -> Path | None:
+    """The OpenMP runtime (libgomp) torch has loaded, if any.
+
+    Other libraries bring their own (scikit-learn does), so the one in torch's folder
+    (``torch/lib`` or a wheel's ``torch.libs``) is preferred to the first one mapped.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = []
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and Path(parts[5]).name.startswith("libgomp"):
+            found.append(Path(parts[5]))
+    torch_dir = Path(torch.__file__).resolve().parent
+    for path in found:
+        if path.resolve().parent in (torch_dir / "lib", torch_dir.parent / "torch.libs"):
+            return path
+    return found[0] if found else None
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("LMFORGE_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmforge" / "kernels"
+
+
+def _cpu_identity() -> str:
+    """Model name and flags of the first CPU: what -march=native compiles for."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [
+        ln for ln in info.split("\n\n")[0].splitlines()
+        if ln.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")
+    ]  # fmt: skip
+    return "\n".join(keep)
+
+
+def _build(cc: str, gomp: Path | None) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True)
+    if version.returncode != 0:
+        raise RuntimeError(f"{cc} --version failed:\n{version.stderr.strip()[-2000:]}")
+    key_parts = [
+        _SOURCE.read_text(), " ".join(_CFLAGS), version.stdout, _cpu_identity(),
+        platform.machine(), str(gomp),
+    ]  # fmt: skip
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:16]
+    out_dir = _cache_dir()
+    target = out_dir / f"cpu_attention-{key}.so"
+    if target.exists():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        obj, lib = Path(tmp) / "cpu_attention.o", Path(tmp) / "cpu_attention.so"
+        steps = [[cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)]]
+        # Link to torch's runtime by path: one thread pool, not two.
+        link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else ["-fopenmp"]
+        steps.append([cc, "-shared", str(obj), *link, "-o", str(lib)])
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(lib, target)  # atomic: a concurrent builder finds a whole file or none
+    return target
+
+
+def load_attention(cc: str | None = None) -> CpuAttention:
+    """Build (or find in the cache) and load the attention kernel; raises on failure.
+
+    cc: the C compiler; default ``$CC``, else ``cc`` or ``gcc`` on PATH.
+    """
+    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler: set CC or put cc or gcc on PATH")
+    path = _build(cc, _openmp_runtime())
+    lib = ctypes.CDLL(str(path))
+    view_t, i, f = View, ctypes.c_int, ctypes.c_float
+    lib.lmf_attention_forward.argtypes = [
+        view_t, view_t, view_t, view_t, ctypes.c_void_p, i, i, i, i, i, f, i,
+    ]  # fmt: skip
+    lib.lmf_attention_backward.argtypes = [
+        view_t, view_t, view_t, view_t, ctypes.c_void_p,
+        view_t, view_t, view_t, i, i, i, i, i, f, i,
+    ]  # fmt: skip
+    lib.lmf_attention_forward.restype = lib.lmf_attention_backward.restype = i
+    return CpuAttention(lib, path, lib.lmf_block())
+
+
+def attention() -> CpuAttention | None:
+    """The CPU attention kernel, built and loaded once per process; None if unavailable
+    (with a warning when a compiler was there but the build failed)."""
+    global _attention, _attention_tried
+    if _attention_tried:
+        return _attention
+    with _lock:
+        if _attention_tried:
+            return _attention
+        _attention_tried = True
+        if os.environ.get("LMFORGE_KERNELS", "1") == "0":
+            return None
+        if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
+            return None
+        if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+            return None
+        try:
+            _attention = load_attention()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            warnings.warn(
+                f"lmforge: the CPU attention kernel could not be built ({e}); "
+                "using torch's operators instead (slower for short sequences)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return _attention

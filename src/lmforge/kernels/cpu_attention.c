@@ -1,0 +1,372 @@
+/* Causal attention for short sequences on a CPU: softmax(q·kᵀ/√D)·v and its backward.
+ *
+ * Plain C (no torch headers, so it compiles in about a second), loaded with ctypes by
+ * `lmforge.kernels`. Inputs and outputs are bf16 or fp16 tensors given as a pointer and
+ * element strides (head dimension contiguous), so q, k and v can be read straight from
+ * the fused projection's output and the results written in the layout the next matmul
+ * reads: no permuting copies. The math is fp32, one (batch, head) pair at a time, with
+ * that pair's q, k, v and scores in the core's cache; OpenMP spreads the pairs over the
+ * threads of the process's one OpenMP runtime (torch's: same soname, loaded first).
+ *
+ * Forward saves the probabilities P (B, H, T, T) fp32 (upper triangle zero); backward
+ * reads them instead of recomputing the scores.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DT_BF16 = 0, DT_F16 = 1 };
+
+typedef struct {
+    const uint16_t *ptr;
+    int64_t sb, sh, st; /* strides of batch, head and time, in elements */
+} view_t;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 x;
+    memcpy(&x, &h, 2);
+    return (float)x;
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    _Float16 x = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &x, 2);
+    return h;
+}
+
+static void load_row(float *dst, const uint16_t *src, int n, int dtype) {
+    if (dtype == DT_BF16)
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    else
+        for (int i = 0; i < n; i++) dst[i] = f16_to_f32(src[i]);
+}
+
+static void store_row(uint16_t *dst, const float *src, int n, int dtype) {
+    if (dtype == DT_BF16)
+        for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    else
+        for (int i = 0; i < n; i++) dst[i] = f32_to_f16(src[i]);
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the row maximum): Cody-Waite reduction
+ * and a degree-6 polynomial (Cephes' expf), within 2 ulp of expf. See vexp_nonpos. */
+
+static inline const uint16_t *at(const view_t *v, int b, int h, int t) {
+    return v->ptr + b * v->sb + h * v->sh + t * v->st;
+}
+
+/* Work is done on fp32 blocks padded to multiples of VL in time and head dimension
+ * (zeros in the padding), in register tiles of 4 rows by VL columns. */
+#define VL 16
+typedef float vec __attribute__((vector_size(VL * sizeof(float))));
+
+static inline vec vload(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+int lmf_block(void) { return VL; }
+
+static inline int padded(int n) { return (n + VL - 1) / VL * VL; }
+
+/* S[i][j] = Σ_d A[i][d]·Bt[d][j] (A: Tp×Dp, Bt: Dp×Tp, S: Tp×Tp), for the column blocks
+ * that hold some j <= i; the others are not written. */
+static void gemm_abt_causal(const float *A, const float *Bt, float *S, int Tp, int Dp) {
+    for (int i0 = 0; i0 < Tp; i0 += 4) {
+        const float *a0 = A + i0 * Dp, *a1 = a0 + Dp, *a2 = a1 + Dp, *a3 = a2 + Dp;
+        for (int j0 = 0; j0 < i0 + 4; j0 += VL) {
+            vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+            for (int d = 0; d < Dp; d++) {
+                const vec b = vload(Bt + d * Tp + j0);
+                c0 += a0[d] * b;
+                c1 += a1[d] * b;
+                c2 += a2[d] * b;
+                c3 += a3[d] * b;
+            }
+            vstore(S + i0 * Tp + j0, c0);
+            vstore(S + (i0 + 1) * Tp + j0, c1);
+            vstore(S + (i0 + 2) * Tp + j0, c2);
+            vstore(S + (i0 + 3) * Tp + j0, c3);
+        }
+    }
+}
+
+/* out[i] = Σ_{j < i0 + 4} M[i][j]·V[j] (M: Tp×Tp, zero above the diagonal; V, out: Tp×Dp). */
+static void gemm_ab_causal(const float *M, const float *V, float *out, int Tp, int Dp) {
+    for (int i0 = 0; i0 < Tp; i0 += 4) {
+        const float *m0 = M + i0 * Tp, *m1 = m0 + Tp, *m2 = m1 + Tp, *m3 = m2 + Tp;
+        for (int d0 = 0; d0 < Dp; d0 += VL) {
+            vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+            for (int j = 0; j < i0 + 4; j++) {
+                const vec v = vload(V + j * Dp + d0);
+                c0 += m0[j] * v;
+                c1 += m1[j] * v;
+                c2 += m2[j] * v;
+                c3 += m3[j] * v;
+            }
+            vstore(out + i0 * Dp + d0, c0);
+            vstore(out + (i0 + 1) * Dp + d0, c1);
+            vstore(out + (i0 + 2) * Dp + d0, c2);
+            vstore(out + (i0 + 3) * Dp + d0, c3);
+        }
+    }
+}
+
+/* out[j] = Σ_{i >= j0} M[i][j]·A[i] (Mᵀ·A; M: Tp×Tp, zero above the diagonal). */
+static void gemm_atb_causal(const float *M, const float *A, float *out, int Tp, int Dp) {
+    for (int j0 = 0; j0 < Tp; j0 += 4) {
+        for (int d0 = 0; d0 < Dp; d0 += VL) {
+            vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+            for (int i = j0; i < Tp; i++) {
+                const vec a = vload(A + i * Dp + d0);
+                const float *m = M + i * Tp + j0;
+                c0 += m[0] * a;
+                c1 += m[1] * a;
+                c2 += m[2] * a;
+                c3 += m[3] * a;
+            }
+            vstore(out + j0 * Dp + d0, c0);
+            vstore(out + (j0 + 1) * Dp + d0, c1);
+            vstore(out + (j0 + 2) * Dp + d0, c2);
+            vstore(out + (j0 + 3) * Dp + d0, c3);
+        }
+    }
+}
+
+/* Rows t < T of a (B, H, T, D) view into dst (Tp×Dp, row-major), times `mul`. */
+static void load_rows(float *dst, const view_t *src, int b, int h, int T, int D, int Dp,
+                      int dtype, float mul) {
+    for (int t = 0; t < T; t++) {
+        float *row = dst + t * Dp;
+        load_row(row, at(src, b, h, t), D, dtype);
+        if (mul != 1.0f)
+            for (int d = 0; d < D; d++) row[d] *= mul;
+    }
+}
+
+/* Rows t < T of a (B, H, T, D) view into dst transposed (Dp×Tp); tmp holds D floats. */
+static void load_rows_t(float *dst, const view_t *src, int b, int h, int T, int D, int Tp,
+                        int dtype, float *tmp) {
+    for (int t = 0; t < T; t++) {
+        load_row(tmp, at(src, b, h, t), D, dtype);
+        for (int d = 0; d < D; d++) dst[d * Tp + t] = tmp[d];
+    }
+}
+
+static void store_rows(view_t *dst, const float *src, int b, int h, int T, int D, int Dp,
+                       int dtype, float mul, float *tmp) {
+    for (int t = 0; t < T; t++) {
+        const float *row = src + t * Dp;
+        if (mul != 1.0f) {
+            for (int d = 0; d < D; d++) tmp[d] = row[d] * mul;
+            row = tmp;
+        }
+        store_row((uint16_t *)at(dst, b, h, t), row, D, dtype);
+    }
+}
+
+typedef int32_t ivec __attribute__((vector_size(VL * sizeof(int32_t))));
+static const ivec IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+static inline vec splat(float x) { return (vec){0} + x; }
+
+static inline vec blend(ivec take_a, vec a, vec b) { /* take_a: lanes of -1 or 0 */
+    return (vec)(((ivec)a & take_a) | ((ivec)b & ~take_a));
+}
+
+/* exp_nonpos on a vector. */
+static inline vec vexp_nonpos(vec x) {
+    x = blend(x < -87.0f, splat(-87.0f), x);
+    const vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vec r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (vec)((__builtin_convertvector(n, ivec) + 127) << 23);
+}
+
+/* Horizontal sum and maximum in four shuffle steps (a lane-by-lane loop is a chain of
+ * sixteen dependent adds: half a short row's time). */
+#define SWAP8(v) __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+#define SWAP4(v) __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+#define SWAP2(v) __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+#define SWAP1(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+
+static inline vec vmax(vec a, vec b) { return blend(a > b, a, b); }
+
+static inline float hsum(vec v) {
+    v += SWAP8(v);
+    v += SWAP4(v);
+    v += SWAP2(v);
+    v += SWAP1(v);
+    return v[0];
+}
+
+static inline float hmax(vec v) {
+    v = vmax(v, SWAP8(v));
+    v = vmax(v, SWAP4(v));
+    v = vmax(v, SWAP2(v));
+    v = vmax(v, SWAP1(v));
+    return v[0];
+}
+
+/* Softmax of the causal part of each row of S (Tp×Tp) in place; zeros elsewhere. Whole
+ * vectors, masked, so that no row ends in a scalar loop (they are short). */
+static void causal_softmax(float *S, int T, int Tp) {
+    for (int i = 0; i < Tp; i++) {
+        float *s = S + i * Tp;
+        const int n = i < T ? i + 1 : 0, nb = padded(n);
+        if (n) {
+            vec vm = splat(-3.0e38f);
+            for (int j0 = 0; j0 < nb; j0 += VL) {
+                const vec x = vload(s + j0);
+                const ivec take = (IOTA + j0 < n) & (x > vm);
+                vm = blend(take, x, vm);
+            }
+            const float m = hmax(vm);
+            vec vs = {0};
+            for (int j0 = 0; j0 < nb; j0 += VL) {
+                const ivec keep = IOTA + j0 < n;
+                const vec e = (vec)((ivec)vexp_nonpos(blend(keep, vload(s + j0) - m, splat(-87.0f))) & keep);
+                vstore(s + j0, e);
+                vs += e;
+            }
+            const float inv = 1.0f / hsum(vs);
+            for (int j0 = 0; j0 < nb; j0 += VL) vstore(s + j0, vload(s + j0) * inv);
+        }
+        for (int j = nb; j < Tp; j++) s[j] = 0.0f;
+    }
+}
+
+/* dS = P∘(dP − rowsum(P∘dP)) in place over dP, zeros above the diagonal. dP holds finite
+ * values in the column blocks up to the diagonal's (written by gemm_abt_causal), and P
+ * zeros past the diagonal, so whole vectors need no mask. */
+static void softmax_backward(const float *P, float *dP, int T, int Tp) {
+    for (int i = 0; i < Tp; i++) {
+        const float *p = P + i * Tp;
+        float *g = dP + i * Tp;
+        const int nb = i < T ? padded(i + 1) : 0;
+        vec vd = {0};
+        for (int j0 = 0; j0 < nb; j0 += VL) vd += vload(p + j0) * vload(g + j0);
+        const float delta = hsum(vd);
+        for (int j0 = 0; j0 < nb; j0 += VL)
+            vstore(g + j0, vload(p + j0) * (vload(g + j0) - delta));
+        for (int j = nb; j < Tp; j++) g[j] = 0.0f;
+    }
+}
+
+static float *workspace(size_t n_floats) {
+    return aligned_alloc(64, (n_floats * sizeof(float) + 63) / 64 * 64);
+}
+
+/* One (b, h) pair forward: S = (q·scale)·kᵀ, P = softmax(S) (saved), y = P·v. */
+static void forward_pair(const view_t *q, const view_t *k, const view_t *v, view_t *y,
+                         float *P, int b, int h, int T, int D, int dtype, float scale,
+                         float *ws) {
+    const int Tp = padded(T), Dp = padded(D);
+    float *qf = ws, *kt = qf + Tp * Dp, *vf = kt + Tp * Dp, *yf = vf + Tp * Dp;
+    float *tmp = yf + Tp * Dp;
+    if (Tp != T || Dp != D) memset(ws, 0, sizeof(float) * (size_t)(3 * Tp * Dp));
+    load_rows(qf, q, b, h, T, D, Dp, dtype, scale);
+    load_rows_t(kt, k, b, h, T, D, Tp, dtype, tmp);
+    load_rows(vf, v, b, h, T, D, Dp, dtype, 1.0f);
+    gemm_abt_causal(qf, kt, P, Tp, Dp);
+    causal_softmax(P, T, Tp);
+    gemm_ab_causal(P, vf, yf, Tp, Dp);
+    store_rows(y, yf, b, h, T, D, Dp, dtype, 1.0f, tmp);
+}
+
+static size_t forward_workspace(int T, int D) { return 4 * (size_t)padded(T) * padded(D) + D; }
+
+/* P: (B·H, Tp, Tp) fp32, Tp = T rounded up to lmf_block(). Returns 0, or -1 when a
+ * thread's workspace could not be allocated. */
+int lmf_attention_forward(view_t q, view_t k, view_t v, view_t y, float *P, int B, int H,
+                          int T, int D, int dtype, float scale, int n_threads) {
+    const int Tp = padded(T);
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
+    {
+        float *ws = workspace(forward_workspace(T, D));
+        if (!ws) failed = 1;
+#pragma omp for schedule(static)
+        for (int bh = 0; bh < B * H; bh++) {
+            if (ws)
+                forward_pair(&q, &k, &v, &y, P + (int64_t)bh * Tp * Tp, bh / H, bh % H, T, D,
+                             dtype, scale, ws);
+        }
+        free(ws);
+    }
+    return failed ? -1 : 0;
+}
+
+/* One (b, h) pair backward: dP = dy·vᵀ, dS = P∘(dP − rowsum(P∘dP)), dq = dS·k·scale,
+ * dk = dSᵀ·(q·scale), dv = Pᵀ·dy. */
+static void backward_pair(const view_t *q, const view_t *k, const view_t *v, const view_t *dy,
+                          const float *P, view_t *dq, view_t *dk, view_t *dv, int b, int h,
+                          int T, int D, int dtype, float scale, float *ws) {
+    const int Tp = padded(T), Dp = padded(D), n = Tp * Dp;
+    float *qf = ws, *kf = qf + n, *vt = kf + n, *dyf = vt + n, *gf = dyf + n;
+    float *dS = gf + n, *tmp = dS + Tp * Tp;
+    if (Tp != T || Dp != D) memset(ws, 0, sizeof(float) * (size_t)(4 * n));
+    load_rows(qf, q, b, h, T, D, Dp, dtype, scale);
+    load_rows(kf, k, b, h, T, D, Dp, dtype, 1.0f);
+    load_rows_t(vt, v, b, h, T, D, Tp, dtype, tmp);
+    load_rows(dyf, dy, b, h, T, D, Dp, dtype, 1.0f);
+    gemm_abt_causal(dyf, vt, dS, Tp, Dp);
+    softmax_backward(P, dS, T, Tp);
+    gemm_atb_causal(P, dyf, gf, Tp, Dp);
+    store_rows(dv, gf, b, h, T, D, Dp, dtype, 1.0f, tmp);
+    gemm_ab_causal(dS, kf, gf, Tp, Dp);
+    store_rows(dq, gf, b, h, T, D, Dp, dtype, scale, tmp);
+    gemm_atb_causal(dS, qf, gf, Tp, Dp);
+    store_rows(dk, gf, b, h, T, D, Dp, dtype, 1.0f, tmp);
+}
+
+static size_t backward_workspace(int T, int D) {
+    return 5 * (size_t)padded(T) * padded(D) + (size_t)padded(T) * padded(T) + D;
+}
+
+int lmf_attention_backward(view_t q, view_t k, view_t v, view_t dy, const float *P, view_t dq,
+                           view_t dk, view_t dv, int B, int H, int T, int D, int dtype,
+                           float scale, int n_threads) {
+    const int Tp = padded(T);
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
+    {
+        float *ws = workspace(backward_workspace(T, D));
+        if (!ws) failed = 1;
+#pragma omp for schedule(static)
+        for (int bh = 0; bh < B * H; bh++) {
+            if (ws)
+                backward_pair(&q, &k, &v, &dy, P + (int64_t)bh * Tp * Tp, &dq, &dk, &dv, bh / H,
+                              bh % H, T, D, dtype, scale, ws);
+        }
+        free(ws);
+    }
+    return failed ? -1 : 0;
+}
