@@ -30,9 +30,9 @@ def attention_impl(request, monkeypatch) -> str:
     if request.param == "kernel":
         if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
             pytest.skip("no C compiler: the kernel cannot be built here")
-        kern = kernels.load_attention()
-        monkeypatch.setattr(kernels, "_attention", kern)
+        kern = kernels.load()
+        monkeypatch.setattr(kernels, "_kernels", kern)
     else:
-        monkeypatch.setattr(kernels, "_attention", None)
-    monkeypatch.setattr(kernels, "_attention_tried", True)
+        monkeypatch.setattr(kernels, "_kernels", None)
+    monkeypatch.setattr(kernels, "_tried", True)
     return request.param

@@ -22,8 +22,8 @@ needs_cc = pytest.mark.skipif(
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """Forget the process's kernel and build into an empty cache."""
-    monkeypatch.setattr(kernels, "_attention", None)
-    monkeypatch.setattr(kernels, "_attention_tried", False)
+    monkeypatch.setattr(kernels, "_kernels", None)
+    monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LMFORGE_KERNELS", raising=False)
     return tmp_path / "cache"
@@ -56,14 +56,14 @@ def test_kernel_matches_float64_sdpa_at_padded_shapes(monkeypatch, B, T, H, D, d
     """Time and head sizes off the kernel's block of 16, one position, one head: the
     kernel's error against float64 is that of its torch form (both round only the bf16
     or fp16 inputs and outputs), within a margin."""
-    monkeypatch.setattr(kernels, "_attention", kernels.load_attention())
-    monkeypatch.setattr(kernels, "_attention_tried", True)
+    monkeypatch.setattr(kernels, "_kernels", kernels.load())
+    monkeypatch.setattr(kernels, "_tried", True)
     torch.manual_seed(0)
     x = torch.randn(B, T, 3, H, D)
     dy = torch.randn(B, T, H, D)
     ref_y, ref_g = _reference(x.to(dtype), dy.to(dtype))
     y, g = _packed(x.to(dtype), dy.to(dtype))
-    kernels._attention = None  # the torch form, same inputs
+    kernels._kernels = None  # the torch form, same inputs
     ty, tg = _packed(x.to(dtype), dy.to(dtype))
     for ours, torch_form, ref in ((y, ty, ref_y), (g, tg, ref_g)):
         err, torch_err = (ours - ref).abs().max(), (torch_form - ref).abs().max()
@@ -118,10 +118,10 @@ def test_split_form_reads_strided_inputs(attention_impl):
 
 @needs_cc
 def test_kernel_is_cached_and_linked_to_torchs_openmp(fresh):
-    kern = kernels.attention()
+    kern = kernels.get()
     assert kern is not None and kern.path.parent == fresh
     built = kern.path.stat().st_mtime_ns
-    again = kernels.load_attention()
+    again = kernels.load()
     assert again.path == kern.path and kern.path.stat().st_mtime_ns == built
     assert [p.name for p in fresh.iterdir()] == [kern.path.name]  # no temporary left
     # One OpenMP runtime, torch's, so the kernel's threads are torch's threads (other
@@ -142,10 +142,10 @@ def test_failed_build_warns_and_falls_back(fresh, monkeypatch, tmp_path):
     broken.write_text("#!/bin/sh\necho 'cc: fatal error: out of cheese' >&2\nexit 1\n")
     broken.chmod(0o755)
     with pytest.raises(RuntimeError, match="out of cheese"):
-        kernels.load_attention(str(broken))
+        kernels.load(str(broken))
     monkeypatch.setenv("CC", str(broken))
     with pytest.warns(RuntimeWarning, match="out of cheese"):
-        assert kernels.attention() is None
+        assert kernels.get() is None
     # and the model still trains, through the torch form
     x, dy = torch.randn(1, 8, 3, 2, 16).bfloat16(), torch.randn(1, 8, 2, 16).bfloat16()
     (y, g), (ref_y, ref_g) = _packed(x, dy), _reference(x, dy)
@@ -156,5 +156,5 @@ def test_kernels_can_be_switched_off(fresh, monkeypatch):
     monkeypatch.setenv("LMFORGE_KERNELS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert kernels.attention() is None
+        assert kernels.get() is None
     assert not fresh.exists()  # nothing built

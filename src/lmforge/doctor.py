@@ -200,24 +200,24 @@ def check_threads() -> Check:
 
 
 def check_kernels() -> Check:
-    """Whether the C attention kernel builds here (bf16/fp16 CPU training, short contexts)."""
+    """Whether the C kernels build here (attention for bf16/fp16 CPU training)."""
     from lmforge import kernels
 
     if os.environ.get("LMFORGE_KERNELS", "1") == "0":
         return Check("cpu kernels", "ok", "switched off (LMFORGE_KERNELS=0)")
     try:
-        kern = kernels.load_attention()
+        kern = kernels.load()
     except (OSError, RuntimeError) as e:
         return Check(
             "cpu kernels",
             "warn",
             str(e).splitlines()[0],
             "bf16 CPU training of short contexts uses torch's operators for attention "
-            "instead of lmforge's C kernel: same results, ≈ 10% slower steps at the "
-            "baby-GPT size.",
+            "instead of lmforge's C kernel: the same math, ≈ 10% slower steps at the "
+            "baby-GPT size (BENCHMARKS.md).",
             "Install a C compiler (Debian/Ubuntu: apt install gcc), or set CC.",
         )
-    return Check("cpu kernels", "ok", f"attention kernel built: {kern.path}")
+    return Check("cpu kernels", "ok", f"built: {kern.path}")
 
 
 def check_gpu() -> Check:

@@ -1,16 +1,17 @@
 """Small C kernels for the CPU, built on first use with the system's C compiler.
 
-`attention()` returns the causal-attention kernel of `cpu_attention.c` (bf16/fp16 in
-and out, fp32 math, see the file's header), or None when it cannot be had: no C
-compiler, a failed build, not Linux/x86-64 or ARM64, or ``LMFORGE_KERNELS=0``. Callers
-then use their torch form, which computes the same thing; tests compare the two.
+`get()` returns the kernels of `cpu_kernels.c` — for now causal attention for
+short sequences, forward and backward; bf16/fp16 in and out, fp32 math (see the
+file's header) — or None when they cannot be had: no C compiler, a failed build
+(with a warning), not Linux on x86-64 or ARM64, or ``LMFORGE_KERNELS=0``. Callers
+then use torch's operators, which compute the same thing; tests compare the two.
 
 The source is plain C, so a build takes about a second (no torch headers). It is
 compiled for this CPU (``-march=native``) and cached under
 ``$LMFORGE_KERNEL_CACHE`` (default ``~/.cache/lmforge/kernels``), keyed by the source,
 the flags, the compiler's version and the CPU's model and flags: a cache copied to
 another machine is rebuilt, not run with instructions it lacks. The library links to
-the OpenMP runtime torch has loaded, so the kernel's threads are torch's threads.
+the OpenMP runtime torch has loaded, so the kernels' threads are torch's threads.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("cpu_attention.c")
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=gnu11"]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 _lock = threading.Lock()
-_attention: CpuAttention | None = None
-_attention_tried = False
+_kernels: CpuKernels | None = None
+_tried = False
 
 
 class View(ctypes.Structure):
@@ -59,45 +60,58 @@ def view(t: torch.Tensor, offset: int = 0, bhtd: tuple[int, int, int] | None = N
     return View(t.data_ptr() + offset * t.element_size(), sb, sh, st)
 
 
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype | None = None) -> None:
+    """The C reads raw memory: every tensor must be a dense CPU buffer of the right type."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous CPU tensor")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name}: expected {dtype}, got {t.dtype}")
+
+
 @dataclass
-class CpuAttention:
-    """The loaded kernel. Shapes and strides are the caller's to get right: the C does
-    no bounds checks, so every call site builds its views from tensors it allocated."""
+class CpuKernels:
+    """The loaded library. The attention takes `View`s: its callers read q, k and v in
+    place, with their strides, and the C does no bounds checks, so every call site
+    builds its views from tensors it allocated or checked."""
 
     lib: ctypes.CDLL
     path: Path
-    block: int  # the kernel pads time to a multiple of this
+    block: int  # the attention pads time to a multiple of this
 
     def padded(self, T: int) -> int:
         """T rounded up to the kernel's block: the probabilities are (B·H, padded, padded)."""
         return -(-T // self.block) * self.block
 
-    def forward(
+    def _attention_checks(self, probs: torch.Tensor, B: int, H: int, T: int) -> None:
+        _check(probs, "probabilities", torch.float32)
+        if probs.numel() != B * H * self.padded(T) ** 2:
+            raise ValueError("probabilities: expected B·H·padded(T)² elements")
+
+    def attention_forward(
         self, q: View, k: View, v: View, y: View, probs: torch.Tensor,
         B: int, H: int, T: int, D: int, dtype: torch.dtype, scale: float,
     ) -> None:  # fmt: skip
-        assert probs.dtype == torch.float32 and probs.is_contiguous()
-        assert probs.numel() == B * H * self.padded(T) ** 2
+        """y = softmax(q·kᵀ·scale, causal)·v per (batch, head); probs saved for backward."""
+        self._attention_checks(probs, B, H, T)
         rc = self.lib.lmf_attention_forward(
             q, k, v, y, probs.data_ptr(), B, H, T, D, _DTYPES[dtype], scale,
             torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
-            raise MemoryError("cpu_attention: could not allocate a thread's workspace")
+            raise MemoryError("cpu attention: could not allocate a thread's workspace")
 
-    def backward(
+    def attention_backward(
         self, q: View, k: View, v: View, dy: View, probs: torch.Tensor,
         dq: View, dk: View, dv: View,
         B: int, H: int, T: int, D: int, dtype: torch.dtype, scale: float,
     ) -> None:  # fmt: skip
-        assert probs.dtype == torch.float32 and probs.is_contiguous()
-        assert probs.numel() == B * H * self.padded(T) ** 2
+        self._attention_checks(probs, B, H, T)
         rc = self.lib.lmf_attention_backward(
             q, k, v, dy, probs.data_ptr(), dq, dk, dv, B, H, T, D, _DTYPES[dtype], scale,
             torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
-            raise MemoryError("cpu_attention: could not allocate a thread's workspace")
+            raise MemoryError("cpu attention: could not allocate a thread's workspace")
 
 
 def supports(dtype: torch.dtype) -> bool:
@@ -157,12 +171,12 @@ def _build(cc: str, gomp: Path | None) -> Path:
     ]  # fmt: skip
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:16]
     out_dir = _cache_dir()
-    target = out_dir / f"cpu_attention-{key}.so"
+    target = out_dir / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        obj, lib = Path(tmp) / "cpu_attention.o", Path(tmp) / "cpu_attention.so"
+        obj, lib = Path(tmp) / "cpu_kernels.o", Path(tmp) / "cpu_kernels.so"
         steps = [[cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)]]
         # Link to torch's runtime by path: one thread pool, not two.
         link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else ["-fopenmp"]
@@ -175,8 +189,8 @@ def _build(cc: str, gomp: Path | None) -> Path:
     return target
 
 
-def load_attention(cc: str | None = None) -> CpuAttention:
-    """Build (or find in the cache) and load the attention kernel; raises on failure.
+def load(cc: str | None = None) -> CpuKernels:
+    """Build (or find in the cache) and load the kernels; raises on failure.
 
     cc: the C compiler; default ``$CC``, else ``cc`` or ``gcc`` on PATH.
     """
@@ -185,28 +199,30 @@ def load_attention(cc: str | None = None) -> CpuAttention:
         raise RuntimeError("no C compiler: set CC or put cc or gcc on PATH")
     path = _build(cc, _openmp_runtime())
     lib = ctypes.CDLL(str(path))
-    view_t, i, f = View, ctypes.c_int, ctypes.c_float
-    lib.lmf_attention_forward.argtypes = [
-        view_t, view_t, view_t, view_t, ctypes.c_void_p, i, i, i, i, i, f, i,
-    ]  # fmt: skip
-    lib.lmf_attention_backward.argtypes = [
-        view_t, view_t, view_t, view_t, ctypes.c_void_p,
-        view_t, view_t, view_t, i, i, i, i, i, f, i,
-    ]  # fmt: skip
-    lib.lmf_attention_forward.restype = lib.lmf_attention_backward.restype = i
-    return CpuAttention(lib, path, lib.lmf_block())
+    view_t, i, f, p = View, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    signatures = {
+        "lmf_attention_forward": [view_t, view_t, view_t, view_t, p, i, i, i, i, i, f, i],
+        "lmf_attention_backward": [
+            view_t, view_t, view_t, view_t, p, view_t, view_t, view_t, i, i, i, i, i, f, i,
+        ],
+    }  # fmt: skip
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = i
+    return CpuKernels(lib, path, lib.lmf_block())
 
 
-def attention() -> CpuAttention | None:
-    """The CPU attention kernel, built and loaded once per process; None if unavailable
-    (with a warning when a compiler was there but the build failed)."""
-    global _attention, _attention_tried
-    if _attention_tried:
-        return _attention
+def get() -> CpuKernels | None:
+    """The CPU kernels, built and loaded once per process; None if unavailable (with a
+    warning when a compiler was there but the build failed)."""
+    global _kernels, _tried
+    if _tried:
+        return _kernels
     with _lock:
-        if _attention_tried:
-            return _attention
-        _attention_tried = True
+        if _tried:
+            return _kernels
+        _tried = True
         if os.environ.get("LMFORGE_KERNELS", "1") == "0":
             return None
         if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
@@ -214,12 +230,12 @@ def attention() -> CpuAttention | None:
         if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
             return None
         try:
-            _attention = load_attention()
+            _kernels = load()
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             warnings.warn(
-                f"lmforge: the CPU attention kernel could not be built ({e}); "
-                "using torch's operators instead (slower for short sequences)",
+                f"lmforge: the CPU kernels could not be built ({e}); "
+                "using torch's operators instead (slower for small models)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return _attention
+        return _kernels

@@ -125,12 +125,12 @@ def _small_attention_backward(dy: torch.Tensor, x: torch.Tensor, probs: torch.Te
     return g
 
 
-def _kernel_for(*ts: torch.Tensor) -> kernels.CpuAttention | None:
+def _kernel_for(*ts: torch.Tensor) -> kernels.CpuKernels | None:
     """The C attention kernel, if it is built and can read these (B, H, T, D) tensors."""
     dtype = ts[0].dtype
     if not kernels.supports(dtype) or any(t.dtype != dtype or t.stride(-1) != 1 for t in ts):
         return None
-    return kernels.attention()
+    return kernels.get()
 
 
 # Strides (batch, head, time) of a contiguous (B, T, H, D) tensor: the kernel's output layout.
@@ -164,7 +164,7 @@ class SmallCausalAttention(torch.autograd.Function):
         if kern is not None:
             y = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
             probs = torch.empty(B * H * kern.padded(T) ** 2, device=q.device)
-            kern.forward(
+            kern.attention_forward(
                 kernels.view(q), kernels.view(k), kernels.view(v),
                 kernels.view(y, 0, _bthd(T, H, D)), probs, B, H, T, D, q.dtype, D**-0.5,
             )  # fmt: skip
@@ -188,7 +188,7 @@ class SmallCausalAttention(torch.autograd.Function):
             # from, so the transposes and split backward that follow copy nothing.
             g = [torch.empty((B, T, H, D), dtype=q.dtype, device=q.device) for _ in range(3)]
             bthd = _bthd(T, H, D)
-            ctx.kernel.backward(
+            ctx.kernel.attention_backward(
                 kernels.view(q), kernels.view(k), kernels.view(v),
                 kernels.view(dy, 0, bthd), probs,
                 *(kernels.view(t, 0, bthd) for t in g), B, H, T, D, q.dtype, D**-0.5,
@@ -226,7 +226,7 @@ class PackedSmallCausalAttention(torch.autograd.Function):
         if kern is not None:
             y = torch.empty((B, T, H, D), dtype=qkv.dtype, device=qkv.device)
             probs = torch.empty(B * H * kern.padded(T) ** 2, device=qkv.device)
-            kern.forward(
+            kern.attention_forward(
                 *_packed_views(qkv, H), kernels.view(y, 0, _bthd(T, H, D)), probs,
                 B, H, T, D, qkv.dtype, D**-0.5,
             )  # fmt: skip
@@ -249,7 +249,7 @@ class PackedSmallCausalAttention(torch.autograd.Function):
             D = C3 // (3 * H)
             dy = dy.contiguous()
             g = torch.empty_like(qkv)
-            ctx.kernel.backward(
+            ctx.kernel.attention_backward(
                 *_packed_views(qkv, H), kernels.view(dy, 0, _bthd(T, H, D)), probs,
                 *_packed_views(g, H), B, H, T, D, qkv.dtype, D**-0.5,
             )  # fmt: skip

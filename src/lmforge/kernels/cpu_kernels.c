@@ -1,7 +1,15 @@
-/* Causal attention for short sequences on a CPU: softmax(q·kᵀ/√D)·v and its backward.
+/* Kernels for bf16/fp16 training on a CPU, where torch's operators spend more time in
+ * dispatch, threading and memory passes than in arithmetic at small sizes:
+ *
+ * - causal attention for short sequences: softmax(q·kᵀ/√D)·v and its backward.
+ *
+ * (LayerNorm and GELU kernels were tried: faster alone, not in a training step; see
+ * benchmarks/LOG.md.)
  *
  * Plain C (no torch headers, so it compiles in about a second), loaded with ctypes by
- * `lmforge.kernels`. Inputs and outputs are bf16 or fp16 tensors given as a pointer and
+ * `lmforge.kernels`. All math is fp32; inputs and outputs are bf16 or fp16.
+ *
+ * Attention inputs and outputs are bf16 or fp16 tensors given as a pointer and
  * element strides (head dimension contiguous), so q, k and v can be read straight from
  * the fused projection's output and the results written in the layout the next matmul
  * reads: no permuting copies. The math is fp32, one (batch, head) pair at a time, with
