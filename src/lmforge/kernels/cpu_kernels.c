@@ -172,12 +172,20 @@ static void load_rows(float *dst, const view_t *src, int b, int h, int T, int D,
     }
 }
 
-/* Rows t < T of a (B, H, T, D) view into dst transposed (Dp×Tp); tmp holds D floats. */
+/* Rows t < T of a (B, H, T, D) view into dst transposed (Dp×Tp); tmp holds VL·D
+ * floats. Blocks of VL rows are converted, then written out column by column, so the
+ * stores are whole vectors. */
 static void load_rows_t(float *dst, const view_t *src, int b, int h, int T, int D, int Tp,
                         int dtype, float *tmp) {
-    for (int t = 0; t < T; t++) {
-        load_row(tmp, at(src, b, h, t), D, dtype);
-        for (int d = 0; d < D; d++) dst[d * Tp + t] = tmp[d];
+    for (int t0 = 0; t0 < T; t0 += VL) {
+        const int nt = T - t0 < VL ? T - t0 : VL;
+        for (int t = 0; t < nt; t++) load_row(tmp + t * D, at(src, b, h, t0 + t), D, dtype);
+        for (int t = nt; t < VL; t++) memset(tmp + t * D, 0, sizeof(float) * (size_t)D);
+        for (int d = 0; d < D; d++) {
+            vec col;
+            for (int t = 0; t < VL; t++) col[t] = tmp[t * D + d];
+            vstore(dst + d * Tp + t0, col);
+        }
     }
 }
 
@@ -243,48 +251,68 @@ static inline float hmax(vec v) {
     return v[0];
 }
 
-/* Softmax of the causal part of each row of S (Tp×Tp) in place; zeros elsewhere. Whole
- * vectors, masked, so that no row ends in a scalar loop (they are short). */
+/* Softmax of the causal part of each row of S (Tp×Tp) in place, zeros past the diagonal
+ * up to the end of the diagonal's vector (all that the matmuls read; padding rows
+ * i >= T are zeroed whole). Four rows at a time: each row is a chain of dependent steps
+ * (maximum, exponentials, sum, reciprocal), and four independent chains overlap (one row
+ * at a time ran at half the speed). Four rows share their vector count: they lie in one
+ * block of VL. Whole vectors, masked: no row ends in a scalar loop. */
 static void causal_softmax(float *S, int T, int Tp) {
-    for (int i = 0; i < Tp; i++) {
-        float *s = S + i * Tp;
-        const int n = i < T ? i + 1 : 0, nb = padded(n);
-        if (n) {
-            vec vm = splat(-3.0e38f);
-            for (int j0 = 0; j0 < nb; j0 += VL) {
-                const vec x = vload(s + j0);
-                const ivec take = (IOTA + j0 < n) & (x > vm);
-                vm = blend(take, x, vm);
-            }
-            const float m = hmax(vm);
-            vec vs = {0};
-            for (int j0 = 0; j0 < nb; j0 += VL) {
-                const ivec keep = IOTA + j0 < n;
-                const vec e = (vec)((ivec)vexp_nonpos(blend(keep, vload(s + j0) - m, splat(-87.0f))) & keep);
-                vstore(s + j0, e);
-                vs += e;
-            }
-            const float inv = 1.0f / hsum(vs);
-            for (int j0 = 0; j0 < nb; j0 += VL) vstore(s + j0, vload(s + j0) * inv);
+    for (int i0 = 0; i0 < Tp; i0 += 4) {
+        const int nb = padded(i0 + 1);
+        int n[4];
+        vec vm[4];
+        for (int q = 0; q < 4; q++) {
+            n[q] = i0 + q < T ? i0 + q + 1 : 0;
+            vm[q] = splat(-3.0e38f);
         }
-        for (int j = nb; j < Tp; j++) s[j] = 0.0f;
+        for (int j0 = 0; j0 < nb; j0 += VL)
+            for (int q = 0; q < 4; q++) {
+                const vec x = vload(S + (i0 + q) * Tp + j0);
+                vm[q] = blend((IOTA + j0 < n[q]) & (x > vm[q]), x, vm[q]);
+            }
+        float m[4];
+        vec vs[4];
+        for (int q = 0; q < 4; q++) m[q] = hmax(vm[q]), vs[q] = splat(0.0f);
+        for (int j0 = 0; j0 < nb; j0 += VL)
+            for (int q = 0; q < 4; q++) {
+                float *s = S + (i0 + q) * Tp + j0;
+                const ivec keep = IOTA + j0 < n[q];
+                const vec e = (vec)((ivec)vexp_nonpos(blend(keep, vload(s) - m[q], splat(-87.0f))) & keep);
+                vstore(s, e);
+                vs[q] += e;
+            }
+        float inv[4];
+        for (int q = 0; q < 4; q++) inv[q] = n[q] ? 1.0f / hsum(vs[q]) : 0.0f;
+        for (int j0 = 0; j0 < nb; j0 += VL)
+            for (int q = 0; q < 4; q++) {
+                float *s = S + (i0 + q) * Tp + j0;
+                vstore(s, vload(s) * inv[q]);
+            }
+        for (int q = 0; q < 4; q++)
+            if (!n[q]) memset(S + (i0 + q) * Tp, 0, sizeof(float) * (size_t)Tp);
     }
 }
 
-/* dS = P∘(dP − rowsum(P∘dP)) in place over dP, zeros above the diagonal. dP holds finite
- * values in the column blocks up to the diagonal's (written by gemm_abt_causal), and P
- * zeros past the diagonal, so whole vectors need no mask. */
+/* dS = P∘(dP − rowsum(P∘dP)) in place over dP, four rows at a time as above. dP holds
+ * finite values in the column blocks up to the diagonal's (written by gemm_abt_causal),
+ * and P zeros past the diagonal, so whole vectors need no mask. Padding rows: zero. */
 static void softmax_backward(const float *P, float *dP, int T, int Tp) {
-    for (int i = 0; i < Tp; i++) {
-        const float *p = P + i * Tp;
-        float *g = dP + i * Tp;
-        const int nb = i < T ? padded(i + 1) : 0;
-        vec vd = {0};
-        for (int j0 = 0; j0 < nb; j0 += VL) vd += vload(p + j0) * vload(g + j0);
-        const float delta = hsum(vd);
+    for (int i0 = 0; i0 < Tp; i0 += 4) {
+        const int nb = i0 < T ? padded(i0 + 1) : 0;
+        vec vd[4] = {{0}};
         for (int j0 = 0; j0 < nb; j0 += VL)
-            vstore(g + j0, vload(p + j0) * (vload(g + j0) - delta));
-        for (int j = nb; j < Tp; j++) g[j] = 0.0f;
+            for (int q = 0; q < 4; q++)
+                vd[q] += vload(P + (i0 + q) * Tp + j0) * vload(dP + (i0 + q) * Tp + j0);
+        float delta[4];
+        for (int q = 0; q < 4; q++) delta[q] = hsum(vd[q]);
+        for (int j0 = 0; j0 < nb; j0 += VL)
+            for (int q = 0; q < 4; q++) {
+                float *g = dP + (i0 + q) * Tp + j0;
+                vstore(g, vload(P + (i0 + q) * Tp + j0) * (vload(g) - delta[q]));
+            }
+        for (int q = 0; q < 4; q++)
+            if (i0 + q >= T) memset(dP + (i0 + q) * Tp, 0, sizeof(float) * (size_t)Tp);
     }
 }
 
@@ -309,7 +337,9 @@ static void forward_pair(const view_t *q, const view_t *k, const view_t *v, view
     store_rows(y, yf, b, h, T, D, Dp, dtype, 1.0f, tmp);
 }
 
-static size_t forward_workspace(int T, int D) { return 4 * (size_t)padded(T) * padded(D) + D; }
+static size_t forward_workspace(int T, int D) {
+    return 4 * (size_t)padded(T) * padded(D) + VL * (size_t)D;
+}
 
 /* P: (B·H, Tp, Tp) fp32, Tp = T rounded up to lmf_block(). Returns 0, or -1 when a
  * thread's workspace could not be allocated. */
@@ -356,7 +386,7 @@ static void backward_pair(const view_t *q, const view_t *k, const view_t *v, con
 }
 
 static size_t backward_workspace(int T, int D) {
-    return 5 * (size_t)padded(T) * padded(D) + (size_t)padded(T) * padded(T) + D;
+    return 5 * (size_t)padded(T) * padded(D) + (size_t)padded(T) * padded(T) + VL * (size_t)D;
 }
 
 int lmf_attention_backward(view_t q, view_t k, view_t v, view_t dy, const float *P, view_t dq,
