@@ -21,9 +21,12 @@ process-against-process one and measures the training code alone.
     python benchmarks/baby_gpt_inproc.py --rounds 200 --window 5
     python benchmarks/baby_gpt_inproc.py --override train.compile=true
     python benchmarks/baby_gpt_inproc.py --also compiled=train.compile=true   # a third arm
+    python benchmarks/baby_gpt_inproc.py --torch-attention-arm   # the C kernel's worth
 
 `--also NAME=KEY=VALUE[,KEY=VALUE...]` (repeatable) adds another lmforge trainer with
 those overrides to every round, so two lmforge settings meet the same machine too.
+`--torch-attention-arm` adds one more, the recipe with `lmforge.kernels` switched
+off during its turns (what ``LMFORGE_KERNELS=0`` gives: attention as torch ops).
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ def main() -> int:
         metavar="NAME=OVERRIDES",
         help="another lmforge arm, overrides comma-separated, e.g. compiled=train.compile=true",
     )
+    ap.add_argument(
+        "--torch-attention-arm",
+        action="store_true",
+        help="add an arm without lmforge's C kernels (attention as torch operators)",
+    )
     ap.add_argument("--json", type=Path, help="also write the result here")
     args = ap.parse_args()
     extra_arms: dict[str, list[str]] = {}
@@ -72,6 +80,8 @@ def main() -> int:
         if not sep or not name or name in ("nanogpt_ref", "lmforge"):
             ap.error(f"--also {spec!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
         extra_arms[name] = [o for o in overrides.split(",") if o]
+    if args.torch_attention_arm:
+        extra_arms["torch_attention"] = []
 
     from lmforge.malloc import tune_malloc
 
@@ -112,14 +122,25 @@ def main() -> int:
                 ref.step()
                 ref_it += 1
 
-        def runner(trainer):
+        from lmforge import kernels
+
+        def runner(trainer, without_kernels: bool = False):
             def run(n: int) -> None:
-                for _ in range(n):
-                    trainer.train_step()
+                saved = kernels._kernels, kernels._tried
+                if without_kernels:  # as if LMFORGE_KERNELS=0 (they are looked up per call)
+                    kernels._kernels, kernels._tried = None, True
+                try:
+                    for _ in range(n):
+                        trainer.train_step()
+                finally:
+                    kernels._kernels, kernels._tried = saved
 
             return run
 
-        arms = {"nanogpt_ref": run_ref, **{name: runner(t) for name, t in trainers.items()}}
+        arms = {
+            "nanogpt_ref": run_ref,
+            **{name: runner(t, name == "torch_attention") for name, t in trainers.items()},
+        }
         for run in arms.values():
             run(args.warmup)
         ms: dict[str, list[float]] = {name: [] for name in arms}
