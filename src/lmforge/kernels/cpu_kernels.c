@@ -97,68 +97,45 @@ int lmf_block(void) { return VL; }
 
 static inline int padded(int n) { return (n + VL - 1) / VL * VL; }
 
+/* One register tile: out[r][0:VL] = Σ_k s[r·s_row + k·s_step] · v[k·v_step : +VL] for
+ * r < 4. The three products below are this tile over different operands. */
+static inline void tile4(const float *s, int s_row, int s_step, const float *v, int v_step,
+                         int K, float *out, int out_row) {
+    vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+    for (int k = 0; k < K; k++) {
+        const vec x = vload(v + k * v_step);
+        const float *sk = s + k * s_step;
+        c0 += sk[0] * x;
+        c1 += sk[s_row] * x;
+        c2 += sk[2 * s_row] * x;
+        c3 += sk[3 * s_row] * x;
+    }
+    vstore(out, c0);
+    vstore(out + out_row, c1);
+    vstore(out + 2 * out_row, c2);
+    vstore(out + 3 * out_row, c3);
+}
+
 /* S[i][j] = Σ_d A[i][d]·Bt[d][j] (A: Tp×Dp, Bt: Dp×Tp, S: Tp×Tp), for the column blocks
  * that hold some j <= i; the others are not written. */
 static void gemm_abt_causal(const float *A, const float *Bt, float *S, int Tp, int Dp) {
-    for (int i0 = 0; i0 < Tp; i0 += 4) {
-        const float *a0 = A + i0 * Dp, *a1 = a0 + Dp, *a2 = a1 + Dp, *a3 = a2 + Dp;
-        for (int j0 = 0; j0 < i0 + 4; j0 += VL) {
-            vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-            for (int d = 0; d < Dp; d++) {
-                const vec b = vload(Bt + d * Tp + j0);
-                c0 += a0[d] * b;
-                c1 += a1[d] * b;
-                c2 += a2[d] * b;
-                c3 += a3[d] * b;
-            }
-            vstore(S + i0 * Tp + j0, c0);
-            vstore(S + (i0 + 1) * Tp + j0, c1);
-            vstore(S + (i0 + 2) * Tp + j0, c2);
-            vstore(S + (i0 + 3) * Tp + j0, c3);
-        }
-    }
+    for (int i0 = 0; i0 < Tp; i0 += 4)
+        for (int j0 = 0; j0 < i0 + 4; j0 += VL)
+            tile4(A + i0 * Dp, Dp, 1, Bt + j0, Tp, Dp, S + i0 * Tp + j0, Tp);
 }
 
 /* out[i] = Σ_{j < i0 + 4} M[i][j]·V[j] (M: Tp×Tp, zero above the diagonal; V, out: Tp×Dp). */
 static void gemm_ab_causal(const float *M, const float *V, float *out, int Tp, int Dp) {
-    for (int i0 = 0; i0 < Tp; i0 += 4) {
-        const float *m0 = M + i0 * Tp, *m1 = m0 + Tp, *m2 = m1 + Tp, *m3 = m2 + Tp;
-        for (int d0 = 0; d0 < Dp; d0 += VL) {
-            vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-            for (int j = 0; j < i0 + 4; j++) {
-                const vec v = vload(V + j * Dp + d0);
-                c0 += m0[j] * v;
-                c1 += m1[j] * v;
-                c2 += m2[j] * v;
-                c3 += m3[j] * v;
-            }
-            vstore(out + i0 * Dp + d0, c0);
-            vstore(out + (i0 + 1) * Dp + d0, c1);
-            vstore(out + (i0 + 2) * Dp + d0, c2);
-            vstore(out + (i0 + 3) * Dp + d0, c3);
-        }
-    }
+    for (int i0 = 0; i0 < Tp; i0 += 4)
+        for (int d0 = 0; d0 < Dp; d0 += VL)
+            tile4(M + i0 * Tp, Tp, 1, V + d0, Dp, i0 + 4, out + i0 * Dp + d0, Dp);
 }
 
 /* out[j] = Σ_{i >= j0} M[i][j]·A[i] (Mᵀ·A; M: Tp×Tp, zero above the diagonal). */
 static void gemm_atb_causal(const float *M, const float *A, float *out, int Tp, int Dp) {
-    for (int j0 = 0; j0 < Tp; j0 += 4) {
-        for (int d0 = 0; d0 < Dp; d0 += VL) {
-            vec c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
-            for (int i = j0; i < Tp; i++) {
-                const vec a = vload(A + i * Dp + d0);
-                const float *m = M + i * Tp + j0;
-                c0 += m[0] * a;
-                c1 += m[1] * a;
-                c2 += m[2] * a;
-                c3 += m[3] * a;
-            }
-            vstore(out + j0 * Dp + d0, c0);
-            vstore(out + (j0 + 1) * Dp + d0, c1);
-            vstore(out + (j0 + 2) * Dp + d0, c2);
-            vstore(out + (j0 + 3) * Dp + d0, c3);
-        }
-    }
+    for (int j0 = 0; j0 < Tp; j0 += 4)
+        for (int d0 = 0; d0 < Dp; d0 += VL)
+            tile4(M + j0 * Tp + j0, 1, Tp, A + j0 * Dp + d0, Dp, Tp - j0, out + j0 * Dp + d0, Dp);
 }
 
 /* Rows t < T of a (B, H, T, D) view into dst (Tp×Dp, row-major), times `mul`. */
