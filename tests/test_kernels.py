@@ -2,6 +2,7 @@
 that exercise its padding, NaN propagation, threads, and how it is built, cached and
 given up on."""
 
+import os
 import shutil
 import subprocess
 import warnings
@@ -158,3 +159,16 @@ def test_kernels_can_be_switched_off(fresh, monkeypatch):
         warnings.simplefilter("error")
         assert kernels.get() is None
     assert not fresh.exists()  # nothing built
+
+
+@needs_cc
+def test_unwritable_cache_falls_back_to_the_temporary_folder(fresh, monkeypatch, tmp_path):
+    """A cache path that cannot be a folder (here: under a file; a read-only home is
+    the same for a user who is not root) builds into a per-user temporary folder."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    kern = kernels.load()
+    assert kern.path.parent == tmp_path / "tmp" / f"lmforge-kernels-{os.getuid()}"

@@ -8,7 +8,8 @@ then use torch's operators, which compute the same thing; tests compare the two.
 
 The source is plain C, so a build takes about a second (no torch headers). It is
 compiled for this CPU (``-march=native``) and cached under
-``$LMFORGE_KERNEL_CACHE`` (default ``~/.cache/lmforge/kernels``), keyed by the source,
+``$LMFORGE_KERNEL_CACHE`` (default ``~/.cache/lmforge/kernels``; a per-user folder in
+the temporary directory when that cannot be written), keyed by the source,
 the flags, the compiler's version and the CPU's model and flags: a cache copied to
 another machine is rebuilt, not run with instructions it lacks. The library links to
 the OpenMP runtime torch has loaded, so the kernels' threads are torch's threads.
@@ -162,7 +163,7 @@ def _cpu_identity() -> str:
 
 
 def _build(cc: str, gomp: Path | None) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True)
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
     if version.returncode != 0:
         raise RuntimeError(f"{cc} --version failed:\n{version.stderr.strip()[-2000:]}")
     key_parts = [
@@ -170,11 +171,24 @@ def _build(cc: str, gomp: Path | None) -> Path:
         platform.machine(), str(gomp),
     ]  # fmt: skip
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:16]
-    out_dir = _cache_dir()
-    target = out_dir / f"cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"cpu_kernels-{key}.so"
+    for out_dir in _cache_dirs():
+        if (out_dir / name).exists():
+            return out_dir / name
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            return _compile(cc, gomp, out_dir, name)
+        except (PermissionError, NotADirectoryError, FileExistsError):
+            continue  # a cache folder we cannot write: the next one
+    raise RuntimeError(f"no writable folder for the kernel among {_cache_dirs()}")
+
+
+def _cache_dirs() -> list[Path]:
+    """The cache, then a per-user folder in the temporary directory (a read-only home)."""
+    return [_cache_dir(), Path(tempfile.gettempdir()) / f"lmforge-kernels-{os.getuid()}"]
+
+
+def _compile(cc: str, gomp: Path | None, out_dir: Path, name: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         obj, lib = Path(tmp) / "cpu_kernels.o", Path(tmp) / "cpu_kernels.so"
         steps = [[cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)]]
@@ -182,11 +196,11 @@ def _build(cc: str, gomp: Path | None) -> Path:
         link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else ["-fopenmp"]
         steps.append([cc, "-shared", str(obj), *link, "-o", str(lib)])
         for cmd in steps:
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
-        os.replace(lib, target)  # atomic: a concurrent builder finds a whole file or none
-    return target
+        os.replace(lib, out_dir / name)  # atomic: a concurrent builder finds a whole file or none
+    return out_dir / name
 
 
 def load(cc: str | None = None) -> CpuKernels:
