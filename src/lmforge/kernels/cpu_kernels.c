@@ -6,8 +6,8 @@
  * (LayerNorm and GELU kernels were tried: faster alone, not in a training step; see
  * benchmarks/LOG.md.)
  *
- * Plain C (no torch headers, so it compiles in about a second), loaded with ctypes by
- * `lmforge.kernels`. All math is fp32; inputs and outputs are bf16 or fp16.
+ * Plain C (no torch headers, so it compiles in about a second; GCC 9 or later, or
+ * clang), loaded with ctypes by `lmforge.kernels`. All math is fp32; inputs and outputs are bf16 or fp16.
  *
  * Attention inputs and outputs are bf16 or fp16 tensors given as a pointer and
  * element strides (head dimension contiguous), so q, k and v can be read straight from
@@ -46,17 +46,57 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* IEEE half <-> float by bit manipulation (GCC before 12 has no _Float16 on x86):
+ * exponent rebiasing, subnormals through a float add/subtract with a magic constant,
+ * rounding to nearest even; infinities and NaN kept. */
 static inline float f16_to_f32(uint16_t h) {
-    _Float16 x;
-    memcpy(&x, &h, 2);
-    return (float)x;
+    const uint32_t shifted_exp = 0x7c00u << 13;
+    uint32_t u = ((uint32_t)h & 0x7fffu) << 13;
+    const uint32_t exp = u & shifted_exp;
+    u += (127u - 15u) << 23;
+    float f;
+    if (exp == shifted_exp) {
+        u += (128u - 16u) << 23; /* infinity or NaN */
+        memcpy(&f, &u, 4);
+    } else if (exp == 0) {
+        u += 1u << 23; /* zero or subnormal: renormalise */
+        const uint32_t magic_u = 113u << 23;
+        float magic;
+        memcpy(&f, &u, 4);
+        memcpy(&magic, &magic_u, 4);
+        f -= magic;
+    } else {
+        memcpy(&f, &u, 4);
+    }
+    uint32_t out;
+    memcpy(&out, &f, 4);
+    out |= ((uint32_t)h & 0x8000u) << 16;
+    memcpy(&f, &out, 4);
+    return f;
 }
 
-static inline uint16_t f32_to_f16(float f) {
-    _Float16 x = (_Float16)f;
-    uint16_t h;
-    memcpy(&h, &x, 2);
-    return h;
+static inline uint16_t f32_to_f16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    uint16_t o;
+    if (u >= (127u + 16u) << 23) { /* too large for half: infinity, or NaN */
+        o = u > (255u << 23) ? 0x7e00u : 0x7c00u;
+    } else if (u < 113u << 23) { /* half subnormal or zero: let the float add round */
+        const uint32_t magic_u = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+        float f, magic;
+        memcpy(&f, &u, 4);
+        memcpy(&magic, &magic_u, 4);
+        f += magic;
+        memcpy(&u, &f, 4);
+        o = (uint16_t)(u - magic_u);
+    } else {
+        const uint32_t odd = (u >> 13) & 1u;
+        u += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd; /* rebias and round to even */
+        o = (uint16_t)(u >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
 }
 
 static void load_row(float *dst, const uint16_t *src, int n, int dtype) {
@@ -205,10 +245,15 @@ static inline vec vexp_nonpos(vec x) {
 
 /* Horizontal sum and maximum in four shuffle steps (a lane-by-lane loop is a chain of
  * sixteen dependent adds: half a short row's time). */
-#define SWAP8(v) __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
-#define SWAP4(v) __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
-#define SWAP2(v) __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
-#define SWAP1(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+#if defined(__clang__) || (__GNUC__ >= 12 && !defined(LMF_GCC_SHUFFLE))
+#define SHUF(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else /* GCC before 12 */
+#define SHUF(v, ...) __builtin_shuffle(v, (ivec){__VA_ARGS__})
+#endif
+#define SWAP8(v) SHUF(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+#define SWAP4(v) SHUF(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+#define SWAP2(v) SHUF(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+#define SWAP1(v) SHUF(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
 
 static inline vec vmax(vec a, vec b) { return blend(a > b, a, b); }
 
