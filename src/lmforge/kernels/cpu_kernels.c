@@ -6,8 +6,8 @@
  * (LayerNorm and GELU kernels were tried: faster alone, not in a training step; see
  * benchmarks/LOG.md.)
  *
- * Plain C (no torch headers, so it compiles in about a second; GCC 9 or later, or
- * clang), loaded with ctypes by `lmforge.kernels`. All math is fp32; inputs and outputs are bf16 or fp16.
+ * Plain C (no torch headers, so it compiles in about a second; written for GCC 9 or
+ * later), loaded with ctypes by `lmforge.kernels`. All math is fp32; inputs and outputs are bf16 or fp16.
  *
  * Attention inputs and outputs are bf16 or fp16 tensors given as a pointer and
  * element strides (head dimension contiguous), so q, k and v can be read straight from
