@@ -3,7 +3,6 @@ that exercise its padding, NaN propagation, threads, and how it is built, cached
 given up on."""
 
 import os
-import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -15,9 +14,7 @@ import torch.nn.functional as F
 from lmforge import kernels
 from lmforge.model.transformer import PackedSmallCausalAttention, SmallCausalAttention
 
-needs_cc = pytest.mark.skipif(
-    not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler"
-)
+needs_cc = pytest.mark.skipif(kernels.find_compiler() is None, reason="no C compiler")
 
 
 @pytest.fixture

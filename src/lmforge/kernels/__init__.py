@@ -203,12 +203,17 @@ def _compile(cc: str, gomp: Path | None, out_dir: Path, name: str) -> Path:
     return out_dir / name
 
 
+def find_compiler() -> str | None:
+    """The C compiler the kernels build with: ``$CC``, else ``cc`` or ``gcc`` on PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def load(cc: str | None = None) -> CpuKernels:
     """Build (or find in the cache) and load the kernels; raises on failure.
 
     cc: the C compiler; default ``$CC``, else ``cc`` or ``gcc`` on PATH.
     """
-    cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = cc or find_compiler()
     if cc is None:
         raise RuntimeError("no C compiler: set CC or put cc or gcc on PATH")
     path = _build(cc, _openmp_runtime())
@@ -241,7 +246,7 @@ def get() -> CpuKernels | None:
             return None
         if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
             return None
-        if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        if find_compiler() is None:
             return None
         try:
             _kernels = load()

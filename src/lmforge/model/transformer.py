@@ -138,6 +138,21 @@ def _bthd(T: int, H: int, D: int) -> tuple[int, int, int]:
     return (T * H * D, D, H * D)
 
 
+def _kernel_forward(
+    kern: kernels.CpuKernels, q: kernels.View, k: kernels.View, v: kernels.View,
+    shape: tuple[int, int, int, int], like: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kernel's forward: y (B, T, H, D) contiguous in `like`'s dtype, and the saved
+    probabilities, for views q, k, v of shape (B, H, T, D)."""
+    B, H, T, D = shape
+    y = torch.empty((B, T, H, D), dtype=like.dtype, device=like.device)
+    probs = torch.empty(B * H * kern.padded(T) ** 2, device=like.device)
+    kern.attention_forward(
+        q, k, v, kernels.view(y, 0, _bthd(T, H, D)), probs, B, H, T, D, like.dtype, D**-0.5
+    )
+    return y, probs
+
+
 class SmallCausalAttention(torch.autograd.Function):
     """Causal softmax(q·kᵀ/√D)·v for short sequences on a CPU: fp32 math, hand-written backward.
 
@@ -162,12 +177,8 @@ class SmallCausalAttention(torch.autograd.Function):
         kern = _kernel_for(q, k, v)
         ctx.kernel = kern
         if kern is not None:
-            y = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
-            probs = torch.empty(B * H * kern.padded(T) ** 2, device=q.device)
-            kern.attention_forward(
-                kernels.view(q), kernels.view(k), kernels.view(v),
-                kernels.view(y, 0, _bthd(T, H, D)), probs, B, H, T, D, q.dtype, D**-0.5,
-            )  # fmt: skip
+            views = kernels.view(q), kernels.view(k), kernels.view(v)
+            y, probs = _kernel_forward(kern, *views, (B, H, T, D), q)
             ctx.save_for_backward(q, k, v, probs)
             return y
         x = torch.empty((3, *q.shape), dtype=torch.float32, device=q.device)
@@ -224,12 +235,7 @@ class PackedSmallCausalAttention(torch.autograd.Function):
         kern = _kernel_for(qkv)
         ctx.kernel = kern
         if kern is not None:
-            y = torch.empty((B, T, H, D), dtype=qkv.dtype, device=qkv.device)
-            probs = torch.empty(B * H * kern.padded(T) ** 2, device=qkv.device)
-            kern.attention_forward(
-                *_packed_views(qkv, H), kernels.view(y, 0, _bthd(T, H, D)), probs,
-                B, H, T, D, qkv.dtype, D**-0.5,
-            )  # fmt: skip
+            y, probs = _kernel_forward(kern, *_packed_views(qkv, H), (B, H, T, D), qkv)
             ctx.save_for_backward(qkv, probs)
             ctx.n_heads = H
             return y
