@@ -223,3 +223,22 @@ def test_model_card_finds_results_of_an_lmforge_run_folder(run, tmp_path):
     assert "hellaswag" in evaluation and "scitldr" not in evaluation  # another model's result
     assert "| crows_pairs | pct_stereotype | 57.5000 [55.0000, 60.0000] | 1508 |" in card
     assert "| gutenberg | public-domain | 15 | 12.4 |" in card and "unknown licence: web" in card
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_model_card_names_the_optimizer_the_run_used(run, tmp_path, optimizer):
+    """The card reads the optimiser from the checkpoint's saved config, Muon runs included."""
+    from lmforge.export.model_card import model_card
+    from lmforge.train.checkpoint import resolve_checkpoint
+
+    run_dir, model, _ = run
+    cfg = load_config(None, [f"train.optimizer={optimizer}", "train.muon_lr=0.03"])
+    ckpt = tmp_path / optimizer
+    save_checkpoint(ckpt, 10, model, None, {"config": to_dict(cfg)})
+    (ckpt / "summary.json").write_text((run_dir / "summary.json").read_text())
+    card = model_card(cfg, "llama", resolve_checkpoint(ckpt))
+    row = next(line for line in card.splitlines() if line.startswith("| optimiser |"))
+    if optimizer == "muon":
+        assert "Muon" in row and "lr 0.03" in row and "AdamW" in row  # AdamW on the rest
+    else:
+        assert "Muon" not in row and "AdamW" in row

@@ -33,6 +33,17 @@ PUE = 1.2
 GRID_KG_PER_KWH = 0.4
 
 
+def optimizer_description(t: Any) -> str:
+    """The optimiser a run really used, as its saved `train` section records it."""
+    adamw = f"AdamW (lr {t.lr:g}, weight decay {t.weight_decay:g})"
+    if t.optimizer == "muon":
+        return (
+            f"Muon on the blocks' weight matrices (lr {t.muon_lr:g}, momentum "
+            f"{t.muon_momentum:g}, weight decay {t.muon_weight_decay:g}) and {adamw} on the rest"
+        )
+    return adamw
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -236,8 +247,8 @@ def model_card(
             "|---|---|",
             f"| steps | {summary.get('step', '?')} |",
             f"| tokens | {_fmt(tokens)} ({t.tokens_per_step:,} per step) |",
-            f"| optimiser | AdamW, lr {t.lr:g}, {t.schedule} schedule, warm-up {t.warmup_steps} steps, "
-            f"weight decay {t.weight_decay:g} |",
+            f"| optimiser | {optimizer_description(t)}, {t.schedule} schedule, "
+            f"warm-up {t.warmup_steps} steps |",
             f"| precision | {t.dtype} |",
             f"| training compute | {flops:.3g} FLOP (forward + backward, attention included) |",
             f"| wall-clock time | {hours:.2f} h |",
