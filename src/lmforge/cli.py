@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge: config error: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"lmforge: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "reported", False):
+            print(f"lmforge: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. disk full while writing metrics or outputs
         where = f" ({exc.filename})" if exc.filename else ""

@@ -624,6 +624,12 @@ class Trainer:
             failure = as_rank_failure(exc, self.run_dir)
             if failure is None:
                 raise
+            # Said here, while this loop's signal handler is still in place: the launcher
+            # ends the surviving ranks with SIGTERM as soon as it sees a dead one, and once
+            # `finally` restores the default handler that signal would end this process
+            # before the exception reached anyone who prints it.
+            print(f"lmforge: error: {failure}", file=sys.stderr, flush=True)
+            failure.reported = True
             raise failure from exc
         finally:
             if old_precision is not None:

@@ -305,6 +305,8 @@ def load_full_state(
 class RankFailure(RuntimeError):
     """A collective failed: another rank died, hung or lost the network."""
 
+    reported = False  # True once the message is on stderr (the CLI then prints no copy)
+
 
 def as_rank_failure(exc: BaseException, run_dir: Path) -> RankFailure | None:
     """A clear error for a failed collective, or None when `exc` is something else.
