@@ -76,7 +76,7 @@ def test_starts_equal_merges_exactly_and_trains_only_adapters(tmp_path):
 
     randomise_b(model)
     adapted_out = model(x)
-    save_adapter(model, tmp_path / "adapter", TARGETS, 4, 8.0)
+    save_adapter(model, tmp_path / "adapter")
     reloaded = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
     torch.testing.assert_close(reloaded.eval()(x), adapted_out)
 

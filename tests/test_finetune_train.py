@@ -94,7 +94,7 @@ def test_lora_finetune_resume_matches_uninterrupted(shared, tmp_path, monkeypatc
 
     assert losses(a) == losses(b)  # exact, steps 1..8
     for name in (
-        "adapter/adapter.safetensors",
+        "adapter/adapter_model.safetensors",
         "merged/checkpoints/step_00000008/model.safetensors",
     ):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
@@ -111,8 +111,8 @@ def test_lora_finetune_in_bf16_pure_trains_the_fp32_master_adapters(shared, tmp_
     cfg = tiny_cfg(data, tmp_path / "run")
     cfg.train.dtype = "bf16-pure"
     finetune(cfg)
-    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
-    b_mats = [v for k, v in adapter.items() if k.endswith("lora_B")]
+    adapter = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    b_mats = [v for k, v in adapter.items() if k.endswith(".lora_B.weight")]
     assert b_mats and all(v.dtype == torch.float32 and v.abs().max() > 1e-3 for v in b_mats)
 
 

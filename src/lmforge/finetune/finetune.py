@@ -10,7 +10,7 @@ Starting points (``finetune.init``):
 Run folder layout (besides the loop's checkpoints/, metrics.jsonl, config.yaml)::
 
     tokenizer.json
-    adapter/             LoRA only: adapter.safetensors + adapter_config.json
+    adapter/             LoRA only: adapter_model.safetensors + adapter_config.json (PEFT's format)
     merged/              LoRA only: a plain checkpoint with the adapter folded in
     test_outputs.jsonl   prompt, reference and generation per test example
     summary.json         final figures (train loss, val metrics, test metrics)
@@ -304,7 +304,7 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         return summary
 
     if fc.method == "lora":
-        save_adapter(model, run_dir / "adapter", fc.lora_targets, fc.lora_rank, fc.lora_alpha)
+        save_adapter(model, run_dir / "adapter", base_model=fc.init)
         merge_lora(model)
         save_checkpoint(
             run_dir / "merged",

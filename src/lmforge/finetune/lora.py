@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 # Linears of `lmforge.model.transformer.Transformer`, as named under each block.
@@ -99,13 +99,8 @@ def apply_lora(
         )
     if rank <= 0:
         raise ValueError(f"finetune.lora_rank = {rank} must be positive")
-    cfg = getattr(model, "cfg", None)
-    if "lm_head" in targets and cfg is not None and cfg.tie_embeddings:
-        # Untie: the head gets its own copy, so merging leaves the embeddings alone.
-        head = model.get_submodule("lm_head")
-        assert isinstance(head, nn.Linear)
-        head.weight = nn.Parameter(head.weight.detach().clone())
-        model.cfg = replace(cfg, tie_embeddings=False)  # type: ignore[assignment]
+    if "lm_head" in targets:
+        untie_head(model)
     for p in model.parameters():
         p.requires_grad_(False)
     adapted = []
@@ -118,6 +113,18 @@ def apply_lora(
     if missing:
         raise ValueError(f"finetune.lora_targets: no layer named {missing} in the model")
     return adapted
+
+
+def untie_head(model: nn.Module) -> nn.Linear:
+    """Give a head tied to the embeddings its own copy, so merging an adapter into the
+    head leaves the embeddings alone; returns the head."""
+    head = model.get_submodule("lm_head")
+    assert isinstance(head, nn.Linear)
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.tie_embeddings:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.cfg = replace(cfg, tie_embeddings=False)  # type: ignore[assignment]
+    return head
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -138,21 +145,27 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
 
 
-def save_adapter(
-    model: nn.Module, folder: str | Path, targets: list[str], rank: int, alpha: float
-) -> Path:
-    """Write ``adapter.safetensors`` (only A and B) and ``adapter_config.json``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state(model), str(folder / "adapter.safetensors"))
-    config = {"method": "lora", "rank": rank, "alpha": alpha, "targets": targets}
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1))
-    return folder
+def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "") -> Path:
+    """Write the adapter in PEFT's format (`lmforge.finetune.peft_format`): only A and B."""
+    from lmforge.finetune.peft_format import save_peft_adapter
+
+    dropouts = [
+        getattr(m.lora_dropout, "p", 0.0) for m in model.modules() if isinstance(m, LoRALinear)
+    ]
+    return save_peft_adapter(model, folder, base_model, max(dropouts, default=0.0))
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Apply the adapter saved in `folder` to a base model (un-merged)."""
+    """Apply the adapter saved in `folder` to a base model (un-merged).
+
+    Reads PEFT's format (lmforge's own adapters, or one `peft` trained elsewhere) and,
+    for one release, the earlier lmforge format (``adapter.safetensors``)."""
+    from lmforge.finetune.peft_format import is_peft_adapter, load_peft_adapter
+
     folder = Path(folder)
+    if is_peft_adapter(folder):
+        load_peft_adapter(model, folder)
+        return model
     config = json.loads((folder / "adapter_config.json").read_text())
     apply_lora(model, config["targets"], config["rank"], config["alpha"])
     state = load_file(str(folder / "adapter.safetensors"))
