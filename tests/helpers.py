@@ -81,3 +81,24 @@ def tiny_run_overrides(tmp: Path, corpus: Path, out: Path, *extra: str) -> list[
         f"output.dir={out}",
         *extra,
     ]
+
+
+def require_interop(module: str, package: str):
+    """Import an interop package (the `interop` extra: llama-cpp-python, lm-eval,
+    scikit-learn) or skip with the reason; `.ci/run` sets LMFORGE_REQUIRE_INTEROP=1,
+    which makes a missing package a failure, so the parity tests cannot silently skip there."""
+    import importlib
+    import os
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        message = (
+            f"{package} is not installed: pip install -c constraints.txt -e '.[interop]' "
+            f"(llama-cpp-python compiles llama.cpp, ≈ 13 min on two cores) [{exc}]"
+        )
+        if os.environ.get("LMFORGE_REQUIRE_INTEROP") == "1":
+            pytest.fail(message)
+        pytest.skip(message)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import require_interop
 
 from lmforge.config import ModelConfig
 from lmforge.eval.multiple_choice import load_hellaswag, score_items
@@ -44,10 +45,11 @@ def test_gpt2_folder_has_our_logits_and_tokens(tok, tmp_path):
         torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_hellaswag_accuracy_equals_lm_eval_per_item(tok, shared, tmp_path):
-    """300 HellaSwag items: lm-eval's `hf` model on a local task vs our scorer, item by item."""
-    pytest.importorskip("lm_eval")
+    """300 HellaSwag items: lm-eval's `hf` model on a local task vs our scorer, item by item.
+
+    Needs the `interop` extra (lm-eval); mandatory under `.ci/run`."""
+    require_interop("lm_eval", "lm-eval")
     from lmforge.eval.lm_eval_bridge import run_lm_eval, write_gpt2_folder, write_lm_eval_task
 
     items = load_hellaswag(shared / "hellaswag", limit=300)

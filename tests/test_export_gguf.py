@@ -153,6 +153,46 @@ def test_gguf_low_precision_tensors(dtype, tok, tmp_path):
             assert bool((err.abs() <= 0.6 * step + 1e-7).all()), key
 
 
+# The worst error of each block format, per block of 32 values, from its definition
+# (ggml-quants.c): Q4_0/Q5_0 scale by d = max/-8 (-16) and store round(x/d) in 4 (5)
+# bits, so a value of the other sign can clip by a whole step |d| = amax/8 (amax/16);
+# Q4_1/Q5_1 store min and d = (max - min)/15 (31), rounding to within d/2. The f16
+# scale and minimum add relative rounding of 2^-11 each: the 5% and amax·2^-10 margins.
+BLOCK_ERROR = {
+    "q4_0": lambda amax, rng: amax / 8,
+    "q5_0": lambda amax, rng: amax / 16,
+    "q4_1": lambda amax, rng: rng / 15 / 2,
+    "q5_1": lambda amax, rng: rng / 31 / 2,
+}
+
+
+@pytest.mark.parametrize("dtype", sorted(BLOCK_ERROR))
+def test_gguf_4_and_5_bit_types(dtype, tok, tmp_path):
+    model = make("llama", tok.vocab_size)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", dtype)
+    reader = gguf.GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == dtype.upper()
+    assert types["blk.1.attn_q.weight"] == dtype.upper()
+    head = "token_embd.weight" if model.cfg.tie_embeddings else "output.weight"
+    assert types[head] == "Q8_0"  # the head stays at 8 bits, as llama.cpp's quantize does
+    back = ours_from_gguf(read_gguf_tensors(path), model.cfg, "llama")
+    for key, w in model.state_dict().items():
+        if w.dim() == 1 or key in ("lm_head.weight", "tok_emb.weight"):
+            continue
+        got = back[key]
+        blocks, err = w.reshape(-1, 32), (got - w).reshape(-1, 32)
+        amax = blocks.abs().amax(dim=1, keepdim=True)
+        rng = blocks.amax(dim=1, keepdim=True) - blocks.amin(dim=1, keepdim=True)
+        bound = 1.05 * BLOCK_ERROR[dtype](amax, rng) + amax * 2**-10 + 1e-7
+        assert bool((err.abs() <= bound).all()), (key, float((err.abs() - bound).max()))
+        assert not torch.equal(got, w)  # really quantised
+    smaller = [
+        export_gguf(model, tok, tmp_path / f"{d}.gguf", d).stat().st_size for d in ("q8_0", dtype)
+    ]
+    assert smaller[1] < smaller[0]
+
+
 def test_gguf_embeds_the_tokenizer(tok, tmp_path):
     model = make("gpt2", tok.vocab_size)
     reader = gguf.GGUFReader(str(export_gguf(model, tok, tmp_path, "f16")))

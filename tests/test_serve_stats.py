@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import require_interop
 
 from lmforge.serve import stats
 from lmforge.serve.stats import Judgment
@@ -99,9 +100,9 @@ def test_cohen_kappa_matches_the_published_example():
     assert stats.cohen_kappa(a, b) == pytest.approx(0.4)
 
 
-@pytest.mark.slow  # importing scikit-learn alone takes ~10 s on the shared machines
 def test_cohen_kappa_matches_scikit_learn():
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    """Needs the `interop` extra (scikit-learn); mandatory under `.ci/run`."""
+    sklearn_metrics = require_interop("sklearn.metrics", "scikit-learn")
     rng = np.random.default_rng(2)
     a = list(rng.choice(stats.OUTCOMES, 60))
     b = [x if rng.random() < 0.6 else rng.choice(stats.OUTCOMES) for x in a]

@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         default="",
-        help="weights: f32|f16|bf16 (hf, default f32) or f32|f16|bf16|q8_0 (gguf, default f16)",
+        help="weights: f32|f16|bf16 (hf, default f32) or f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0 (gguf, default f16)",
     )
     p.add_argument("--license", default="other", help="licence id for the model card metadata")
     p.add_argument(

@@ -12,10 +12,16 @@ and QK-norm ones ``qwen3``. Tensor names follow llama.cpp's table
   "rotate half" (NeoX) layout and need no reordering.
 - llama.cpp's ``gpt2`` requires every bias; a model without them gets zeros.
 
-Weights are stored as f32, f16, bf16 or Q8_0 (blocks of 32 int8 values with one
-f16 scale; llama.cpp's ``quantize`` also uses it). As in llama.cpp's converter,
-1-D tensors (norms, biases) stay f32, and a matrix whose rows are not a multiple
-of the quantisation block falls back to f16.
+Weights are stored as f32, f16, bf16, or one of the block quantisations that the
+`gguf` package writes: Q8_0 (blocks of 32 int8 values with one f16 scale), Q5_0 /
+Q5_1 and Q4_0 / Q4_1 (5 or 4 bits a value, with a scale, and for ``_1`` a minimum,
+per block of 32). The K-quants (Q4_K, Q6_K, ...) need llama.cpp's own ``quantize``
+tool: ``gguf`` cannot write them. As in llama.cpp's converter, 1-D tensors (norms,
+biases) stay f32, and a matrix whose rows are not a multiple of the quantisation
+block falls back to f16. With 4- and 5-bit types the output head (the token
+embedding when the two are tied) is written in Q8_0, as llama.cpp's ``quantize``
+keeps that layer at a higher precision than the rest: its errors reach every logit
+directly.
 
 The tokenizer travels inside the file: byte-level BPE vocabulary, merges, token
 types (specials are CONTROL), special token ids and the chat template.
@@ -34,7 +40,7 @@ from lmforge.export.hf import ExportError, hf_architecture
 from lmforge.model.transformer import Transformer, derived_d_ff
 from lmforge.tokenizer import CHAT_TEMPLATE, BPETokenizer, Tokenizer
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
 def _gguf() -> Any:
@@ -132,15 +138,22 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
     return {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[arch], out
 
 
-def _encode_tensor(gguf: Any, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
-    """(array, raw_dtype) for `add_tensor`: 1-D stays f32; q8_0 falls back to f16 off-block."""
+def _encode_tensor(
+    gguf: Any, t: torch.Tensor, dtype: str, head: bool = False
+) -> tuple[np.ndarray, Any]:
+    """(array, raw_dtype) for `add_tensor`: 1-D stays f32; a block type falls back to f16
+    where a row is not a whole number of blocks; a 4/5-bit file's head is Q8_0."""
     q = gguf.GGMLQuantizationType
     data = t.numpy().astype(np.float32)
     if t.dim() == 1 or dtype == "f32":
         return data, None
-    if dtype == "f16" or (dtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[q.Q8_0][0]):
+    if dtype == "f16":
         return data.astype(np.float16), None
-    qtype = q.BF16 if dtype == "bf16" else q.Q8_0
+    if dtype == "bf16":
+        return gguf.quants.quantize(data, q.BF16), q.BF16
+    qtype = q.Q8_0 if head else getattr(q, dtype.upper())
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return data.astype(np.float16), None
     return gguf.quants.quantize(data, qtype), qtype
 
 
@@ -199,6 +212,10 @@ def export_gguf(
             "f16": gguf.LlamaFileType.MOSTLY_F16,
             "bf16": gguf.LlamaFileType.MOSTLY_BF16,
             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+            "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+            "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+            "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         }[dtype]
     )
     w.add_context_length(m.context_length)
@@ -231,7 +248,8 @@ def export_gguf(
     w.add_chat_template(CHAT_TEMPLATE)
 
     for tname, t in tensors.items():
-        data, raw_dtype = _encode_tensor(gguf, t, dtype)
+        head = tname == "output.weight" or (tname == "token_embd.weight" and m.tie_embeddings)
+        data, raw_dtype = _encode_tensor(gguf, t, dtype, head=head)
         w.add_tensor(tname, data, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
