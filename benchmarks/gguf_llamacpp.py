@@ -2,17 +2,21 @@
 
 Trains two tiny models (GPT-2-style and Llama-style with GQA; tinyshakespeare from
 the shared data, byte-level BPE) unless checkpoints are given, exports each to
-GGUF in f32, f16, bf16 and Q8_0, loads the files with `llama-cpp-python` (which
-compiles llama.cpp from source) and compares, for every prompt:
+GGUF in every type lmforge writes (f32, f16, bf16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0),
+loads the files with `llama-cpp-python` (which compiles llama.cpp from source) and
+compares, for every prompt:
 
 - token ids: llama.cpp's tokenizer (from the GGUF) against ours;
 - logits, teacher-forced over a held-out passage, against (a) our fp32 model and
   (b) our model run on the *stored* weights (read back and dequantised from the
   same GGUF) — (b) isolates arithmetic differences from storage rounding;
 - greedy continuations (temperature 0) of 32 tokens: llama.cpp against our
-  `generate` on the stored weights and on the fp32 weights.
+  `generate` on the stored weights and on the fp32 weights;
+- the file's size and the perplexity cost of its type: llama.cpp's perplexity on
+  held-out text (the last 20,000 characters of tinyshakespeare, in windows of the
+  model's context) against our fp32 model's on the same windows.
 
-    pip install -c constraints.txt llama-cpp-python   # ~13 min: builds llama.cpp
+    pip install -c constraints.txt -e ".[interop]"   # ~13 min: builds llama.cpp
     python benchmarks/gguf_llamacpp.py [--checkpoint RUN ...] [--out /tmp/lmforge-gguf]
 
 Prints a Markdown table and writes OUT/results.json.
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from lmforge.config import load_config
-from lmforge.export.gguf import export_gguf, open_llama_cpp, state_from_gguf
+from lmforge.export.gguf import GGUF_DTYPES, export_gguf, open_llama_cpp, state_from_gguf
 from lmforge.model.generate import generate
 from lmforge.model.transformer import Transformer
 from lmforge.paths import shared_data
@@ -105,6 +109,23 @@ def llama_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     return out
 
 
+def held_out_windows(tok: Tokenizer, context: int, chars: int = 20_000) -> list[list[int]]:
+    text = (shared_data() / "tinyshakespeare" / "input.txt").read_text()[-chars:]
+    ids = tok.encode(text)
+    return [ids[i : i + context] for i in range(0, len(ids) - context + 1, context)]
+
+
+def perplexity(logits_of, windows: list[list[int]]) -> float:
+    """exp of the mean next-token loss over every position of every window."""
+    nll, n = 0.0, 0
+    for ids in windows:
+        logits = torch.as_tensor(logits_of(ids), dtype=torch.float64)[:-1]
+        target = torch.tensor(ids[1:])
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+        n += len(ids) - 1
+    return float(np.exp(nll / n))
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -136,6 +157,7 @@ def compare(
         "max_diff_vs_stored": float(np.abs(theirs - ours_stored).max()),
         "max_diff_vs_fp32": float(np.abs(theirs - ours_fp32).max()),
         "argmax_agree_vs_fp32": float((theirs.argmax(-1) == ours_fp32.argmax(-1)).mean()),
+        **perplexities(model, llm, tok),
         "tokens_equal": True,
         "greedy_equal_stored": 0,
         "greedy_equal_fp32": 0,
@@ -154,12 +176,23 @@ def compare(
     return row
 
 
+def perplexities(model: Transformer, llm: Any, tok: Tokenizer) -> dict[str, float]:
+    windows = held_out_windows(tok, model.cfg.context_length)
+
+    def ours(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([ids]))[0].numpy()
+
+    fp32, theirs = perplexity(ours, windows), perplexity(lambda i: llama_logits(llm, i), windows)
+    return {"ppl_fp32": fp32, "ppl_llama_cpp": theirs, "ppl_cost_pct": 100 * (theirs / fp32 - 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", action="append", default=[], help="run or checkpoint")
     parser.add_argument("--out", default="/tmp/lmforge-gguf")
     parser.add_argument("--steps", type=int, default=150, help="training steps per tiny model")
-    parser.add_argument("--dtypes", default="f32,f16,bf16,q8_0")
+    parser.add_argument("--dtypes", default=",".join(GGUF_DTYPES))
     parser.add_argument("--new-tokens", type=int, default=32)
     args = parser.parse_args()
     try:
@@ -184,13 +217,15 @@ def main() -> int:
         f"\nllama-cpp-python {llama_cpp.__version__}; {len(PROMPTS)} prompts × {args.new_tokens} greedy tokens\n"
     )
     print(
-        "| model | GGUF | KiB | tokens equal | max |Δlogit| vs stored weights | "
-        "max |Δlogit| vs fp32 | logit range | greedy = ours (stored) | greedy = ours (fp32) |"
+        "| model | GGUF | KiB | perplexity (llama.cpp) | vs fp32 | tokens equal | "
+        "max |Δlogit| vs stored weights | max |Δlogit| vs fp32 | logit range | "
+        "greedy = ours (stored) | greedy = ours (fp32) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['dtype']} | {r['file_kib']:.0f} | {r['tokens_equal']} | "
+            f"| {r['model']} | {r['dtype']} | {r['file_kib']:.0f} | {r['ppl_llama_cpp']:.3f} | "
+            f"{r['ppl_cost_pct']:+.2f}% | {r['tokens_equal']} | "
             f"{r['max_diff_vs_stored']:.2e} | {r['max_diff_vs_fp32']:.2e} | {r['logit_range']:.1f} | "
             f"{r['greedy_equal_stored']}/{r['greedy_total']} | {r['greedy_equal_fp32']}/{r['greedy_total']} |"
         )
