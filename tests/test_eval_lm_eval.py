@@ -75,3 +75,87 @@ def test_hellaswag_accuracy_equals_lm_eval_per_item(tok, shared, tmp_path):
         f"acc_norm ours {ours.accuracy('chars'):.4f} lm-eval {metrics['acc_norm,none']:.4f}; "
         f"max |Δ log-likelihood| {diff:.1e}"
     )
+
+
+def write_tasks(items, folder):
+    """Three local lm-eval tasks over the same items: 2-shot multiple choice, rolling
+    log-likelihood (perplexity) and greedy generation until a newline."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "items.jsonl"
+    with data.open("w") as f:
+        for it in items:
+            row = {"context": it.context, "choices": it.choices, "label": it.label}
+            f.write(json.dumps(row | {"text": it.context + " " + it.choices[it.label]}) + "\n")
+    common = f"""dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {json.dumps(str(data))}
+validation_split: validation
+fewshot_split: validation
+"""
+    (folder / "mc.yaml").write_text(
+        "task: lmf_mc\n" + common + "output_type: multiple_choice\ndoc_to_text: context\n"
+        "doc_to_choice: choices\ndoc_to_target: label\ntarget_delimiter: ' '\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    (folder / "rolling.yaml").write_text(
+        "task: lmf_rolling\n" + common + "output_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: text\nmetric_list:\n  - metric: word_perplexity\n"
+    )
+    (folder / "gen.yaml").write_text(
+        "task: lmf_gen\n" + common + "output_type: generate_until\ndoc_to_text: context\n"
+        "doc_to_target: text\ngeneration_kwargs:\n  until: ['\\n', '.']\n  max_gen_toks: 12\n"
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+    )
+    return folder
+
+
+def test_any_lm_eval_task_runs_on_an_lmforge_model_as_on_its_export(tok, shared, tmp_path):
+    """The lm-eval adapter against lm-eval's own `hf` model on the exported folder, item by
+    item, for the three request kinds; multiple choice with 2 few-shot examples. Sums of
+    fp32 log-probabilities over ≤ 256 tokens: 1e-3 absolute (≈ 256 × a few ulp of ~10)."""
+    require_interop("lm_eval", "lm-eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from lmforge.eval.lm_eval_bridge import run_lm_eval_tasks, write_gpt2_folder
+
+    items = load_hellaswag(shared / "hellaswag", limit=12)
+    model = gpt2_like(tok)
+    write_gpt2_folder(model, tok, tmp_path / "hf")
+    folder = write_tasks(items, tmp_path / "tasks")
+    names = ["lmf_mc", "lmf_rolling", "lmf_gen"]
+    ours = run_lm_eval_tasks(model, tok, names, folder, num_fewshot=None)["samples"]
+    theirs = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
+        tasks=names,
+        task_manager=TaskManager(include_path=str(folder)),
+        device="cpu",
+        log_samples=True,
+    )["samples"]
+    mc_ours = run_lm_eval_tasks(model, tok, ["lmf_mc"], folder, num_fewshot=2)["samples"]
+    mc_theirs = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
+        tasks=["lmf_mc"],
+        task_manager=TaskManager(include_path=str(folder)),
+        device="cpu",
+        num_fewshot=2,
+        log_samples=True,
+    )["samples"]
+    ours["lmf_mc_2shot"], theirs["lmf_mc_2shot"] = mc_ours["lmf_mc"], mc_theirs["lmf_mc"]
+    for name in ["lmf_mc", "lmf_rolling", "lmf_gen", "lmf_mc_2shot"]:
+        a = sorted(ours[name], key=lambda s: s["doc_id"])
+        b = sorted(theirs[name], key=lambda s: s["doc_id"])
+        assert len(a) == len(b) == len(items), name
+        for x, y in zip(a, b, strict=True):
+            assert x["arguments"] == y["arguments"], name  # same prompts, few-shot included
+            if name == "lmf_gen":
+                assert x["filtered_resps"] == y["filtered_resps"], name
+                continue
+            got = [float(r[0] if isinstance(r, list | tuple) else r) for r in x["filtered_resps"]]
+            want = [float(r[0] if isinstance(r, list | tuple) else r) for r in y["filtered_resps"]]
+            assert got == pytest.approx(want, abs=1e-3), name

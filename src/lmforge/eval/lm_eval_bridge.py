@@ -1,6 +1,13 @@
-"""Cross-checking our scores against lm-evaluation-harness on the same model and items.
+"""lm-evaluation-harness and lmforge: any lm-eval task on an lmforge model, and cross-checks.
 
-Used by the parity test and `benchmarks/eval_speed.py`, not by `lmforge eval`:
+`lm_eval_model` makes an lm-eval model (`lm_eval.api.model.LM`) backed by an
+lmforge `Transformer`, so `lmforge eval --task lm-eval:NAME` runs any of lm-eval's tasks
+(from local task YAML and data files: there is no hub here) with lm-eval's own
+prompts, few-shot sampling and metrics. It encodes requests as lm-eval's `hf`
+model does (`encode_request`; the same left truncation to the context), so on an
+exported model the two agree item by item.
+
+The cross-check helpers, used by the parity tests and `benchmarks/eval_speed.py`:
 
 - `write_gpt2_folder` writes a GPT-2-shaped lmforge model as a transformers
   GPT-2 folder (weights and tokenizer). `lmforge.export.hf` is the product's
@@ -161,3 +168,90 @@ def run_lm_eval(
         choices=[list(s["doc"]["choices"]) for s in samples],
     )
     return result, out["results"][name]
+
+
+# ----------------------------------------------------------------------------- lm-eval model
+
+
+def lm_eval_model(model: Transformer, tok: Any, max_gen_toks: int = 256) -> Any:
+    """An lm-eval `LM` backed by `model` and `tok` (greedy generation, fp32 scores)."""
+    from lm_eval.api.model import LM
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from lmforge.eval.multiple_choice import encode_request
+    from lmforge.model.generate import generate
+
+    n_ctx = model.cfg.context_length
+
+    class _LmforgeLM(LM):
+        def _logprobs(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+            whole = (context + continuation)[-(n_ctx + 1) :]
+            inp = torch.tensor([whole[:-1]])
+            with torch.no_grad():
+                logits = model(inp)[0, -len(continuation) :].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            target = torch.tensor(continuation)
+            total = float(logp.gather(1, target[:, None]).sum())
+            return total, bool((logp.argmax(-1) == target).all())
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list:
+            out = []
+            for req in requests:
+                context, continuation = req.args
+                out.append(self._logprobs(*encode_request(tok, context, continuation)))
+            return out
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list:
+            out = []
+            for req in requests:
+                windows = get_rolling_token_windows(
+                    token_list=tok.encode(req.args[0]),
+                    prefix_token=tok.eot_id,
+                    max_seq_len=n_ctx,
+                    context_len=1,
+                )
+                pairs = [make_disjoint_window(w) for w in windows]
+                out.append(sum(self._logprobs(list(c), list(t))[0] for c, t in pairs))
+            return out
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            out = []
+            for req in requests:
+                context, kwargs = req.args
+                until = [u for u in kwargs.get("until", []) if u]
+                n_new = int(kwargs.get("max_gen_toks", max_gen_toks))
+                ids = tok.encode(context)[-(n_ctx - 1) :]
+                new = generate(model, ids, n_new, temperature=0, stop_ids=[tok.eot_id])
+                text = tok.decode([i for i in new[0, len(ids) :].tolist() if i != tok.eot_id])
+                cut = min([text.index(u) for u in until if u in text], default=len(text))
+                out.append(text[:cut])
+            return out
+
+    return _LmforgeLM()
+
+
+def run_lm_eval_tasks(
+    model: Transformer,
+    tok: Any,
+    tasks: list[str],
+    include_path: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on an lmforge model: {"results", "samples", "configs"}."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    out = lm_eval.simple_evaluate(
+        model=lm_eval_model(model.eval(), tok),
+        tasks=tasks,
+        task_manager=manager,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=True,
+    )
+    assert out is not None
+    return out
