@@ -313,6 +313,10 @@ assert tuple(STAGES) == RUN_STAGES
 def stage_keys(cfg: Config) -> dict[str, str]:
     """Content key of every stage the recipe runs (report has none: it always reruns)."""
     keys: dict[str, str] = {}
+    if "prepare" in cfg.run.stages and cfg.prepare.sources:
+        # data.sources is then the run's own prepared shards, a path under output.dir; the
+        # prepare key stands for their content, so a moved run keeps its keys.
+        cfg = replace(cfg, data=replace(cfg.data, sources=["<prepared shards>"]))
     for name in cfg.run.stages:
         stage = STAGES[name]
         settings = {}
