@@ -229,9 +229,11 @@ def stage_eval(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 res = evaluate_texts(model, tok, texts)
                 n = len(texts)
                 results += [
-                    Result("ppl", "bits_per_byte", res.bits_per_byte, n),
-                    Result("ppl", "loss", res.loss, n),
-                    Result("ppl", "perplexity", res.perplexity, n),
+                    Result(
+                        "ppl", "bits_per_byte", res.bits_per_byte, n, res.bits_per_byte_stderr()
+                    ),
+                    Result("ppl", "loss", res.loss, n, res.loss_stderr()),
+                    Result("ppl", "perplexity", res.perplexity, n, res.perplexity_stderr()),
                 ]
             else:
                 results += run_task(model, tok, task, TaskOptions(limit=cfg.eval.limit))

@@ -88,8 +88,15 @@ def _ppl(model: nn.Module, tok: Tokenizer, data: list[str], opts: TaskOptions) -
         "pseudo_perplexity": masked,
     }
     return [
-        Result("ppl", "loss", res.loss, res.n_texts, settings=settings),
-        Result("ppl", "perplexity", res.perplexity, res.n_texts, settings=settings),
+        Result("ppl", "loss", res.loss, res.n_texts, res.loss_stderr(), settings=settings),
+        Result(
+            "ppl",
+            "perplexity",
+            res.perplexity,
+            res.n_texts,
+            res.perplexity_stderr(),
+            settings=settings,
+        ),
         Result(
             "ppl",
             "bits_per_byte",
