@@ -326,9 +326,11 @@ def headline(data: dict[str, Any]) -> str:
             text += f" (unigram baseline {_fmt(pre['unigram_bpb'])}: {ratio:.0f}% of it)"
         rows.append(("validation bits/byte (pre-training)", text))
     ft = data["finetune"].get("summary") or {}
-    for key, value in (ft.get("test") or {}).items():
-        if key != "seconds":
-            rows.append((f"fine-tuning test ({ft.get('task')}): {key}", value))
+    test = ft.get("test") or {}
+    n = f", n={test['n']}" if "n" in test else ""
+    for key, value in test.items():
+        if key not in ("seconds", "n"):
+            rows.append((f"fine-tuning test ({ft.get('task')}{n}): {key}", value))
     for c in (data.get("eval") or {}).get("checkpoints", []):
         label = c["checkpoint"].split(":")[0]
         by_task: dict[str, list[dict[str, Any]]] = {}
