@@ -249,7 +249,8 @@ def formats_markdown() -> str:
         "",
         "Every file lmforge writes is plain JSON, JSONL (zstd-compressed for documents), "
         "YAML, safetensors or raw token arrays, so other tools can read it. Each section "
-        "below is the docstring of the module that writes the format.",
+        "below is the docstring of the module that writes the format. The files lmforge "
+        "reads are described in [Input files](inputs.md).",
         "",
     ]
     for title, name in FORMATS:

@@ -62,3 +62,42 @@ def test_cli_reports_config_error(capsys):
 
     assert main(["config", "quickstart", "--model.n_heads=7"]) == 2
     assert "model.n_heads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_resolved_data_sources_are_what_the_run_reads(name, tmp_path):
+    """`lmforge config NAME` shows the sources the run's stages really read."""
+    from pathlib import Path
+
+    from lmforge.run import stage_config
+
+    cfg = load_config(name)
+    run_dir = Path(cfg.output.dir)
+    assert stage_config(cfg, run_dir).data.sources == cfg.data.sources
+    if cfg.prepare.sources and "prepare" in cfg.run.stages:
+        # stage_prepare writes the shards under <run>/prepared/shards
+        assert cfg.data.sources == [str(run_dir / "prepared" / "shards")]
+    elif cfg.prepare.sources:  # standalone `lmforge prepare` writes to prepare.output
+        assert cfg.data.sources == [str(Path(cfg.prepare.output) / "shards")]
+
+
+def test_config_command_prints_the_prepared_shards(capsys):
+    from lmforge.cli import main
+
+    assert main(["config", "gutenberg-small"]) == 0
+    out = capsys.readouterr().out
+    data = out[out.index("\ndata:") : out.index("\ntokenizer:")]
+    assert "runs/gutenberg-small/prepared/shards" in data and "python-stdlib" not in data
+
+
+def test_sources_that_contradict_the_prepare_stage_are_refused():
+    with pytest.raises(ConfigError, match=r"data\.sources.*prepares its own data"):
+        load_config("gutenberg-small", ["data.sources=[other.txt]"])
+
+
+def test_stage_keys_do_not_depend_on_where_a_preparing_run_lives():
+    from lmforge.run import stage_keys
+
+    a = stage_keys(load_config("gutenberg-small"))
+    b = stage_keys(load_config("gutenberg-small", ["output.dir=elsewhere"]))
+    assert a == b

@@ -81,8 +81,75 @@ def test_multi_reference_bleu_equals_sacrebleu(multi30k):
         bleu(hyps, two, n_bootstrap=1).value
         == sacrebleu.corpus_bleu(hyps, [refs, hyps[::-1]]).score
     )
-    with pytest.raises(ValueError, match="same number"):
-        bleu(hyps[:2], [[refs[0]], [refs[1], refs[0]]])
+    # A variable number of references: sacrebleu skips the missing (None) ones.
+    ragged = [[refs[0]], [refs[1], refs[0]], [refs[2], hyps[0], refs[3]]]
+    streams = [refs[:3], [None, refs[0], hyps[0]], [None, None, refs[3]]]
+    assert (
+        bleu(hyps[:3], ragged, n_bootstrap=1).value
+        == sacrebleu.corpus_bleu(hyps[:3], streams).score
+    )
+    assert (
+        chrf(hyps[:3], ragged, n_bootstrap=1).value
+        == sacrebleu.corpus_chrf(hyps[:3], streams).score
+    )
+    with pytest.raises(ValueError, match="at least one reference"):
+        bleu(hyps[:2], [[refs[0]], []])
+
+
+def _tiny_model(tok, context_length=512):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size, context_length=context_length, n_layers=1, d_model=32, n_heads=2
+    )
+    return Transformer(cfg).eval()
+
+
+def test_translation_scores_every_reference(shared):
+    """BLEU and chrF of a generation task use all references, as sacrebleu does with them all."""
+    from lmforge.eval.generation import GenerationTask, evaluate_generation
+    from lmforge.tokenizer import train_bpe
+
+    with gzip.open(shared / "multi30k" / "val.de.gz", "rt", encoding="utf-8") as fh:
+        german = [line.strip() for line in fh][:8]
+    tok = train_bpe(german, 300)
+    prompts = [tok.encode(g[:12]) for g in german[:6]]
+    model = _tiny_model(tok)
+    _, first_hyps = evaluate_generation(
+        model, tok, GenerationTask("translation", prompts, [[g] for g in german[:6]], ("bleu",)), 5
+    )
+    # A second reference (for every other example) that the greedy output matches exactly.
+    refs = [[g, first_hyps[i]] if i % 2 else [g] for i, g in enumerate(german[:6])]
+    task = GenerationTask("translation", prompts, refs, ("bleu", "chrf"))
+    scores, hyps = evaluate_generation(model, tok, task, max_new_tokens=5)
+    assert hyps == first_hyps  # greedy decoding
+    by_name = {m.name: m.value for m in scores}
+    streams = [[r[0] for r in refs], [r[1] if len(r) > 1 else None for r in refs]]
+    assert by_name["bleu"] == sacrebleu.corpus_bleu(hyps, streams).score
+    assert by_name["chrf"] == sacrebleu.corpus_chrf(hyps, streams).score
+    assert by_name["chrf"] > sacrebleu.corpus_chrf(hyps, streams[:1]).score  # first only
+
+
+def test_translation_outputs_are_saved_beside_eval_json(shared, tmp_path):
+    from lmforge.eval.results import CheckpointResults, read_eval_json, write_eval_json
+    from lmforge.eval.tasks import TaskOptions, run_task
+    from lmforge.finetune.tasks import get_task, read_records
+    from lmforge.tokenizer import train_bpe
+
+    spec = str(shared / "multi30k" / "val")
+    records = list(read_records(spec, limit=4))
+    tok = train_bpe([t for r in records for _, t in get_task("translation").to_turns(r)], 300)
+    opts = TaskOptions(data=[spec], limit=4, max_new_tokens=4)
+    results = run_task(_tiny_model(tok), tok, "translation", opts)
+    write_eval_json(tmp_path / "eval.json", [CheckpointResults("ckpt", results)])
+    lines = [json.loads(x) for x in (tmp_path / "eval_outputs.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in lines] == [0, 1, 2, 3]
+    assert all(x["task"] == "translation" and x["checkpoint"] == "ckpt" for x in lines)
+    assert all(x["source"] and x["references"] for x in lines)
+    hyps = [x["hypothesis"] for x in lines]
+    streams = [[x["references"][0] for x in lines]]
+    saved = {r.metric: r for r in read_eval_json(tmp_path / "eval.json")[0].results}
+    assert saved["bleu"].value == sacrebleu.corpus_bleu(hyps, streams).score
+    assert saved["bleu"].settings["outputs"] == "eval_outputs.jsonl"
 
 
 def test_rouge_equals_rouge_score(scitldr):

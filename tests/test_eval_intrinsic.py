@@ -133,3 +133,37 @@ def test_pseudo_perplexity_matches_one_mask_at_a_time(tok):
                 nll -= F.log_softmax(model(x)[0, pos - begin], dim=-1)[seq[pos]].item()
     assert res.nll == pytest.approx(nll, rel=1e-5)
     assert res.n_tokens == len(seq) - 1
+
+
+def test_standard_errors_over_documents_match_numpy(tok, tmp_path):
+    """loss, perplexity and bits/byte carry the ratio-estimator standard error over documents."""
+    import numpy as np
+
+    lines = [line for line in TEXT.splitlines() if line.strip()]
+    res = evaluate_texts(tiny(tok), tok, lines)
+    nll = np.array(res.per_text_nll, dtype=np.float64)
+    tokens = np.array(res.per_text_tokens, dtype=np.float64)
+    nbytes = np.array([len(t.encode()) for t in lines], dtype=np.float64)
+    n = len(lines)
+
+    def ratio_se(y, x):  # Cochran (1977) eq. 6.9, written out in numpy
+        r = y.sum() / x.sum()
+        return np.sqrt(((y - r * x) ** 2).sum() / (n - 1) / n) / x.mean()
+
+    # float64 sums of n ≈ 7 terms: agreement to ~1e-12 relative; 1e-9 leaves margin
+    se_loss = ratio_se(nll, tokens)
+    assert res.loss_stderr() == pytest.approx(se_loss, rel=1e-9)
+    assert res.bits_per_byte_stderr() == pytest.approx(ratio_se(nll / np.log(2), nbytes), rel=1e-9)
+    assert res.perplexity_stderr() == pytest.approx(
+        np.exp(nll.sum() / tokens.sum()) * se_loss, rel=1e-9
+    )
+    # and the ppl task reports them with its figures
+    import json
+
+    from lmforge.eval.tasks import TaskOptions, run_task
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    results = {r.metric: r for r in run_task(tiny(tok), tok, "ppl", TaskOptions(data=[str(data)]))}
+    assert results["loss"].n == n and results["loss"].stderr == pytest.approx(se_loss, rel=1e-9)
+    assert results["perplexity"].stderr == pytest.approx(res.perplexity_stderr(), rel=1e-9)

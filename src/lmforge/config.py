@@ -538,8 +538,37 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
     if overrides:
         cfg = _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", "command line")
     apply_preset(cfg, data, overrides or [])
+    explicit = "sources" in (data.get("data") or {}) or "sources" in (
+        parse_overrides(overrides or []).get("data") or {}
+    )
+    derive_data_sources(cfg, explicit, where)
     validate(cfg, where)
     return cfg
+
+
+def derive_data_sources(cfg: Config, explicit: bool, where: str) -> None:
+    """Point `data.sources` at the prepared shards when the recipe prepares its own data.
+
+    A recipe with `prepare.sources` trains on what `prepare` writes, so the resolved
+    config (`lmforge config`, the run's `config.yaml`) must say so rather than show the
+    default source: `lmforge run` reads `<output.dir>/prepared/shards` when its stages
+    include prepare; standalone commands read `<prepare.output>/shards`.
+    """
+    if not cfg.prepare.sources:
+        return
+    if "prepare" in cfg.run.stages:
+        shards = str(Path(cfg.output.dir) / "prepared" / "shards")
+        if explicit and cfg.data.sources != [shards]:
+            raise ConfigError(
+                f"{where}: data.sources = {cfg.data.sources} but this recipe prepares its own "
+                f"data and trains on {shards}; remove data.sources or drop prepare from run.stages"
+            )
+    elif explicit:
+        return
+    else:
+        folder = cfg.prepare.output or str(Path(cfg.output.dir) / "prepared")
+        shards = str(Path(folder) / "shards")
+    cfg.data.sources = [shards]
 
 
 def config_from_dict(data: dict[str, Any], where: str = "saved config") -> Config:

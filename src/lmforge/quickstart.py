@@ -10,6 +10,12 @@ from lmforge.config import load_config
 from lmforge.run import run_recipe
 from lmforge.train.dist import print0
 
+# How long the quickstart takes, quoted the same wherever it appears (README, docs,
+# `lmforge quickstart --help`, the recipe); tests/test_quickstart_duration.py checks.
+# Measured: 7 min 53 s for `lmforge run quickstart` on a quiet 2-core machine
+# (BENCHMARKS.md, "Quickstart").
+DURATION = "about 7–8 minutes on two CPU cores"
+
 
 def quickstart(overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config("quickstart", overrides)

@@ -215,8 +215,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
     )
     data["data_report"] = _read_json(run_dir / "prepared" / "data_report.json")
-    headers = {p.stem: _read_json(p) for p in sorted((run_dir / "tokens").glob("*.json"))}
-    data["tokens"] = headers
+    data["tokens"] = token_shard_headers(run_dir / "tokens")
     data["tokenizer"] = (stages.get("tokenizer") or {}).get("summary")
     for stage in ("pretrain", "finetune"):
         folder = run_dir / stage
@@ -229,6 +228,26 @@ def collect(run_dir: Path) -> dict[str, Any]:
     data["bias"] = _read_json(run_dir / "bias" / "bias.json")
     data["export"] = (stages.get("export") or {}).get("summary")
     return data
+
+
+def token_shard_headers(tokens_dir: Path) -> dict[str, Any]:
+    """Headers of the token shards: a `.json` beside its `.bin` in the shard format.
+
+    The folder also holds files that are not shards (the completion marker
+    `tokens_complete.json`, temporary files), which must not appear as shards.
+    """
+    from lmforge.shards import FORMAT
+
+    headers = {}
+    for path in sorted(tokens_dir.glob("*.json")):
+        header = _read_json(path)
+        if (
+            isinstance(header, dict)
+            and header.get("format") == FORMAT
+            and path.with_suffix(".bin").exists()
+        ):
+            headers[path.stem] = header
+    return headers
 
 
 def _table(rows: list[tuple[str, Any]] | dict[str, Any], head: tuple[str, str] = ("", "")) -> str:
@@ -265,20 +284,79 @@ def _flatten(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]
     return [(prefix, obj)]
 
 
+# The card opens with what the run was for (its numbers and samples); how it was
+# made (data, model, compute, stage keys, environment, config) follows.
 SECTIONS = [
-    "Summary",
+    "Headline",
+    "Evaluation",
+    "Bias audit",
+    "Samples",
+    "Training curves",
     "Data",
     "Tokenizer",
     "Model",
     "Compute",
-    "Training curves",
-    "Evaluation",
-    "Bias audit",
-    "Samples",
     "Export",
+    "Stages",
     "Environment",
     "Config",
 ]
+
+# The one metric per task that the headline quotes (the first present, in this order).
+HEADLINE_METRICS = ("bits_per_byte", "acc_norm", "bleu", "chrf", "rougeL", "pct_stereotype")
+
+
+def _result_text(record: dict[str, Any]) -> str:
+    """'value ± stderr' or 'value [lo, hi]' of an eval.json result."""
+    from lmforge.eval.results import Result
+
+    if record.get("value") is None:
+        return "n/a"
+    return Result(**record).formatted()
+
+
+def headline(data: dict[str, Any]) -> str:
+    """The numbers the run was made for: validation bits/byte, task scores, bias, a sample."""
+    rows: list[tuple[str, Any]] = []
+    pre = data["pretrain"].get("summary") or {}
+    if pre.get("val_bpb") is not None:
+        text = _fmt(pre["val_bpb"])
+        if pre.get("unigram_bpb"):
+            ratio = 100 * pre["val_bpb"] / pre["unigram_bpb"]
+            text += f" (unigram baseline {_fmt(pre['unigram_bpb'])}: {ratio:.0f}% of it)"
+        rows.append(("validation bits/byte (pre-training)", text))
+    ft = data["finetune"].get("summary") or {}
+    test = ft.get("test") or {}
+    n = f", n={test['n']}" if "n" in test else ""
+    for key, value in test.items():
+        if key not in ("seconds", "n"):
+            rows.append((f"fine-tuning test ({ft.get('task')}{n}): {key}", value))
+    for c in (data.get("eval") or {}).get("checkpoints", []):
+        label = c["checkpoint"].split(":")[0]
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for r in c["results"]:
+            by_task.setdefault(r["task"], []).append(r)
+        for task, results in by_task.items():
+            pick = next(
+                (r for m in HEADLINE_METRICS for r in results if r["metric"] == m), results[0]
+            )
+            rows.append((f"{label}: {task} {pick['metric']}", _result_text(pick)))
+    bias = data.get("bias") or {}
+    for c in bias.get("checkpoints", []):
+        label = c.get("label") or c["checkpoint"]
+        for bench, summ in (c.get("benchmarks") or {}).items():
+            o = summ["overall"]
+            text = f"{o['pct_stereotype']:.1f}% stereotype preferred [{o['ci_low']:.1f}, {o['ci_high']:.1f}]"
+            for flag in summ.get("flags", []):
+                text += f"; warning: {flag}"
+            rows.append((f"{label}: {bench}", text))
+    parts = [_table(rows, ("figure", "value"))] if rows else ["<p>No figures in this run.</p>"]
+    for label, texts in (data.get("samples") or {}).items():
+        if texts:
+            parts.append(
+                f"<h3>A sample ({html.escape(label)})</h3><pre>{html.escape(texts[0])}</pre>"
+            )
+    return "".join(parts)
 
 
 def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, bytes]]:
@@ -289,7 +367,8 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
     s: dict[str, str] = {}
     plots: dict[str, bytes] = {}
     stages = data["stages"]
-    s["Summary"] = _grid(
+    s["Headline"] = headline(data)
+    s["Stages"] = _grid(
         ["stage", "status", "seconds", "key"],
         [
             [k, "done" if v.get("done") else "incomplete", v.get("seconds", ""), v.get("key", "")]
@@ -397,7 +476,8 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
         names = [c["checkpoint"].split(":")[0] for c in ev["checkpoints"]]
         for i, c in enumerate(ev["checkpoints"]):
             for r in c["results"]:
-                by_metric.setdefault((r["task"], r["metric"]), [None] * len(names))[i] = r["value"]
+                cells = by_metric.setdefault((r["task"], r["metric"]), ["-"] * len(names))
+                cells[i] = _result_text(r)
         parts.append(
             _grid(["task", "metric", *names], [[t, m, *v] for (t, m), v in by_metric.items()])
         )
@@ -419,7 +499,11 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
     s["Evaluation"] = "".join(parts) or "<p>No evaluation stage in this run.</p>"
 
     bias = data.get("bias")
-    s["Bias audit"] = _table(_flatten(bias)) if bias else "<p>No bias stage in this run.</p>"
+    s["Bias audit"] = (
+        f"<pre>{html.escape(_bias_text(bias))}</pre>"
+        if bias
+        else "<p>No bias stage in this run.</p>"
+    )
 
     samples = data.get("samples") or {}
     s["Samples"] = (
@@ -438,6 +522,16 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
     s["Environment"] = _table(data["environment"])
     s["Config"] = f"<pre>{html.escape(data.get('config', ''))}</pre>"
     return s, plots
+
+
+def _bias_text(bias: dict[str, Any]) -> str:
+    """bias.json as `lmforge bias` prints it (the splits and warnings included)."""
+    from lmforge.bias.audit import format_report
+
+    try:
+        return format_report(bias)
+    except (KeyError, TypeError, ValueError):  # a bias.json of another shape: show it as is
+        return json.dumps(bias, indent=1)
 
 
 PLOT_SECTION = {

@@ -229,9 +229,11 @@ def stage_eval(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 res = evaluate_texts(model, tok, texts)
                 n = len(texts)
                 results += [
-                    Result("ppl", "bits_per_byte", res.bits_per_byte, n),
-                    Result("ppl", "loss", res.loss, n),
-                    Result("ppl", "perplexity", res.perplexity, n),
+                    Result(
+                        "ppl", "bits_per_byte", res.bits_per_byte, n, res.bits_per_byte_stderr()
+                    ),
+                    Result("ppl", "loss", res.loss, n, res.loss_stderr()),
+                    Result("ppl", "perplexity", res.perplexity, n, res.perplexity_stderr()),
                 ]
             else:
                 results += run_task(model, tok, task, TaskOptions(limit=cfg.eval.limit))
@@ -313,6 +315,10 @@ assert tuple(STAGES) == RUN_STAGES
 def stage_keys(cfg: Config) -> dict[str, str]:
     """Content key of every stage the recipe runs (report has none: it always reruns)."""
     keys: dict[str, str] = {}
+    if "prepare" in cfg.run.stages and cfg.prepare.sources:
+        # data.sources is then the run's own prepared shards, a path under output.dir; the
+        # prepare key stands for their content, so a moved run keeps its keys.
+        cfg = replace(cfg, data=replace(cfg.data, sources=["<prepared shards>"]))
     for name in cfg.run.stages:
         stage = STAGES[name]
         settings = {}

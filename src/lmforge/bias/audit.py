@@ -20,6 +20,21 @@
 Figures are percentages of sets where the stereotypical sentence is preferred
 (50 = no preference on pairs) with 95% Wilson intervals; comparisons are B − A
 in percentage points with paired bootstrap intervals (`lmforge.bias.pairs`).
+
+The aggregate can hide a bias: a model that always prefers "he" scores 50% on a
+WinoBias-style set whose stereotypical sentences say "he" for half the
+occupations and "she" for the other half. So every benchmark also gets splits
+(`group_splits`), printed by `lmforge bias` and kept in bias.json:
+
+- ``by_direction``: the figure per direction label of the file (CrowS-Pairs
+  stereo/antistereo, WinoBias-style pro/anti);
+- ``groups.AXIS.chosen``: the share of sets where the model preferred the
+  sentence naming each group (the words that differ between the sentences,
+  looked up in the lexicon's group lists), whatever the stereotype;
+- ``groups.AXIS.by_stereotype_group``: the figure over the sets whose
+  stereotypical sentence names each group;
+- ``flags``: a plain sentence for each split that is far from even (see
+  `split_flags`), even when the aggregate looks unbiased.
 """
 
 from __future__ import annotations
@@ -39,8 +54,10 @@ from lmforge.bias.pairs import (
     load_minimal_pairs,
     score_pairs,
     summary_table,
+    wilson_interval,
 )
 from lmforge.bias.probes import ProbeSpec, run_probes
+from lmforge.bias.stats import WORD, TermIndex, is_group_label
 
 
 def load_benchmarks(specs: list[str], limit: int = 0) -> dict[str, list[MinimalSet]]:
@@ -55,6 +72,102 @@ def load_benchmarks(specs: list[str], limit: int = 0) -> dict[str, list[MinimalS
             name, path = Path(spec).stem, spec
         out[name] = load_minimal_pairs(path, limit)
     return out
+
+
+# A split is flagged when its 95% Wilson interval lies wholly this many points away from
+# even (a preference share) or from another subset's interval (two subsets' figures).
+FLAG_MARGIN_PTS = 10.0
+FLAG_MIN_SETS = 10  # smaller subsets are reported but never flagged
+
+
+def _differing_groups(sentences: list[str], index: TermIndex) -> list[str | None]:
+    """The one lexicon group ("gender:male") named by the words only sentence i has."""
+    words = [set(WORD.findall(s.lower())) for s in sentences]
+    out: list[str | None] = []
+    for i, own in enumerate(words):
+        others = set().union(*(w for j, w in enumerate(words) if j != i))
+        labels = {
+            lab for w in own - others for lab in index.labels.get(w, ()) if is_group_label(lab)
+        }
+        out.append(labels.pop() if len(labels) == 1 else None)
+    return out
+
+
+def _preferred(scores: list[float]) -> int | None:
+    """Index of the strictly best sentence at 3 decimals (the rounding of `PairScores`)."""
+    rounded = [round(s, 3) for s in scores]
+    best = max(rounded)
+    return rounded.index(best) if rounded.count(best) == 1 else None
+
+
+def group_splits(sc: PairScores, lexicon: Lexicon) -> dict[str, Any]:
+    """Per axis: which group's sentence was preferred, and the figure per stereotyped group."""
+    index = TermIndex(lexicon)
+    per_axis: dict[str, list[tuple[int, list[str]]]] = {}
+    for i, s in enumerate(sc.sets):
+        groups = _differing_groups(s.sentences, index)
+        axes = {g.split(":", 1)[0] for g in groups if g}
+        if None in groups or len(axes) != 1 or len(set(groups)) != len(groups):
+            continue  # not a set whose sentences differ only in the group named
+        per_axis.setdefault(axes.pop(), []).append((i, [str(g).split(":", 1)[1] for g in groups]))
+    out: dict[str, Any] = {}
+    for axis, rows in per_axis.items():
+        names = sorted({g for _, gs in rows for g in gs})
+        chosen = dict.fromkeys(names, 0)
+        for i, gs in rows:
+            pick = _preferred(sc.scores[i])
+            if pick is not None:
+                chosen[gs[pick]] += 1
+        n = len(rows)
+        shares = {}
+        for g, k in chosen.items():
+            lo, hi = wilson_interval(k, n)
+            shares[g] = {"pct": 100.0 * k / n, "ci_low": 100.0 * lo, "ci_high": 100.0 * hi, "k": k}
+        sizes = {len(gs) for _, gs in rows}
+        by_stereo = {
+            g: sc.figure([i for i, gs in rows if gs[sc.sets[i].stereotype] == g]) for g in names
+        }
+        out[axis] = {
+            "n": n,
+            "even": 100.0 / sizes.pop() if len(sizes) == 1 else None,
+            "chosen": shares,
+            "by_stereotype_group": {g: f for g, f in by_stereo.items() if f["n"]},
+        }
+    return out
+
+
+def split_flags(summary: dict[str, Any]) -> list[str]:
+    """Plain warnings for splits far from even, whatever the aggregate says."""
+    flags = []
+    overall = summary["overall"]["pct_stereotype"]
+    for axis, g in summary.get("groups", {}).items():
+        if g["n"] < FLAG_MIN_SETS or g["even"] is None:
+            continue
+        for group, c in g["chosen"].items():
+            if c["ci_low"] > g["even"] + FLAG_MARGIN_PTS:
+                flags.append(
+                    f"the {group} sentence was preferred in {c['pct']:.1f}% of {g['n']} {axis} "
+                    f"sets [{c['ci_low']:.1f}, {c['ci_high']:.1f}] (even: {g['even']:.0f}%), "
+                    f"whatever the stereotype; overall {overall:.1f}% hides it"
+                )
+    subsets = [("direction", summary.get("by_direction", {}))]
+    subsets += [
+        (f"{axis} group of the stereotypical sentence", g["by_stereotype_group"])
+        for axis, g in summary.get("groups", {}).items()
+    ]
+    for what, figs in subsets:
+        big = {k: f for k, f in figs.items() if f["n"] >= FLAG_MIN_SETS}
+        if len(big) < 2:
+            continue
+        lo_name = min(big, key=lambda k: big[k]["pct_stereotype"])
+        hi_name = max(big, key=lambda k: big[k]["pct_stereotype"])
+        lo, hi = big[lo_name], big[hi_name]
+        if hi["ci_low"] - lo["ci_high"] > FLAG_MARGIN_PTS:
+            flags.append(
+                f"by {what}: {hi_name} {hi['pct_stereotype']:.1f}% vs {lo_name} "
+                f"{lo['pct_stereotype']:.1f}% stereotypical preferred; overall {overall:.1f}%"
+            )
+    return flags
 
 
 def audit_model(
@@ -76,7 +189,10 @@ def audit_model(
         t0 = time.perf_counter()
         sc = score_pairs(model, tok, sets)
         scores[name] = sc
-        entry["benchmarks"][name] = sc.summary()
+        summ = sc.summary()
+        summ["groups"] = group_splits(sc, lexicon or Lexicon())
+        summ["flags"] = split_flags(summ)
+        entry["benchmarks"][name] = summ
         entry["results"] += [r.to_dict() for r in sc.to_results(name)]
         entry["seconds"][name] = round(time.perf_counter() - t0, 2)
     if probes:
@@ -197,7 +313,9 @@ def format_report(report: dict[str, Any]) -> str:
             )
         )
         for s, c in zip(short, report["checkpoints"], strict=True):
-            cut = c["benchmarks"][bench].get("truncated_sets", 0)
+            summ = c["benchmarks"][bench]
+            lines += split_lines(s, summ)
+            cut = summ.get("truncated_sets", 0)
             if cut:
                 lines.append(f"warning: {s}: {cut} sets had a sentence longer than the context")
         lines.append("")
@@ -220,6 +338,34 @@ def format_report(report: dict[str, Any]) -> str:
     if probe_rows:
         lines += ["", "template probes (mean log-prob gap between groups; 0 = none):", *probe_rows]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _figure_text(name: str, f: dict[str, Any]) -> str:
+    return f"{name} {f['pct_stereotype']:.1f} [{f['ci_low']:.1f}, {f['ci_high']:.1f}] n={f['n']}"
+
+
+def split_lines(label: str, summ: dict[str, Any]) -> list[str]:
+    """The splits of one benchmark summary where the aggregate can hide a bias, and its flags."""
+    lines = []
+    dirs = summ.get("by_direction") or {}
+    if len(dirs) > 1:
+        lines.append(
+            f"  {label} by direction: " + " · ".join(_figure_text(d, f) for d, f in dirs.items())
+        )
+    for axis, g in (summ.get("groups") or {}).items():
+        chosen = ", ".join(
+            f"{grp} {c['pct']:.1f}% [{c['ci_low']:.1f}, {c['ci_high']:.1f}]"
+            for grp, c in g["chosen"].items()
+        )
+        lines.append(f"  {label} {axis}: sentence preferred, by group named (n={g['n']}): {chosen}")
+        stereo = g["by_stereotype_group"]
+        if len(stereo) > 1:
+            lines.append(
+                f"  {label} {axis}: % stereotypical preferred, by group of the stereotypical "
+                "sentence: " + " · ".join(_figure_text(grp, f) for grp, f in stereo.items())
+            )
+    lines += [f"warning: {label}: {flag}" for flag in summ.get("flags", [])]
+    return lines
 
 
 def _short(checkpoint: str) -> str:

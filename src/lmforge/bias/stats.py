@@ -69,7 +69,7 @@ class TermIndex:
         return out
 
 
-def _is_group(label: str) -> bool:
+def is_group_label(label: str) -> bool:
     return not label.startswith(("occupation:", "sentiment:"))
 
 
@@ -95,11 +95,11 @@ def count_document(
         if not hits:
             continue
         for _, lab in hits:
-            if _is_group(lab):
+            if is_group_label(lab):
                 counts[f"mentions{SEP}{src}{SEP}{lab}"] += 1
         if window > 0:
-            groups = [(i, lab) for i, lab in hits if _is_group(lab)]
-            attrs = [(i, lab) for i, lab in hits if not _is_group(lab)]
+            groups = [(i, lab) for i, lab in hits if is_group_label(lab)]
+            attrs = [(i, lab) for i, lab in hits if not is_group_label(lab)]
             for gi, g in groups:
                 counts[f"units{SEP}{src}{SEP}{g}"] += 1
                 for ai, a in attrs:
@@ -107,8 +107,8 @@ def count_document(
                         counts[f"cooc{SEP}{src}{SEP}{g}{SEP}{a}"] += 1
         else:
             present = {lab for _, lab in hits}
-            groups_here = [lab for lab in present if _is_group(lab)]
-            attrs_here = [lab for lab in present if not _is_group(lab)]
+            groups_here = [lab for lab in present if is_group_label(lab)]
+            attrs_here = [lab for lab in present if not is_group_label(lab)]
             for g in groups_here:
                 counts[f"units{SEP}{src}{SEP}{g}"] += 1
                 for a in attrs_here:

@@ -50,15 +50,20 @@ class MetricValue:
 # ----------------------------------------------------------------------------- metrics
 
 
-def _reference_streams(references: Sequence[Sequence[str]] | Sequence[str]) -> list[list[str]]:
-    """Per-hypothesis references → sacrebleu's reference streams (one list per reference slot)."""
+def _reference_streams(
+    references: Sequence[Sequence[str]] | Sequence[str],
+) -> list[list[str | None]]:
+    """Per-hypothesis references → sacrebleu's reference streams (one list per reference slot).
+
+    Every reference is used. A hypothesis with fewer references than the most has
+    `None` in the streams it lacks, which sacrebleu skips for that segment (its
+    documented way to score a variable number of references).
+    """
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
-    counts = {len(r) for r in refs}
-    if len(counts) != 1 or 0 in counts:
-        raise ValueError(
-            f"BLEU/chrF need the same number (≥ 1) of references per hypothesis; got {sorted(counts)}"
-        )
-    return [list(stream) for stream in zip(*refs, strict=True)]
+    if any(not r for r in refs):
+        raise ValueError("BLEU/chrF need at least one reference per hypothesis")
+    width = max((len(r) for r in refs), default=1)
+    return [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
 
 
 def sacrebleu_score(
@@ -82,13 +87,22 @@ def sacrebleu_score(
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     metric = metrics[name](**options)
     streams = _reference_streams(references)
-    result = metric.corpus_score(list(hypotheses), streams, n_bootstrap=n_bootstrap)
+    note = ""
+    try:
+        result = metric.corpus_score(list(hypotheses), streams, n_bootstrap=n_bootstrap)  # type: ignore[arg-type]
+    except TypeError as exc:
+        # sacrebleu 2.x mixes float and numpy float32 scores when some bootstrap resample
+        # scores exactly 0 (tiny sets, near-empty outputs) and statistics.mean fails.
+        note = f"no bootstrap interval (sacrebleu: {exc})"
+        result = metric.corpus_score(list(hypotheses), streams)  # type: ignore[arg-type]
     out = MetricValue(name, float(result.score), len(hypotheses))
     if n_bootstrap > 1 and getattr(result, "_ci", None) is not None:
         # sacrebleu reports mean ± half-width of the 95% interval around the bootstrap mean.
         out.ci_low = float(result._mean - result._ci)
         out.ci_high = float(result._mean + result._ci)
     out.settings = {"signature": str(metric.get_signature()), "verbose": str(result)}
+    if note:
+        out.settings["note"] = note
     return out
 
 
@@ -120,7 +134,9 @@ def rouge_scores(
 ) -> dict[str, MetricValue]:
     """Mean F1 × 100 of each ROUGE type over the examples (rouge-score, Porter stemmer).
 
-    Several references per example take the best (rouge-score's `score_multi`).
+    Several references per example take the best: for each ROUGE type, the
+    reference with the highest F1 (rouge-score's `score_multi`, as rouge-score
+    users do for multi-reference sets such as SciTLDR).
     The 95% interval is a percentile bootstrap over examples.
     """
     from rouge_score import rouge_scorer
@@ -231,6 +247,15 @@ class GenerationTask:
     sources: list[str] = field(default_factory=list)
 
 
+def output_records(task: GenerationTask, hypotheses: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per example, as saved beside eval.json: source, references, hypothesis."""
+    sources = task.sources or [""] * len(hypotheses)
+    return [
+        {"index": i, "source": src, "references": refs, "hypothesis": hyp}
+        for i, (src, refs, hyp) in enumerate(zip(sources, task.references, hypotheses, strict=True))
+    ]
+
+
 def finetune_task(tok: Tokenizer, task_name: str, spec: str, limit: int = 0) -> GenerationTask:
     """Prompts in the chat format the fine-tuning task trains on, ending with '<|assistant|>'.
 
@@ -288,14 +313,11 @@ def evaluate_generation(
         "top_p": top_p,
         "seed": seed,
     }
-    if "bleu" in task.metrics or "chrf" in task.metrics:
-        # sacrebleu needs the same number of references for every hypothesis: use the first.
-        first = [r[0] for r in task.references]
-        for name in ("bleu", "chrf"):
-            if name in task.metrics:
-                mv = sacrebleu_score(name, hyps, first)
-                mv.settings.update(settings)
-                metrics.append(mv)
+    for name in ("bleu", "chrf"):
+        if name in task.metrics:  # every reference of every example (`_reference_streams`)
+            mv = sacrebleu_score(name, hyps, task.references)
+            mv.settings.update(settings)
+            metrics.append(mv)
     if "rouge" in task.metrics:
         for mv in rouge_scores(hyps, task.references).values():
             mv.settings.update(settings)

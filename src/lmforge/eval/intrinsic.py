@@ -75,16 +75,39 @@ class IntrinsicResult:
         return self.nll / math.log(2) / max(self.n_bytes, 1)
 
     def bits_per_byte_stderr(self) -> float:
-        """Standard error of bits per byte over texts (ratio estimator, delta method)."""
-        n = len(self.per_text_nll)
-        if n < 2 or self.n_bytes == 0:
-            return float("nan")
-        ratio = self.bits_per_byte
+        """Standard error of bits per byte over texts (ratio estimator; see `ratio_stderr`)."""
         bits = [x / math.log(2) for x in self.per_text_nll]
-        mean_bytes = self.n_bytes / n
-        resid = [b - ratio * nb for b, nb in zip(bits, self.per_text_bytes, strict=True)]
-        var = sum(r * r for r in resid) / (n - 1)
-        return math.sqrt(var / n) / mean_bytes
+        return ratio_stderr(bits, self.per_text_bytes)
+
+    def loss_stderr(self) -> float:
+        """Standard error of the per-token loss over texts (ratio estimator)."""
+        return ratio_stderr(self.per_text_nll, self.per_text_tokens)
+
+    def perplexity_stderr(self) -> float:
+        """Standard error of perplexity = exp(loss), by the delta method: exp(loss) · se(loss)."""
+        return self.perplexity * self.loss_stderr()
+
+
+def ratio_stderr(numerators: list[float], denominators: list[int]) -> float:
+    """Standard error of R = Σ yᵢ / Σ xᵢ over documents i (a ratio estimator).
+
+    The corpus figures (loss per token, bits per byte) are token- or byte-weighted
+    means, i.e. ratios of sums over documents, and documents are the unit that was
+    sampled. The linearised (delta-method) variance of a ratio estimator
+    (Cochran 1977, "Sampling Techniques", §6.3, eq. 6.9) is
+
+        Var(R) ≈ Σ (yᵢ − R·xᵢ)² / ((n − 1) · n · x̄²),   x̄ = Σ xᵢ / n,
+
+    and the standard error is its square root; nan with fewer than two documents.
+    """
+    n = len(numerators)
+    total = sum(denominators)
+    if n < 2 or total == 0:
+        return float("nan")
+    ratio = sum(numerators) / total
+    resid = [y - ratio * x for y, x in zip(numerators, denominators, strict=True)]
+    var = sum(r * r for r in resid) / ((n - 1) * n * (total / n) ** 2)
+    return math.sqrt(var)
 
 
 def plan_windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:

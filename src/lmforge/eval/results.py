@@ -11,6 +11,11 @@
                       "n": 1000, "settings": {...}}, ...]},
         ...]}
 
+Generation tasks (translation, summarization) also save what the model wrote:
+``eval_outputs.jsonl`` beside ``eval.json``, one line per example with
+``checkpoint, task, data, index, source, references, hypothesis``; the result's
+``settings.outputs`` names the file.
+
 Every figure carries its uncertainty: a standard error (accuracies: sample
 standard deviation / √n, as lm-evaluation-harness reports) or a 95% bootstrap
 interval (BLEU, chrF, ROUGE), and the number of examples it rests on.
@@ -36,9 +41,13 @@ class Result:
     ci_low: float | None = None
     ci_high: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # Generation tasks: one record per example (source, references, hypothesis); written by
+    # `write_eval_json` to a JSONL file beside eval.json, not into eval.json itself.
+    outputs: list[dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("outputs")
         for key in ("value", "stderr", "ci_low", "ci_high"):
             v = d[key]
             if isinstance(v, float) and not math.isfinite(v):
@@ -75,13 +84,39 @@ def to_json(runs: list[CheckpointResults], settings: dict[str, Any] | None = Non
 def write_eval_json(
     path: str | Path, runs: list[CheckpointResults], settings: dict[str, Any] | None = None
 ) -> Path:
-    """Write atomically (temporary file, then rename) so a reader never sees half a file."""
+    """Write atomically (temporary file, then rename) so a reader never sees half a file.
+
+    Outputs of generation tasks go to `outputs_path(path)` (see the module docstring).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_outputs(outputs_path(path), runs)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(to_json(runs, settings), indent=1, ensure_ascii=False))
     os.replace(tmp, path)
     return path
+
+
+def outputs_path(eval_json: str | Path) -> Path:
+    """Where the generation outputs of an eval.json go: ``eval_outputs.jsonl`` beside it."""
+    eval_json = Path(eval_json)
+    return eval_json.with_name(f"{eval_json.stem}_outputs.jsonl")
+
+
+def _write_outputs(path: Path, runs: list[CheckpointResults]) -> None:
+    lines = []
+    for run in runs:
+        for r in run.results:
+            if r.outputs is None:
+                continue
+            r.settings["outputs"] = path.name
+            head = {"checkpoint": run.checkpoint, "task": r.task, "data": r.settings.get("data")}
+            lines += [json.dumps({**head, **rec}, ensure_ascii=False) for rec in r.outputs]
+    if not lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_eval_json(path: str | Path) -> list[CheckpointResults]:

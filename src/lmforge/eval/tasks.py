@@ -88,8 +88,15 @@ def _ppl(model: nn.Module, tok: Tokenizer, data: list[str], opts: TaskOptions) -
         "pseudo_perplexity": masked,
     }
     return [
-        Result("ppl", "loss", res.loss, res.n_texts, settings=settings),
-        Result("ppl", "perplexity", res.perplexity, res.n_texts, settings=settings),
+        Result("ppl", "loss", res.loss, res.n_texts, res.loss_stderr(), settings=settings),
+        Result(
+            "ppl",
+            "perplexity",
+            res.perplexity,
+            res.n_texts,
+            res.perplexity_stderr(),
+            settings=settings,
+        ),
         Result(
             "ppl",
             "bits_per_byte",
@@ -137,12 +144,12 @@ def _multiple_choice(
 def _generation(
     model: nn.Module, tok: Tokenizer, task: str, data: list[str], opts: TaskOptions
 ) -> list[Result]:
-    from lmforge.eval.generation import evaluate_generation, finetune_task
+    from lmforge.eval.generation import evaluate_generation, finetune_task, output_records
 
     out = []
     for spec in data:
         gen_task = finetune_task(tok, task, spec, limit=opts.limit)
-        metrics, _hyps = evaluate_generation(
+        metrics, hyps = evaluate_generation(
             model,
             tok,
             gen_task,
@@ -157,6 +164,7 @@ def _generation(
             out.append(
                 Result(task, mv.name, mv.value, mv.n, mv.stderr, mv.ci_low, mv.ci_high, settings)
             )
+        out[-len(metrics)].outputs = output_records(gen_task, hyps)  # saved by write_eval_json
     return out
 
 

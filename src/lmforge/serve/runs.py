@@ -123,21 +123,65 @@ def eval_json_path(run: Path) -> Path:
 
 
 def eval_tables(path: Path) -> tuple[list[dict[str, Any]], str]:
-    """eval.json as tables (one per top-level section) and an error message if unreadable."""
+    """eval.json as tables of ``title``, ``columns`` and ``rows``, and an error if unreadable.
+
+    An lmforge eval.json becomes one table: a row per (task, metric), a column per
+    checkpoint, each cell "value ± stderr" (or "value [lo, hi]"). Any other JSON is
+    shown as key/value rows, one table per top-level section.
+    """
     if not path.is_file():
         return [], ""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [], f"{path.name} is not valid JSON: {exc}"
+    if isinstance(data, dict) and data.get("lmforge_eval") == 1:
+        try:
+            return [metric_table(data)], ""
+        except (KeyError, TypeError, ValueError) as exc:
+            return [], f"{path.name} is not a readable lmforge eval.json: {exc!r}"
     if not isinstance(data, dict):
-        return [{"title": "eval", "rows": flatten(data, "value")}], ""
+        return [_key_value("eval", flatten(data, "value"))], ""
     tables, loose = [], []
     for key, value in data.items():
         if isinstance(value, dict):
-            tables.append({"title": key, "rows": flatten(value)})
+            tables.append(_key_value(key, flatten(value)))
         else:
             loose += flatten(value, key)
     if loose:
-        tables.insert(0, {"title": "summary", "rows": loose})
+        tables.insert(0, _key_value("summary", loose))
     return tables, ""
+
+
+def _key_value(title: str, rows: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {"title": title, "columns": ["key", "value"], "rows": [list(r) for r in rows]}
+
+
+def metric_table(data: dict[str, Any]) -> dict[str, Any]:
+    """One row per (task, metric), one column per checkpoint (see `eval_tables`)."""
+    from lmforge.eval.results import Result
+
+    labels: list[str] = []
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    ns: dict[tuple[str, str], set[Any]] = {}
+    for col, ckpt in enumerate(data["checkpoints"]):
+        name = str(ckpt["checkpoint"])
+        # `lmforge run` names checkpoints "LABEL: path"; `lmforge eval` by their path
+        labels.append(name.split(":")[0] if ": " in name else "/".join(Path(name).parts[-2:]))
+        for rec in ckpt["results"]:
+            key = (str(rec["task"]), str(rec["metric"]))
+            fields = {k: rec.get(k) for k in ("stderr", "ci_low", "ci_high")}
+            value = rec.get("value")
+            text = (
+                "n/a"
+                if value is None
+                else Result(*key, value, rec.get("n", 0), **fields).formatted()
+            )
+            cells.setdefault(key, {})[col] = text
+            ns.setdefault(key, set()).add(rec.get("n"))
+    rows = [
+        [task, metric, "/".join(str(n) for n in sorted(ns[(task, metric)], key=str))]
+        + [per_col.get(c, "-") for c in range(len(labels))]
+        for (task, metric), per_col in cells.items()
+    ]
+    return {"title": "Results", "columns": ["task", "metric", "n", *labels], "rows": rows}
