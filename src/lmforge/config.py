@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import reprlib
@@ -132,7 +133,7 @@ def range_of(f: dataclasses.Field) -> Range | None:
 
 def numeric_fields(cls: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
     """(dotted key, field, type) of every int/float leaf in the tree under `cls`."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, key = hints[f.name], f"{prefix}{f.name}"
         args = typing.get_args(tp)
@@ -516,6 +517,14 @@ class Config:
 # ----------------------------------------------------------------------------- YAML
 
 
+class _Refused(yaml.composer.ComposerError):
+    """YAML that parses but exceeds a bound (too deep, too many values, recursive)."""
+
+
+class _RefusedYAML(ConfigError):
+    pass
+
+
 class _BoundedLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses documents too deep or too large once aliases expand.
 
@@ -530,7 +539,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._sizes: dict[int, int] = {}
 
     def _refuse(self, problem: str) -> typing.NoReturn:
-        raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
+        raise _Refused(None, None, problem, self.peek_event().start_mark)
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -553,6 +562,35 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
+# Numbers as YAML 1.2 reads them. PyYAML follows YAML 1.1, where `010` is octal 8, `1:30`
+# is 90 (base 60) and `3e-4` (no dot) is text: surprises in a recipe.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_BoundedLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_BoundedLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789")
+)
+_BoundedLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    base = {"0x": 16, "0o": 8}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
+_BoundedLoader.add_constructor(_INT, _construct_int)
+
+
 def _load_yaml(text: str, where: str) -> Any:
     """Parse YAML safely (plain data only) within bounds; errors become one-line ConfigErrors."""
     loader = None
@@ -563,7 +601,8 @@ def _load_yaml(text: str, where: str) -> Any:
         mark = exc.problem_mark or exc.context_mark
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         context = f" ({exc.context})" if exc.context else ""
-        raise ConfigError(f"{where}{at}: not valid YAML: {exc.problem}{context}") from None
+        error = _RefusedYAML if isinstance(exc, _Refused) else ConfigError
+        raise error(f"{where}{at}: not valid YAML: {exc.problem}{context}") from None
     except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. a 5,000-digit integer
         raise ConfigError(f"{where}: not valid YAML: {quote(str(exc))}") from None
     finally:
@@ -572,6 +611,11 @@ def _load_yaml(text: str, where: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- building
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _type_name(tp: Any) -> str:
@@ -646,7 +690,7 @@ def _unknown_key(key: str, full: str, names: set[str], where: str) -> ConfigErro
 
 def _build(cls: Any, values: dict[str, Any], prefix: str, where: str) -> Any:
     """The dataclass `cls` from `values`: types coerced and ranges checked, key by key."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
@@ -733,7 +777,7 @@ def _read_recipe(recipe: str, chain: tuple[tuple[str, str], ...] = ()) -> tuple[
 # ----------------------------------------------------------------------------- overrides
 
 _DECIMAL_INT = re.compile(r"[+-]?[0-9][0-9_]*")
-_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9][0-9_]*\.?[0-9_]*|\.[0-9][0-9_]*)([eE][+-]?[0-9]+)?")
+_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9][0-9_]*)([eE][+-]?[0-9]+)?")
 _NON_FINITE = re.compile(r"[+-]?\.?(nan|inf|infinity)", re.IGNORECASE)
 
 
@@ -741,20 +785,22 @@ def _override_value(raw: str, key: str) -> Any:
     """The value of `--key=raw`: a decimal number, or a YAML scalar/list, or the raw text."""
     where = f"command line: {key}"
     text = raw.strip()
-    try:
-        if _DECIMAL_INT.fullmatch(text):
+    if _DECIMAL_INT.fullmatch(text):
+        try:
             return int(text)
-        if _DECIMAL_FLOAT.fullmatch(text) or _NON_FINITE.fullmatch(text):
-            value = float(text.replace(".nan", "nan").replace(".inf", "inf"))
-            if math.isinf(value) and not _NON_FINITE.fullmatch(text):
-                raise ConfigError(f"{where}: {quote(raw)} is too large for a number")
-            return value
-    except ValueError:  # Python refuses int() of more than 4,300 digits
-        raise ConfigError(f"{where}: {quote(raw)} has too many digits") from None
+        except ValueError:  # Python refuses int() of more than 4,300 digits
+            raise ConfigError(f"{where}: {quote(raw)} has too many digits") from None
+    if _DECIMAL_FLOAT.fullmatch(text) or _NON_FINITE.fullmatch(text):
+        value = float(text.replace(".nan", "nan").replace(".inf", "inf"))
+        if math.isinf(value) and not _NON_FINITE.fullmatch(text):
+            raise ConfigError(f"{where}: {quote(raw)} is too large for a number")
+        return value
     if raw == "":
         return ""
     try:
         value = _load_yaml(raw, where)
+    except _RefusedYAML:
+        raise
     except ConfigError:
         return raw  # not YAML: the text itself
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -846,7 +892,10 @@ def _heads_fit(cfg: Config) -> Problem:
     if m.n_heads % (m.n_kv_heads or m.n_heads):
         return "model.n_kv_heads", f"= {m.n_kv_heads} must divide model.n_heads = {m.n_heads}"
     if m.position == "rope" and (m.d_model // m.n_heads) % 2:
-        return "model.position", "= rope needs an even head dimension (d_model / n_heads)"
+        return "model.position", (
+            f"= rope needs an even head dimension (model.d_model / model.n_heads = "
+            f"{m.d_model} / {m.n_heads})"
+        )
     return None
 
 
@@ -855,8 +904,8 @@ def _batch_fits(cfg: Config) -> Problem:
     micro_tokens = t.micro_batch_size * ctx
     if t.tokens_per_step % micro_tokens:
         return "train.tokens_per_step", (
-            f"= {t.tokens_per_step} must be a multiple of micro_batch_size × context_length "
-            f"= {t.micro_batch_size} × {ctx} = {micro_tokens}"
+            f"= {t.tokens_per_step} must be a multiple of train.micro_batch_size × "
+            f"model.context_length = {t.micro_batch_size} × {ctx} = {micro_tokens}"
         )
     return None
 
