@@ -262,7 +262,7 @@ class TrainConfig:
     beta1: float = num(0.9, ge=0, lt=1)
     beta2: float = num(0.95, ge=0, lt=1)
     eps: float = num(1e-8, gt=0)
-    grad_clip: float = num(1.0, ge=0)
+    grad_clip: float = num(1.0, ge=0)  # max global gradient norm; 0 = no clipping
     # "bf16" = bf16 autocast (fp32 weights and optimizer state). "bf16-pure" = a bf16
     # copy of the model computes (weights, activations and the residual stream in bf16,
     # no autocast casts), fp32 master weights take the optimizer steps and fill the
@@ -380,11 +380,12 @@ class FinetuneConfig:
     # Greedy generations scored with the task metric at each evaluation (0 = loss only).
     eval_examples: int = num(100, ge=0)
     max_new_tokens: int = num(64, ge=1)
-    # Replace train.max_steps / train.lr / train.tokens_per_step when fine-tuning (0 = keep),
-    # so one recipe can hold both the pre-training and the fine-tuning schedule.
-    max_steps: int = num(0, ge=0)
-    lr: float = num(0.0, ge=0)
-    tokens_per_step: int = num(0, ge=0)
+    # Fine-tuning's own schedule, so one recipe can hold both: each replaces its train.*
+    # namesake in the fine-tuning stage; 0 = inherit it (fine-tuning then runs with
+    # train.max_steps / train.lr / train.tokens_per_step).
+    max_steps: int = num(0, ge=0)  # 0 = train.max_steps
+    lr: float = num(0.0, ge=0)  # 0 = train.lr
+    tokens_per_step: int = num(0, ge=0)  # 0 = train.tokens_per_step
 
 
 RUN_STAGES = (
