@@ -92,6 +92,10 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         "--train.seed=-1",
         "--finetune.lr=-1",
         "--prepare.min_language_score=2",
+        "--train.dist_timeout_s=1e15",  # beyond what a timedelta holds
+        "--train.cpu_processes=100000",  # a process per unit: a fork bomb
+        "--train.threads=10000000000",  # torch.set_num_threads takes a C int
+        "--train.device=banana",
     ],
 )
 def test_nonsense_numbers_are_refused_naming_the_key(capsys, override):

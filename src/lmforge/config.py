@@ -281,13 +281,13 @@ class TrainConfig:
     # cache holds the graphs) (BENCHMARKS.md, issue 13 goal 1).
     compile: bool = False
     seed: int = num(1337, ge=0)
-    threads: int = num(0, ge=0)  # 0 = leave torch's default
+    threads: int = num(0, ge=0, le=4096)  # 0 = leave torch's default
     # `lmforge pretrain` on a CPU: train in this many single-threaded processes (DDP over
     # gloo, the same global batch) instead of one multi-threaded one; 0 = one per usable
     # core; train.threads is then the threads of all processes together. Faster for small
     # models on a machine shared with other jobs, slower on a quiet one
     # (lmforge.train.launch); 1 = one process.
-    cpu_processes: int = num(1, ge=0)
+    cpu_processes: int = num(1, ge=0, le=1024)
     log_every: int = num(10, ge=1)
     eval_every: int = num(250, ge=1)
     eval_tokens: int = num(65536, ge=1)
@@ -318,7 +318,7 @@ class TrainConfig:
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3)
     fsdp_cpu_offload: bool = False  # keep sharded weights, grads and optimizer state on CPU
     # A collective waiting longer than this (a dead or stuck rank) fails the job.
-    dist_timeout_s: float = num(600.0, gt=0)
+    dist_timeout_s: float = num(600.0, gt=0, le=30 * 86_400)
 
 
 @dataclass
@@ -454,7 +454,7 @@ class PrepareConfig:
     sources: list[PrepareSource] = field(default_factory=list)
     output: str = ""  # default: <output.dir>/prepared; train on <output>/shards
     executor: Literal["local", "ray"] = "local"
-    workers: int = num(0, ge=0)  # 0 = one per CPU core
+    workers: int = num(0, ge=0, le=4096)  # 0 = one per CPU core
     task_bytes: int = num(8_000_000, ge=1)  # input files are grouped into tasks of about this size
     seed: int = num(0, ge=0)  # for mixing (down/up-sampling) decisions
     write_exclusions: bool = True  # keep dropped documents, with their reason
@@ -920,6 +920,11 @@ def _muon_not_sharded(cfg: Config) -> Problem:
 
 
 def _known_names(cfg: Config) -> Problem:
+    if not _DEVICE.fullmatch(cfg.train.device):
+        return (
+            "train.device",
+            f"= {quote(cfg.train.device)} is not auto, cpu, cuda[:N], mps or xpu[:N]",
+        )
     for i, stage in enumerate(cfg.run.stages):
         if stage not in RUN_STAGES:
             return f"run.stages[{i}]", f"= {quote(stage)} is not a stage ({', '.join(RUN_STAGES)})"
@@ -947,6 +952,8 @@ def _bpe_vocab_fits_bytes(cfg: Config) -> Problem:
         )
     return None
 
+
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?")
 
 CROSS_KEY_RULES = (
     _heads_fit,
