@@ -95,7 +95,6 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
         "--train.dist_timeout_s=1e15",  # beyond what a timedelta holds
         "--train.cpu_processes=100000",  # a process per unit: a fork bomb
         "--train.threads=10000000000",  # torch.set_num_threads takes a C int
-        "--train.device=banana",
     ],
 )
 def test_nonsense_numbers_are_refused_naming_the_key(capsys, override):
@@ -103,6 +102,12 @@ def test_nonsense_numbers_are_refused_naming_the_key(capsys, override):
     key = override[2:].split("=")[0]
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and key in err and "expected" in err, err
+
+
+def test_unknown_device_is_refused(capsys):
+    code, _, err = run_cli(capsys, "config", "quickstart", "--train.device=banana")
+    assert code == 2 and "train.device = 'banana' is not auto, cpu, cuda[:N]" in err
+    assert load_config("quickstart", ["train.device=cuda:1"]).train.device == "cuda:1"
 
 
 def test_range_message_names_key_value_and_range():
