@@ -172,7 +172,7 @@ def config_markdown() -> str:
         "",
         "A recipe is a YAML file with these sections; any key can be overridden on the "
         "command line as `--section.key=value`, and `extends: RECIPE` layers a recipe on "
-        "another. `lmforge config RECIPE` prints the resolved tree. Unknown keys, wrong "
+        "another (a built-in name, or a file found next to the recipe that extends it). `lmforge config RECIPE` prints the resolved tree. Unknown keys, wrong "
         "types and impossible values are refused before any work starts: every number must "
         "lie in its range below, a float must be finite (no NaN or infinity) and an integer "
         "at most `2**53`. Numbers are read as YAML 1.2 reads them (`010` is ten, `3e-4` a "

@@ -246,6 +246,15 @@ def test_extends_cycle_of_two_and_three(tmp_path, monkeypatch, capsys):
     )
 
 
+def test_extends_file_next_to_the_recipe(tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    write(tmp_path / "recipes" / "base.yaml", "extends: quickstart\ntrain:\n  max_steps: 9\n")
+    write(tmp_path / "recipes" / "mine.yaml", "extends: base.yaml\nmodel:\n  n_layers: 2\n")
+    monkeypatch.chdir(tmp_path)  # base.yaml is not in the working folder
+    cfg = load_config("recipes/mine.yaml")
+    assert (cfg.train.max_steps, cfg.model.n_layers, cfg.name) == (9, 2, "quickstart")
+
+
 def test_extends_missing_parent_names_it_and_the_referrer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write(tmp_path / "a.yaml", "extends: nowhere.yaml\n")

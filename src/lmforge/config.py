@@ -750,6 +750,15 @@ def _recipe_text(recipe: str, referrer: str) -> tuple[str, str, str]:
     return res.read_text(encoding="utf-8"), f"recipe '{recipe}'", f"builtin:{recipe}"
 
 
+def _beside(parent: str, where: str, identity: str) -> str:
+    """`extends: FILE` names a file next to the recipe that extends it, or (as before this
+    was so) one relative to the working folder."""
+    candidate = Path(where).parent / parent
+    if identity.startswith("builtin:") or Path(parent).is_absolute() or not candidate.is_file():
+        return parent
+    return str(candidate)
+
+
 def _read_recipe(recipe: str, chain: tuple[tuple[str, str], ...] = ()) -> tuple[dict, str]:
     """Read a recipe by path or built-in name; `extends: NAME` layers it on another.
 
@@ -770,7 +779,7 @@ def _read_recipe(recipe: str, chain: tuple[tuple[str, str], ...] = ()) -> tuple[
     if parent is not None:
         if not isinstance(parent, str) or not parent:
             raise ConfigError(f"{where}: extends: {quote(parent)} should be a recipe name or file")
-        base, _ = _read_recipe(parent, chain)
+        base, _ = _read_recipe(_beside(parent, where, identity), chain)
         data = _merge(base, data)
     return data, where
 
