@@ -313,6 +313,16 @@ def test_alias_bomb_as_an_override_is_refused():
     assert len(str(err.value)) < 300
 
 
+def test_duplicate_keys_are_refused(tmp_path):
+    path = write(
+        tmp_path / "r.yaml", "train:\n  lr: 1.0e-3\nmodel:\n  n_layers: 2\ntrain:\n  max_steps: 5\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"r\.yaml, line 5, column 1: .*key 'train' appears twice"
+    ):
+        load_config(path)  # YAML 1.1 loaders keep the second train: and drop lr silently
+
+
 def test_modest_anchors_still_work(tmp_path):
     path = write(tmp_path / "r.yaml", "eval:\n  prompts: &p [a, b]\nbias:\n  axes: *p\n")
     assert load_config(path).bias.axes == ["a", "b"]

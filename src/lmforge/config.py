@@ -542,6 +542,18 @@ class _BoundedLoader(yaml.SafeLoader):
     def _refuse(self, problem: str) -> typing.NoReturn:
         raise _Refused(None, None, problem, self.peek_event().start_mark)
 
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        """YAML forbids a key twice in one mapping; PyYAML keeps the last silently, so a
+        recipe with two `train:` sections would lose the first."""
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in seen:
+                    raise _Refused(
+                        None, None, f"key {quote(key.value)} appears twice", key.start_mark
+                    )
+                seen.add(key.value)
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             target = self.anchors.get(self.peek_event().anchor)
@@ -556,6 +568,7 @@ class _BoundedLoader(yaml.SafeLoader):
         children = node.value if isinstance(node, yaml.SequenceNode) else []
         if isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
+            self._refuse_duplicate_keys(node)
         size = 1 + sum(self._sizes[id(c)] for c in children)
         if size > MAX_YAML_NODES:
             self._refuse(f"more than {MAX_YAML_NODES:,} values once aliases are expanded")
