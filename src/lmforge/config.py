@@ -98,7 +98,7 @@ class Range:
         if isinstance(value, float) and not math.isfinite(value):
             return "is not a finite number"
         if isinstance(value, int) and abs(value) > MAX_INT:
-            return f"is too large (at most 2**53 = {MAX_INT})"
+            return "is too large in magnitude (integers are within ±2**53)"
         inside = (
             (self.ge is None or value >= self.ge)
             and (self.gt is None or value > self.gt)
@@ -146,8 +146,8 @@ def numeric_fields(cls: Any, prefix: str = "") -> Iterator[tuple[str, dataclasse
 
 
 def _check_field(f: dataclasses.Field, value: Any, key: str, where: str) -> None:
-    rng = range_of(f)
-    if rng is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    rng = range_of(f) or Range()  # a numeric key without a range must still be finite
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     problem = rng.problem(value)
     if problem:
