@@ -523,7 +523,7 @@ class _Refused(yaml.composer.ComposerError):
 
 
 class _RefusedYAML(ConfigError):
-    pass
+    """A recipe or override value refused by _BoundedLoader (never read as plain text)."""
 
 
 class _BoundedLoader(yaml.SafeLoader):
