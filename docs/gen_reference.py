@@ -136,7 +136,9 @@ def _cell(text: str) -> str:
 
 
 def _table(cls: Any, prefix: str, docs: dict[str, dict[str, tuple[str, str]]]) -> list[str]:
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    from lmforge.config import range_of
+
+    rows = ["| key | type | default | range | meaning |", "|---|---|---|---|---|"]
     nested: list[tuple[str, Any]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -146,9 +148,11 @@ def _table(cls: Any, prefix: str, docs: dict[str, dict[str, tuple[str, str]]]) -
         if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
             nested.append((f"{prefix}{f.name}[]", args[0]))
             comment = f"{comment} A list of entries, see `{prefix}{f.name}[]` below.".strip()
+        rng = range_of(f)
+        valid = f"`{rng.describe()}`" if rng else ""
         rows.append(
             f"| `{prefix}{f.name}` | `{_cell(annotation)}` | {_cell(_show(_default(f)))} "
-            f"| {_cell(comment)} |"
+            f"| {_cell(valid)} | {_cell(comment)} |"
         )
     out = [*rows, ""]
     for name, sub in nested:
@@ -168,8 +172,11 @@ def config_markdown() -> str:
         "",
         "A recipe is a YAML file with these sections; any key can be overridden on the "
         "command line as `--section.key=value`, and `extends: RECIPE` layers a recipe on "
-        "another. `lmforge config RECIPE` prints the resolved tree. Unknown keys, wrong "
-        "types and impossible values are refused before any work starts.",
+        "another (a built-in name, or a file found next to the recipe that extends it). `lmforge config RECIPE` prints the resolved tree. Unknown keys, wrong "
+        "types and impossible values are refused before any work starts: every number must "
+        "lie in its range below, a float must be finite (no NaN or infinity) and an integer "
+        "at most `2**53`. Numbers are read as YAML 1.2 reads them (`010` is ten, `3e-4` a "
+        "number); on the command line only decimal numbers are accepted.",
         "",
         "| key | type | default |",
         "|---|---|---|",

@@ -6,14 +6,24 @@ YAML files with the same shape; the command line overrides any leaf with a dotte
 key (``--train.lr=3e-4 --model.n_layers=6``). Everything is checked before any
 work starts: unknown keys, wrong types and impossible values raise
 :class:`ConfigError` naming the key and the file it came from.
+
+Every numeric key declares its valid range next to its field (``num(default, ge=1)``);
+one checker (:func:`check_ranges`) enforces them all, floats must also be finite, and
+integers fit in 2**53 (exact in JSON and float arithmetic). The few rules that tie
+several keys together are the small functions in ``CROSS_KEY_RULES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
+import re
+import reprlib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,9 +31,141 @@ from typing import Any, Literal
 
 import yaml
 
+# A recipe is a few kB; these bounds keep a hostile or broken file (a YAML "billion
+# laughs" alias bomb, a 10,000-deep nesting) from costing more than milliseconds.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # values after expanding aliases
+MAX_YAML_DEPTH = 64
+MAX_EXTENDS = 32
+MAX_INT = 2**53
+MAX_MESSAGE_CHARS = 1000
+
 
 class ConfigError(ValueError):
-    """A recipe or override is wrong; the message names the key and where it came from."""
+    """A recipe or override is wrong; the message names the key and where it came from.
+
+    The message is always one line of bounded length, whatever was quoted into it.
+    """
+
+    def __init__(self, message: str):
+        line = " ".join(str(message).split())
+        if len(line) > MAX_MESSAGE_CHARS:
+            line = line[: MAX_MESSAGE_CHARS - 1] + "…"
+        super().__init__(line)
+
+
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
+def quote(value: Any, limit: int = 80) -> str:
+    """`value` as it should appear in a message: its repr, cut to about `limit` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}…({len(value)} chars)"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# ----------------------------------------------------------------------------- ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: bounds (open or closed) and, for floats, finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def describe(self) -> str:
+        lo = self.ge if self.ge is not None else self.gt
+        hi = self.le if self.le is not None else self.lt
+        if lo is not None and hi is not None:
+            left, right = "[" if self.ge is not None else "(", "]" if self.le is not None else ")"
+            return f"in {left}{_num(lo)}, {_num(hi)}{right}"
+        if lo is not None:
+            return f"{'>=' if self.ge is not None else '>'} {_num(lo)}"
+        if hi is not None:
+            return f"{'<=' if self.le is not None else '<'} {_num(hi)}"
+        return "any number"
+
+    def problem(self, value: float) -> str:
+        """Why `value` is outside the range ('' when it is inside)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "is not a finite number"
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            return "is too large in magnitude (integers are within ±2**53)"
+        inside = (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+        return "" if inside else "is out of range"
+
+
+def _num(x: float) -> str:
+    if isinstance(x, int) and x >= 2**16 and x & (x - 1) == 0:
+        return f"2**{x.bit_length() - 1}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def num(
+    default: float,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A numeric field with its valid range, e.g. ``n_layers: int = num(4, ge=1)``."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt)})
+
+
+def range_of(f: dataclasses.Field) -> Range | None:
+    """The declared range of a field (None for a field that is not numeric)."""
+    return f.metadata.get("range")
+
+
+def numeric_fields(cls: Any, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type) of every int/float leaf in the tree under `cls`."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, f"{key}.")
+        elif typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            yield from numeric_fields(args[0], f"{key}[].")
+        elif tp in (int, float):
+            yield key, f, tp
+
+
+def _check_field(f: dataclasses.Field, value: Any, key: str, where: str) -> None:
+    rng = range_of(f) or Range()  # a numeric key without a range must still be finite
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    problem = rng.problem(value)
+    if problem:
+        raise ConfigError(f"{where}: {key}: {quote(value)} {problem} (expected {rng.describe()})")
+
+
+def check_ranges(obj: Any, where: str, prefix: str = "") -> None:
+    """Check every declared range in the dataclass tree `obj` (the one place that does)."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    check_ranges(item, where, f"{key}[{i}].")
+        else:
+            _check_field(f, value, key, where)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -37,12 +179,12 @@ class DataConfig:
     # of text, or document shards (JSONL / JSONL.zst with a "text" field).
     sources: list[str] = field(default_factory=lambda: ["python-stdlib"])
     # Fraction of documents held out for validation (split by document id, deterministic).
-    val_fraction: float = 0.05
+    val_fraction: float = num(0.05, ge=0, lt=1)
     # "document": hold out whole documents (by id hash); "tail": the last val_fraction of
     # each document (nanoGPT's split of one file).
     split: Literal["document", "tail"] = "document"
     # Stop reading sources after this many bytes of text (0 = no limit).
-    max_bytes: int = 0
+    max_bytes: int = num(0, ge=0)
     # Prepared token shards to train on; when empty, `tokenize` writes them into the run folder.
     tokens_dir: str = ""
 
@@ -52,11 +194,11 @@ class TokenizerConfig:
     """Byte-level BPE (HF `tokenizers`) or a character vocabulary (for nanoGPT comparisons)."""
 
     kind: Literal["bpe", "char"] = "bpe"
-    vocab_size: int = 4096
+    vocab_size: int = num(4096, ge=1, le=2**32)
     # Use an existing tokenizer.json instead of training one.
     path: str = ""
     # Train the tokenizer on at most this many bytes of text (0 = all).
-    train_bytes: int = 20_000_000
+    train_bytes: int = num(20_000_000, ge=0)
 
 
 @dataclass
@@ -65,13 +207,14 @@ class ModelConfig:
 
     # A named shape from `lmforge.model.presets`; explicit fields below still override it.
     preset: str = ""
-    vocab_size: int = 0  # 0 = take it from the tokenizer
-    context_length: int = 256
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0 = n_heads (MHA); 1 = MQA; between = GQA
-    d_ff: int = 0  # 0 = derived: 4*d for GELU, 8/3*d rounded to a multiple of 64 for SwiGLU
+    vocab_size: int = num(0, ge=0, le=2**32)  # 0 = take it from the tokenizer
+    context_length: int = num(256, ge=1)
+    n_layers: int = num(4, ge=1)
+    d_model: int = num(256, ge=1)
+    n_heads: int = num(4, ge=1)
+    n_kv_heads: int = num(0, ge=0)  # 0 = n_heads (MHA); 1 = MQA; between = GQA
+    # 0 = derived: 4*d for GELU, 8/3*d rounded to a multiple of 64 for SwiGLU
+    d_ff: int = num(0, ge=0)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     position: Literal["learned", "rope"] = "learned"
     # gelu: the tanh approximation (GPT-2's gelu_new); gelu_exact: the erf form (nanoGPT's
@@ -83,13 +226,13 @@ class ModelConfig:
     bias: bool = False
     # Bias on the q/k/v projection only (Qwen2); `bias` puts one on every linear layer.
     qkv_bias: bool = False
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    dropout: float = num(0.0, ge=0, lt=1)
+    rope_theta: float = num(10000.0, gt=0)
+    norm_eps: float = num(1e-5, gt=0)
     objective: Literal["causal", "masked"] = "causal"
-    init_std: float = 0.02
+    init_std: float = num(0.02, gt=0)
     # Logit soft-capping, cap·tanh(logits/cap) (Gemma 2; modded-nanogpt); 0 = off.
-    logit_softcap: float = 0.0
+    logit_softcap: float = num(0.0, ge=0)
     # Zero-initialise the residual output projections (attn.proj, mlp.down), so each block
     # starts as the identity (modded-nanogpt); False keeps GPT-2's scaled N(0, σ/√(2L)).
     zero_init_proj: bool = False
@@ -99,27 +242,27 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation loop shared by pre-training and fine-tuning."""
 
-    max_steps: int = 1000
+    max_steps: int = num(1000, ge=1)
     # Global tokens per optimizer step; gradient accumulation is derived from it.
-    tokens_per_step: int = 8192
-    micro_batch_size: int = 8
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
+    tokens_per_step: int = num(8192, ge=1)
+    micro_batch_size: int = num(8, ge=1)
+    lr: float = num(1e-3, gt=0)
+    min_lr_ratio: float = num(0.1, ge=0, le=1)
+    warmup_steps: int = num(50, ge=0)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     # warmup-stable-decay: the last `decay_fraction` of steps decay linearly to min_lr.
-    decay_fraction: float = 0.2
+    decay_fraction: float = num(0.2, gt=0, le=1)
     # muon: Muon (Jordan et al. 2024) on the blocks' weight matrices, AdamW (lr, betas,
     # weight_decay below) on embeddings, head, norms and biases; see lmforge.train.optim.
     optimizer: Literal["adamw", "muon"] = "adamw"
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    muon_weight_decay: float = 0.0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    muon_lr: float = num(0.02, gt=0)
+    muon_momentum: float = num(0.95, ge=0, lt=1)
+    muon_weight_decay: float = num(0.0, ge=0)
+    weight_decay: float = num(0.1, ge=0)
+    beta1: float = num(0.9, ge=0, lt=1)
+    beta2: float = num(0.95, ge=0, lt=1)
+    eps: float = num(1e-8, gt=0)
+    grad_clip: float = num(1.0, ge=0)  # max global gradient norm; 0 = no clipping
     # "bf16" = bf16 autocast (fp32 weights and optimizer state). "bf16-pure" = a bf16
     # copy of the model computes (weights, activations and the residual stream in bf16,
     # no autocast casts), fp32 master weights take the optimizer steps and fill the
@@ -137,33 +280,33 @@ class TrainConfig:
     # ≈ 5% faster side by side, after ≈ 30 s of compiling (≈ 3 s once inductor's disk
     # cache holds the graphs) (BENCHMARKS.md, issue 13 goal 1).
     compile: bool = False
-    seed: int = 1337
-    threads: int = 0  # 0 = leave torch's default
+    seed: int = num(1337, ge=0)
+    threads: int = num(0, ge=0, le=4096)  # 0 = leave torch's default
     # `lmforge pretrain` on a CPU: train in this many single-threaded processes (DDP over
     # gloo, the same global batch) instead of one multi-threaded one; 0 = one per usable
     # core; train.threads is then the threads of all processes together. Faster for small
     # models on a machine shared with other jobs, slower on a quiet one
     # (lmforge.train.launch); 1 = one process.
-    cpu_processes: int = 1
-    log_every: int = 10
-    eval_every: int = 250
-    eval_tokens: int = 65536
-    checkpoint_every: int = 250
-    keep_last: int = 3
+    cpu_processes: int = num(1, ge=0, le=1024)
+    log_every: int = num(10, ge=1)
+    eval_every: int = num(250, ge=1)
+    eval_tokens: int = num(65536, ge=1)
+    checkpoint_every: int = num(250, ge=1)
+    keep_last: int = num(3, ge=1)
     # Stop after this many consecutive non-finite steps, leaving the last good checkpoint.
-    max_bad_steps: int = 5
+    max_bad_steps: int = num(5, ge=1)
     # Loss-spike guard. "skip" drops the update of a step whose (finite) loss exceeds
     # spike_factor × the running mean of accepted losses (an EMA, active after
     # spike_warmup accepted steps); the skip is counted, and spikes count towards
     # max_bad_steps. "none" leaves training exactly as without the guard.
     spike_policy: Literal["none", "skip"] = "none"
-    spike_factor: float = 3.0
-    spike_warmup: int = 20
+    spike_factor: float = num(3.0, gt=1)
+    spike_warmup: int = num(20, ge=0)
     # Wall-clock budget in seconds for one invocation (0 = none): training stops cleanly,
     # checkpointing first; `--resume auto` continues with a fresh budget.
-    max_time_s: float = 0.0
+    max_time_s: float = num(0.0, ge=0)
     # Peak FLOP/s for MFU; 0 = measure a matmul peak at start (CPU) or use the GPU table.
-    peak_flops: float = 0.0
+    peak_flops: float = num(0.0, ge=0)
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = False
     # Scale-out (see `lmforge.train.parallel` and docs/distributed.md). "ddp" replicates the
@@ -175,22 +318,22 @@ class TrainConfig:
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3)
     fsdp_cpu_offload: bool = False  # keep sharded weights, grads and optimizer state on CPU
     # A collective waiting longer than this (a dead or stuck rank) fails the job.
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: float = num(600.0, gt=0, le=30 * 86_400)
 
 
 @dataclass
 class EvalConfig:
     """Evaluation after training."""
 
-    samples: int = 3
-    sample_tokens: int = 160
-    temperature: float = 0.8
-    top_k: int = 50
+    samples: int = num(3, ge=0)
+    sample_tokens: int = num(160, ge=0)
+    temperature: float = num(0.8, ge=0)
+    top_k: int = num(50, ge=0)
     prompts: list[str] = field(default_factory=list)
     # Tasks of `lmforge.eval.tasks` run by `lmforge run` on every model of the run
     # ("ppl" scores the run's validation documents); see `lmforge eval --help`.
     tasks: list[str] = field(default_factory=lambda: ["ppl"])
-    limit: int = 200  # examples (or validation documents) per task; 0 = all
+    limit: int = num(200, ge=0)  # examples (or validation documents) per task; 0 = all
 
 
 @dataclass
@@ -199,14 +342,14 @@ class BiasConfig:
 
     # "crows_pairs" (shared copy) or [NAME=]PATH of CSV/JSONL minimal pairs
     benchmarks: list[str] = field(default_factory=lambda: ["crows_pairs"])
-    limit: int = 0  # first N sets per benchmark (0 = all)
+    limit: int = num(0, ge=0)  # first N sets per benchmark (0 = all)
     probes: bool = True  # template probes (occupations, traits, continuations)
     axes: list[str] = field(default_factory=list)  # probe axes; empty = all
-    samples: int = 3  # continuations per prompt: 1 greedy + (samples - 1) sampled
-    max_new_tokens: int = 24
+    samples: int = num(3, ge=0)  # continuations per prompt: 1 greedy + (samples - 1) sampled
+    max_new_tokens: int = num(24, ge=1)
     lexicon: str = ""  # YAML/JSON word lists (default: lmforge.bias.lexicon)
     probe_spec: str = ""  # YAML/JSON probe subjects and templates
-    seed: int = 0
+    seed: int = num(0, ge=0)
 
 
 @dataclass
@@ -225,23 +368,24 @@ class FinetuneConfig:
     # lmforge checkpoint or run folder, or a HF model folder; "" = a new model from `model`.
     init: str = ""
     method: Literal["full", "lora"] = "full"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    lora_rank: int = num(8, ge=1)
+    lora_alpha: float = num(16.0, gt=0)
+    lora_dropout: float = num(0.0, ge=0, lt=1)
     lora_targets: list[str] = field(
         default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.up", "mlp.down"]
     )
     # Parameter names or prefixes to keep frozen in full fine-tuning (e.g. tok_emb, blocks.0).
     freeze: list[str] = field(default_factory=list)
-    max_examples: int = 0  # per split; 0 = all
+    max_examples: int = num(0, ge=0)  # per split; 0 = all
     # Greedy generations scored with the task metric at each evaluation (0 = loss only).
-    eval_examples: int = 100
-    max_new_tokens: int = 64
-    # Replace train.max_steps / train.lr / train.tokens_per_step when fine-tuning (0 = keep),
-    # so one recipe can hold both the pre-training and the fine-tuning schedule.
-    max_steps: int = 0
-    lr: float = 0.0
-    tokens_per_step: int = 0
+    eval_examples: int = num(100, ge=0)
+    max_new_tokens: int = num(64, ge=1)
+    # Fine-tuning's own schedule, so one recipe can hold both: each replaces its train.*
+    # namesake in the fine-tuning stage; 0 = inherit it (fine-tuning then runs with
+    # train.max_steps / train.lr / train.tokens_per_step).
+    max_steps: int = num(0, ge=0)  # 0 = train.max_steps
+    lr: float = num(0.0, ge=0)  # 0 = train.lr
+    tokens_per_step: int = num(0, ge=0)  # 0 = train.tokens_per_step
 
 
 RUN_STAGES = (
@@ -299,7 +443,7 @@ class PrepareSource:
     id_field: str = ""  # record field holding a stable id (default: file:line)
     include: list[str] = field(default_factory=list)  # globs on relative paths; empty = all
     exclude: list[str] = field(default_factory=list)
-    weight: float = 1.0  # mixing weight: < 1 down-samples, > 1 repeats documents
+    weight: float = num(1.0, ge=0)  # mixing weight: < 1 down-samples, > 1 repeats documents
     hf_split: str = "train"
 
 
@@ -310,48 +454,48 @@ class PrepareConfig:
     sources: list[PrepareSource] = field(default_factory=list)
     output: str = ""  # default: <output.dir>/prepared; train on <output>/shards
     executor: Literal["local", "ray"] = "local"
-    workers: int = 0  # 0 = one per CPU core
-    task_bytes: int = 8_000_000  # input files are grouped into tasks of about this size
-    seed: int = 0  # for mixing (down/up-sampling) decisions
+    workers: int = num(0, ge=0, le=4096)  # 0 = one per CPU core
+    task_bytes: int = num(8_000_000, ge=1)  # input files are grouped into tasks of about this size
+    seed: int = num(0, ge=0)  # for mixing (down/up-sampling) decisions
     write_exclusions: bool = True  # keep dropped documents, with their reason
-    max_file_bytes: int = 64_000_000  # larger inputs are skipped (counted)
-    max_line_bytes: int = 8_000_000  # longer JSONL/CSV lines are skipped (counted)
+    max_file_bytes: int = num(64_000_000, ge=1)  # larger inputs are skipped (counted)
+    max_line_bytes: int = num(8_000_000, ge=1)  # longer JSONL/CSV lines are skipped (counted)
     # cleaning
     fix_unicode: bool = True  # ftfy on prose
     strip_boilerplate: bool = True  # Project Gutenberg headers / licence footers
     # filters (0 disables a bound)
-    min_chars: int = 200
-    max_chars: int = 0
+    min_chars: int = num(200, ge=0)
+    max_chars: int = num(0, ge=0)
     quality: bool = True  # Gopher quality heuristics (prose)
-    max_words: int = 0  # Gopher used 100,000 for web pages; books are longer
+    max_words: int = num(0, ge=0)  # Gopher used 100,000 for web pages; books are longer
     repetition: bool = True  # Gopher repetition heuristics (prose)
     languages: list[str] = field(default_factory=lambda: ["en"])  # empty = keep any
-    min_language_score: float = 0.5
-    max_flagged_word_ratio: float = 0.01  # word-list adult/toxic filter
+    min_language_score: float = num(0.5, ge=0, le=1)
+    max_flagged_word_ratio: float = num(0.01, ge=0, le=1)  # word-list adult/toxic filter
     code_filters: bool = True
     # PII
     pii: bool = True
     # deduplication
     dedup_exact: bool = True
     dedup_minhash: bool = True
-    minhash_threshold: float = 0.8
-    shingle_size: int = 5
-    num_perm: int = 128
-    bands: int = 0  # 0 = derived from threshold and num_perm
+    minhash_threshold: float = num(0.8, gt=0, le=1)
+    shingle_size: int = num(5, ge=1)
+    num_perm: int = num(128, ge=1)
+    bands: int = num(0, ge=0)  # 0 = derived from threshold and num_perm
     # decontamination: "hellaswag", "crows_pairs", or PATH[:FIELD] of a JSONL/text eval split
     decontaminate: list[str] = field(default_factory=list)
-    decontam_ngram: int = 13  # GPT-3 (Brown et al. 2020, app. C) used 13-grams
+    decontam_ngram: int = num(13, ge=1)  # GPT-3 (Brown et al. 2020, app. C) used 13-grams
     decontam_action: Literal["drop", "flag"] = "drop"
     # bias (lmforge.bias), after deduplication: counterfactual data augmentation of a
     # fraction of the documents ("add" a swapped copy, or "replace" the original), and
     # term/co-occurrence statistics written into data_report.json ("bias" section)
-    cda_ratio: float = 0.0  # 0 = off
+    cda_ratio: float = num(0.0, ge=0, le=1)  # 0 = off
     cda_mode: Literal["add", "replace"] = "add"
     cda_axes: list[str] = field(default_factory=lambda: ["gender"])
     cda_names: bool = False  # also swap given names (capitalised only)
     bias_lexicon: str = ""  # YAML/JSON word lists (default: lmforge.bias.lexicon)
     bias_statistics: bool = True
-    bias_window: int = 0  # co-occurrence within N words (0 = within a sentence)
+    bias_window: int = num(0, ge=0)  # co-occurrence within N words (0 = within a sentence)
 
 
 @dataclass
@@ -371,11 +515,141 @@ class Config:
     bias: BiasConfig = field(default_factory=BiasConfig)
 
 
+# ----------------------------------------------------------------------------- YAML
+
+
+class _Refused(yaml.composer.ComposerError):
+    """YAML that parses but exceeds a bound (too deep, too many values, recursive)."""
+
+
+class _RefusedYAML(ConfigError):
+    """A recipe or override value refused by _BoundedLoader (never read as plain text)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents too deep or too large once aliases expand.
+
+    Aliases point at one shared node, so composing a "billion laughs" file is cheap; it
+    is every later walk over the values (merging, checking, quoting) that explodes. Each
+    composed node's expanded size is recorded; an alias adds the size of its target.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}
+
+    def _refuse(self, problem: str) -> typing.NoReturn:
+        raise _Refused(None, None, problem, self.peek_event().start_mark)
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        """YAML forbids a key twice in one mapping; PyYAML keeps the last silently, so a
+        recipe with two `train:` sections would lose the first."""
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                if key.value in seen:
+                    raise _Refused(
+                        None, None, f"key {quote(key.value)} appears twice", key.start_mark
+                    )
+                seen.add(key.value)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            target = self.anchors.get(self.peek_event().anchor)
+            if target is not None and id(target) not in self._sizes:
+                self._refuse("an alias refers to the value that contains it")
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            self._refuse(f"values nested more than {MAX_YAML_DEPTH} deep")
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+            self._refuse_duplicate_keys(node)
+        size = 1 + sum(self._sizes[id(c)] for c in children)
+        if size > MAX_YAML_NODES:
+            self._refuse(f"more than {MAX_YAML_NODES:,} values once aliases are expanded")
+        self._sizes[id(node)] = size
+        return node
+
+
+# Numbers as YAML 1.2 reads them. PyYAML follows YAML 1.1, where `010` is octal 8, `1:30`
+# is 90 (base 60) and `3e-4` (no dot) is text: surprises in a recipe.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_BoundedLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_BoundedLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789")
+)
+_BoundedLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    base = {"0x": 16, "0o": 8}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
+_BoundedLoader.add_constructor(_INT, _construct_int)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """Parse YAML safely (plain data only) within bounds; errors become one-line ConfigErrors."""
+    loader = None
+    try:
+        loader = _BoundedLoader(text)  # its reader already refuses control characters
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({exc.context})" if exc.context else ""
+        error = _RefusedYAML if isinstance(exc, _Refused) else ConfigError
+        raise error(f"{where}{at}: not valid YAML: {exc.problem}{context}") from None
+    except (yaml.YAMLError, ValueError, OverflowError) as exc:  # e.g. a 5,000-digit integer
+        raise ConfigError(f"{where}: not valid YAML: {quote(str(exc))}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 # ----------------------------------------------------------------------------- building
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce_number(value: Any, tp: type, key: str, where: str) -> Any:
+    """An int or float for a numeric key (int → float widening, integral float → int)."""
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key}: {quote(value)} should be an integer")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: {key}: {quote(value)} should be a number")
+    try:
+        return float(value) + 0.0  # + 0.0 turns -0.0 into 0.0
+    except OverflowError:
+        raise ConfigError(f"{where}: {key}: {quote(value)} is too large for a number") from None
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -385,7 +659,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if origin is Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: {key} = {value!r} is not one of {choices}")
+            raise ConfigError(f"{where}: {key}: {quote(value)} is not one of {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
         for arg in args:
@@ -393,53 +667,52 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _coerce(value, arg, key, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {key} = {value!r} should be {_type_name(tp)}")
+        raise ConfigError(f"{where}: {key}: {quote(value)} should be {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, list):
-            if isinstance(value, str):  # a single string where a list is expected
-                value = [value]
-            else:
-                raise ConfigError(f"{where}: {key} = {value!r} should be a list")
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: {key}: {quote(value)} should be a list")
+            value = [value]  # a single string where a list is expected
         return [_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)]
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{where}: {key} should be null")
+            raise ConfigError(f"{where}: {key}: {quote(value)} should be null")
         return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} = {value!r} should be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: {key} = {value!r} should be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {key} = {value!r} should be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} = {value!r} should be a string")
-        return value
+    if tp in (int, float):
+        return _coerce_number(value, tp, key, where)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}: {quote(value)} should be true or false")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: {key}: {quote(value)} should be a string")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} should be a mapping of settings")
+            raise ConfigError(f"{where}: {key}: {quote(value)} should be a mapping of settings")
         return _build(tp, value, key, where)
     return value
 
 
+def _unknown_key(key: str, full: str, names: set[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), sorted(names), n=1)
+    if close:
+        hint = f"did you mean '{close[0]}'?"
+    elif len(names) <= 12:
+        hint = f"known here: {', '.join(sorted(names))}"
+    else:
+        hint = "`lmforge config` lists the keys"
+    return ConfigError(f"{where}: unknown key {quote(full)} ({hint})")
+
+
 def _build(cls: Any, values: dict[str, Any], prefix: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    """The dataclass `cls` from `values`: types coerced and ranges checked, key by key."""
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"{where}: unknown key '{full}' (known here: {known})")
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise _unknown_key(key, full, set(fields), where)
         kwargs[key] = _coerce(value, hints[key], full, where)
+        _check_field(fields[key], kwargs[key], full, where)
     return cls(**kwargs)
 
 
@@ -458,74 +731,134 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------- recipes
+
+
 def builtin_recipes() -> list[str]:
     """Names of the recipes shipped inside the package."""
     folder = resources.files("lmforge") / "recipes"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_recipe(recipe: str) -> tuple[dict[str, Any], str]:
-    """Read a recipe by path or built-in name; `extends: NAME` layers it on another."""
+def _recipe_text(recipe: str, referrer: str) -> tuple[str, str, str]:
+    """(text, name for messages, identity for cycle detection) of a recipe path or name."""
     path = Path(recipe)
+    by = f" (extends: in {referrer})" if referrer else ""
     if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.exists():
-            raise ConfigError(f"recipe file not found: {recipe}")
-        text, where = path.read_text(encoding="utf-8"), str(path)
-    else:
-        res = resources.files("lmforge") / "recipes" / f"{recipe}.yaml"
-        if not res.is_file():
-            names = ", ".join(builtin_recipes())
-            raise ConfigError(
-                f"no recipe file or built-in recipe named '{recipe}' (built-in: {names})"
-            )
-        text, where = res.read_text(encoding="utf-8"), f"recipe '{recipe}'"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {quote(recipe)}{by}")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"{recipe}: larger than {MAX_RECIPE_BYTES:,} bytes; not a recipe")
+        try:
+            return path.read_text(encoding="utf-8"), recipe, str(path.resolve())
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"{recipe}: cannot read the recipe: {reason}") from None
+    res = resources.files("lmforge") / "recipes" / f"{recipe}.yaml"
+    if not res.is_file():
+        names = ", ".join(builtin_recipes())
+        raise ConfigError(
+            f"no recipe file or built-in recipe named {quote(recipe)}{by} (built-in: {names})"
+        )
+    return res.read_text(encoding="utf-8"), f"recipe '{recipe}'", f"builtin:{recipe}"
+
+
+def _beside(parent: str, where: str, identity: str) -> str:
+    """`extends: FILE` names a file next to the recipe that extends it, or (as before this
+    was so) one relative to the working folder."""
+    candidate = Path(where).parent / parent
+    if identity.startswith("builtin:") or Path(parent).is_absolute() or not candidate.is_file():
+        return parent
+    return str(candidate)
+
+
+def _read_recipe(recipe: str, chain: tuple[tuple[str, str], ...] = ()) -> tuple[dict, str]:
+    """Read a recipe by path or built-in name; `extends: NAME` layers it on another.
+
+    `chain` holds (name, identity) of the recipes that extend this one, to name a cycle.
+    """
+    text, where, identity = _recipe_text(recipe, chain[-1][0] if chain else "")
+    chain = (*chain, (where, identity))
+    if identity in [ident for _, ident in chain[:-1]]:
+        start = [ident for _, ident in chain].index(identity)
+        names = " -> ".join(name for name, _ in chain[start:])
+        raise ConfigError(f"recipes extend each other in a cycle: {names}")
+    if len(chain) > MAX_EXTENDS:
+        raise ConfigError(f"{where}: more than {MAX_EXTENDS} recipes deep in extends:")
+    data = _load_yaml(text, where) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: a recipe must be a mapping of sections")
     parent = data.pop("extends", None)
-    if parent:
-        base, _ = _read_recipe(str(parent))
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{where}: extends: {quote(parent)} should be a recipe name or file")
+        base, _ = _read_recipe(_beside(parent, where, identity), chain)
         data = _merge(base, data)
     return data, where
+
+
+# ----------------------------------------------------------------------------- overrides
+
+_DECIMAL_INT = re.compile(r"[+-]?[0-9][0-9_]*")
+_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9][0-9_]*)([eE][+-]?[0-9]+)?")
+_NON_FINITE = re.compile(r"[+-]?\.?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _override_value(raw: str, key: str) -> Any:
+    """The value of `--key=raw`: a decimal number, or a YAML scalar/list, or the raw text."""
+    where = f"command line: {key}"
+    text = raw.strip()
+    if _DECIMAL_INT.fullmatch(text):
+        try:
+            return int(text)
+        except ValueError:  # Python refuses int() of more than 4,300 digits
+            raise ConfigError(f"{where}: {quote(raw)} has too many digits") from None
+    if _DECIMAL_FLOAT.fullmatch(text) or _NON_FINITE.fullmatch(text):
+        value = float(text.replace(".nan", "nan").replace(".inf", "inf"))
+        if math.isinf(value) and not _NON_FINITE.fullmatch(text):
+            raise ConfigError(f"{where}: {quote(raw)} is too large for a number")
+        return value
+    if raw == "":
+        return ""
+    try:
+        value = _load_yaml(raw, where)
+    except _RefusedYAML:
+        raise
+    except ConfigError:
+        return raw  # not YAML: the text itself
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # YAML 1.1 reads 0x10, 010 (octal), 0b11 and 1:30 (base 60) as numbers: refuse them
+        raise ConfigError(f"{where}: {quote(raw)} is not a decimal number")
+    return value
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ``["train.lr=3e-4", "--model.n_layers=6"]`` into a nested dict.
 
-    Values are read as YAML scalars, so ``true``, ``3e-4`` and ``[a, b]`` work.
+    Decimal numbers (``3e-4``, ``1_000``, ``nan``) are read as Python reads them; anything
+    else as YAML (``true``, ``[a, b]``, ``null``), or as text when it is not YAML.
     """
     out: dict[str, Any] = {}
     for item in items:
         text = item[2:] if item.startswith("--") else item
         if "=" not in text:
-            raise ConfigError(f"override '{item}' should look like --section.key=value")
+            raise ConfigError(f"override {quote(item)} should look like --section.key=value")
         key, raw = text.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-4" as a string; accept the number forms people type.
-            for number in (int, float):
-                try:
-                    value = number(raw)
-                    break
-                except ValueError:
-                    continue
-        node = out
         parts = key.split(".")
         if not all(p.strip() for p in parts):
-            raise ConfigError(f"override '{item}' has an empty key (use --section.key=value)")
+            raise ConfigError(f"override {quote(item)} has an empty key (use --section.key=value)")
+        value = _override_value(raw, key)
+        node = out
         for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):  # e.g. --train=5 --train.lr=3e-4
                 prefix = ".".join(parts[: i + 1])
-                raise ConfigError(f"override '{item}': '{prefix}' was given a value earlier")
+                raise ConfigError(f"override {quote(item)}: '{prefix}' was given a value earlier")
         node[parts[-1]] = value
     return out
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
@@ -537,6 +870,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
     cfg = _build(Config, data, "", where)
     if overrides:
         cfg = _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", "command line")
+        where = f"{where} with command-line overrides"
     apply_preset(cfg, data, overrides or [])
     explicit = "sources" in (data.get("data") or {}) or "sources" in (
         parse_overrides(overrides or []).get("data") or {}
@@ -586,7 +920,9 @@ def apply_preset(cfg: Config, recipe_data: dict[str, Any], overrides: list[str])
 
     if cfg.model.preset not in PRESETS:
         names = ", ".join(PRESETS)
-        raise ConfigError(f"model.preset = '{cfg.model.preset}' is not a preset (known: {names})")
+        raise ConfigError(
+            f"model.preset: {quote(cfg.model.preset)} is not a preset (known: {names})"
+        )
     explicit = set((recipe_data.get("model") or {}).keys())
     explicit |= set(parse_overrides(overrides).get("model", {}).keys())
     for key, value in PRESETS[cfg.model.preset].items():
@@ -594,105 +930,100 @@ def apply_preset(cfg: Config, recipe_data: dict[str, Any], overrides: list[str])
             setattr(cfg.model, key, value)
 
 
-def validate(cfg: Config, where: str = "config") -> None:
-    """Reject impossible values before any work starts."""
+# ----------------------------------------------------------------------------- cross-key rules
+# Each rule gets the whole config and returns (key, what is wrong) or None; ranges of
+# single keys are declared on the fields and checked by check_ranges.
 
-    def bad(key: str, msg: str) -> None:
-        raise ConfigError(f"{where}: {key} {msg}")
+Problem = tuple[str, str] | None
 
-    m, t = cfg.model, cfg.train
-    for key in ("n_layers", "d_model", "n_heads", "context_length"):
-        if getattr(m, key) <= 0:
-            bad(f"model.{key}", f"= {getattr(m, key)} must be positive")
-    if m.vocab_size < 0:
-        bad("model.vocab_size", "must be positive (or 0 to take it from the tokenizer)")
+
+def _heads_fit(cfg: Config) -> Problem:
+    m = cfg.model
     if m.d_model % m.n_heads:
-        bad("model.n_heads", f"= {m.n_heads} must divide model.d_model = {m.d_model}")
-    kv = m.n_kv_heads or m.n_heads
-    if kv < 0 or m.n_heads % kv:
-        bad("model.n_kv_heads", f"= {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
+        return "model.n_heads", f"= {m.n_heads} must divide model.d_model = {m.d_model}"
+    if m.n_heads % (m.n_kv_heads or m.n_heads):
+        return "model.n_kv_heads", f"= {m.n_kv_heads} must divide model.n_heads = {m.n_heads}"
     if m.position == "rope" and (m.d_model // m.n_heads) % 2:
-        bad("model.position", "= rope needs an even head dimension (d_model / n_heads)")
-    if not 0.0 <= m.dropout < 1.0:
-        bad("model.dropout", f"= {m.dropout} must be in [0, 1)")
-    if m.d_ff < 0:
-        bad("model.d_ff", "must be positive (or 0 to derive it)")
-    if t.lr <= 0 or not math.isfinite(t.lr):
-        bad("train.lr", f"= {t.lr} must be a positive number")
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        bad("train.min_lr_ratio", f"= {t.min_lr_ratio} must be in [0, 1]")
-    if t.max_steps <= 0:
-        bad("train.max_steps", f"= {t.max_steps} must be positive")
-    if t.warmup_steps < 0:
-        bad("train.warmup_steps", "must not be negative")
-    if t.micro_batch_size <= 0:
-        bad("train.micro_batch_size", "must be positive")
-    if t.cpu_processes < 0:
-        bad("train.cpu_processes", "must not be negative (0 = one per core)")
-    if t.tokens_per_step <= 0:
-        bad("train.tokens_per_step", "must be positive")
-    micro_tokens = t.micro_batch_size * m.context_length
-    if t.tokens_per_step % micro_tokens:
-        bad(
-            "train.tokens_per_step",
-            f"= {t.tokens_per_step} must be a multiple of micro_batch_size × context_length "
-            f"= {t.micro_batch_size} × {m.context_length} = {micro_tokens}",
+        return "model.position", (
+            f"= rope needs an even head dimension (model.d_model / model.n_heads = "
+            f"{m.d_model} / {m.n_heads})"
         )
-    if not 0.0 < t.decay_fraction <= 1.0:
-        bad("train.decay_fraction", "must be in (0, 1]")
-    if t.grad_clip < 0:
-        bad("train.grad_clip", "must not be negative (0 disables clipping)")
-    if t.dist_timeout_s <= 0:
-        bad("train.dist_timeout_s", "must be positive")
-    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
-        bad("train.beta1/beta2", "must be in [0, 1)")
-    if t.optimizer == "muon":
-        if t.muon_lr <= 0 or not math.isfinite(t.muon_lr):
-            bad("train.muon_lr", f"= {t.muon_lr} must be a positive number")
-        if not 0.0 <= t.muon_momentum < 1.0:
-            bad("train.muon_momentum", f"= {t.muon_momentum} must be in [0, 1)")
-        if t.parallel == "fsdp":
-            bad(
-                "train.optimizer",
-                "= muon needs whole weight matrices; FSDP shards them (use train.parallel=ddp)",
-            )
-    if m.logit_softcap < 0:
-        bad("model.logit_softcap", f"= {m.logit_softcap} must not be negative (0 = off)")
-    for key in ("log_every", "eval_every", "checkpoint_every", "keep_last", "max_bad_steps"):
-        if getattr(t, key) <= 0:
-            bad(f"train.{key}", "must be positive")
-    if not t.spike_factor > 1.0:
-        bad("train.spike_factor", f"= {t.spike_factor} must be greater than 1")
-    if t.spike_warmup < 0:
-        bad("train.spike_warmup", "must not be negative")
+    return None
+
+
+def _batch_fits(cfg: Config) -> Problem:
+    t, ctx = cfg.train, cfg.model.context_length
+    micro_tokens = t.micro_batch_size * ctx
+    if t.tokens_per_step % micro_tokens:
+        return "train.tokens_per_step", (
+            f"= {t.tokens_per_step} must be a multiple of train.micro_batch_size × "
+            f"model.context_length = {t.micro_batch_size} × {ctx} = {micro_tokens}"
+        )
+    return None
+
+
+def _muon_not_sharded(cfg: Config) -> Problem:
+    if cfg.train.optimizer == "muon" and cfg.train.parallel == "fsdp":
+        return "train.optimizer", (
+            "= muon needs whole weight matrices; FSDP shards them (use train.parallel=ddp)"
+        )
+    return None
+
+
+def _known_names(cfg: Config) -> Problem:
+    if not _DEVICE.fullmatch(cfg.train.device):
+        return (
+            "train.device",
+            f"= {quote(cfg.train.device)} is not auto, cpu, cuda[:N], mps or xpu[:N]",
+        )
     for i, stage in enumerate(cfg.run.stages):
         if stage not in RUN_STAGES:
-            bad(f"run.stages[{i}]", f"= {stage!r} is not a stage ({', '.join(RUN_STAGES)})")
+            return f"run.stages[{i}]", f"= {quote(stage)} is not a stage ({', '.join(RUN_STAGES)})"
     for i, fmt in enumerate(cfg.run.export_formats):
         if fmt not in ("hf", "gguf"):
-            bad(f"run.export_formats[{i}]", f"= {fmt!r} is not 'hf' or 'gguf'")
-    if not 0.0 <= cfg.prepare.cda_ratio <= 1.0:
-        bad("prepare.cda_ratio", f"= {cfg.prepare.cda_ratio} must be in [0, 1]")
-    if cfg.prepare.bias_window < 0:
-        bad("prepare.bias_window", "must not be negative (0 = within a sentence)")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        bad("data.val_fraction", "must be in [0, 1)")
+            return f"run.export_formats[{i}]", f"= {quote(fmt)} is not 'hf' or 'gguf'"
+    return None
+
+
+def _prepare_consistent(cfg: Config) -> Problem:
     pc = cfg.prepare
-    if not 0.0 < pc.minhash_threshold <= 1.0:
-        bad("prepare.minhash_threshold", "must be in (0, 1]")
-    if pc.num_perm <= 0 or pc.shingle_size <= 0 or pc.decontam_ngram <= 0:
-        bad("prepare.num_perm/shingle_size/decontam_ngram", "must be positive")
-    if pc.bands < 0 or (pc.bands and pc.num_perm % pc.bands):
-        bad("prepare.bands", f"= {pc.bands} must divide prepare.num_perm = {pc.num_perm}")
+    if pc.bands and pc.num_perm % pc.bands:
+        return "prepare.bands", f"= {pc.bands} must divide prepare.num_perm = {pc.num_perm}"
     for i, src in enumerate(pc.sources):
         if not src.path:
-            bad(f"prepare.sources[{i}].path", "is required")
-        if src.weight < 0:
-            bad(f"prepare.sources[{i}].weight", "must not be negative")
-    if cfg.tokenizer.kind == "bpe" and not cfg.tokenizer.path and cfg.tokenizer.vocab_size < 300:
-        bad(
-            "tokenizer.vocab_size", "must be at least 300 for byte-level BPE (256 bytes + specials)"
+            return f"prepare.sources[{i}].path", "is required"
+    return None
+
+
+def _bpe_vocab_fits_bytes(cfg: Config) -> Problem:
+    tk = cfg.tokenizer
+    if tk.kind == "bpe" and not tk.path and tk.vocab_size < 300:
+        return "tokenizer.vocab_size", (
+            f"= {tk.vocab_size} must be at least 300 for byte-level BPE (256 bytes + specials)"
         )
+    return None
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?")
+
+CROSS_KEY_RULES = (
+    _heads_fit,
+    _batch_fits,
+    _muon_not_sharded,
+    _known_names,
+    _prepare_consistent,
+    _bpe_vocab_fits_bytes,
+)
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Reject impossible values before any work starts: every declared range, then the
+    rules that tie several keys together."""
+    check_ranges(cfg, where)
+    for rule in CROSS_KEY_RULES:
+        problem = rule(cfg)
+        if problem:
+            raise ConfigError(f"{where}: {problem[0]} {problem[1]}")
 
 
 def dump_yaml(cfg: Config) -> str:
