@@ -228,6 +228,15 @@ class ModelConfig:
     qkv_bias: bool = False
     dropout: float = num(0.0, ge=0, lt=1)
     rope_theta: float = num(10000.0, gt=0)
+    # RoPE frequency scaling for a context longer than the one trained first: "none", or
+    # "llama3" (Llama 3.1+): wavelengths longer than rope_original_context /
+    # rope_low_freq_factor are stretched by rope_factor, shorter than rope_original_context
+    # / rope_high_freq_factor kept, and those between interpolated smoothly.
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = num(8.0, ge=1)
+    rope_low_freq_factor: float = num(1.0, gt=0)
+    rope_high_freq_factor: float = num(4.0, gt=0)
+    rope_original_context: int = num(8192, ge=1)
     norm_eps: float = num(1e-5, gt=0)
     objective: Literal["causal", "masked"] = "causal"
     init_std: float = num(0.02, gt=0)
@@ -1004,6 +1013,16 @@ def _bpe_vocab_fits_bytes(cfg: Config) -> Problem:
     return None
 
 
+def _rope_scaling_ramp(cfg: Config) -> Problem:
+    m = cfg.model
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        return "model.rope_high_freq_factor", (
+            f"= {m.rope_high_freq_factor:g} must exceed model.rope_low_freq_factor = "
+            f"{m.rope_low_freq_factor:g} (the ramp between them would be empty)"
+        )
+    return None
+
+
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?")
 
 CROSS_KEY_RULES = (
@@ -1013,6 +1032,7 @@ CROSS_KEY_RULES = (
     _known_names,
     _prepare_consistent,
     _bpe_vocab_fits_bytes,
+    _rope_scaling_ramp,
 )
 
 

@@ -30,6 +30,7 @@ types (specials are CONTROL), special token ids and the chat template.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from lmforge.export.hf import ExportError, hf_architecture
-from lmforge.model.transformer import Transformer, derived_d_ff
+from lmforge.model.transformer import Transformer, derived_d_ff, rope_inv_freq
 from lmforge.tokenizer import CHAT_TEMPLATE, BPETokenizer, Tokenizer
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -130,6 +131,15 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
             if t is not None:
                 kind = "bias" if name.endswith("_b") else "weight"
                 out[f"{b}{name.removesuffix('_b')}.{kind}"] = t.contiguous()
+    if m.rope_scaling == "llama3":
+        if arch != "llama":
+            raise ExportError(
+                f"model.rope_scaling = llama3 on a {arch} model: llama.cpp applies Llama 3's "
+                "frequency scaling (its rope_freqs tensor) to the llama architecture only"
+            )
+        # llama.cpp divides each RoPE frequency by its factor: plain / scaled.
+        plain = rope_inv_freq(replace(m, rope_scaling="none"))
+        out["rope_freqs.weight"] = (plain / rope_inv_freq(m)).float()
     out["output_norm.weight"] = ours["norm.weight"]
     if arch == "gpt2":
         out["output_norm.bias"] = bias("norm.bias", m.d_model)  # type: ignore[assignment]

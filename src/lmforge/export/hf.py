@@ -119,16 +119,41 @@ def hf_architecture(m: ModelConfig) -> str:
     )
 
 
-def _rope_theta(hf: dict[str, Any], where: str) -> float:
-    """RoPE base from a config of either generation (`rope_parameters` in transformers 5)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
+def _rope_settings(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig's RoPE fields from a config of either generation (`rope_parameters` in
+    transformers 5, `rope_theta` + `rope_scaling` before): plain RoPE or Llama 3's scaling."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if rope_type == "default":
+        return {"rope_theta": theta}
+    if rope_type != "llama3":
         raise ExportError(
-            f"{where}: RoPE scaling {rope_type!r} is not supported (lmforge implements plain RoPE)"
+            f"{where}: RoPE scaling {rope_type!r} is not supported (lmforge implements plain "
+            "RoPE and Llama 3's 'llama3' scaling)"
         )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return {
+        "rope_theta": theta,
+        "rope_scaling": "llama3",
+        "rope_factor": float(params["factor"]),
+        "rope_low_freq_factor": float(params["low_freq_factor"]),
+        "rope_high_freq_factor": float(params["high_freq_factor"]),
+        "rope_original_context": int(params["original_max_position_embeddings"]),
+    }
+
+
+def _hf_rope(m: ModelConfig) -> dict[str, Any]:
+    """The transformers config keys for our RoPE settings."""
+    if m.rope_scaling != "llama3":
+        return {"rope_theta": m.rope_theta}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": m.rope_factor,
+        "low_freq_factor": m.rope_low_freq_factor,
+        "high_freq_factor": m.rope_high_freq_factor,
+        "original_max_position_embeddings": m.rope_original_context,
+    }
+    return {"rope_theta": m.rope_theta, "rope_scaling": scaling}
 
 
 def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
@@ -206,7 +231,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bias=bias,
         qkv_bias=qkv_bias,
-        rope_theta=_rope_theta(hf, where),
+        **_rope_settings(hf, where),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
     )
 
@@ -574,7 +599,7 @@ def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
         hidden_act="silu",
         max_position_embeddings=m.context_length,
         rms_norm_eps=m.norm_eps,
-        rope_theta=m.rope_theta,
+        **_hf_rope(m),
         attention_dropout=m.dropout,
         tie_word_embeddings=m.tie_embeddings,
         **ids,

@@ -45,10 +45,29 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies (D/2,) in float64, with the model's frequency scaling.
+
+    "llama3" (Meta's Llama 3.1 reference; transformers' "llama3" rope type): with
+    L = rope_original_context, wavelengths 2π/f above L / low_freq_factor are divided
+    by `rope_factor` (f / factor), those below L / high_freq_factor are kept, and in
+    between f is interpolated with s = (L / wavelength - low) / (high - low):
+    (1 - s) · f / factor + s · f.
+    """
+    head_dim = cfg.d_model // cfg.n_heads
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponent)
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    low, high, factor = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((cfg.rope_original_context / wavelen - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (max_len, D/2) for rotary embeddings, computed in float64 for accuracy."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(cfg))
     return angles.cos().float(), angles.sin().float()
 
 
@@ -471,7 +490,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         cos = sin = None
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.context_length, cfg.rope_theta)
+            cos, sin = rope_tables(cfg, cfg.context_length)
         self.rope_cos: torch.Tensor | None
         self.rope_sin: torch.Tensor | None
         self.register_buffer("rope_cos", cos, persistent=False)
