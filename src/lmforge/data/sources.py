@@ -265,8 +265,14 @@ def _skip_message(skip) -> str:
     return f"{where}: {skip.reason.replace('_', ' ')}{detail}"
 
 
+_warned: set[str] = set()
+
+
 def warn(message: str) -> None:
-    print(f"lmforge: warning: {message}", file=sys.stderr, flush=True)
+    """One stderr line, once per process (the tokenizer and tokenize passes read the same files)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"lmforge: warning: {message}", file=sys.stderr, flush=True)
 
 
 def iter_source(spec: str, empty: list[str] | None = None) -> Iterator[Document]:
