@@ -424,3 +424,25 @@ def test_bias_pairs_with_an_unknown_format_are_named(models, tmp_path, capsys):
     argv = ["bias", "--checkpoint", models["checkpoint"], "--pairs", f"mine={path}", "--no-probes"]
     line = _one_error(*_cli([*argv, "--out", tmp_path / "b.json"], capsys)[::2])
     assert str(path) in line and ".jsonl" in line
+
+
+def test_field_suffix_leaves_shared_names_and_real_paths_alone(tmp_path):
+    from lmforge.data.sources import split_field
+
+    shared = "shared:tinyshakespeare/input.txt"
+    assert split_field(shared) == (shared, "text")
+    odd = tmp_path / "a:b.txt"  # a colon that is part of the file name
+    odd.write_text(TEXT)
+    assert split_field(str(odd)) == (str(odd), "text")
+    rec = tmp_path / "r.jsonl"
+    rec.write_text(json.dumps({"body": TEXT}) + "\n")
+    assert split_field(f"{rec}:body") == (str(rec), "body")
+
+
+def test_an_upper_case_compression_suffix_is_decompressed(tmp_path, capsys):
+    path = tmp_path / "BOOK.TXT.GZ"
+    path.write_bytes(gzip.compress((TEXT * 40).encode()))
+    rc, err = _tokenize(tmp_path, capsys, str(path))
+    assert rc == 0, err
+    chars = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["chars"]
+    assert set(chars) >= set(TEXT) and len(set(chars) - set(TEXT)) <= 8

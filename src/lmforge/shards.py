@@ -469,8 +469,14 @@ class TokenLoader:
         if self.n_windows < 1:
             raise ShardError(
                 f"{tokens_dir}: the '{split}' split has {self.stream.n_tokens} tokens, "
-                f"fewer than one window of {seq_len + 1}: add text to the data sources, lower "
-                "model.context_length, or (one document) use data.split=tail"
+                f"fewer than one window of {seq_len + 1}: add text to the data sources or lower "
+                "model.context_length"
+                + (
+                    "; for validation, raise data.val_fraction, or with few documents use "
+                    "data.split=tail"
+                    if split == "val"
+                    else ""
+                )
             )
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)

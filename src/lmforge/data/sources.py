@@ -112,7 +112,7 @@ def open_binary(path: Path) -> IO[bytes]:
 
     The one opener of user files: `prepare`, data sources, eval, fine-tuning and bias data.
     """
-    name = path.name
+    name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if name.endswith(".zst"):
