@@ -446,3 +446,21 @@ def test_an_upper_case_compression_suffix_is_decompressed(tmp_path, capsys):
     assert rc == 0, err
     chars = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["chars"]
     assert set(chars) >= set(TEXT) and len(set(chars) - set(TEXT)) <= 8
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expect"),
+    [
+        ("train.jsnol", '{"text": "a"}\n', "did you mean '.jsonl'"),
+        ("train.txt", "First Citizen:\n", "unsupported file type '.txt'"),
+        ("train.jsonl", "", "no records (empty file)"),
+    ],
+)
+def test_finetune_data_that_cannot_be_read_is_named(
+    name, content, expect, models, files, tmp_path, capsys
+):
+    path = tmp_path / name
+    path.write_text(content)
+    argv = _command("finetune", models["checkpoint"], {**files, "ft": path}, tmp_path)
+    line = _one_error(*_cli(argv, capsys)[::2])
+    assert str(path) in line and expect in line

@@ -197,18 +197,26 @@ def supported_suffixes() -> str:
     )
 
 
-def unsupported_message(path: Path) -> str:
-    """One line: the file, its suffix, a guess if it looks like a misspelled one, what works."""
+def unsupported_message(path: Path, formats: list[str] | None = None) -> str:
+    """One line: the file, its suffix, a guess if it looks like a misspelled one, what works.
+
+    `formats`: the suffixes a reader of records takes (default: every data-source format).
+    """
     import difflib
 
     from lmforge.data.readers import CODE_LANGUAGES, HTML_EXT, JSONL_EXT, TEXT_EXT
 
-    suffix = "".join(path.suffixes[-2:]) if path.suffix in COMPRESSED else path.suffix
-    known = [*TEXT_EXT, *JSONL_EXT, *HTML_EXT, ".json", ".csv", ".tsv", ".parquet", ".warc"]
-    known += [*COMPRESSED, *CODE_LANGUAGES]
-    close = difflib.get_close_matches(path.suffix.lower(), known, n=1, cutoff=0.6)
+    suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() in COMPRESSED else path.suffix
+    known = formats or [*TEXT_EXT, *JSONL_EXT, *HTML_EXT, ".json", ".csv", ".tsv", ".parquet"]
+    candidates = [*known, *COMPRESSED, *([] if formats else [".warc", *CODE_LANGUAGES])]
+    close = difflib.get_close_matches(path.suffix.lower(), candidates, n=1, cutoff=0.6)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{path}: unsupported file type '{suffix}'{hint}; supported: {supported_suffixes()}"
+    supported = (
+        f"{' '.join(formats)}, each also {'/'.join(COMPRESSED)}-compressed"
+        if formats
+        else supported_suffixes()
+    )
+    return f"{path}: unsupported file type '{suffix}'{hint}; supported: {supported}"
 
 
 # A short text with a few stray bytes is damaged text, not another encoding: below this

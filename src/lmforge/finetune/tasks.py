@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.readers import strip_compression
-from lmforge.data.sources import COMPRESSED, open_text
+from lmforge.data.sources import COMPRESSED, open_text, unsupported_message
 from lmforge.tokenizer import ASSISTANT, END, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -258,6 +258,9 @@ def _parallel_paths(spec: str, source_lang: str, target_lang: str) -> tuple[Path
     return None
 
 
+RECORD_FORMATS = [".jsonl", ".json", ".ndjson", ".csv", ".parquet"]
+
+
 def read_records(
     spec: str, source_lang: str = "en", target_lang: str = "de", limit: int = 0
 ) -> Iterator[Record]:
@@ -296,6 +299,8 @@ def read_records(
                 if limit and i >= limit:
                     return
         return
+    if Path(strip_compression(name)).suffix not in (".jsonl", ".json", ".ndjson"):
+        raise RecordError(unsupported_message(path, RECORD_FORMATS))
     with open_text(path) as fh:
         for i, line in enumerate(fh, start=1):
             if not line.strip():
@@ -310,6 +315,8 @@ def read_records(
             n += 1
             if limit and n >= limit:
                 return
+    if n == 0:
+        raise RecordError(f"{path}: no records (empty file)")
 
 
 def self_instruct_records(path: str | Path) -> Iterator[Record]:
