@@ -464,3 +464,19 @@ def test_finetune_data_that_cannot_be_read_is_named(
     argv = _command("finetune", models["checkpoint"], {**files, "ft": path}, tmp_path)
     line = _one_error(*_cli(argv, capsys)[::2])
     assert str(path) in line and expect in line
+
+
+def test_a_lora_stage_folder_loads_its_merged_model(models, files, tmp_path, capsys):
+    argv = _command("finetune", models["checkpoint"], files, tmp_path)
+    assert _cli([*argv, "--method", "lora"], capsys)[0] == 0
+    stage = tmp_path / "ft"
+    assert (stage / "merged" / "checkpoints").is_dir()
+
+    def bpb(model: Path, name: str) -> float:
+        out = tmp_path / name
+        out.mkdir()
+        assert _cli(_command("eval", model, files, out), capsys)[0] == 0
+        results = json.loads((out / "eval.json").read_text())["checkpoints"][0]["results"]
+        return next(r["value"] for r in results if r["metric"] == "bits_per_byte")
+
+    assert bpb(stage, "stage") == bpb(list_checkpoints(stage / "merged")[-1], "merged")
