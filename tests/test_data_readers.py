@@ -203,3 +203,31 @@ def test_hf_datasets_from_local_folders(tmp_path, monkeypatch):
             ("hf/b", "second text"),
             ("hf/c", "third text"),
         ]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst", ".bz2", ".xz"])
+def test_prepare_and_data_sources_read_a_file_the_same_way(suffix, tmp_path):
+    """`prepare`'s reader and the data-source reader of pretrain/eval/bias share one opener and
+    one decoder: the same text from the same file, compressed or not."""
+    import bz2
+    import lzma
+
+    import zstandard
+
+    from lmforge.data.sources import iter_source, open_text
+
+    text = "Ünïcode line one\r\nline two — ends here\n"
+    compress = {
+        "": lambda b: b,
+        ".gz": gzip.compress,
+        ".zst": zstandard.compress,
+        ".bz2": bz2.compress,
+        ".xz": lzma.compress,
+    }[suffix]
+    path = tmp_path / f"doc.txt{suffix}"
+    path.write_bytes(compress(text.encode()))
+    prepared, skips = read_all(PrepareSource(path=str(path)))
+    assert not skips and [d.text for d in prepared] == [text]
+    assert [d.text for d in iter_source(str(path))] == [text]
+    with open_text(path, newline="") as fh:
+        assert fh.read() == text

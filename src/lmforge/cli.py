@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import ConfigError, builtin_recipes, dump_yaml, load_config
+from lmforge.model_source import CHECKPOINT_HELP
 
 # Stage modules that add their own sub-commands: each has `register(subparsers)`.
 EXTRA_COMMAND_MODULES: list[str] = [
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add("generate", cmd_generate)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--prompt", default="")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)

@@ -223,11 +223,19 @@ def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
 def load_model(
     checkpoint: str | Path, device: str = "cpu"
 ) -> tuple[Transformer, Tokenizer, Config]:
-    """A model, its tokenizer and its config from a checkpoint or run folder."""
+    """A model, its tokenizer and its config from any form `--checkpoint` takes
+    (`lmforge.model_source`: checkpoint, stage, run or transformers folder)."""
     from lmforge.model.transformer import Transformer
-    from lmforge.train.checkpoint import load_weights, resolve_checkpoint, verify_checkpoint
+    from lmforge.model_source import resolve_model
+    from lmforge.train.checkpoint import load_weights, verify_checkpoint
 
-    path = resolve_checkpoint(checkpoint)
+    resolved = resolve_model(checkpoint)
+    if resolved.kind == "transformers":
+        from lmforge.export.hf import load_hf_model
+
+        hf_model, hf_tok, hf_cfg = load_hf_model(resolved.path)
+        return hf_model.to(device).eval(), hf_tok, hf_cfg
+    path = resolved.path
     state = verify_checkpoint(path)
     cfg = config_from_dict(state["config"], where=f"{path}/trainer_state.json")
     model = Transformer(cfg.model)

@@ -197,6 +197,8 @@ def tokenize_documents(
     for old in list(out.glob("train_*")) + list(out.glob("val_*")):
         old.unlink()
     writers = {s: ShardWriter(out, s, tok, shard_tokens) for s in ("train", "val")}
+    seen: dict[str, int] = {}  # source file (or name) → documents, for error messages
+    docs = _counted(docs, seen)
     try:
         source = _split_tails(docs, val_fraction) if split == "tail" else docs
         batches = batches_of(source, _text, 4_000_000, batch_size)
@@ -213,6 +215,7 @@ def tokenize_documents(
         for w in writers.values():  # free the space the partial shards hold
             w.discard()
         raise
+    _check_splits(counts, split, val_fraction, seen)
     # Written last, so a folder with the marker holds every shard of both splits:
     # a run killed between shards leaves no marker and is tokenized again.
     tmp = out / (COMPLETE + ".tmp")
@@ -224,6 +227,35 @@ def tokenize_documents(
         tmp.unlink(missing_ok=True)
         raise ShardError(f"{tmp}: could not write ({exc.strerror or exc})") from exc
     return counts
+
+
+def _counted(docs: Iterable[Document], seen: dict[str, int]) -> Iterator[Document]:
+    for doc in docs:
+        where = str(doc.meta.get("path") or doc.source or doc.id)
+        seen[where] = seen.get(where, 0) + 1
+        yield doc
+
+
+def _check_splits(
+    counts: dict[str, dict[str, int]], split: str, val_fraction: float, seen: dict[str, int]
+) -> None:
+    """Refuse an empty split now, naming the sources, rather than at the first training step."""
+    empty = [s for s in ("train", "val") if counts[s]["n_tokens"] == 0]
+    if val_fraction <= 0 and empty == ["val"]:
+        return  # no validation asked for
+    if not empty:
+        return
+    n_docs = sum(seen.values())
+    names = ", ".join(list(seen)[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
+    got = f"{n_docs} document(s) from {names}" if seen else "no documents"
+    hint = ""
+    if split == "document" and n_docs:
+        # The document split sends whole documents to validation by a hash of their id.
+        hint = (
+            "; data.split=document puts whole documents in validation, so with this few "
+            "documents use data.split=tail (the last val_fraction of each document)"
+        )
+    raise ShardError(f"the '{empty[0]}' split has 0 tokens: the data sources gave {got}{hint}")
 
 
 def _text(doc: Document) -> str:
@@ -437,7 +469,14 @@ class TokenLoader:
         if self.n_windows < 1:
             raise ShardError(
                 f"{tokens_dir}: the '{split}' split has {self.stream.n_tokens} tokens, "
-                f"fewer than one window of {seq_len + 1}"
+                f"fewer than one window of {seq_len + 1}: add text to the data sources or lower "
+                "model.context_length"
+                + (
+                    "; for validation, raise data.val_fraction, or with few documents use "
+                    "data.split=tail"
+                    if split == "val"
+                    else ""
+                )
             )
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)

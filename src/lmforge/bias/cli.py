@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmforge.model_source import CHECKPOINT_HELP
+
 
 def cmd_bias(args: argparse.Namespace, overrides: list[str]) -> int:
     """Bias audit: CrowS-Pairs and other minimal pairs, template probes, data statistics.
@@ -90,7 +92,7 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=cmd_bias)
-    p.add_argument("--checkpoint", action="append", help="checkpoint or run folder; repeatable")
+    p.add_argument("--checkpoint", action="append", help=CHECKPOINT_HELP + "; repeatable")
     p.add_argument(
         "--pairs",
         action="append",

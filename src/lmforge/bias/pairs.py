@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.data.readers import strip_compression
+from lmforge.data.sources import open_text
 from lmforge.tokenizer import Tokenizer
 
 Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
@@ -97,8 +99,9 @@ def load_minimal_pairs(path: str | Path, limit: int = 0) -> list[MinimalSet]:
     if not path.is_file():
         raise FileNotFoundError(f"minimal-pairs file not found: {path}")
     sets: list[MinimalSet] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
+    suffix = Path(strip_compression(path.name.lower())).suffix
+    if suffix in (".jsonl", ".json"):
+        with open_text(path) as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -113,9 +116,9 @@ def load_minimal_pairs(path: str | Path, limit: int = 0) -> list[MinimalSet]:
                 sets.append(s)
                 if limit and len(sets) >= limit:
                     break
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    elif suffix in (".csv", ".tsv"):
+        with open_text(path, newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             for rec in reader:
                 s = _pair_from(dict(rec), f"{path}:{reader.line_num}")
                 s.id = s.id or rec.get("") or str(reader.line_num)
@@ -123,7 +126,9 @@ def load_minimal_pairs(path: str | Path, limit: int = 0) -> list[MinimalSet]:
                 if limit and len(sets) >= limit:
                     break
     else:
-        raise ValueError(f"{path}: minimal pairs must be .csv, .tsv or .jsonl")
+        raise ValueError(
+            f"{path}: minimal pairs must be .csv, .tsv or .jsonl (optionally .gz/.zst/.bz2/.xz)"
+        )
     if not sets:
         raise ValueError(f"{path}: no minimal pairs found")
     return sets

@@ -16,7 +16,6 @@ matches). Named sets:
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import re
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import numpy as np
 
 from lmforge.data.filters import _ngram_hashes
 from lmforge.data.readers import open_binary, resolve_source_path
+from lmforge.data.sources import open_text
 from lmforge.paths import shared_data
 
 WORD = re.compile(r"\w+")
@@ -41,7 +41,7 @@ def words_of(text: str) -> list[str]:
 def iter_eval_texts(spec: str) -> Iterator[str]:
     """The texts of a named evaluation set or file."""
     if spec == "hellaswag":
-        with gzip.open(shared_data() / "hellaswag" / "hellaswag_val.jsonl.gz", "rt") as fh:
+        with open_text(shared_data() / "hellaswag" / "hellaswag_val.jsonl.gz") as fh:
             for line in fh:
                 rec = json.loads(line)
                 yield f"{rec['ctx']} {rec['endings'][int(rec['label'])]}"

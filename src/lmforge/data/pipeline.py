@@ -111,12 +111,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_shard(path: Path) -> Iterator[Document]:
-    import io
+    from lmforge.data.sources import open_text
 
-    import zstandard
-
-    with path.open("rb") as raw:
-        reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
+    with open_text(path) as reader:
         for line in reader:
             rec = json.loads(line)
             yield Document(rec["id"], rec["text"], rec["source"], rec["license"], rec["meta"])

@@ -31,13 +31,10 @@ that the pipeline counts and writes to the exclusions folder. Reasons:
 
 from __future__ import annotations
 
-import bz2
 import csv
 import fnmatch
-import gzip
 import io
 import json
-import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +42,13 @@ from typing import IO, Any
 
 from lmforge.config import PrepareSource
 from lmforge.data.document import Document
-from lmforge.data.sources import decode_bytes, stdlib_files, stdlib_root
+from lmforge.data.sources import (
+    COMPRESSED,
+    decode_bytes,
+    open_binary,
+    stdlib_files,
+    stdlib_root,
+)
 from lmforge.paths import shared_data
 
 # ----------------------------------------------------------------------------- records
@@ -82,7 +85,6 @@ class Task:
 
 # ----------------------------------------------------------------------------- kinds
 
-COMPRESSED = (".gz", ".zst", ".bz2", ".xz")
 TEXT_EXT = {".txt", ".md", ".markdown", ".rst", ".text", ".tex", ".org"}
 HTML_EXT = {".html", ".htm", ".xhtml"}
 JSONL_EXT = {".jsonl", ".ndjson"}
@@ -317,24 +319,6 @@ def plan_tasks(sources: list[PrepareSource], task_bytes: int) -> list[Task]:
 # ----------------------------------------------------------------------------- low level
 
 
-def open_binary(path: Path) -> IO[bytes]:
-    """Open a file for reading bytes, decompressing gzip / zstd / bz2 / xz by name."""
-    name = path.name
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".zst"):
-        import zstandard
-
-        # The zstd reader has no readline; a BufferedReader on top gives it one.
-        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
-        return io.BufferedReader(raw)  # type: ignore[arg-type]
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".xz"):
-        return lzma.open(path, "rb")  # type: ignore[return-value]
-    return path.open("rb")
-
-
 def read_bounded(path: Path, max_bytes: int) -> bytes | Skip:
     """The (decompressed) content of a file, or a Skip if unreadable or too large."""
     try:
@@ -364,13 +348,15 @@ def looks_binary(data: bytes) -> bool:
 MAX_INVALID_UTF8 = 0.01
 
 
-def decode_text(data: bytes, path: str) -> tuple[str, int] | Skip:
+def decode_text(data: bytes, path: str, min_invalid: int = 0) -> tuple[str, int] | Skip:
+    """Text and replaced-byte count, or a Skip: empty, binary, or invalid UTF-8 above both
+    MAX_INVALID_UTF8 of the bytes and `min_invalid` bytes."""
     if not data.strip():
         return Skip("empty_file", path)
     if looks_binary(data):
         return Skip("binary", path, 0, "NUL bytes in the first 8 KiB")
     text, replaced = decode_bytes(data)
-    if replaced > MAX_INVALID_UTF8 * len(data):
+    if replaced > max(MAX_INVALID_UTF8 * len(data), min_invalid):
         return Skip("invalid_utf8", path, 0, f"{replaced:,} invalid bytes of {len(data):,}")
     if text.startswith("\ufeff"):
         text = text[1:]

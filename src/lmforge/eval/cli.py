@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lmforge.eval.results import CheckpointResults, format_table, write_eval_json
 from lmforge.eval.tasks import TASKS, TaskOptions, run_task
+from lmforge.model_source import CHECKPOINT_HELP
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -91,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_eval)
     p.add_argument(
-        "--checkpoint", action="append", required=True, help="checkpoint or run folder; repeatable"
+        "--checkpoint", action="append", required=True, help=CHECKPOINT_HELP + "; repeatable"
     )
     p.add_argument("--task", action="append", choices=TASKS, required=True, help="repeatable")
     p.add_argument(

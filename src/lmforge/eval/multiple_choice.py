@@ -30,7 +30,6 @@ The generic task format is JSONL, one item a line:
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import re
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.sources import open_text
 from lmforge.eval.intrinsic import context_length_of
 from lmforge.model.transformer import KVCache
 from lmforge.tokenizer import Tokenizer
@@ -130,8 +130,7 @@ def load_hellaswag(path: str | Path, limit: int = 0) -> list[MCItem]:
     if path.is_dir():
         path = path / "hellaswag_val.jsonl.gz"
     items = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -152,8 +151,7 @@ def load_mc_jsonl(path: str | Path, limit: int = 0) -> list[MCItem]:
     """Items of the generic format; a bad line raises naming the file, line and field."""
     path = Path(path)
     items = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -6,6 +6,8 @@ import argparse
 import inspect
 from pathlib import Path
 
+from lmforge.model_source import CHECKPOINT_HELP
+
 
 def export_checkpoint(
     checkpoint: str | Path,
@@ -22,10 +24,10 @@ def export_checkpoint(
     """
     from lmforge.export.hf import ExportError, hf_architecture
     from lmforge.export.model_card import model_card
+    from lmforge.model_source import resolve_model
     from lmforge.pretrain import load_model
-    from lmforge.train.checkpoint import resolve_checkpoint
 
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_model(checkpoint).path
     model, tok, cfg = load_model(path)
     arch = hf_architecture(cfg.model)  # refuse before writing anything
     out = Path(out)
@@ -68,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     doc = inspect.getdoc(cmd_export) or ""
     p = subparsers.add_parser("export", help=doc.splitlines()[0], description=doc)
     p.set_defaults(func=cmd_export)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--format", choices=["hf", "gguf"], default="hf")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-from pathlib import Path
+
+from lmforge.model_source import CHECKPOINT_HELP
 
 
 def cmd_finetune(args, overrides) -> int:
@@ -47,13 +48,9 @@ def cmd_chat(args, overrides) -> int:
     and the conversation kept as history. Type /reset to forget it, /exit (or Ctrl-D) to quit.
     """
     from lmforge.finetune.chat import chat_loop
-    from lmforge.finetune.finetune import finetuned_checkpoint
     from lmforge.pretrain import load_model
 
-    path = (
-        finetuned_checkpoint(args.checkpoint) if Path(args.checkpoint).is_dir() else args.checkpoint
-    )
-    model, tok, _cfg = load_model(path, device=args.device)
+    model, tok, _cfg = load_model(args.checkpoint, device=args.device)
     chat_loop(
         model,
         tok,
@@ -78,9 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_finetune)
     p.add_argument("recipe", nargs="?", default=None, help="recipe file or built-in name")
-    p.add_argument(
-        "--checkpoint", default="", help="lmforge checkpoint/run folder or HF model folder"
-    )
+    p.add_argument("--checkpoint", default="", help=CHECKPOINT_HELP + " to start from")
     p.add_argument(
         "--task", default="", help="instruction|chat|summarization|translation|code-docstring|text"
     )
@@ -96,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     doc = inspect.getdoc(cmd_chat) or ""
     p = sub.add_parser("chat", help=doc.splitlines()[0], description=doc)
     p.set_defaults(func=cmd_chat)
-    p.add_argument("--checkpoint", required=True, help="fine-tuned run folder or checkpoint")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.7)

@@ -19,14 +19,14 @@ counted after the header; for Parquet the row) and the missing field.
 from __future__ import annotations
 
 import csv
-import gzip
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.readers import strip_compression
+from lmforge.data.sources import COMPRESSED, open_text, unsupported_message
 from lmforge.tokenizer import ASSISTANT, END, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -248,28 +248,17 @@ def encode_record(task: TaskFormat, tok: Tokenizer, rec: Record) -> Example:
 # ----------------------------------------------------------------------------- reading
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    if path.suffix == ".zst":
-        import zstandard
-
-        return io.TextIOWrapper(
-            zstandard.ZstdDecompressor().stream_reader(path.open("rb")),
-            encoding="utf-8",
-            errors="replace",
-        )
-    return path.open("r", encoding="utf-8", errors="replace", newline="")  # type: ignore[return-value]
-
-
 def _parallel_paths(spec: str, source_lang: str, target_lang: str) -> tuple[Path, Path] | None:
     """PREFIX → (PREFIX.src[.gz], PREFIX.tgt[.gz]) when both exist."""
-    for suffix in ("", ".gz"):
+    for suffix in ("", *COMPRESSED):
         src = Path(f"{spec}.{source_lang}{suffix}")
         tgt = Path(f"{spec}.{target_lang}{suffix}")
         if src.exists() and tgt.exists():
             return src, tgt
     return None
+
+
+RECORD_FORMATS = [".jsonl", ".json", ".ndjson", ".csv", ".parquet"]
 
 
 def read_records(
@@ -282,7 +271,7 @@ def read_records(
     n = 0
     if pair is not None:
         src_path, tgt_path = pair
-        with _open_text(src_path) as fs, _open_text(tgt_path) as ft:
+        with open_text(src_path) as fs, open_text(tgt_path) as ft:
             for i, (s, t) in enumerate(zip(fs, ft, strict=False), start=1):
                 yield Record({"source": s.rstrip("\n"), "target": t.rstrip("\n")}, str(src_path), i)
                 n += 1
@@ -303,14 +292,16 @@ def read_records(
             if limit and i >= limit:
                 return
         return
-    if name.endswith((".csv", ".csv.gz")):
-        with _open_text(path) as fh:
+    if strip_compression(name).endswith(".csv"):
+        with open_text(path, newline="") as fh:
             for i, row in enumerate(csv.DictReader(fh), start=1):
                 yield Record(dict(row), str(path), i)
                 if limit and i >= limit:
                     return
         return
-    with _open_text(path) as fh:
+    if Path(strip_compression(name)).suffix not in (".jsonl", ".json", ".ndjson"):
+        raise RecordError(unsupported_message(path, RECORD_FORMATS))
+    with open_text(path) as fh:
         for i, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -324,6 +315,8 @@ def read_records(
             n += 1
             if limit and n >= limit:
                 return
+    if n == 0:
+        raise RecordError(f"{path}: no records (empty file)")
 
 
 def self_instruct_records(path: str | Path) -> Iterator[Record]:
