@@ -15,10 +15,14 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import ORGANISER_TOKEN, csrf_of, field, free_port, shared_runs
+from serve_helpers import ORGANISER_TOKEN, csrf_of, field, free_port, shared_runs, sign_in
 
 from lmforge.serve import create_app
+from lmforge.serve.security import SecuritySettings
 from lmforge.serve.store import hash_token
+
+# TestClient sends Host: testserver.
+TEST_SECURITY = SecuritySettings(allowed_hosts=["testserver"])
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +32,12 @@ def runs(tmp_path_factory):
 
 @pytest.fixture
 def app(runs, tmp_path):
-    return create_app(runs, db_path=tmp_path / "serve.sqlite", organiser_token=ORGANISER_TOKEN)
-
-
-def sign_in(client: TestClient) -> str:
-    csrf = csrf_of(client.get("/login").text)
-    r = client.post("/login", data={"token": ORGANISER_TOKEN, "csrf": csrf})
-    assert r.status_code == 200 and "Human-evaluation arena" in r.text
-    return csrf
+    return create_app(
+        runs,
+        db_path=tmp_path / "serve.sqlite",
+        organiser_token=ORGANISER_TOKEN,
+        security=TEST_SECURITY,
+    )
 
 
 def create_study(client, csrf, **extra):
