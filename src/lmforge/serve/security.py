@@ -163,9 +163,10 @@ class RequestGuard:
             response = await anyio.to_thread.run_sync(
                 self.refuse, Request(scope), exc.status, exc.message
             )
-            await response(scope, receive, send)
+            await response(scope, receive, closing(send))
             return
-        await self.app(scope, bounded(receive, limit), send)
+        tripped: list[bool] = []
+        await self.app(scope, bounded(receive, limit, tripped), closing(send, tripped))
 
     def apply_forwarded(self, scope: dict) -> dict:
         """The request as the client sent it to a trusted proxy (scheme, Host, client)."""
@@ -253,8 +254,9 @@ def check_body_headers(headers: dict[str, str], limit: int) -> None:
         )
 
 
-def bounded(receive: Any, limit: int) -> Any:
-    """`receive` that counts body bytes and raises `BodyTooLarge` (413) past `limit`."""
+def bounded(receive: Any, limit: int, tripped: list[bool]) -> Any:
+    """`receive` that counts body bytes and raises `BodyTooLarge` (413) past `limit`
+    (and notes it in `tripped`)."""
     seen = 0
 
     async def receive_bounded() -> dict:
@@ -267,12 +269,29 @@ def bounded(receive: Any, limit: int) -> Any:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
+                tripped.append(True)
                 raise BodyTooLarge(
                     413, f"The request body is over this page's limit of {limit:,} bytes."
                 )
         return message
 
     return receive_bounded
+
+
+def closing(send: Any, when: list[bool] | None = None) -> Any:
+    """`send` that adds ``Connection: close`` to the response (always, or once `when` is
+    non-empty): the server then drops the connection instead of reading and discarding
+    the rest of a refused body."""
+
+    async def send_closing(message: dict) -> None:
+        if message["type"] == "http.response.start" and (when is None or when):
+            message = {
+                **message,
+                "headers": [*message.get("headers", []), (b"connection", b"close")],
+            }
+        await send(message)
+
+    return send_closing
 
 
 def install(

@@ -334,6 +334,8 @@ class Store:
         return sid
 
     def study(self, study_id: int) -> Study | None:
+        if not _is_rowid(study_id):
+            return None
         rows = self.query("SELECT * FROM studies WHERE id = ?", (study_id,))
         if not rows:
             return None
@@ -431,6 +433,8 @@ class Store:
         return bool(self._rank(annotator_id, item_id)[0] & 1)
 
     def item(self, item_id: int) -> Item | None:
+        if not _is_rowid(item_id):
+            return None
         rows = self.query(
             "SELECT i.*, p.text AS prompt, oa.text AS output_a, ob.text AS output_b FROM items i "
             "JOIN prompts p ON p.study_id = i.study_id AND p.idx = i.prompt_idx "
@@ -590,6 +594,11 @@ class Store:
             )
             for v in self.votes(study_id)
         ]
+
+
+def _is_rowid(value: int) -> bool:
+    """Whether SQLite can hold `value` (a 64-bit signed integer): ids come from URLs and forms."""
+    return -(2**63) <= value < 2**63
 
 
 def _create_private(path: Path) -> None:
