@@ -350,6 +350,10 @@ def test_votes_per_item_is_enforced_where_the_vote_is_stored(tmp_path):
     assert r.status_code == 409 and "judgments this study asks for" in r.text
     assert post_vote("alice", 1, "a" * 16).status_code == 303  # a retry is still idempotent
     assert len(store.votes(sid)) == 2
+    store.set_status(sid, "failed", "stopped by the organiser")  # a closed study takes none
+    r = post_vote("bob", 2, "d" * 16)
+    assert r.status_code == 409 and "not open for votes" in r.text
+    assert len(store.votes(sid)) == 2
 
     # Eight annotators vote on one item at once: exactly votes_per_item are stored.
     one_prompt = {(0, m): f"output {m}" for m in range(2)}
@@ -403,6 +407,10 @@ def test_logout_revocation_and_expiry_end_organiser_sessions(tmp_path, capsys):
         return thief
 
     assert copied(session).get("/studies").status_code == 200
+    first = session
+    sign_in(client)  # signing in again replaces the session in the cookie
+    session = org_cookie(client)
+    assert session != first and copied(first).get("/studies").status_code == 403
     client.post("/logout", data={"csrf": csrf})
     assert copied(session).get("/studies").status_code == 403  # logout ended it server-side
 
@@ -516,3 +524,38 @@ def test_vote_database_is_private_to_its_owner(tmp_path):
     db = tmp_path / "serve.sqlite"
     for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
         assert path.exists() and (path.stat().st_mode & 0o777) == 0o600, oct(path.stat().st_mode)
+    app.state.store.close()
+    os.chmod(db, 0o644)  # a store made by an older version is tightened when opened
+    TestClient(web_app(tmp_path)).get("/login")
+    assert (db.stat().st_mode & 0o777) == 0o600
+
+
+def test_serve_command_network_settings_reach_the_app(tmp_path):
+    from lmforge.cli import build_parser
+    from lmforge.serve.cli import security_settings
+
+    argv = "serve --host 10.1.2.3 --allowed-hosts eval.example.org,other.example --trust-proxy"
+    args = build_parser().parse_args(
+        [*argv.split(), "--allowed-origins", "https://eval.example.org"]
+    )
+    settings = security_settings(args)
+    assert settings.forwarded_allow_ips == ["127.0.0.1", "::1"]
+    app = web_app(
+        tmp_path, **{k: getattr(settings, k) for k in ("allowed_hosts", "allowed_origins")}
+    )
+    client = TestClient(app)
+    for host, status in (
+        ("10.1.2.3:8000", 200),  # the bind address
+        ("eval.example.org", 200),
+        ("other.example", 200),
+        ("localhost", 200),
+        ("evil.example", 400),
+    ):
+        assert client.get("/login", headers={"Host": host}).status_code == status, host
+    csrf = csrf_of(client.get("/login", headers={"Host": "10.1.2.3:8000"}).text)
+    r = client.post(
+        "/login",
+        headers={"Host": "10.1.2.3:8000", "Origin": "https://eval.example.org"},
+        data={"token": ORGANISER_TOKEN, "csrf": csrf},
+    )
+    assert r.status_code == 200

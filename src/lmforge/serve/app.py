@@ -68,7 +68,7 @@ from lmforge.serve.runs import (
     run_summary,
 )
 from lmforge.serve.security import ANN_COOKIE, ORG_COOKIE, SecuritySettings, install
-from lmforge.serve.store import CHOICES, Annotator, ItemFull, Store, StudySettings
+from lmforge.serve.store import CHOICES, Annotator, Store, StudySettings, VoteRefused
 
 log = logging.getLogger("lmforge.serve")
 HERE = Path(__file__).parent
@@ -308,6 +308,7 @@ def create_app(
     def login(request: Request, token: Annotated[str, Form()], csrf: Annotated[str, Form()] = ""):
         check_csrf(request, csrf)
         ttl_s = security.session_hours * 3600
+        store.end_session(request.cookies.get(ORG_COOKIE))  # never two live sessions per cookie
         session = store.start_session(token.strip(), ttl_s)
         if session is None:
             raise HTTPException(403, "That organiser token is not valid.")
@@ -609,7 +610,7 @@ def create_app(
             )
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from exc
-        except ItemFull as exc:
+        except VoteRefused as exc:
             raise HTTPException(409, f"Thank you, but {exc}.") from exc
         if request.headers.get("accept", "").startswith("application/json"):
             return JSONResponse({"ok": True})

@@ -81,8 +81,9 @@ CREATE INDEX IF NOT EXISTS votes_item ON votes (item_id);
 CHOICES = ("left", "right", "tie", "both_bad")
 
 
-class ItemFull(Exception):
-    """The item already has the study's `votes_per_item` judgments."""
+class VoteRefused(Exception):
+    """The item already has the study's `votes_per_item` judgments, or the study is not
+    open for votes."""
 
 
 def new_token() -> str:
@@ -497,7 +498,8 @@ class Store:
         comment: str = "",
     ) -> bool:
         """Store a judgment once; returns False when it was already stored (a resubmission).
-        Raises `ItemFull` when the item already has the study's `votes_per_item` judgments.
+        Raises `VoteRefused` when the item already has the study's `votes_per_item`
+        judgments or the study is not ready.
 
         `choice` is what the annotator clicked (left / right / tie / both_bad); the
         store maps it to the item's canonical outcome with the order it showed.
@@ -520,11 +522,9 @@ class Store:
             model = left_model if side == "left" else (it.model_b if left_is_a else it.model_a)
             by_model[str(model)] = crit
         with self.write() as con:
-            if self._vote_refused(con, annotator, item_id, vote_uid):
-                raise ItemFull(
-                    f"item {item_id} already has the {self._votes_per_item(con, item_id)} "
-                    "judgments this study asks for; no more votes are taken on it"
-                )
+            refusal = self._vote_refusal(con, annotator, item_id, vote_uid)
+            if refusal:
+                raise VoteRefused(refusal)
             cur = con.execute(
                 "INSERT INTO votes (vote_uid, study_id, item_id, annotator_id, left_model, "
                 "outcome, ratings, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -544,29 +544,33 @@ class Store:
             return cur.rowcount == 1
 
     @staticmethod
-    def _votes_per_item(con: sqlite3.Connection, item_id: int) -> int:
-        row = con.execute(
-            "SELECT s.settings FROM studies s JOIN items i ON i.study_id = s.id WHERE i.id = ?",
-            (item_id,),
-        ).fetchone()
-        return int(json.loads(row["settings"]).get("votes_per_item", 0)) if row else 0
-
-    def _vote_refused(
-        self, con: sqlite3.Connection, annotator: Annotator, item_id: int, vote_uid: str
-    ) -> bool:
-        """Inside the write transaction: is the item full? A resubmission of a stored vote
-        is not refused (it then stores nothing), so retries stay idempotent."""
-        limit = self._votes_per_item(con, item_id)
-        if limit <= 0:
-            return False
+    def _vote_refusal(
+        con: sqlite3.Connection, annotator: Annotator, item_id: int, vote_uid: str
+    ) -> str | None:
+        """Inside the write transaction: why this vote may not be stored (None: it may).
+        A resubmission of a stored vote is never refused (it then stores nothing), so
+        retries stay idempotent."""
         stored = con.execute(
             "SELECT 1 FROM votes WHERE vote_uid = ? OR (annotator_id = ? AND item_id = ?)",
             (vote_uid, annotator.id, item_id),
         ).fetchall()
         if stored:
-            return False
+            return None
+        study = con.execute(
+            "SELECT s.status, s.settings FROM studies s JOIN items i ON i.study_id = s.id "
+            "WHERE i.id = ?",
+            (item_id,),
+        ).fetchone()
+        if study["status"] != "ready":
+            return f"this study is not open for votes (it is {study['status']})"
+        limit = int(json.loads(study["settings"]).get("votes_per_item", 0))
         n = con.execute("SELECT COUNT(*) AS n FROM votes WHERE item_id = ?", (item_id,)).fetchone()
-        return int(n["n"]) >= limit
+        if 0 < limit <= int(n["n"]):
+            return (
+                f"item {item_id} already has the {limit} judgments this study asks for; "
+                "no more votes are taken on it"
+            )
+        return None
 
     def votes(self, study_id: int) -> list[dict[str, Any]]:
         """Every vote of a study, oldest first, with prompt and model labels."""
