@@ -3,8 +3,8 @@ and annotator, with random paths (unicode, traversal, huge ids), methods, header
 repeated, malformed, wrong Content-Type, Content-Encoding claims) and bodies (sizes around
 each route's limit, bad UTF-8, deep JSON nesting, broken multipart).
 
-It checks what must hold for any request: no 500, JSON errors under /api/, the security
-headers on every answer, a body over its route's limit answered 413 and never read past
+It checks what must hold for any request: no 500, short error answers (JSON under /api/),
+the security headers on every answer, a body over its route's limit answered 413 and never read past
 the limit. Derandomized, so a failure reproduces; the whole file runs in well under a minute.
 """
 
@@ -192,8 +192,11 @@ def check_answer(response) -> None:
     assert response.status_code < 500, (path, response.status_code, response.text[:300])
     assert response.headers.get("x-content-type-options") == "nosniff", path
     assert "content-security-policy" in response.headers, path
-    if path.startswith("/api/") and response.status_code >= 400:
-        assert "error" in response.json(), (path, response.text[:300])
+    if response.status_code >= 400:
+        # an error names what was wrong, it does not echo a huge input back
+        assert len(response.content) < 32 * 1024, (path, len(response.content))
+        if path.startswith("/api/"):
+            assert "error" in response.json(), (path, response.text[:300])
 
 
 @settings(FUZZ, max_examples=600)
