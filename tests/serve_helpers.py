@@ -93,3 +93,11 @@ def field(html: str, name: str) -> str:
     m = re.search(rf'name="{name}" value="([^"]*)"', html)
     assert m, f"no field {name} in the page"
     return m.group(1)
+
+
+def sign_in(client, token: str = ORGANISER_TOKEN) -> str:
+    """Sign `client` in as an organiser; returns the CSRF token of its forms."""
+    csrf = csrf_of(client.get("/login").text)
+    r = client.post("/login", data={"token": token, "csrf": csrf})
+    assert r.status_code == 200 and "Human-evaluation arena" in r.text, r.text[:500]
+    return csrf

@@ -15,10 +15,14 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_helpers import ORGANISER_TOKEN, csrf_of, field, free_port, shared_runs
+from serve_helpers import ORGANISER_TOKEN, csrf_of, field, free_port, shared_runs, sign_in
 
 from lmforge.serve import create_app
+from lmforge.serve.security import SecuritySettings
 from lmforge.serve.store import hash_token
+
+# TestClient sends Host: testserver.
+TEST_SECURITY = SecuritySettings(allowed_hosts=["testserver"])
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +32,12 @@ def runs(tmp_path_factory):
 
 @pytest.fixture
 def app(runs, tmp_path):
-    return create_app(runs, db_path=tmp_path / "serve.sqlite", organiser_token=ORGANISER_TOKEN)
-
-
-def sign_in(client: TestClient) -> str:
-    csrf = csrf_of(client.get("/login").text)
-    r = client.post("/login", data={"token": ORGANISER_TOKEN, "csrf": csrf})
-    assert r.status_code == 200 and "Human-evaluation arena" in r.text
-    return csrf
+    return create_app(
+        runs,
+        db_path=tmp_path / "serve.sqlite",
+        organiser_token=ORGANISER_TOKEN,
+        security=TEST_SECURITY,
+    )
 
 
 def create_study(client, csrf, **extra):
@@ -226,6 +228,8 @@ def test_annotator_cannot_reach_another_study_or_organiser_pages(app):
     own = f'name="item_id" value="{field(page, "item_id")}"'
     r, _ = vote(alice, first, page=page.replace(own, f'name="item_id" value="{other_item}"'))
     assert r.status_code == 404
+    r, _ = vote(alice, first, page=page.replace(own, f'name="item_id" value="{2**64}"'))
+    assert r.status_code == 404
     assert app.state.store.votes(second) == []
     assert TestClient(app).get(f"/arena/{first}").status_code == 403  # no invitation at all
     assert TestClient(app).get("/a/not-a-token").status_code == 404
@@ -317,6 +321,9 @@ def test_every_error_has_a_clear_page(app):
         csrf = sign_in(org)
         r = org.get("/studies/999")
         assert r.status_code == 404 and "There is no study 999" in r.text and "<html" in r.text
+        huge = 2**64  # past SQLite's 64-bit integers: was a 500
+        assert org.get(f"/studies/{huge}").status_code == 404
+        assert org.get(f"/api/studies/-{huge}/progress").status_code == 404
         r = org.get("/studies/abc")
         assert r.status_code == 422 and "study_id" in r.text
         r = org.get("/nowhere")

@@ -3,15 +3,16 @@
 Server-rendered HTML (Jinja, autoescaped) with a little vanilla JavaScript in
 `static/app.js`; no build step. Who may see what:
 
-- organisers (a token, checked against its SHA-256 in the store; kept in an
-  http-only cookie after signing in at /login) see everything;
+- organisers (a token, checked against its SHA-256 in the store, exchanged at /login
+  for an expiring server-side session kept in an http-only cookie) see everything;
 - annotators open an invitation link ``/a/<token>``, which puts their token in a
   cookie and sends them to their one study; they can reach only that study's
   voting page;
 - everything else gets a clear error page (JSON under /api/).
 
 Every form carries a CSRF token that must match a same-site cookie (double
-submit), and a cross-origin ``Origin`` header is refused. A Content-Security-
+submit); `security.RequestGuard` checks Host, Origin, body sizes and sign-in before
+any route runs. A Content-Security-
 Policy allows scripts only from /static, so even text that slipped past the
 escaping could not run. Files are served only from inside the runs folder.
 """
@@ -66,13 +67,12 @@ from lmforge.serve.runs import (
     read_metrics,
     run_summary,
 )
-from lmforge.serve.store import CHOICES, Annotator, Store, StudySettings
+from lmforge.serve.security import ANN_COOKIE, ORG_COOKIE, SecuritySettings, install
+from lmforge.serve.store import CHOICES, Annotator, Store, StudySettings, VoteRefused
 
 log = logging.getLogger("lmforge.serve")
 HERE = Path(__file__).parent
 
-ORG_COOKIE = "lmforge_org"
-ANN_COOKIE = "lmforge_annotator"
 CSRF_COOKIE = "lmforge_csrf"
 
 MAX_PROMPTS = 10_000
@@ -141,11 +141,14 @@ def create_app(
     organiser_token: str | None = None,
     device: str = "cpu",
     resume_generation: bool = True,
+    security: SecuritySettings | None = None,
 ) -> FastAPI:
     """The web app over `runs_dir`; the store defaults to `<runs_dir>/serve.sqlite`.
 
-    `organiser_token`, if given, is registered (hashed) as an organiser.
+    `organiser_token`, if given, is registered (hashed) as an organiser. `security` sets
+    the allowed hosts and origins, the trusted proxies and the session lifetime.
     """
+    security = security or SecuritySettings()
     runs_root = Path(runs_dir).resolve()
     if not runs_root.is_dir():
         raise FileNotFoundError(f"runs folder {runs_root} does not exist")
@@ -181,7 +184,7 @@ def create_app(
     # ------------------------------------------------------------------ helpers
 
     def organiser(request: Request) -> bool:
-        return store.is_organiser(request.cookies.get(ORG_COOKIE))
+        return store.session_valid(request.cookies.get(ORG_COOKIE))
 
     def annotator(request: Request) -> Annotator | None:
         return store.annotator(request.cookies.get(ANN_COOKIE))
@@ -207,11 +210,7 @@ def create_app(
         return response
 
     def check_csrf(request: Request, token: str) -> None:
-        origin = request.headers.get("origin")
-        if origin and origin != "null":
-            host = request.headers.get("host", "")
-            if origin.split("://", 1)[-1] != host:
-                raise HTTPException(403, f"Cross-origin request refused (Origin {origin}).")
+        # The Origin of every POST was checked by security.RequestGuard already.
         cookie = request.cookies.get(CSRF_COOKIE, "")
         if not cookie or not token or not hmac.compare_digest(cookie, token):
             raise HTTPException(
@@ -251,6 +250,8 @@ def create_app(
             )
         except Exception:  # the error page itself must never fail
             return HTMLResponse(f"<h1>Error {status}</h1>", status_code=status)
+
+    install(app, store, security, refuse=error_response)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -306,16 +307,26 @@ def create_app(
     @app.post("/login")
     def login(request: Request, token: Annotated[str, Form()], csrf: Annotated[str, Form()] = ""):
         check_csrf(request, csrf)
-        token = token.strip()
-        if not store.is_organiser(token):
+        ttl_s = security.session_hours * 3600
+        store.end_session(request.cookies.get(ORG_COOKIE))  # never two live sessions per cookie
+        session = store.start_session(token.strip(), ttl_s)
+        if session is None:
             raise HTTPException(403, "That organiser token is not valid.")
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(ORG_COOKIE, token, httponly=True, samesite="lax")
+        response.set_cookie(
+            ORG_COOKIE,
+            session,
+            max_age=int(ttl_s),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
         return response
 
     @app.post("/logout")
     def logout(request: Request, csrf: Annotated[str, Form()] = ""):
         check_csrf(request, csrf)
+        store.end_session(request.cookies.get(ORG_COOKIE))
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(ORG_COOKIE)
         response.delete_cookie(ANN_COOKIE)
@@ -327,7 +338,9 @@ def create_app(
         if ann is None:
             raise HTTPException(404, "This invitation link is not valid (or was revoked).")
         response = RedirectResponse(f"/arena/{ann.study_id}", status_code=303)
-        response.set_cookie(ANN_COOKIE, token, httponly=True, samesite="lax")
+        response.set_cookie(
+            ANN_COOKIE, token, httponly=True, samesite="lax", secure=request.url.scheme == "https"
+        )
         return response
 
     # ------------------------------------------------------------------ studies (organiser)
@@ -597,6 +610,8 @@ def create_app(
             )
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from exc
+        except VoteRefused as exc:
+            raise HTTPException(409, f"Thank you, but {exc}.") from exc
         if request.headers.get("accept", "").startswith("application/json"):
             return JSONResponse({"ok": True})
         return RedirectResponse(f"/arena/{study_id}?saved=1", status_code=303)

@@ -13,6 +13,7 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
 
     Binds 127.0.0.1 by default. On first start (or with --new-organiser-token) it
     prints an organiser sign-in link; the token is stored only as a hash, so keep it.
+    --list-tokens and --revoke-token ID manage organiser tokens and exit.
     """
     import uvicorn
 
@@ -26,6 +27,8 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
         raise FileNotFoundError(f"runs folder {runs} does not exist")
     db = Path(args.db) if args.db else runs.resolve() / "serve.sqlite"
     store = Store(db)
+    if args.list_tokens or args.revoke_token is not None:
+        return manage_tokens(store, args.revoke_token)
     token = None
     if args.new_organiser_token or store.n_organisers() == 0:
         token = store.add_organiser()
@@ -37,14 +40,15 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     if not loopback:
         print(
             f"warning: binding {args.host}: the app is reachable from other machines; "
-            "put it behind HTTPS before sharing invitation links.",
+            "put it behind HTTPS before sharing invitation links, and name the host "
+            "people use with --allowed-hosts (other Host headers are refused).",
             file=sys.stderr,
         )
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    app = create_app(runs, db_path=db, device=args.device)
+    app = create_app(runs, db_path=db, device=args.device, security=security_settings(args))
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"lmforge serve: runs in {runs.resolve()}, store {db}", flush=True)
     if token:
@@ -57,7 +61,53 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
             f"organiser sign-in: http://{shown}:{args.port}/login (with your organiser token)",
             flush=True,
         )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Forwarded headers are read by the app's RequestGuard, and only from --forwarded-allow-ips.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, proxy_headers=False)
+    return 0
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def security_settings(args: argparse.Namespace):
+    from lmforge.serve.security import SecuritySettings
+
+    hosts = ["localhost", "127.0.0.1", "::1"]
+    if args.host not in ("0.0.0.0", "::"):
+        hosts.append(args.host)
+    proxies = _names(args.forwarded_allow_ips)
+    if args.trust_proxy and not proxies:
+        proxies = ["127.0.0.1", "::1"]
+    if args.session_hours <= 0:
+        raise ValueError(f"--session-hours must be positive (got {args.session_hours})")
+    return SecuritySettings(
+        allowed_hosts=hosts + _names(args.allowed_hosts),
+        allowed_origins=_names(args.allowed_origins),
+        forwarded_allow_ips=proxies,
+        session_hours=args.session_hours,
+    )
+
+
+def manage_tokens(store, revoke: int | None) -> int:
+    """Print the organiser tokens (never their secret), after revoking `revoke` if given."""
+    import time
+
+    if revoke is not None:
+        if not store.revoke_organiser(revoke):
+            raise ValueError(f"there is no organiser token {revoke} (see --list-tokens)")
+        print(f"revoked organiser token {revoke} and ended its sessions")
+
+    def when(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
+
+    print(f"{'id':>4}  {'name':<16} {'created':<16}  {'last sign-in':<16}  live sessions")
+    for t in store.organiser_tokens():
+        print(
+            f"{t['id']:>4}  {t['name']:<16} {when(t['created']):<16}  "
+            f"{when(t['last_used']):<16}  {t['sessions']}"
+        )
+    store.close()
     return 0
 
 
@@ -78,5 +128,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--new-organiser-token", action="store_true", help="print a new organiser sign-in link"
+    )
+    p.add_argument(
+        "--list-tokens", action="store_true", help="list organiser tokens (id, dates) and exit"
+    )
+    p.add_argument(
+        "--revoke-token",
+        type=int,
+        metavar="ID",
+        help="revoke organiser token ID (see --list-tokens), end its sessions, and exit",
+    )
+    p.add_argument(
+        "--session-hours",
+        type=float,
+        default=12.0,
+        help="an organiser sign-in lasts this long (default: 12)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated host names the app answers to, besides localhost, 127.0.0.1, "
+        "::1 and --host (e.g. the public name behind a proxy; '*' = any)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        default="",
+        help="comma-separated origins whose POSTs are accepted besides the app's own "
+        "(e.g. https://eval.example.org behind a TLS proxy)",
+    )
+    p.add_argument(
+        "--forwarded-allow-ips",
+        default="",
+        help="comma-separated proxy addresses whose X-Forwarded-Proto/Host/For are believed "
+        "('*' = any)",
+    )
+    p.add_argument(
+        "--trust-proxy",
+        action="store_true",
+        help="believe X-Forwarded-* from a proxy on this machine (127.0.0.1, ::1)",
     )
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")

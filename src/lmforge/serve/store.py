@@ -9,7 +9,13 @@ Votes are idempotent twice over: each carries a client-generated id
 (``vote_uid``, unique) and an annotator judges an item at most once
 (``UNIQUE(annotator_id, item_id)``). A resubmitted form, a retried request
 after a timeout, or a second tab all land on ``INSERT ... ON CONFLICT DO
-NOTHING`` and leave exactly one vote.
+NOTHING`` and leave exactly one vote. A study's ``votes_per_item`` is checked
+in the transaction that stores the vote, so no item ever gets more.
+
+Organisers sign in with a token and get a session: a random id whose hash is
+stored with an expiry. Signing out deletes it; revoking a token deletes the
+token and its sessions. The file (and its -wal/-shm companions, which SQLite
+creates with the database's mode) is readable by its owner only.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,12 +70,20 @@ CREATE TABLE IF NOT EXISTS votes (
     ratings TEXT NOT NULL DEFAULT '{}', comment TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
     UNIQUE (annotator_id, item_id));
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY, organiser_id INTEGER NOT NULL REFERENCES organisers(id),
+    created REAL NOT NULL, expires REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS votes_study ON votes (study_id, id);
 CREATE INDEX IF NOT EXISTS items_study ON items (study_id);
 CREATE INDEX IF NOT EXISTS votes_item ON votes (item_id);
 """
 
 CHOICES = ("left", "right", "tie", "both_bad")
+
+
+class VoteRefused(Exception):
+    """The item already has the study's `votes_per_item` judgments, or the study is not
+    open for votes."""
 
 
 def new_token() -> str:
@@ -131,9 +146,11 @@ class Item:
 class Store:
     """Thin, typed access to the SQLite file; one connection per thread."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.clock = clock  # session expiry reads this (tests move it forward)
+        _create_private(self.path)
         self._local = threading.local()
         # Writers of this process queue on a lock instead of SQLite's busy handler, which
         # polls with sleeps of up to 100 ms and made tail latency under load seconds long.
@@ -141,6 +158,12 @@ class Store:
         con = self._con()
         con.execute("PRAGMA journal_mode=WAL")
         con.executescript(SCHEMA)
+        columns = {r["name"] for r in con.execute("PRAGMA table_info(organisers)")}
+        if "last_used" not in columns:  # a store made before sessions existed
+            con.execute("ALTER TABLE organisers ADD COLUMN last_used REAL")
+        for companion in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            if companion.exists():
+                os.chmod(companion, 0o600)
         if self.meta("secret") is None:
             with self.write() as c:
                 c.execute(
@@ -203,11 +226,62 @@ class Store:
     def n_organisers(self) -> int:
         return int(self.query("SELECT COUNT(*) AS n FROM organisers")[0]["n"])
 
+    def organiser_tokens(self) -> list[dict[str, Any]]:
+        """Every organiser token: id, name, created, last sign-in, live sessions (never the secret)."""
+        rows = self.query(
+            "SELECT o.id, o.name, o.created, o.last_used, "
+            "(SELECT COUNT(*) FROM sessions s WHERE s.organiser_id = o.id AND s.expires > ?) "
+            "AS sessions FROM organisers o ORDER BY o.id",
+            (self.clock(),),
+        )
+        return [dict(r) for r in rows]
+
+    def revoke_organiser(self, organiser_id: int) -> bool:
+        """Delete an organiser token and end its sessions; False if there is no such token."""
+        with self.write() as con:
+            con.execute("DELETE FROM sessions WHERE organiser_id = ?", (organiser_id,))
+            cur = con.execute("DELETE FROM organisers WHERE id = ?", (organiser_id,))
+            return cur.rowcount == 1
+
     def is_organiser(self, token: str | None) -> bool:
         if not token:
             return False
         rows = self.query("SELECT 1 FROM organisers WHERE token_hash = ?", (hash_token(token),))
         return bool(rows)
+
+    def start_session(self, token: str, ttl_s: float) -> str | None:
+        """Exchange an organiser token for a new session id valid `ttl_s` seconds (None if the
+        token is not valid). Only the id's hash is stored."""
+        now = self.clock()
+        session = new_token()
+        with self.write() as con:
+            rows = con.execute(
+                "SELECT id FROM organisers WHERE token_hash = ?", (hash_token(token),)
+            ).fetchall()
+            if not rows:
+                return None
+            con.execute("UPDATE organisers SET last_used = ? WHERE id = ?", (now, rows[0]["id"]))
+            con.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            con.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?)",
+                (hash_token(session), rows[0]["id"], now, now + ttl_s),
+            )
+        return session
+
+    def session_valid(self, session: str | None) -> bool:
+        """Whether `session` is a live (not ended, not expired, token not revoked) session."""
+        if not session:
+            return False
+        rows = self.query(
+            "SELECT 1 FROM sessions WHERE id_hash = ? AND expires > ?",
+            (hash_token(session), self.clock()),
+        )
+        return bool(rows)
+
+    def end_session(self, session: str | None) -> None:
+        if session:
+            with self.write() as con:
+                con.execute("DELETE FROM sessions WHERE id_hash = ?", (hash_token(session),))
 
     # ------------------------------------------------------------------ studies
 
@@ -261,6 +335,8 @@ class Store:
         return sid
 
     def study(self, study_id: int) -> Study | None:
+        if not _is_rowid(study_id):
+            return None
         rows = self.query("SELECT * FROM studies WHERE id = ?", (study_id,))
         if not rows:
             return None
@@ -358,6 +434,8 @@ class Store:
         return bool(self._rank(annotator_id, item_id)[0] & 1)
 
     def item(self, item_id: int) -> Item | None:
+        if not _is_rowid(item_id):
+            return None
         rows = self.query(
             "SELECT i.*, p.text AS prompt, oa.text AS output_a, ob.text AS output_b FROM items i "
             "JOIN prompts p ON p.study_id = i.study_id AND p.idx = i.prompt_idx "
@@ -420,6 +498,8 @@ class Store:
         comment: str = "",
     ) -> bool:
         """Store a judgment once; returns False when it was already stored (a resubmission).
+        Raises `VoteRefused` when the item already has the study's `votes_per_item`
+        judgments or the study is not ready.
 
         `choice` is what the annotator clicked (left / right / tie / both_bad); the
         store maps it to the item's canonical outcome with the order it showed.
@@ -442,6 +522,9 @@ class Store:
             model = left_model if side == "left" else (it.model_b if left_is_a else it.model_a)
             by_model[str(model)] = crit
         with self.write() as con:
+            refusal = self._vote_refusal(con, annotator, item_id, vote_uid)
+            if refusal:
+                raise VoteRefused(refusal)
             cur = con.execute(
                 "INSERT INTO votes (vote_uid, study_id, item_id, annotator_id, left_model, "
                 "outcome, ratings, comment, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -459,6 +542,35 @@ class Store:
                 ),
             )
             return cur.rowcount == 1
+
+    @staticmethod
+    def _vote_refusal(
+        con: sqlite3.Connection, annotator: Annotator, item_id: int, vote_uid: str
+    ) -> str | None:
+        """Inside the write transaction: why this vote may not be stored (None: it may).
+        A resubmission of a stored vote is never refused (it then stores nothing), so
+        retries stay idempotent."""
+        stored = con.execute(
+            "SELECT 1 FROM votes WHERE vote_uid = ? OR (annotator_id = ? AND item_id = ?)",
+            (vote_uid, annotator.id, item_id),
+        ).fetchall()
+        if stored:
+            return None
+        study = con.execute(
+            "SELECT s.status, s.settings FROM studies s JOIN items i ON i.study_id = s.id "
+            "WHERE i.id = ?",
+            (item_id,),
+        ).fetchone()
+        if study["status"] != "ready":
+            return f"this study is not open for votes (it is {study['status']})"
+        limit = int(json.loads(study["settings"]).get("votes_per_item", 0))
+        n = con.execute("SELECT COUNT(*) AS n FROM votes WHERE item_id = ?", (item_id,)).fetchone()
+        if 0 < limit <= int(n["n"]):
+            return (
+                f"item {item_id} already has the {limit} judgments this study asks for; "
+                "no more votes are taken on it"
+            )
+        return None
 
     def votes(self, study_id: int) -> list[dict[str, Any]]:
         """Every vote of a study, oldest first, with prompt and model labels."""
@@ -486,3 +598,18 @@ class Store:
             )
             for v in self.votes(study_id)
         ]
+
+
+def _is_rowid(value: int) -> bool:
+    """Whether SQLite can hold `value` (a 64-bit signed integer): ids come from URLs and forms."""
+    return -(2**63) <= value < 2**63
+
+
+def _create_private(path: Path) -> None:
+    """Create `path` empty with mode 0600 unless it exists (SQLite takes an empty file as a new
+    database and gives its -wal and -shm files the same mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
