@@ -129,3 +129,74 @@ def test_hooks_run_without_validation_data(tmp_path):
     Trainer(cfg, model, run_dir, loader, eval_hooks=[hook], log=lambda *_: None).fit()
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "ppl/bits_per_byte" in r] == [2, 4]
+
+
+def test_an_lm_eval_task_through_the_cli_scores_as_our_own_scorer(trained, tmp_path, capsys):
+    """`--task lm-eval:NAME` runs lm-eval's pipeline (its prompts, its metrics) through the
+    lmforge adapter; on the same items it must agree with our independent scorer."""
+    from helpers import require_interop
+
+    from lmforge.eval.lm_eval_bridge import write_lm_eval_task
+    from lmforge.eval.multiple_choice import load_mc_jsonl
+
+    require_interop("lm_eval", "lm-eval")
+    run_dir, _text, mc, _ = trained
+    write_lm_eval_task(load_mc_jsonl(mc), tmp_path / "tasks", "lmf_cli_mc")
+    out = tmp_path / "eval.json"
+    rc = main(
+        ["eval", "--checkpoint", str(run_dir), "--task", "lm-eval:lmf_cli_mc",
+         "--lm-eval-include", str(tmp_path / "tasks"), "--task", "mc", "--data", f"mc={mc}",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    got = {(r.task, r.metric): r for r in read_eval_json(out)[0].results}
+    for metric in ("acc", "acc_norm"):
+        theirs, ours = got[("lm-eval:lmf_cli_mc", metric)], got[("mc", metric)]
+        assert theirs.n == ours.n == 3
+        assert theirs.value == pytest.approx(ours.value)
+    assert main(["eval", "--checkpoint", str(run_dir), "--task", "lm-eval:"]) == 1
+    assert "unknown task 'lm-eval:'" in capsys.readouterr().err
+
+
+def test_fewshot_multiple_choice_prepends_other_solved_items(trained):
+    from lmforge.eval.multiple_choice import load_mc_jsonl, score_items
+    from lmforge.eval.tasks import with_fewshot
+
+    run_dir, _text, mc, _ = trained
+    model, tok, _cfg = load_model(run_dir)
+    items = load_mc_jsonl(mc)
+    shots = with_fewshot(items, 2, seed=3)
+    for i, (it, shot) in enumerate(zip(items, shots, strict=True)):
+        assert shot.context.endswith("\n\n" + it.context) and shot.choices == it.choices
+        others = [o for j, o in enumerate(items) if j != i]
+        for o in others:  # with 3 items and 2 shots, the shots are the two others, solved
+            assert f"{o.context} {o.choices[o.label]}\n\n" in shot.context
+        assert it.choices[it.label] not in shot.context.removesuffix(it.context) or any(
+            it.choices[it.label] in o.choices[o.label] for o in others
+        )
+    assert with_fewshot(items, 2, seed=3) == shots  # deterministic
+    results = run_task(model, tok, "mc", TaskOptions(data=[str(mc)], num_fewshot=2, seed=3))
+    acc = next(r for r in results if r.metric == "acc")
+    expected = score_items(model, tok, shots)
+    assert acc.value == pytest.approx(expected.accuracy()) and acc.settings["num_fewshot"] == 2
+    with pytest.raises(ValueError, match="needs more than 3 items"):
+        with_fewshot(items, 3, seed=0)
+
+
+def test_fewshot_generation_prompts_carry_other_solved_exchanges(tmp_path):
+    from lmforge.eval.generation import finetune_task
+    from lmforge.tokenizer import train_bpe
+
+    rows = [{"source": f"paper {i} about topic {i}", "target": f"tldr{i}"} for i in range(5)]
+    data = tmp_path / "s.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_bpe([json.dumps(r) for r in rows] * 20, 300)
+    zero = finetune_task(tok, "summarization", str(data))
+    two = finetune_task(tok, "summarization", str(data), num_fewshot=2, seed=1)
+    for i, (a, b) in enumerate(zip(zero.prompts, two.prompts, strict=True)):
+        text = tok.decode(b)
+        assert b[-len(a) :] == a  # the item's own prompt comes last, unchanged
+        assert f"tldr{i}" not in text and text.count("tldr") == 2  # two other answers
+    assert (
+        finetune_task(tok, "summarization", str(data), num_fewshot=2, seed=1).prompts == two.prompts
+    )

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lmforge.eval.results import CheckpointResults, format_table, write_eval_json
-from lmforge.eval.tasks import TASKS, TaskOptions, run_task
+from lmforge.eval.tasks import TASKS, TaskOptions, check_task, run_task
 from lmforge.model_source import CHECKPOINT_HELP
 
 
@@ -22,6 +22,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
       lmforge eval --checkpoint A --checkpoint B --task ppl --data notes.txt
       lmforge eval --checkpoint A --task mc --data my_task.jsonl
       lmforge eval --checkpoint A --task ppl --data ppl=notes.txt --task hellaswag
+      lmforge eval --checkpoint A --task hellaswag --num-fewshot 5 --limit 500
+      lmforge eval --checkpoint A --task lm-eval:my_task --lm-eval-include tasks/
     """
     from lmforge.pretrain import load_model
 
@@ -37,7 +39,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        num_fewshot=args.num_fewshot,
+        lm_eval_include=args.lm_eval_include,
     )
+    for task in args.task:
+        check_task(task)
     runs = []
     for ckpt in args.checkpoint:
         model, tok, _cfg = load_model(ckpt, device=args.device)
@@ -94,7 +100,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", action="append", required=True, help=CHECKPOINT_HELP + "; repeatable"
     )
-    p.add_argument("--task", action="append", choices=TASKS, required=True, help="repeatable")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="TASK",
+        help=f"{', '.join(TASKS)}, or lm-eval:NAME (any lm-evaluation-harness task); repeatable",
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=0,
+        help="solved examples before each item (mc, hellaswag, translation, summarization, lm-eval)",
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        default="",
+        metavar="DIR",
+        help="folder of lm-eval task YAML for lm-eval:NAME (local data: there is no hub)",
+    )
     p.add_argument(
         "--data",
         action="append",

@@ -256,24 +256,32 @@ def output_records(task: GenerationTask, hypotheses: Sequence[str]) -> list[dict
     ]
 
 
-def finetune_task(tok: Tokenizer, task_name: str, spec: str, limit: int = 0) -> GenerationTask:
+def finetune_task(
+    tok: Tokenizer, task_name: str, spec: str, limit: int = 0, num_fewshot: int = 0, seed: int = 0
+) -> GenerationTask:
     """Prompts in the chat format the fine-tuning task trains on, ending with '<|assistant|>'.
 
     Uses `lmforge.finetune.tasks` (the same record → turns mapping as training),
     so the model sees exactly the prompt layout it was fine-tuned on. Every gold
     target of a record is kept as a reference (SciTLDR has several per paper).
+    With `num_fewshot` k, k other records of the set (`eval.tasks.fewshot_indices`)
+    come first as solved exchanges: earlier turns of the same conversation.
     """
+    from lmforge.eval.tasks import fewshot_indices
     from lmforge.finetune.tasks import get_task, prompt_ids, read_records
 
     task = get_task(task_name)
     metric = {"bleu": ("bleu", "chrf"), "rouge": ("rouge",)}.get(task.metric)
     if metric is None:
         raise ValueError(f"task {task_name!r} is not a generation task (metric {task.metric})")
+    records = list(read_records(spec, limit=limit))
+    conversations = [task.to_turns(rec) for rec in records]
     prompts, refs, sources = [], [], []
-    for rec in read_records(spec, limit=limit):
-        turns = task.to_turns(rec)
+    for i, (rec, turns) in enumerate(zip(records, conversations, strict=True)):
         question = [t for t in turns if t[0] != "assistant"]
-        prompts.append(prompt_ids(tok, question))
+        shots = fewshot_indices(len(records), i, num_fewshot, seed)
+        solved = [t for j in shots for t in conversations[j] if t[0] != "system"]
+        prompts.append(prompt_ids(tok, solved + question))
         target = rec.data.get("target")
         if isinstance(target, list) and all(isinstance(t, str) for t in target) and target:
             refs.append([t.strip() for t in target])

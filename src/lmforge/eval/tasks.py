@@ -14,6 +14,7 @@ name (`lmforge.finetune.tasks`).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,27 @@ if TYPE_CHECKING:  # torch is imported by the tasks that run, not by `lmforge --
     from torch import nn
 
 TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization")
+# Any task of lm-evaluation-harness, run through `lmforge.eval.lm_eval_bridge`.
+LM_EVAL_PREFIX = "lm-eval:"
+
+
+def check_task(name: str) -> None:
+    if name not in TASKS and not (name.startswith(LM_EVAL_PREFIX) and name[len(LM_EVAL_PREFIX) :]):
+        raise ValueError(
+            f"unknown task {name!r} (known: {', '.join(TASKS)}, or {LM_EVAL_PREFIX}NAME for a "
+            "task of lm-evaluation-harness)"
+        )
+
+
+def fewshot_indices(n_items: int, item: int, k: int, seed: int) -> list[int]:
+    """k other items as the few-shot examples of `item`: the same for the same seed and
+    item whatever the order of evaluation, never the item itself."""
+    if k <= 0:
+        return []
+    if k >= n_items:
+        raise ValueError(f"--num-fewshot {k} needs more than {k} items (the set has {n_items})")
+    others = [j for j in range(n_items) if j != item]
+    return random.Random(f"{seed}:{item}").sample(others, k)
 
 
 @dataclass
@@ -39,6 +61,8 @@ class TaskOptions:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    num_fewshot: int = 0  # solved examples before each item (multiple choice, generation)
+    lm_eval_include: str = ""  # a folder of lm-eval task YAML for lm-eval:NAME tasks
 
 
 def default_data(task: str) -> list[str]:
@@ -55,8 +79,9 @@ def default_data(task: str) -> list[str]:
 
 def run_task(model: nn.Module, tok: Tokenizer, task: str, opts: TaskOptions) -> list[Result]:
     """Evaluate `model` on one named task (see the module table)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    check_task(task)
+    if task.startswith(LM_EVAL_PREFIX):
+        return _lm_eval(model, tok, task[len(LM_EVAL_PREFIX) :], opts)
     data = opts.data or default_data(task)
     if task == "ppl":
         return _ppl(model, tok, data, opts)
@@ -123,8 +148,10 @@ def _multiple_choice(
     items = [it for spec in data for it in load(spec, limit=opts.limit)]
     if opts.limit:
         items = items[: opts.limit]
+    if opts.num_fewshot:
+        items = with_fewshot(items, opts.num_fewshot, opts.seed)
     res = score_items(model, tok, items, max_batch_tokens=opts.batch_tokens)
-    settings = {"data": data, "zero_shot": True, "delimiter": " "}
+    settings = {"data": data, "num_fewshot": opts.num_fewshot, "delimiter": " "}
     out = []
     for norm, metric in METRIC_NAMES.items():
         correct = res.correct(norm)
@@ -141,6 +168,58 @@ def _multiple_choice(
     return out
 
 
+def with_fewshot(items: list, k: int, seed: int) -> list:
+    """Multiple-choice items whose contexts start with k solved items, as lm-eval lays
+    them out: each shot is its context, " ", its correct choice; shots and the item are
+    separated by a blank line."""
+    from lmforge.eval.multiple_choice import MCItem
+
+    out = []
+    for i, it in enumerate(items):
+        shots = [items[j] for j in fewshot_indices(len(items), i, k, seed)]
+        solved = "".join(f"{s.context} {s.choices[s.label]}\n\n" for s in shots)
+        out.append(MCItem(solved + it.context, it.choices, it.label, it.id))
+    return out
+
+
+def _lm_eval(model: nn.Module, tok: Tokenizer, name: str, opts: TaskOptions) -> list[Result]:
+    """A task of lm-evaluation-harness through the lmforge model adapter: its prompts,
+    few-shot sampling and metrics; the numbers as lm-eval reports them."""
+    import lm_eval
+
+    from lmforge.eval.lm_eval_bridge import run_lm_eval_tasks
+
+    out = run_lm_eval_tasks(
+        model,  # type: ignore[arg-type]  # an lmforge Transformer, as every task takes
+        tok,
+        [name],
+        opts.lm_eval_include or None,
+        num_fewshot=opts.num_fewshot or None,
+        limit=opts.limit or None,
+    )
+    if name not in out["results"]:
+        raise ValueError(f"lm-eval ran no task named {name!r} (groups are not supported)")
+    metrics = out["results"][name]
+    n = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
+    settings = {
+        "lm_eval_version": lm_eval.__version__,
+        "num_fewshot": opts.num_fewshot,
+        "include": opts.lm_eval_include,
+    }
+    results = []
+    for key, value in metrics.items():
+        metric, _, filter_name = key.partition(",")
+        if "_stderr" in metric or not isinstance(value, int | float) or metric == "alias":
+            continue
+        stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+        stderr = float(stderr) if isinstance(stderr, int | float) else None
+        label = metric if filter_name in ("", "none") else f"{metric}[{filter_name}]"
+        results.append(
+            Result(LM_EVAL_PREFIX + name, label, float(value), n, stderr, settings=settings)
+        )
+    return results
+
+
 def _generation(
     model: nn.Module, tok: Tokenizer, task: str, data: list[str], opts: TaskOptions
 ) -> list[Result]:
@@ -148,7 +227,9 @@ def _generation(
 
     out = []
     for spec in data:
-        gen_task = finetune_task(tok, task, spec, limit=opts.limit)
+        gen_task = finetune_task(
+            tok, task, spec, limit=opts.limit, num_fewshot=opts.num_fewshot, seed=opts.seed
+        )
         metrics, hyps = evaluate_generation(
             model,
             tok,
@@ -183,8 +264,7 @@ def make_eval_hook(
     """
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     for name in names:
-        if name not in TASKS:
-            raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+        check_task(name)
     opts = TaskOptions(**options)
 
     def hook(model: nn.Module, step: int) -> dict[str, float]:
