@@ -50,7 +50,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.serve import stats
+from lmforge.serve import openai_api, stats
 from lmforge.serve.models import (
     PROMPT_FORMATS,
     ModelPool,
@@ -226,6 +226,8 @@ def create_app(
     # ------------------------------------------------------------------ errors
 
     def error_response(request: Request, status: int, message: str) -> Response:
+        if request.url.path.startswith("/v1/"):  # OpenAI's clients expect 400 for bad values
+            return openai_api.openai_error(400 if status == 422 else status, message)
         if request.url.path.startswith("/api/"):
             return JSONResponse({"error": message}, status_code=status)
         titles = {
@@ -252,6 +254,9 @@ def create_app(
             return HTMLResponse(f"<h1>Error {status}</h1>", status_code=status)
 
     install(app, store, security, refuse=error_response)
+    openai_routes = openai_api.router(pool, runs_root, store)
+    app.include_router(openai_routes)
+    app.state.openai_batcher = openai_routes.batcher  # type: ignore[attr-defined]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

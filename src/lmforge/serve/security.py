@@ -48,7 +48,7 @@ class BodyRule:
     method: str
     path: re.Pattern[str]
     max_bytes: int
-    who: str  # "organiser" | "annotator" | "anyone": whose cookie must come with the body
+    who: str  # "organiser" | "annotator" | "api" | "anyone": who must be signed in
 
 
 def _rule(method: str, path: str, max_bytes: int, who: str) -> BodyRule:
@@ -64,6 +64,9 @@ BODY_RULES = (
     _rule("POST", r"/arena/[^/]+/vote", DEFAULT_BODY_LIMIT, "annotator"),
     # 200 messages of a conversation with a small model's context fit in far less.
     _rule("POST", r"/api/chat/stream", 256 * KiB, "organiser"),
+    # OpenAI-compatible API (openai_api.py): a bearer organiser token, checked before reading.
+    _rule("POST", r"/v1/completions", 256 * KiB, "api"),
+    _rule("POST", r"/v1/chat/completions", 256 * KiB, "api"),
 )
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
@@ -157,7 +160,7 @@ class RequestGuard:
             rule = body_rule(scope["method"], scope["path"])
             limit = rule.max_bytes if rule else DEFAULT_BODY_LIMIT
             if rule is not None and rule.who != "anyone":
-                await self.check_signed_in(rule.who, cookies_of(headers))
+                await self.check_signed_in(rule.who, cookies_of(headers), headers)
             check_body_headers(headers, limit)
         except Refused as exc:
             response = await anyio.to_thread.run_sync(
@@ -212,7 +215,15 @@ class RequestGuard:
                 "Behind a reverse proxy, start lmforge serve with --allowed-origins.",
             )
 
-    async def check_signed_in(self, who: str, cookies: dict[str, str]) -> None:
+    async def check_signed_in(
+        self, who: str, cookies: dict[str, str], headers: dict[str, str]
+    ) -> None:
+        if who == "api":
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            bearer = token.strip() if scheme.lower() == "bearer" else ""
+            if not await anyio.to_thread.run_sync(self.store.is_organiser, bearer):
+                raise Refused(401, "Send Authorization: Bearer <organiser token of this server>.")
+            return
         if who == "organiser":
             ok = await anyio.to_thread.run_sync(self.store.session_valid, cookies.get(ORG_COOKIE))
             message = "This is for study organisers. Sign in with an organiser token at /login."
