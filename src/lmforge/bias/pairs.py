@@ -26,9 +26,12 @@ Files (`load_minimal_pairs`):
 
 - CSV with columns ``sent_more, sent_less, bias_type`` (CrowS-Pairs itself,
   optional ``stereo_antistereo``) or ``more, less, category``;
-- JSONL, one set per line: ``{"more": str, "less": str, "category": str}`` or
-  ``{"sentences": [str, ...], "stereotype": int, "category": str}``
+- JSONL (optionally gzipped), one set per line: ``{"more": str, "less": str,
+  "category": str}`` or ``{"sentences": [str, ...], "stereotype": int, "category": str}``
   (optional ``"id"``, ``"direction"``).
+
+CrowS-Pairs ships inside the package (``bias/data/``, CC BY-SA 4.0, with its
+attribution): the CSV's five columns lmforge reads, as gzipped JSONL.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.data.sources import open_maybe_compressed
 from lmforge.tokenizer import Tokenizer
 
 Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
@@ -97,8 +101,9 @@ def load_minimal_pairs(path: str | Path, limit: int = 0) -> list[MinimalSet]:
     if not path.is_file():
         raise FileNotFoundError(f"minimal-pairs file not found: {path}")
     sets: list[MinimalSet] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith((".jsonl", ".json")):
+        with open_maybe_compressed(path) as fh:
             for n, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -123,20 +128,19 @@ def load_minimal_pairs(path: str | Path, limit: int = 0) -> list[MinimalSet]:
                 if limit and len(sets) >= limit:
                     break
     else:
-        raise ValueError(f"{path}: minimal pairs must be .csv, .tsv or .jsonl")
+        raise ValueError(f"{path}: minimal pairs must be .csv, .tsv or .jsonl (or .jsonl.gz)")
     if not sets:
         raise ValueError(f"{path}: no minimal pairs found")
     return sets
 
 
 def crows_pairs_path() -> Path:
-    from lmforge.paths import shared_data
-
-    return shared_data() / "crows_pairs" / "crows_pairs_anonymized.csv"
+    """The packaged CrowS-Pairs (Nangia et al. 2020; ``bias/data/ATTRIBUTION.md``)."""
+    return Path(__file__).with_name("data") / "crows_pairs.jsonl.gz"
 
 
 def load_crows_pairs(path: str | Path | None = None, limit: int = 0) -> list[MinimalSet]:
-    """CrowS-Pairs (1,508 pairs, 9 bias types) from the shared data folder or `path`."""
+    """CrowS-Pairs (1,508 pairs, 9 bias types) as packaged, or from `path`."""
     return load_minimal_pairs(path or crows_pairs_path(), limit)
 
 
