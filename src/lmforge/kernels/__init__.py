@@ -9,7 +9,8 @@ then use torch's operators, which compute the same thing; tests compare the two.
 The source is plain C, so a build takes about a second (no torch headers). It is
 compiled for this CPU (``-march=native``; ``$LMFORGE_KERNEL_MARCH`` names another
 target, e.g. ``x86-64-v3`` for AVX2 without AVX-512 or ``x86-64-v4``: the build of a
-CPU other than this one, which the tests use as a stand-in) and cached under
+CPU other than this one, which the tests use as a stand-in; a target whose instructions
+this CPU lacks dies of an illegal instruction) and cached under
 ``$LMFORGE_KERNEL_CACHE`` (default ``~/.cache/lmforge/kernels``; a per-user folder in
 the temporary directory when that cannot be written), keyed by the source,
 the flags, the compiler's version and the CPU's model and flags: a cache copied to
