@@ -13,6 +13,7 @@ import gzip
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -71,6 +72,7 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def installed(tmp_path_factory):
     """(wheel, virtualenv python, environment): lmforge built from this checkout's files
     into a wheel, installed into a fresh virtualenv; an environment with no shared data."""
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools")
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"  # a copy: building writes build/ and *.egg-info beside the sources
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
@@ -84,6 +86,12 @@ def installed(tmp_path_factory):
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
     python = venv / "bin" / "python"
+    if sys.prefix != sys.base_prefix:  # run from a virtualenv: its packages, not the base's
+        purelib = _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+        )
+        outer = "\n".join(site.getsitepackages()) + "\n"  # after the new venv's own packages
+        (Path(purelib.stdout.strip()) / "outer_site_packages.pth").write_text(outer)
     # The system's pip, run by the virtualenv's interpreter, installs into the virtualenv.
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LMFORGE_SHARED_DATA")}
