@@ -2,6 +2,8 @@
 
 Regenerate (only when a change is *meant* to alter numerics, and say so in the commit):
     python tests/golden_run.py --write
+How far overrides move the curve (the measurements behind test_golden.py's tolerances):
+    python tests/golden_run.py model.init_std=0.0200002
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 GOLDEN = Path(__file__).parent / "golden" / "shakespeare_char_100.json"
 
 
-def run_golden(tmp: Path, dtype: str = "fp32") -> dict:
+def run_golden(tmp: Path, dtype: str = "fp32", overrides: tuple[str, ...] = ()) -> dict:
     from lmforge.config import load_config
     from lmforge.paths import shared_data
     from lmforge.pretrain import pretrain
@@ -36,6 +38,7 @@ def run_golden(tmp: Path, dtype: str = "fp32") -> dict:
             "train.checkpoint_every=100",
             "train.peak_flops=1e11",
             f"output.dir={tmp / 'run'}",
+            *overrides,
         ],
     )
     pretrain(cfg)
@@ -50,8 +53,13 @@ def run_golden(tmp: Path, dtype: str = "fp32") -> dict:
 
 
 if __name__ == "__main__":
+    overrides = tuple(a for a in sys.argv[1:] if "=" in a)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_golden(Path(tmp))
+        result = run_golden(Path(tmp), overrides=overrides)
     print(json.dumps(result, indent=1))
-    if "--write" in sys.argv:
+    if overrides:
+        golden = json.loads(GOLDEN.read_text())
+        shifts = [abs(result["train_loss"][s] - v) for s, v in golden["train_loss"].items()]
+        print(f"curve moved by {min(shifts):.2e} to {max(shifts):.2e} nats per logged step")
+    elif "--write" in sys.argv:
         GOLDEN.write_text(json.dumps(result, indent=1) + "\n")

@@ -217,7 +217,7 @@ def check_kernels() -> Check:
             "baby-GPT size (BENCHMARKS.md).",
             "Install a C compiler (Debian/Ubuntu: apt install gcc), or set CC.",
         )
-    return Check("cpu kernels", "ok", f"built: {kern.path}")
+    return Check("cpu kernels", "ok", f"built for -march={kernels.march()}: {kern.path}")
 
 
 def check_gpu() -> Check:

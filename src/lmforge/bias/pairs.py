@@ -26,9 +26,12 @@ Files (`load_minimal_pairs`):
 
 - CSV with columns ``sent_more, sent_less, bias_type`` (CrowS-Pairs itself,
   optional ``stereo_antistereo``) or ``more, less, category``;
-- JSONL, one set per line: ``{"more": str, "less": str, "category": str}`` or
-  ``{"sentences": [str, ...], "stereotype": int, "category": str}``
+- JSONL (optionally gzipped), one set per line: ``{"more": str, "less": str,
+  "category": str}`` or ``{"sentences": [str, ...], "stereotype": int, "category": str}``
   (optional ``"id"``, ``"direction"``).
+
+CrowS-Pairs ships inside the package (``bias/data/``, CC BY-SA 4.0, with its
+attribution): the CSV's five columns lmforge reads, as gzipped JSONL.
 """
 
 from __future__ import annotations
@@ -135,13 +138,12 @@ def load_minimal_pairs(path: str | Path, limit: int = 0) -> list[MinimalSet]:
 
 
 def crows_pairs_path() -> Path:
-    from lmforge.paths import shared_data
-
-    return shared_data() / "crows_pairs" / "crows_pairs_anonymized.csv"
+    """The packaged CrowS-Pairs (Nangia et al. 2020; ``bias/data/ATTRIBUTION.md``)."""
+    return Path(__file__).with_name("data") / "crows_pairs.jsonl.gz"
 
 
 def load_crows_pairs(path: str | Path | None = None, limit: int = 0) -> list[MinimalSet]:
-    """CrowS-Pairs (1,508 pairs, 9 bias types) from the shared data folder or `path`."""
+    """CrowS-Pairs (1,508 pairs, 9 bias types) as packaged, or from `path`."""
     return load_minimal_pairs(path or crows_pairs_path(), limit)
 
 

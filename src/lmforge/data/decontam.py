@@ -7,7 +7,7 @@ whole text (if it has at least ``min_words`` words, so that "the man is" never
 matches). Named sets:
 
 - ``hellaswag``: context + gold ending of each validation item (shared data)
-- ``crows_pairs``: both sentences of each pair (shared data)
+- ``crows_pairs``: both sentences of each pair (the copy inside the package)
 - ``PATH`` or ``PATH:FIELD``: a JSONL / JSON / text file (e.g. a fine-tuning test
   split); for JSONL, FIELD names the text field (several with ``+``: ``src+tgt``),
   default: every string field of the record.
@@ -15,7 +15,6 @@ matches). Named sets:
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections.abc import Iterator
@@ -47,12 +46,10 @@ def iter_eval_texts(spec: str) -> Iterator[str]:
                 yield f"{rec['ctx']} {rec['endings'][int(rec['label'])]}"
         return
     if spec in ("crows_pairs", "crows-pairs"):
-        with open(
-            shared_data() / "crows_pairs" / "crows_pairs_anonymized.csv", encoding="utf-8"
-        ) as fh:
-            for row in csv.DictReader(fh):
-                yield row["sent_more"]
-                yield row["sent_less"]
+        from lmforge.bias.pairs import load_crows_pairs  # the packaged copy
+
+        for pair in load_crows_pairs():
+            yield from pair.sentences
         return
     path_str, _, fields = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     path = resolve_source_path(path_str)

@@ -7,7 +7,10 @@ file's header) — or None when they cannot be had: no C compiler, a failed buil
 then use torch's operators, which compute the same thing; tests compare the two.
 
 The source is plain C, so a build takes about a second (no torch headers). It is
-compiled for this CPU (``-march=native``) and cached under
+compiled for this CPU (``-march=native``; ``$LMFORGE_KERNEL_MARCH`` names another
+target, e.g. ``x86-64-v3`` for AVX2 without AVX-512 or ``x86-64-v4``: the build of a
+CPU other than this one, which the tests use as a stand-in; a target whose instructions
+this CPU lacks dies of an illegal instruction) and cached under
 ``$LMFORGE_KERNEL_CACHE`` (default ``~/.cache/lmforge/kernels``; a per-user folder in
 the temporary directory when that cannot be written), keyed by the source,
 the flags, the compiler's version and the CPU's model and flags: a cache copied to
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_CFLAGS = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=gnu11"]
+_CFLAGS = ["-O3", "-fPIC", "-fopenmp", "-std=gnu11"]
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1}
 
 _lock = threading.Lock()
@@ -149,6 +152,22 @@ def _cache_dir() -> Path:
     return Path(base) / "lmforge" / "kernels"
 
 
+def march() -> str:
+    """The ``-march`` target the kernels are built for: ``$LMFORGE_KERNEL_MARCH``, else
+    ``native``."""
+    value = os.environ.get("LMFORGE_KERNEL_MARCH", "").strip() or "native"
+    if not all(c.isalnum() or c in "-_.+" for c in value) or value.startswith("-"):
+        raise RuntimeError(
+            f"LMFORGE_KERNEL_MARCH={value!r} is not a -march target: "
+            "use one such as native, x86-64-v3 or x86-64-v4"
+        )
+    return value
+
+
+def _cflags() -> list[str]:
+    return [*_CFLAGS, f"-march={march()}"]
+
+
 def _cpu_identity() -> str:
     """Model name and flags of the first CPU: what -march=native compiles for."""
     try:
@@ -167,7 +186,7 @@ def _build(cc: str, gomp: Path | None) -> Path:
     if version.returncode != 0:
         raise RuntimeError(f"{cc} --version failed:\n{version.stderr.strip()[-2000:]}")
     key_parts = [
-        _SOURCE.read_text(), " ".join(_CFLAGS), version.stdout, _cpu_identity(),
+        _SOURCE.read_text(), " ".join(_cflags()), version.stdout, _cpu_identity(),
         platform.machine(), str(gomp),
     ]  # fmt: skip
     key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:16]
@@ -191,7 +210,7 @@ def _cache_dirs() -> list[Path]:
 def _compile(cc: str, gomp: Path | None, out_dir: Path, name: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         obj, lib = Path(tmp) / "cpu_kernels.o", Path(tmp) / "cpu_kernels.so"
-        steps = [[cc, *_CFLAGS, "-c", str(_SOURCE), "-o", str(obj)]]
+        steps = [[cc, *_cflags(), "-c", str(_SOURCE), "-o", str(obj)]]
         # Link to torch's runtime by path: one thread pool, not two.
         link = [str(gomp), f"-Wl,-rpath,{gomp.parent}"] if gomp else ["-fopenmp"]
         steps.append([cc, "-shared", str(obj), *link, "-o", str(lib)])
