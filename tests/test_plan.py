@@ -297,7 +297,7 @@ def test_time_estimate_from_measured_mfu_predicts_other_shape():
     """MFU measured on one shape predicts the step time of a 2× wider one within 40%.
 
     Steps of the two shapes are interleaved and their medians compared, so a change
-    in the load of this shared machine hits both alike (NOTES.md).
+    in the load of a shared machine (its speed swings ±15–20%) hits both alike.
     """
     from lmforge.plan import Device
 

@@ -134,7 +134,7 @@ def score(metric: str, hyps: list[str], refs: list[str]) -> dict[str, float]:
     if metric == "rouge":
         from rouge_score import rouge_scorer
 
-        # use_stemmer needs no NLTK data; split_summaries would (NOTES.md).
+        # use_stemmer needs no NLTK data; split_summaries would, and fails offline.
         scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
         totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
         for h, r in zip(hyps, refs, strict=True):
