@@ -87,7 +87,9 @@ def test_inf_step_is_skipped_and_counted(tmp_path, inject):
         return load_file(str(ckpts / f"step_{step:08d}" / "model.safetensors"))
 
     def moments(step):
-        opt = torch.load(ckpts / f"step_{step:08d}" / "optimizer.pt", weights_only=True)
+        from lmforge.train.checkpoint import read_optimizer_state
+
+        opt = read_optimizer_state(ckpts / f"step_{step:08d}")
         return {k: (s["exp_avg"], s["exp_avg_sq"], s["step"]) for k, s in opt["state"].items()}
 
     before, bad, after = weights(BAD_STEP - 1), weights(BAD_STEP), weights(BAD_STEP + 1)
