@@ -161,6 +161,25 @@ def test_too_many_bad_steps_stop_with_last_good_checkpoint(tmp_path):
     assert state["bad_steps"] == 0
 
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_nan_weight_decay_stop_message_is_true(tmp_path, every):
+    # set after loading, past any range check of the config: the loop must still tell
+    # the truth about the cause and about what is on disk
+    cfg = tiny_config(tmp_path, f"train.checkpoint_every={every}")
+    cfg.train.weight_decay = float("nan")
+    trainer, _ = make_trainer(cfg)
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.fit()
+    message = str(err.value)
+    # step 1's update (loss still finite) made the weights NaN: caught at the step-1
+    # checkpoint, or at step 2's non-finite loss
+    where = "after step 1 the weights are non-finite" if every == 1 else "step 2 (loss nan"
+    assert where in message and "non-finite since the update of step 1" in message
+    assert "train.weight_decay = nan is not a finite number" in message
+    assert "no checkpoint was written" in message and "train.lr" not in message
+    assert list_checkpoints(tmp_path / "run") == []
+
+
 def test_corrupt_checkpoint_is_detected_and_skipped(tmp_path):
     cfg = tiny_config(tmp_path)
     trainer, _ = make_trainer(cfg)

@@ -225,10 +225,19 @@ def load_model(
 ) -> tuple[Transformer, Tokenizer, Config]:
     """A model, its tokenizer and its config from a checkpoint or run folder."""
     from lmforge.model.transformer import Transformer
-    from lmforge.train.checkpoint import load_weights, resolve_checkpoint, verify_checkpoint
+    from lmforge.train.checkpoint import (
+        CheckpointError,
+        load_weights,
+        resolve_checkpoint,
+        verify_checkpoint,
+    )
 
     path = resolve_checkpoint(checkpoint)
     state = verify_checkpoint(path)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(
+            f"{path / 'trainer_state.json'}: key config missing (it holds the model's shape)"
+        )
     cfg = config_from_dict(state["config"], where=f"{path}/trainer_state.json")
     model = Transformer(cfg.model)
     load_weights(model, path / "model.safetensors")

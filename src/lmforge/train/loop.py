@@ -297,6 +297,10 @@ class _Bf16Compute:
         torch._foreach_copy_(self.params, self.masters)
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
@@ -655,10 +659,15 @@ class Trainer:
     def _diverged(self, what: str, broken: bool) -> str:
         """The stop message: what went wrong, the probable cause, what is on disk."""
         t = self.cfg.train
+        # settings that enter the forward pass or the update; budgets and factors may be inf
+        update_keys = "lr min_lr_ratio weight_decay beta1 beta2 eps grad_clip muon_lr muon_momentum"
         suspects = [
-            f"train.{k} = {v}"
-            for k, v in vars(t).items()
-            if isinstance(v, float) and not math.isfinite(v) and k not in ("max_time_s",)
+            f"{section}.{k} = {v}"
+            for section, values in (("model", vars(self.cfg.model)), ("train", vars(t)))
+            for k, v in values.items()
+            if isinstance(v, float)
+            and not math.isfinite(v)
+            and (section == "model" or k in (*update_keys.split(), "muon_weight_decay"))
         ]
         if broken:
             last = self._last_update
@@ -735,8 +744,8 @@ class Trainer:
                     dt = now - last_log_t
                     tok_s = n * tokens_per_step / max(dt, 1e-9)
                     mfu = tok_s * self.flops_per_token / peak if peak else 0.0
-                    # over the steps whose loss was finite; none finite: nan, not a made-up mean
-                    mean_loss = loss_sum.item() / n_finite if n_finite else math.nan
+                    # over the steps whose loss was finite; none finite: null, not a made-up 0
+                    mean_loss = loss_sum.item() / n_finite if n_finite else None
                     elapsed = self.elapsed_before + now - self._t0
                     eta = (t.max_steps - self.step) * dt / max(n, 1)
                     record = {
@@ -757,13 +766,13 @@ class Trainer:
                         record["spike_steps"] = self.spike_steps
                     self.metrics.write(record)
                     self.log(
-                        f"step {self.step:>6}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                        f"step {self.step:>6}/{t.max_steps} | loss {_fmt(mean_loss, '.4f')} | lr {lr:.2e} | "
                         f"{tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.1f}% | "
                         f"ETA {format_duration(eta)}"
                     )
                     bar.update(
                         self.step,
-                        f"loss {mean_loss:.3f} | {tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.0f}%",
+                        f"loss {_fmt(mean_loss, '.3f')} | {tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.0f}%",
                     )
                     summary.update(loss=mean_loss, tokens_per_s=tok_s, mfu=mfu)
                     loss_sum.zero_()

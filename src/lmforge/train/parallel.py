@@ -289,8 +289,7 @@ def load_full_state(
     n_saved = sum(len(g["params"]) for g in by_index["param_groups"])
     if n_saved != len(fqns):
         raise ValueError(
-            f"{checkpoint_dir}: optimizer state for {n_saved} parameters, "
-            f"the model has {len(fqns)}"
+            f"{checkpoint_dir}: optimizer state for {n_saved} parameters, the model has {len(fqns)}"
         )
     by_name: dict[str, Any] = {
         "state": {fqns[i]: v for i, v in by_index["state"].items()},
