@@ -171,6 +171,37 @@ def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def to_legacy_layout(ckpt: Path, optimizer: Any = None) -> None:
+    """Rewrite a checkpoint in the layout of earlier releases (``optimizer.pt`` and
+    ``rng.pt``, pickled by torch.save), checksums included. `optimizer` replaces the
+    optimizer state (e.g. a payload that must never run)."""
+    import torch
+
+    from lmforge.train.checkpoint import read_optimizer_state, read_rng_state, sha256_file
+
+    opt = read_optimizer_state(ckpt) if optimizer is None else optimizer
+    rng = read_rng_state(ckpt)
+    torch.save(opt, ckpt / "optimizer.pt")
+    torch.save({"cpu": rng["cpu"]}, ckpt / "rng.pt")
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    for name in ("optimizer.safetensors", "optimizer.json", "rng.safetensors", "rng.json"):
+        (ckpt / name).unlink()
+        del sums[name]
+    for name in ("optimizer.pt", "rng.pt"):
+        sums[name] = sha256_file(ckpt / name)
+    (ckpt / "checksums.json").write_text(json.dumps(sums))
+
+
+def rewrite_checksums(ckpt: Path) -> None:
+    """Recompute checksums.json after a deliberate edit (as an attacker or a typo would)."""
+    from lmforge.train.checkpoint import sha256_file
+
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    (ckpt / "checksums.json").write_text(
+        json.dumps({name: sha256_file(ckpt / name) for name in sums})
+    )
+
+
 def metrics_losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

@@ -71,25 +71,26 @@ def test_enospc_while_checkpointing_keeps_the_last_good_one_and_resume_matches(
     ref_cfg = tiny_config(tmp_path / "ref", *opts, corpus=corpus)
     trainer_for(ref_cfg).fit()
     cfg = tiny_config(tmp_path / "full", *opts, corpus=corpus)
-    real_save = ckpt_module.torch.save
+    real_save = ckpt_module.save_file
     calls = {"n": 0}
 
-    def save_until_full(obj, path, *a, **kw):
+    def save_until_full(tensors, path, *a, **kw):
         calls["n"] += 1
-        if calls["n"] == 5:  # optimizer.pt of the third checkpoint (step 6)
+        if calls["n"] == 8:  # optimizer.safetensors of the third checkpoint (step 6)
             raise ENOSPC
-        return real_save(obj, path, *a, **kw)
+        return real_save(tensors, path, *a, **kw)
 
-    monkeypatch.setattr(ckpt_module.torch, "save", save_until_full)
+    monkeypatch.setattr(ckpt_module, "save_file", save_until_full)
     with pytest.raises(CheckpointError) as err:
         trainer_for(cfg).fit()
     message = str(err.value)
-    assert "step_00000006" in message and "No space left on device" in message
+    assert "step_00000006" in message and "optimizer.safetensors" in message
+    assert "the disk is full" in message
     run = tmp_path / "full" / "run"
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004"]
     assert not list((run / "checkpoints").glob(".tmp-*")), "the partial checkpoint was not removed"
     assert latest_checkpoint(run, log=lambda _m: None).name == "step_00000004"
-    monkeypatch.setattr(ckpt_module.torch, "save", real_save)  # space freed
+    monkeypatch.setattr(ckpt_module, "save_file", real_save)  # space freed
     trainer_for(cfg).fit(resume="auto")
     assert same_weights(newest_weights(run), newest_weights(tmp_path / "ref" / "run"))
     assert metrics_losses(run) == metrics_losses(tmp_path / "ref" / "run")

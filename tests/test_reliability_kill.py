@@ -194,14 +194,15 @@ def check_checkpoint_writes(tmp_path: Path, n_points: int, resume: bool = False)
 
 def ckpt_tensors(ckpt: Path) -> dict:
     """Weights, Adam moments and RNG state of a checkpoint, as flat name → tensor."""
-    import torch
 
     out = {f"model.{k}": v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
-    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    from lmforge.train.checkpoint import read_optimizer_state, read_rng_state
+
+    opt = read_optimizer_state(ckpt)
     for i, state in opt.get("state", {}).items():
         for name, value in state.items():
             out[f"opt.{i}.{name}"] = value
-    out["rng"] = torch.load(ckpt / "rng.pt", weights_only=True)["cpu"]
+    out["rng"] = read_rng_state(ckpt)["cpu"]
     return out
 
 

@@ -203,7 +203,9 @@ def test_pickled_pytorch_bin_in_hf_folder_is_refused(tmp_path):
     folder.mkdir()
     with (folder / "pytorch_model.bin").open("wb") as fh:
         pickle.dump({"w": Payload()}, fh)
-    with pytest.raises(pickle.UnpicklingError):
+    from lmforge.export.hf import ExportError
+
+    with pytest.raises(ExportError, match="pickled weights are not loaded"):
         _read_hf_weights(folder)
     assert not (tmp_path / "pwned").exists()
 

@@ -25,6 +25,7 @@ from lmforge.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_optimizer_state,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -129,8 +130,8 @@ def test_nan_step_leaves_weights_and_moments_unchanged(tmp_path):
     after5 = load_file(str(run / "checkpoints" / "step_00000005" / "model.safetensors"))
     assert all(torch.equal(after3[k], after4[k]) for k in after3)
     assert not all(torch.equal(after4[k], after5[k]) for k in after4)
-    opt3 = torch.load(run / "checkpoints" / "step_00000003" / "optimizer.pt", weights_only=True)
-    opt4 = torch.load(run / "checkpoints" / "step_00000004" / "optimizer.pt", weights_only=True)
+    opt3 = read_optimizer_state(run / "checkpoints" / "step_00000003")
+    opt4 = read_optimizer_state(run / "checkpoints" / "step_00000004")
     for k, s in opt3["state"].items():
         assert torch.equal(s["exp_avg"], opt4["state"][k]["exp_avg"])
         assert torch.equal(s["step"], opt4["state"][k]["step"])
@@ -148,13 +149,35 @@ def test_too_many_bad_steps_stop_with_last_good_checkpoint(tmp_path):
     hook = trainer.model.tok_emb.register_forward_hook(
         lambda m, i, o: o * float("nan") if trainer.model.training and trainer.step >= 5 else o
     )
-    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps with a non-finite loss") as err:
         trainer.fit()
     hook.remove()
+    # true in every part: the steps, that the weights are fine, the checkpoint that exists
+    assert "steps 6-8" in str(err.value) and "the weights are finite" in str(err.value)
+    assert "step_00000004, holds finite weights" in str(err.value)
     good = latest_checkpoint(tmp_path / "run")
     assert good is not None and good.name == "step_00000004"
     state = verify_checkpoint(good)
     assert state["bad_steps"] == 0
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_nan_weight_decay_stop_message_is_true(tmp_path, every):
+    # set after loading, past any range check of the config: the loop must still tell
+    # the truth about the cause and about what is on disk
+    cfg = tiny_config(tmp_path, f"train.checkpoint_every={every}")
+    cfg.train.weight_decay = float("nan")
+    trainer, _ = make_trainer(cfg)
+    with pytest.raises(TrainingDiverged) as err:
+        trainer.fit()
+    message = str(err.value)
+    # step 1's update (loss still finite) made the weights NaN: caught at the step-1
+    # checkpoint, or at step 2's non-finite loss
+    where = "after step 1 the weights are non-finite" if every == 1 else "step 2 (loss nan"
+    assert where in message and "non-finite since the update of step 1" in message
+    assert "train.weight_decay = nan is not a finite number" in message
+    assert "no checkpoint was written" in message and "train.lr" not in message
+    assert list_checkpoints(tmp_path / "run") == []
 
 
 def test_corrupt_checkpoint_is_detected_and_skipped(tmp_path):
@@ -171,11 +194,13 @@ def test_corrupt_checkpoint_is_detected_and_skipped(tmp_path):
     messages = []
     assert latest_checkpoint(tmp_path / "run", log=messages.append) == ckpts[-2]
     assert "checksum mismatch" in messages[0]
-    (ckpts[-2] / "optimizer.pt").write_bytes(b"")
+    (ckpts[-2] / "optimizer.safetensors").write_bytes(b"")
     assert latest_checkpoint(tmp_path / "run", log=messages.append) is None
 
 
 def test_pickled_payload_is_refused(tmp_path):
+    from reliability_helpers import to_legacy_layout
+
     cfg = tiny_config(tmp_path, "train.max_steps=4")
     trainer, _ = make_trainer(cfg)
     trainer.fit()
@@ -183,17 +208,13 @@ def test_pickled_payload_is_refused(tmp_path):
 
     class Evil:
         def __reduce__(self):
-            return (os.system, ("echo pwned",))
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
-    torch.save({"state": Evil()}, ckpt / "optimizer.pt")
-    # even with a matching checksum, weights_only loading refuses the payload
-    from lmforge.train.checkpoint import sha256_file
-
-    sums = json.loads((ckpt / "checksums.json").read_text())
-    sums["optimizer.pt"] = sha256_file(ckpt / "optimizer.pt")
-    (ckpt / "checksums.json").write_text(json.dumps(sums))
-    with pytest.raises(Exception, match=r"Weights only load failed|Unsupported global"):
-        load_checkpoint(ckpt, trainer.model, trainer.optimizer)
+    # an old-layout checkpoint whose checksum matches its payload
+    to_legacy_layout(ckpt, optimizer={"state": Evil()})
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: refused by the safe loader"):
+        load_checkpoint(ckpt, trainer.model, trainer.optimizer, log=lambda _m: None)
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_atomic_save_ignores_partial_folders(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -243,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge import __version__
 
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an error (anywhere on the command line; or LMFORGE_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, fn: Callable, **kw) -> argparse.ArgumentParser:
@@ -307,10 +313,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def _where(exc: BaseException) -> str:
+    """The file an error is about (OSError's file name), else the lmforge line it came from."""
+    if isinstance(exc, OSError) and exc.filename:
+        return str(exc.filename)
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "lmforge" in f.filename]
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+
+
+def _deliberate(exc: Exception) -> bool:
+    """An error lmforge raised on purpose (its message is written for the user), rather
+    than one escaping from a bug or a library."""
+    import traceback
+
+    if type(exc).__module__.startswith("lmforge"):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    raised_here = bool(frames) and f"{os.sep}lmforge{os.sep}" in frames[-1].filename
+    return raised_here and type(exc) in (ValueError, RuntimeError)
+
+
+def _report(exc: Exception) -> int:
+    """One line on stderr for an error; the exit code. lmforge's own errors already name
+    the file and what to do; anything else also says where it came from and how to see more."""
+    if getattr(exc, "reported", False):  # already on stderr (a rank's RankFailure)
+        return 1
+    if isinstance(exc, ConfigError):
+        print(f"lmforge: config error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    if isinstance(exc, OSError) and not type(exc).__module__.startswith("lmforge"):
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"lmforge: error: {exc.strerror or _one_line(exc)}{where}", file=sys.stderr)
+        return 1
+    if _deliberate(exc):
+        print(f"lmforge: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    where = _where(exc)
+    print(
+        f"lmforge: error: {type(exc).__name__}: {_one_line(exc)}"
+        f"{f' ({where})' if where else ''}; run with --debug for the traceback",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error ends in one line on stderr and exit code 1 (2 for a
+    usage or config error, 130 for Ctrl-C); ``--debug`` (or LMFORGE_DEBUG=1) also prints
+    the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    debug = "--debug" in argv or os.environ.get("LMFORGE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
+        parser = build_parser()
         rest, overrides = _split_overrides(argv)
         args = parser.parse_args(rest)
         if not getattr(args, "func", None):
@@ -320,20 +382,15 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_malloc()
         return int(args.func(args, overrides) or 0)
-    except ConfigError as exc:
-        print(f"lmforge: config error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        if not getattr(exc, "reported", False):
-            print(f"lmforge: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. disk full while writing metrics or outputs
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"lmforge: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        return _report(exc)
 
 
 if __name__ == "__main__":

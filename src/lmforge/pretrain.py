@@ -227,7 +227,7 @@ def load_model(
     (`lmforge.model_source`: checkpoint, stage, run or transformers folder)."""
     from lmforge.model.transformer import Transformer
     from lmforge.model_source import resolve_model
-    from lmforge.train.checkpoint import load_weights, verify_checkpoint
+    from lmforge.train.checkpoint import CheckpointError, load_weights, verify_checkpoint
 
     resolved = resolve_model(checkpoint)
     if resolved.kind == "transformers":
@@ -237,6 +237,10 @@ def load_model(
         return hf_model.to(device).eval(), hf_tok, hf_cfg
     path = resolved.path
     state = verify_checkpoint(path)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(
+            f"{path / 'trainer_state.json'}: key config missing (it holds the model's shape)"
+        )
     cfg = config_from_dict(state["config"], where=f"{path}/trainer_state.json")
     model = Transformer(cfg.model)
     load_weights(model, path / "model.safetensors")

@@ -214,7 +214,7 @@ def run_rung(cfg: Config, rung: dict[str, Any], out: Path, tokens_per_step: int)
             output=replace(cfg.output, dir=str(run_dir)),
         )
         t0 = time.perf_counter()
-        summary = pretrain(rcfg)
+        summary = pretrain(rcfg, resume="auto")  # an interrupted rung continues
         summary["wall_s"] = time.perf_counter() - t0
         summary_path.write_text(json.dumps(summary, indent=1))
     summary = json.loads(summary_path.read_text())

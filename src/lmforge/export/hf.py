@@ -379,32 +379,72 @@ def from_hf_state(hf: State, m: ModelConfig, kind: str, where: str) -> State:
     return out
 
 
+def _load_safetensors(path: Path) -> State:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise ExportError(
+            f"{path}: not a readable safetensors file ({why}); it may be truncated: "
+            "copy or download it again"
+        ) from None
+
+
+def _refuse_pickle(path: Path) -> State:
+    raise ExportError(
+        f"{path}: pickled weights are not loaded (loading a pickle can run code); convert "
+        "them to safetensors, e.g. with transformers: "
+        "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+    )
+
+
+def _shard_names(index: Path, folder: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names, each checked to lie inside `folder`."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{index}: invalid JSON ({exc})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ExportError(
+            f"{index}: no 'weight_map' mapping tensor names to shard files "
+            "(not a transformers shard index)"
+        ) from None
+    for shard in shards:
+        # The index comes with the (untrusted) folder: a shard name must stay inside
+        # it. Checked on the name, not the resolved path: HF cache snapshots are
+        # symlinks into ../../blobs by design.
+        norm = os.path.normpath(str(shard))
+        if (
+            not isinstance(shard, str)
+            or os.path.isabs(norm)
+            or norm == ".."
+            or norm.startswith(".." + os.sep)
+        ):
+            raise ExportError(f"{index}: shard {shard!r} lies outside {folder}")
+    return shards
+
+
 def _read_hf_weights(folder: Path) -> State:
-    """All tensors of a transformers folder: safetensors (single or sharded) or PyTorch .bin."""
+    """All tensors of a transformers folder's safetensors (single or sharded). Pickled
+    PyTorch ``.bin`` weights are refused, never unpickled."""
     for index_name, loader in (
-        ("model.safetensors.index.json", lambda p: load_file(str(p))),
-        (
-            "pytorch_model.bin.index.json",
-            lambda p: torch.load(p, map_location="cpu", weights_only=True),
-        ),
+        ("model.safetensors.index.json", _load_safetensors),
+        ("pytorch_model.bin.index.json", _refuse_pickle),
     ):
         index = folder / index_name
         if index.exists():
             state: State = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                # The index comes with the (untrusted) folder: a shard name must stay inside
-                # it. Checked on the name, not the resolved path: HF cache snapshots are
-                # symlinks into ../../blobs by design.
-                norm = os.path.normpath(str(shard))
-                if os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep):
-                    raise ExportError(f"{index}: shard {shard!r} lies outside {folder}")
+            for shard in _shard_names(index, folder):
                 state.update(loader(folder / shard))
             return state
     if (folder / "model.safetensors").exists():
-        return load_file(str(folder / "model.safetensors"))
+        return _load_safetensors(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").exists():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise ExportError(f"{folder}: no model.safetensors or pytorch_model.bin (sharded or not)")
+        return _refuse_pickle(folder / "pytorch_model.bin")
+    raise ExportError(f"{folder}: no model.safetensors (sharded or not)")
 
 
 # ----------------------------------------------------------------------------- import
@@ -481,7 +521,16 @@ def load_hf_model(
         hf_cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise ExportError(f"{cfg_path}: invalid JSON: {exc}") from None
-    m = model_config_from_hf(hf_cfg, str(cfg_path))
+    if not isinstance(hf_cfg, dict):
+        raise ExportError(f"{cfg_path}: not a JSON object")
+    try:
+        m = model_config_from_hf(hf_cfg, str(cfg_path))
+    except ExportError:
+        raise
+    except KeyError as exc:
+        raise ExportError(f"{cfg_path}: key {exc} missing") from None
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{cfg_path}: a value has the wrong type ({exc})") from None
     state = from_hf_state(_read_hf_weights(folder), m, hf_cfg["model_type"], str(folder))
     if hf_cfg["model_type"] == "gpt2":
         m = _drop_zero_biases(state, m)

@@ -1,35 +1,62 @@
-"""Complete, atomic, verified checkpoints.
+"""Complete, atomic, verified checkpoints that never unpickle anything.
 
 A checkpoint is a folder ``checkpoints/step_{step:08d}/`` holding
 
-    model.safetensors     weights (a tied head is stored once, under tok_emb.weight)
-    optimizer.pt          optimizer state (tensors and plain values only)
-    rng.pt                torch RNG states (CPU and CUDA)
-    trainer_state.json    step, data position, counters, config, code version
-    checksums.json        sha256 of every file above; written last
+    model.safetensors       weights (a tied head is stored once, under tok_emb.weight)
+    optimizer.safetensors   optimizer state tensors, named ``state.{param index}.{name}``
+    optimizer.json          the rest of the optimizer state: param_groups, scalar state
+    rng.safetensors         torch RNG states (CPU, and each CUDA device), numpy's key
+    rng.json                the rest of the RNG states (numpy's position, Python's `random`)
+    trainer_state.json      step, data position, counters, config, code version
+    checksums.json          sha256 of every file above; written last
 
-It is written into ``.tmp-step_...``, every file fsynced, then renamed into place
-and the parent folder fsynced: a folder named ``step_*`` is always complete.
-Every load verifies the checksums; ``.pt`` files are read with
-``torch.load(weights_only=True)``, which refuses pickled code.
+Loading reads only safetensors and JSON, so a checkpoint received from someone
+else can never run code. Checkpoints written before this layout (``optimizer.pt``,
+``rng.pt``) still load, with ``torch.load(weights_only=True)`` and a note, for one
+release.
+
+It is written into ``.tmp-step_...-{host}-{pid}``, every file fsynced, then renamed
+into place and the parent folder fsynced: a folder named ``step_*`` is always
+complete. A temporary folder left by a killed writer is removed when the next run
+starts (`clean_stale_temporaries`). Every load verifies the checksums.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import random
+import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge import __version__
 
-CKPT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
+CKPT_FILES = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "rng.safetensors",
+    "rng.json",
+    "trainer_state.json",
+)
+# The layout before optimizer and RNG state left pickle (read for one release).
+LEGACY_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
+# Keys `Trainer.restore` needs from trainer_state.json.
+STATE_KEYS = ("step", "tokens_seen", "bad_steps", "consecutive_bad", "elapsed_s")
+# A temporary folder of another host whose writer cannot be asked is stale after this long.
+STALE_AFTER_S = 24 * 3600
 
 
 class CheckpointError(RuntimeError):
@@ -55,6 +82,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -91,10 +123,32 @@ def save_weights(
     save_file(model_state(model), str(path), metadata=metadata or {})
 
 
+def read_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or foreign file is a `CheckpointError`."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({_first_line(exc)})"
+        ) from None
+
+
 def load_weights(model: nn.Module, path: Path | str, strict: bool = True) -> None:
-    """Load safetensors weights into `model`; only tied duplicates may be missing."""
+    """Load safetensors weights into `model`; only tied duplicates may be missing.
+
+    Shapes are compared before anything is copied: a mismatch leaves the model as it was.
+    """
     model = unwrap(model)
-    state = load_file(str(path))
+    state = read_safetensors(path)
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        k = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise CheckpointError(
+            f"{path}: weights do not fit the model: {k} is {list(state[k].shape)} in the file, "
+            f"{list(own[k].shape)} in the model{more}"
+        )
     result = model.load_state_dict(state, strict=False)
     tied = (
         {"lm_head.weight"}
@@ -109,6 +163,252 @@ def load_weights(model: nn.Module, path: Path | str, strict: bool = True) -> Non
         )
 
 
+# ----------------------------------------------------------------------------- optimizer and RNG
+# Pickle-free layouts: tensors in safetensors, everything else in JSON. Tuples are tagged,
+# so that param_groups come back exactly as the optimizer wrote them (e.g. AdamW's betas).
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's JSON")
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_from_json(v) for v in value["__tuple__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def optimizer_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An `Optimizer.state_dict()` as (tensors named ``state.{index}.{name}``, JSON rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, Any]] = {}
+    for idx, entry in sd.get("state", {}).items():
+        plain = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                plain[name] = _to_json(value)
+        state[str(idx)] = plain
+    groups = []
+    for i, group in enumerate(sd.get("param_groups", [])):
+        plain = {}
+        for key, value in group.items():
+            if isinstance(value, torch.Tensor):  # e.g. a tensor learning rate
+                tensors[f"group.{i}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                plain[key] = _to_json(value)
+        groups.append(plain)
+    return tensors, {"format": 1, "state": state, "param_groups": groups}
+
+
+def _optimizer_from_files(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: Path
+) -> dict[str, Any]:
+    try:
+        state = {int(i): _from_json(v) for i, v in meta["state"].items()}
+        groups = [_from_json(g) for g in meta["param_groups"]]
+        for key, tensor in tensors.items():
+            kind, idx, name = key.split(".", 2)
+            if kind == "state":
+                state.setdefault(int(idx), {})[name] = tensor
+            elif kind == "group":
+                groups[int(idx)][name] = tensor
+            else:
+                raise ValueError(key)
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{where}: not an lmforge optimizer state ({exc!r})") from None
+    if not state and not groups:
+        return {}
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def _legacy_load(path: Path, log: Any) -> Any:
+    """A ``.pt`` file of the old layout: tensors and plain values only, never code."""
+    log(
+        f"note: {path.name} in {path.parent} is the old checkpoint layout; it is read for one "
+        "more release, and the next checkpoint is written without pickle"
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, EOFError, a zip error: all mean "refused"
+        raise CheckpointError(
+            f"{path}: refused by the safe loader (holds something other than tensors and plain "
+            f"values: {_first_line(exc)[:160]})"
+        ) from None
+
+
+def read_optimizer_state(path: Path | str, log: Any = print) -> dict[str, Any]:
+    """The optimizer state of a checkpoint folder, in `Optimizer.state_dict()` layout."""
+    path = Path(path)
+    if (path / "optimizer.json").exists() or not (path / "optimizer.pt").exists():
+        meta = _read_json(path / "optimizer.json")
+        tensors = read_safetensors(path / "optimizer.safetensors")
+        return _optimizer_from_files(tensors, meta, path / "optimizer.json")
+    sd = _legacy_load(path / "optimizer.pt", log)
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path / 'optimizer.pt'}: not an optimizer state")
+    return sd
+
+
+def rng_files() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states: torch's (CPU, CUDA) and numpy's as tensors, the rest JSON."""
+    tensors = {"torch.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    tensors["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    meta = {
+        "format": 1,
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached": cached},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+    }
+    return tensors, meta
+
+
+def read_rng_state(path: Path | str, log: Any = print) -> dict[str, Any]:
+    """RNG states of a checkpoint folder: ``cpu``, ``cuda`` (a list), ``numpy``, ``python``."""
+    path = Path(path)
+    if not (path / "rng.json").exists() and (path / "rng.pt").exists():
+        rng = _legacy_load(path / "rng.pt", log)
+        if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor):
+            raise CheckpointError(f"{path / 'rng.pt'}: not an RNG state")
+        return rng
+    meta = _read_json(path / "rng.json")
+    tensors = read_safetensors(path / "rng.safetensors")
+    try:
+        cuda = [
+            tensors[f"torch.cuda.{i}"] for i in range(len(tensors)) if f"torch.cuda.{i}" in tensors
+        ]
+        npy, py = meta["numpy"], meta["python"]
+        return {
+            "cpu": tensors["torch.cpu"],
+            "cuda": cuda,
+            "numpy": (
+                npy["kind"],
+                tensors["numpy.keys"].numpy().astype(np.uint32),
+                npy["pos"],
+                npy["has_gauss"],
+                npy["cached"],
+            ),
+            "python": (py["version"], tuple(py["state"]), py["gauss_next"]),
+        }
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / 'rng.json'}: not an lmforge RNG state ({exc!r})") from None
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng.get("numpy") is not None:
+        np.random.set_state(rng["numpy"])
+    if rng.get("python") is not None:
+        random.setstate(rng["python"])
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _writer_tag() -> str:
+    """Who writes a temporary folder: host and PID, so that a later run can tell a dead
+    writer's leftovers from a live one's work."""
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+_TEMPORARY = re.compile(r"^\.(?:tmp|trash)-step_\d+-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def _writer_alive(host: str | None, pid: int, folder: Path) -> bool:
+    if host is None or host == _writer_tag().rsplit("-", 1)[0]:
+        if pid == os.getpid():
+            return False  # this process has not started writing yet: a namesake's leftover
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # alive, another user's
+        return True
+    # Another host on a shared file system: it cannot be asked, so go by age.
+    return time.time() - folder.stat().st_mtime < STALE_AFTER_S
+
+
+def clean_stale_temporaries(run_dir: Path | str) -> list[str]:
+    """Remove temporary checkpoint folders whose writer is dead; return their names.
+
+    A writer on this host is asked (its PID); one on another host is dead after
+    `STALE_AFTER_S` without a change. Finished ``step_*`` folders are never touched.
+    """
+    root = Path(run_dir) / "checkpoints"
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for folder in sorted(root.iterdir()):
+        match = _TEMPORARY.match(folder.name)
+        if match is None or not folder.is_dir():
+            continue
+        if not _writer_alive(match["host"], int(match["pid"]), folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
+_WRITE_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "a file reached the file-size limit (see `ulimit -f`)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def _write_failure(what: Path, root: Path, exc: BaseException) -> str:
+    """One line: which file, why (disk full, size limit, permission), and what to do."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # safetensors and torch report the OS error inside their message
+        found = re.search(r"(?:code: |errno |\[Errno |os error )(\d+)", str(exc))
+        code = int(found[1]) if found else None
+    reason = _WRITE_REASONS.get(code or -1)
+    if reason is None:
+        reason = _first_line(exc)[:200]
+        if shutil.disk_usage(root).free < 1 << 26:
+            reason += "; the disk is full"
+    kept = list_checkpoints(root.parent)
+    intact = (
+        f"the previous checkpoints in {root} are intact (newest {kept[-1].name})"
+        if kept
+        else "no earlier checkpoint exists"
+    )
+    return (
+        f"{what}: could not write the checkpoint: {reason}; the unfinished folder was removed "
+        f"and {intact}. Free space or raise the limit, then rerun with --resume auto"
+    )
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -121,31 +421,28 @@ def save_checkpoint(
     """Write a checkpoint atomically and prune all but the newest `keep_last`.
 
     `extra_files` (e.g. ``tokenizer.json``) travel inside the checkpoint and are checksummed.
-    `model` and `optimizer` may be state dicts gathered beforehand (FSDP).
+    `model` and `optimizer` may be state dicts gathered beforehand (FSDP). Any failure to
+    write is a `CheckpointError` saying why; the temporary folder is removed.
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = root / f".tmp-step_{step:08d}-{_writer_tag()}"
+    current = [tmp]  # the file being written, for the message
     try:
-        _write_checkpoint_files(tmp, step, model, optimizer, state, extra_files or {})
-    except (OSError, RuntimeError) as exc:
-        # Disk full or quota (torch.save reports it as a RuntimeError from its zip writer):
-        # free what we wrote, keep every finished checkpoint, and say so.
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        _write_checkpoint_files(tmp, step, model, optimizer, state, extra_files or {}, current)
+        if final.exists():  # a re-save of the same step: replace it whole, if it is valid
+            _set_aside_or_remove(final)
+        tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        free = shutil.disk_usage(root).free
-        full = f"; {free:,} bytes free: the disk is full" if free < 1 << 26 else ""
-        raise CheckpointError(
-            f"{final}: could not write the checkpoint ({reason}{full}); "
-            f"the previous checkpoints in {root} are intact"
-        ) from exc
-    if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-        _remove(final)
-    tmp.rename(final)
-    _fsync_dir(root)
+        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+            failed = final / current[-1].name if current[-1] != tmp else final
+            raise CheckpointError(_write_failure(failed, root, exc)) from exc
+        raise
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         _remove(old)
     for trash in root.glob(".trash-*"):  # left by a kill during an earlier removal
@@ -156,9 +453,32 @@ def save_checkpoint(
 def _remove(folder: Path) -> None:
     """Delete a checkpoint folder so that a kill midway never leaves a half-deleted ``step_*``:
     rename it out of the ``step_*`` namespace first (atomic), then delete it."""
-    trash = folder.with_name(f".trash-{folder.name}-{os.getpid()}")
+    trash = folder.with_name(f".trash-{folder.name}-{_writer_tag()}")
     folder.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def set_aside(folder: Path) -> Path:
+    """Move a checkpoint that failed to load to ``checkpoints/unloadable/`` (never deleted:
+    a user may want to repair it), out of the way of new checkpoints of the same step."""
+    shelf = folder.parent / "unloadable"
+    shelf.mkdir(exist_ok=True)
+    target = shelf / folder.name
+    n = 1
+    while target.exists():
+        n += 1
+        target = shelf / f"{folder.name}.{n}"
+    folder.rename(target)
+    return target
+
+
+def _set_aside_or_remove(folder: Path) -> None:
+    try:
+        verify_checkpoint(folder)
+    except CheckpointError:
+        set_aside(folder)
+    else:
+        _remove(folder)
 
 
 def _write_checkpoint_files(
@@ -168,29 +488,42 @@ def _write_checkpoint_files(
     optimizer: torch.optim.Optimizer | dict[str, Any] | None,
     state: dict[str, Any],
     extra_files: dict[str, bytes],
+    current: list[Path],
 ) -> None:
     tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors", {"format": "pt", "lmforge": __version__})
     if isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer.state_dict()
-    torch.save(optimizer or {}, tmp / "optimizer.pt")
-    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
+    opt_tensors, opt_meta = optimizer_files(optimizer or {})
+    rng_tensors, rng_meta = rng_files()
     full_state = dict(
         state, step=step, lmforge_version=__version__, torch_version=torch.__version__
     )
-    (tmp / "trainer_state.json").write_text(json.dumps(full_state, indent=1, default=str))
-    for name, data in extra_files.items():
-        (tmp / name).write_bytes(data)
+    meta = {"format": "pt", "lmforge": __version__}
+    writers: list[tuple[str, Any]] = [
+        ("model.safetensors", lambda p: save_weights(model, p, meta)),
+        ("optimizer.safetensors", lambda p: save_file(opt_tensors, str(p), metadata=meta)),
+        ("optimizer.json", lambda p: p.write_text(json.dumps(opt_meta))),
+        ("rng.safetensors", lambda p: save_file(rng_tensors, str(p), metadata=meta)),
+        ("rng.json", lambda p: p.write_text(json.dumps(rng_meta))),
+        (
+            "trainer_state.json",
+            lambda p: p.write_text(json.dumps(full_state, indent=1, default=str)),
+        ),
+    ]
+    writers += [(name, lambda p, d=data: p.write_bytes(d)) for name, data in extra_files.items()]
     sums = {}
-    for name in (*CKPT_FILES, *extra_files):
+    for name, write in writers:
+        current.append(tmp / name)
+        write(tmp / name)
         _fsync_file(tmp / name)
         sums[name] = sha256_file(tmp / name)
+    current.append(tmp / "checksums.json")
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
     _fsync_file(tmp / "checksums.json")
     _fsync_dir(tmp)
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def list_checkpoints(run_dir: Path | str) -> list[Path]:
@@ -207,13 +540,11 @@ def verify_checkpoint(path: Path | str) -> dict[str, Any]:
     sums_path = path / "checksums.json"
     if not sums_path.exists():
         raise CheckpointError(f"{sums_path}: missing (checkpoint incomplete)")
-    try:
-        sums = json.loads(sums_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{sums_path}: corrupt") from None
+    sums = _read_json(sums_path)
     if not isinstance(sums, dict):
         raise CheckpointError(f"{sums_path}: corrupt (not a mapping of file name to sha256)")
-    unlisted = [name for name in CKPT_FILES if name not in sums]
+    expected = LEGACY_FILES if "optimizer.pt" in sums or "rng.pt" in sums else CKPT_FILES
+    unlisted = [name for name in expected if name not in sums]
     if unlisted:  # every file that gets loaded must be covered by a checksum
         raise CheckpointError(f"{sums_path}: corrupt (no checksum for {', '.join(unlisted)})")
     for name, digest in sums.items():
@@ -228,7 +559,21 @@ def verify_checkpoint(path: Path | str) -> dict[str, Any]:
             raise CheckpointError(f"{f}: missing from checkpoint")
         if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: checksum mismatch (file corrupt or truncated)")
-    return json.loads((path / "trainer_state.json").read_text())
+    state = _read_json(path / "trainer_state.json")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / 'trainer_state.json'}: not a JSON object")
+    return state
+
+
+def require_state_keys(state: dict[str, Any], path: Path | str, keys=STATE_KEYS) -> None:
+    """Every key `keys` in trainer_state.json, each a number; else a `CheckpointError`."""
+    where = Path(path) / "trainer_state.json"
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{where}: key {', '.join(missing)} missing")
+    for k in keys:
+        if isinstance(state[k], bool) or not isinstance(state[k], (int, float)):
+            raise CheckpointError(f"{where}: key {k} is {state[k]!r}, not a number")
 
 
 def latest_checkpoint(run_dir: Path | str, log=print) -> Path | None:
@@ -247,23 +592,36 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     restore_rng: bool = True,
+    check: Any = None,
+    log: Any = print,
 ) -> dict[str, Any]:
-    """Verify, then load weights (and optimizer and RNG state); return trainer_state."""
+    """Verify, then load weights (and optimizer and RNG state); return trainer_state.
+
+    `check(state)` runs after verification and before anything is loaded (it may raise).
+    Every file is read before the model, optimizer or RNG changes, so a file that fails
+    leaves them as they were (weights are shape-checked before copying).
+    """
     path = Path(path)
     state = verify_checkpoint(path)
+    if check is not None:
+        check(state)
     from lmforge.train.parallel import is_sharded, load_full_state
 
+    optim_state = read_optimizer_state(path, log) if optimizer is not None else None
+    rng = read_rng_state(path, log) if restore_rng else None
     if is_sharded(model):  # FSDP: every rank takes its shard of the full tensors
         load_full_state(model, optimizer, path)
     else:
         load_weights(model, path / "model.safetensors")
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if restore_rng:
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            try:
+                optimizer.load_state_dict(optim_state)  # type: ignore[arg-type]
+            except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                raise CheckpointError(
+                    f"{path}: optimizer state does not fit this optimizer ({_first_line(exc)})"
+                ) from None
+    if rng is not None:
+        set_rng_state(rng)
     return state
 
 

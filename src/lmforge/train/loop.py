@@ -28,10 +28,15 @@ from lmforge.config import Config, dump_yaml, to_dict
 from lmforge.hardware import peak_flops, pick_device, resolve_dtype
 from lmforge.model.transformer import flops_per_token
 from lmforge.train.checkpoint import (
+    CheckpointError,
+    clean_stale_temporaries,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
+    require_state_keys,
     resolve_checkpoint,
     save_checkpoint,
+    set_aside,
     unwrap,
 )
 from lmforge.train.dist import DistInfo, all_reduce_mean, all_reduce_sum, dist_info, print0
@@ -74,7 +79,69 @@ class StepResult:
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the last good checkpoint is left intact."""
+    """Too many consecutive non-finite steps, or non-finite weights; no checkpoint holds them."""
+
+
+class ResumeConfigError(ValueError):
+    """The requested config cannot continue a checkpoint (another model shape or vocabulary)."""
+
+
+# What a resume may change. Keys that decide the model's shape or vocabulary, or the
+# optimizer's state layout, must match the checkpoint (else the restore cannot succeed).
+# Budget and bookkeeping keys change freely. Any other changed key (learning rate, data,
+# dtype, ...) is allowed with a note: the resumed run then differs from an uninterrupted one.
+RESUME_REFUSED = ("model.", "tokenizer.kind", "tokenizer.vocab_size", "train.optimizer")
+RESUME_FREE = (
+    *(
+        f"train.{k}"
+        for k in [
+            "max_steps",
+            "max_time_s",
+            "log_every",
+            "eval_every",
+            "eval_tokens",
+            "checkpoint_every",
+            "keep_last",
+            "tensorboard",
+            "threads",
+            "cpu_processes",
+            "dist_timeout_s",
+            "peak_flops",
+            "max_bad_steps",
+        ]
+    ),
+    "output.",
+    "eval.",
+    "bias.",
+    "run.",
+    "name",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def resume_config_changes(
+    saved: dict[str, Any], requested: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """(refused, noted) differences between a checkpoint's config and the requested one,
+    each as ``key: checkpoint A, requested B``."""
+    old, new = _flat(saved), _flat(requested)
+    refused: list[str] = []
+    noted: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if a == b or key.startswith(RESUME_FREE):
+            continue
+        line = f"{key}: checkpoint {a}, requested {b}"
+        (refused if key.startswith(RESUME_REFUSED) else noted).append(line)
+    return refused, noted
 
 
 class MetricsLog:
@@ -82,14 +149,18 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool, tensorboard: bool = False):
         self.path, self.enabled = path, enabled
-        self.tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.tb: Any = None
+        # Opened at the first record, not here: a refused resume leaves the run folder as it was.
+        self._want_tb = enabled and tensorboard
 
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-            except ImportError:
-                print0("tensorboard is not installed; metrics go to metrics.jsonl only")
+    def _open_tensorboard(self) -> None:
+        self._want_tb = False
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        except ImportError:
+            print0("tensorboard is not installed; metrics go to metrics.jsonl only")
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records of steps the resumed run will redo."""
@@ -113,6 +184,8 @@ class MetricsLog:
             return
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self._want_tb:
+            self._open_tensorboard()
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -224,6 +297,10 @@ class _Bf16Compute:
         torch._foreach_copy_(self.params, self.masters)
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
@@ -302,6 +379,7 @@ class Trainer:
         self.spike_steps = 0  # updates skipped by train.spike_policy
         self.loss_ema: float | None = None  # running mean of accepted losses (spike guard)
         self.loss_seen = 0
+        self._last_update = 0  # the last step whose update reached the weights (from 1)
         self.elapsed_before = 0.0
         self._stop_signal: str | None = None
         # what clipping reads (after `parallelize`, whose FSDP replaces the parameters)
@@ -325,6 +403,10 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
+        if not self.weights_finite():  # never let a checkpoint hold them
+            raise TrainingDiverged(
+                self._diverged(f"after step {self.step} the weights are non-finite", broken=True)
+            )
         path = None
         # Under FSDP every rank takes part in gathering the full state to rank 0.
         model_state, optim_state = full_state(self.model, self.optimizer)
@@ -343,18 +425,74 @@ class Trainer:
         barrier()
         return path
 
+    def _check_resume_config(self, path: Path, state: dict[str, Any]) -> None:
+        require_state_keys(state, path)
+        if not isinstance(state.get("config"), dict):
+            return  # written without a config: the weights' shapes are still checked
+        refused, noted = resume_config_changes(state["config"], to_dict(self.cfg))
+        if refused:
+            raise ResumeConfigError(
+                f"{path}: cannot resume with another model shape or vocabulary: "
+                + "; ".join(refused)
+                + ". Drop those overrides to continue this run, or train into a new output.dir; "
+                "nothing was written"
+            )
+        if noted:
+            self.log(
+                "resuming with changed settings (the run will differ from an uninterrupted "
+                "one): " + "; ".join(noted)
+            )
+
+    def _candidates(self, resume: str) -> list[Path]:
+        """Checkpoints to try, newest first; refuses to train over an earlier run's ones."""
+        if resume == "auto":
+            return list(reversed(list_checkpoints(self.run_dir)))
+        if resume:
+            return [resolve_checkpoint(resume)]
+        existing = list_checkpoints(self.run_dir)
+        if existing:
+            raise CheckpointError(
+                f"{self.run_dir / 'checkpoints'}: holds checkpoints of an earlier run (newest "
+                f"{existing[-1].name}); continue it with --resume auto, or train into a new "
+                "output.dir"
+            )
+        return []
+
     def restore(self, resume: str) -> None:
-        if not resume:
+        """Load the checkpoint `resume` names ('auto': the newest that loads, falling back
+        to older ones). With checkpoints present and none loadable, or a config that cannot
+        continue them, nothing is written and the error says why."""
+        candidates = self._candidates(resume)
+        if not candidates:
+            if resume:
+                self.log("no checkpoint to resume from; starting from step 0")
             return
-        path = (
-            latest_checkpoint(self.run_dir, log=self.log)
-            if resume == "auto"
-            else resolve_checkpoint(resume)
-        )
-        if path is None:
-            self.log("no checkpoint to resume from; starting from step 0")
-            return
-        state = load_checkpoint(path, self.model, self.optimizer)
+        failed: list[tuple[Path, str]] = []
+        for path in candidates:
+            try:
+                state = load_checkpoint(
+                    path,
+                    self.model,
+                    self.optimizer,
+                    check=lambda st, p=path: self._check_resume_config(p, st),
+                    log=self.log,
+                )
+                break
+            except CheckpointError as exc:
+                if resume != "auto":
+                    raise
+                self.log(f"skipping checkpoint: {exc}")
+                failed.append((path, str(exc)))
+        else:
+            why = "; ".join(f"{p.name}: {msg.replace(str(p) + '/', '')}" for p, msg in failed)
+            raise CheckpointError(
+                f"--resume auto: no checkpoint in {self.run_dir / 'checkpoints'} loads ({why}); "
+                "nothing was written or deleted. Repair or move them away, or resume from "
+                "another checkpoint with --resume PATH"
+            )
+        if failed and self.dist.is_main:  # out of the way of this run's new checkpoints
+            for bad, _msg in failed:
+                self.log(f"moved the checkpoint that did not load to {set_aside(bad)}")
         if self.compute is not None:
             self.compute.publish()
         self.step = int(state["step"])
@@ -470,46 +608,99 @@ class Trainer:
         step_loss = all_reduce_mean(step_loss)
         finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
         spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
+        n = self.step + 1  # steps are counted from 1, as in metrics.jsonl and checkpoint names
         if finite and not spike:
             opt.step()
             self.consecutive_bad = 0
+            self._last_update = n
         elif spike:
             self.spike_steps += 1
             self.consecutive_bad += 1
             self.log(
-                f"step {self.step}: loss {step_loss.item():.4f} > train.spike_factor "
+                f"step {n}: loss {step_loss.item():.4f} > train.spike_factor "
                 f"{t.spike_factor} × running mean {self.loss_ema:.4f}; update skipped"
             )
         else:
             # A non-finite loss or gradient never reaches the weights or the moments.
             self.bad_steps += 1
             self.consecutive_bad += 1
-            self.log(
-                f"step {self.step}: non-finite loss/gradient "
-                f"(loss {step_loss.item()}, grad norm {grad_norm.item()}); update skipped"
-            )
+            what = f"loss {step_loss.item()}, gradient norm {grad_norm.item()}"
+            self.log(f"step {n}: non-finite {what}; update skipped")
+            if not self.weights_finite():  # no skipped update can bring them back
+                raise TrainingDiverged(self._diverged(f"step {n} ({what})", broken=True))
         opt.zero_grad(set_to_none=True)
         if self.compute is not None:
             self.compute.publish()
         self.step += 1
         self.tokens_seen += t.tokens_per_step
         if self.consecutive_bad >= t.max_bad_steps:
+            kinds = " or loss spikes" if self.spike_steps else ""
             raise TrainingDiverged(
-                f"{self.consecutive_bad} consecutive non-finite steps"
-                f"{' or loss spikes' if self.spike_steps else ''} (train.max_bad_steps = "
-                f"{t.max_bad_steps}) at step {self.step}; stopped. The last good checkpoint "
-                f"in {self.run_dir / 'checkpoints'} is intact: lower train.lr, check the data, "
-                f"or resume with --resume auto"
+                self._diverged(
+                    f"{self.consecutive_bad} consecutive steps with a non-finite loss or "
+                    f"gradient{kinds}, steps {n - self.consecutive_bad + 1}-{n} "
+                    f"(train.max_bad_steps = {t.max_bad_steps}); the weights are finite and "
+                    "none of these steps updated them",
+                    broken=False,
+                )
             )
         return StepResult(step_loss, grad_norm, lr, finite, data_s)
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every weight is finite (on every rank: collective under DDP/FSDP)."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad += 1
+        return all_reduce_sum(bad).item() == 0
+
+    def _diverged(self, what: str, broken: bool) -> str:
+        """The stop message: what went wrong, the probable cause, what is on disk."""
+        t = self.cfg.train
+        # settings that enter the forward pass or the update; budgets and factors may be inf
+        update_keys = "lr min_lr_ratio weight_decay beta1 beta2 eps grad_clip muon_lr muon_momentum"
+        suspects = [
+            f"{section}.{k} = {v}"
+            for section, values in (("model", vars(self.cfg.model)), ("train", vars(t)))
+            for k, v in values.items()
+            if isinstance(v, float)
+            and not math.isfinite(v)
+            and (section == "model" or k in (*update_keys.split(), "muon_weight_decay"))
+        ]
+        if broken:
+            last = self._last_update
+            what += (
+                f"; the weights are non-finite since the update of step {last}"
+                if last
+                else "; the weights were non-finite before the first update"
+            )
+        if suspects:
+            cause = f"{', '.join(suspects)} is not a finite number: set a finite value"
+        elif broken:
+            cause = f"the updates diverged: lower train.lr (now {t.lr}) or set train.grad_clip"
+        else:
+            cause = f"check the data, or lower train.lr (now {t.lr})"
+        good = latest_checkpoint(self.run_dir, log=lambda _m: None) if self.dist.is_main else None
+        on_disk = (
+            f"the newest checkpoint, {good}, holds finite weights: resume from it with "
+            "--resume auto after the change"
+            if good is not None
+            else "no checkpoint was written: start again after the change"
+        )
+        return f"training stopped: {what}. Probable cause: {cause}; {on_disk}"
 
     def fit(self, resume: str = "") -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         self._t0 = time.perf_counter()
         self.restore(resume)
+        # Only now, with the restore done, does anything in the run folder change.
+        if self.dist.is_main:
+            for name in clean_stale_temporaries(self.run_dir):
+                self.log(f"removed {name}, left in checkpoints/ by a writer that died")
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         if self.step >= t.max_steps:
             self.log(f"already trained to step {self.step}; nothing to do")
             return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
@@ -533,6 +724,7 @@ class Trainer:
         last_log_t, last_log_step = time.perf_counter(), self.step
         summary: dict[str, Any] = {}
         loss_sum = torch.zeros((), device=self.device)
+        n_finite = 0  # steps since the last log line whose loss counts in its mean
         data_s = 0.0  # time spent getting batches since the last log line
         eval_metrics: dict[str, float] = {}
         bar = ProgressBar(t.max_steps, self.step, self.dist.is_main)
@@ -543,6 +735,7 @@ class Trainer:
                 data_s += result.data_s
                 if result.finite:
                     loss_sum += result.loss
+                    n_finite += 1
                 lr, grad_norm = result.lr, result.grad_norm
 
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -551,7 +744,8 @@ class Trainer:
                     dt = now - last_log_t
                     tok_s = n * tokens_per_step / max(dt, 1e-9)
                     mfu = tok_s * self.flops_per_token / peak if peak else 0.0
-                    mean_loss = loss_sum.item() / max(n, 1)
+                    # over the steps whose loss was finite; none finite: null, not a made-up 0
+                    mean_loss = loss_sum.item() / n_finite if n_finite else None
                     elapsed = self.elapsed_before + now - self._t0
                     eta = (t.max_steps - self.step) * dt / max(n, 1)
                     record = {
@@ -572,16 +766,17 @@ class Trainer:
                         record["spike_steps"] = self.spike_steps
                     self.metrics.write(record)
                     self.log(
-                        f"step {self.step:>6}/{t.max_steps} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                        f"step {self.step:>6}/{t.max_steps} | loss {_fmt(mean_loss, '.4f')} | lr {lr:.2e} | "
                         f"{tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.1f}% | "
                         f"ETA {format_duration(eta)}"
                     )
                     bar.update(
                         self.step,
-                        f"loss {mean_loss:.3f} | {tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.0f}%",
+                        f"loss {_fmt(mean_loss, '.3f')} | {tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.0f}%",
                     )
                     summary.update(loss=mean_loss, tokens_per_s=tok_s, mfu=mfu)
                     loss_sum.zero_()
+                    n_finite = 0
                     data_s = 0.0
                     last_log_t, last_log_step = time.perf_counter(), self.step
 

@@ -220,7 +220,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
     """What `save_checkpoint` should write: the objects themselves, or gathered full states.
 
     Why gather to rank 0 rather than write a sharded `torch.distributed.checkpoint`:
-    lmforge's checkpoint is one `model.safetensors` plus `optimizer.pt` that every
+    lmforge's checkpoint is one `model.safetensors` plus one optimizer state that every
     other stage (generate, fine-tune, export, eval) reads without a process group,
     and that any world size can resume from. The gathered optimizer state is
     re-keyed by parameter index, exactly as `optimizer.state_dict()` of one
@@ -281,14 +281,15 @@ def load_full_state(
     set_model_state_dict(model, weights, options=options)
     if optimizer is None:
         return
-    by_index = torch.load(checkpoint_dir / "optimizer.pt", weights_only=True)
+    from lmforge.train.checkpoint import read_optimizer_state
+
+    by_index = read_optimizer_state(checkpoint_dir)
     names = {id(p): n for n, p in model.named_parameters()}
     fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     n_saved = sum(len(g["params"]) for g in by_index["param_groups"])
     if n_saved != len(fqns):
         raise ValueError(
-            f"{checkpoint_dir / 'optimizer.pt'}: state for {n_saved} parameters, "
-            f"the model has {len(fqns)}"
+            f"{checkpoint_dir}: optimizer state for {n_saved} parameters, the model has {len(fqns)}"
         )
     by_name: dict[str, Any] = {
         "state": {fqns[i]: v for i, v in by_index["state"].items()},
