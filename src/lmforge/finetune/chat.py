@@ -112,8 +112,9 @@ def chat_loop(
     Sampling follows `params` (default: temperature 0.7, top-p 0.9, 200 new tokens,
     seed 0), with keyword `options` replacing its fields; turn n uses seed + n.
     """
-    base = SamplingParams(max_new_tokens=200, temperature=0.7, top_p=0.9, seed=0)
-    params = sampling_params(params or base, **options)
+    from lmforge.finetune.cli import CHAT_DEFAULTS
+
+    params = sampling_params(params or CHAT_DEFAULTS, **options)
     history: Turns = []
     write("lmforge chat: /reset forgets the conversation, /exit quits\n")
     turn = 0
@@ -137,3 +138,25 @@ def chat_loop(
         answer = reply(model, tok, system, history, sampling_params(params, seed=seed), write)
         history.append(("assistant", answer))
         turn += 1
+
+
+def sample_texts(
+    model: Transformer, tok: Tokenizer, prompts: list[str], params: SamplingParams, chat: bool
+) -> list[str]:
+    """One sample per prompt (sample i seeded `params.seed + i`, or i), for a report to show.
+
+    A chat model answers each prompt as a user turn, up to the end of its turn, and
+    the text reads ``user: ...`` / ``assistant: ...``; a plain model continues the
+    prompt up to end-of-text. No special token appears in the text.
+    """
+    out = []
+    for i, prompt in enumerate(prompts):
+        seeded = sampling_params(params, seed=(params.seed or 0) + i)
+        if chat:
+            reply = sample_reply(model, tok, [("user", prompt)], seeded).text.strip()
+            out.append(f"user: {prompt}\nassistant: {reply}")
+        else:
+            ids = tok.encode(prompt) if prompt else [tok.eot_id]
+            done = complete(model, tok, [ids], seeded.with_stop_ids([tok.eot_id]))[0]
+            out.append(prompt + done.text)
+    return out

@@ -7,6 +7,11 @@ import inspect
 import sys
 from pathlib import Path
 
+from lmforge.model.sampling import SamplingParams, add_sampling_arguments
+
+# The terminal chat's sampling defaults; turn n of a conversation uses seed + n.
+CHAT_DEFAULTS = SamplingParams(max_new_tokens=200, temperature=0.7, top_p=0.9, seed=0)
+
 
 def cmd_finetune(args, overrides) -> int:
     """Fine-tune a checkpoint or HF model folder on a task (instruction, chat, summarization,
@@ -48,23 +53,15 @@ def cmd_chat(args, overrides) -> int:
     """
     from lmforge.finetune.chat import chat_loop
     from lmforge.finetune.finetune import finetuned_checkpoint
+    from lmforge.model.sampling import sampling_from_args
     from lmforge.pretrain import load_model
 
+    params = sampling_from_args(args)
     path = (
         finetuned_checkpoint(args.checkpoint) if Path(args.checkpoint).is_dir() else args.checkpoint
     )
     model, tok, _cfg = load_model(path, device=args.device)
-    chat_loop(
-        model,
-        tok,
-        system=args.system,
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        read=input,
-        write=sys.stdout.write,
-    )
+    chat_loop(model, tok, system=args.system, params=params, read=input, write=sys.stdout.write)
     return 0
 
 
@@ -98,8 +95,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_chat)
     p.add_argument("--checkpoint", required=True, help="fine-tuned run folder or checkpoint")
     p.add_argument("--system", default="", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(p, CHAT_DEFAULTS)
     p.add_argument("--device", default="cpu")

@@ -22,11 +22,13 @@ the same text alone or inside a batch, and a request never disturbs another.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use: the CLI's parser builds without it
+    import torch
 
 # name → (check, what the value must be); checked in one place for the CLI, the web app and Python.
 RANGES: dict[str, tuple[Any, str]] = {
@@ -88,6 +90,8 @@ def process_logits(
     `seen` is a (B, V) bool mask of the tokens already in each row (prompt and
     output), for the repetition penalty.
     """
+    import torch
+
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         rp = params.repetition_penalty
@@ -118,6 +122,8 @@ def row_generators(
     batch: int, seed: int | None, device: torch.device | str = "cpu"
 ) -> list[torch.Generator]:
     """One generator per row: row r draws from seed + r (a fresh random seed when None)."""
+    import torch
+
     gens = []
     for r in range(batch):
         g = torch.Generator(device=device)
@@ -136,6 +142,8 @@ def sample_next(
     generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """(B, V) logits → (B,) next token ids: greedy at temperature 0, else one draw per row."""
+    import torch
+
     logits = process_logits(logits, params, seen)
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
@@ -150,5 +158,62 @@ def sample_next(
 
 def seen_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, T) ids → (B, V) bool mask of the tokens present in each row."""
+    import torch
+
     mask = torch.zeros(ids.size(0), vocab_size, dtype=torch.bool, device=ids.device)
     return mask.scatter_(1, ids.long(), True)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingParams) -> None:
+    """The sampling flags of `lmforge generate` and `lmforge chat`, with their defaults."""
+    g = parser.add_argument_group("sampling")
+    d = defaults
+    g.add_argument(
+        "--max-new-tokens", "--max-tokens", type=int, default=d.max_new_tokens, help="%(default)s"
+    )
+    g.add_argument(
+        "--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)"
+    )
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off (default %(default)s)")
+    g.add_argument(
+        "--top-p", type=float, default=d.top_p, help="nucleus mass; 1 = off (default %(default)s)"
+    )
+    g.add_argument(
+        "--min-p",
+        type=float,
+        default=d.min_p,
+        help="drop tokens below min-p × the top one (default %(default)s)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=d.repetition_penalty,
+        help="> 1 discourages repeats; 1 = off (default %(default)s)",
+    )
+    g.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT", help="stop text; repeatable"
+    )
+    g.add_argument(
+        "--seed", type=int, default=d.seed, help="same seed, same text (default %(default)s)"
+    )
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """`SamplingParams` from the flags of `add_sampling_arguments`; a bad value names its flag."""
+    values = {
+        name: getattr(args, name)
+        for name in (
+            "max_new_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "seed",
+        )
+    }
+    for name, (ok, what) in RANGES.items():
+        if not ok(values[name]):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {values[name]} must be {what}")
+    return SamplingParams(**values, stop=tuple(args.stop or ()))
