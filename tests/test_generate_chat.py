@@ -4,6 +4,7 @@ turn: from Python, `lmforge generate`, `lmforge chat` and the run's samples."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -108,3 +109,47 @@ def test_a_stop_string_ends_the_reply_and_bad_flags_are_one_line(chat_model, cap
     assert main([*args, "--top-p", "1.5"]) != 0
     err = capsys.readouterr().err.strip()
     assert "--top-p 1.5 must be in (0, 1]" in err and len(err.splitlines()) == 1
+
+
+def test_web_chat_uses_the_template_and_checks_the_sampling_fields(chat_model):
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+    from serve_helpers import ORGANISER_TOKEN, csrf_of
+
+    from lmforge.serve import create_app
+
+    folder, _ = chat_model
+    app = create_app(
+        folder.parent, db_path=folder.parent / "serve.sqlite", organiser_token=ORGANISER_TOKEN
+    )
+    with TestClient(app) as client:
+        csrf = csrf_of(client.get("/login").text)
+        client.post("/login", data={"token": ORGANISER_TOKEN, "csrf": csrf})
+        page = client.get("/chat").text
+        checkpoint = next(c for c in re.findall(r'<option value="([^"]+)"', page) if "step_" in c)
+        body = {
+            "checkpoint": checkpoint,
+            "messages": [{"role": "user", "content": "say yes"}],
+            "temperature": 0,
+            "max_tokens": 20,
+        }
+
+        def post(**changes):
+            r = client.post(
+                "/api/chat/stream", json={**body, **changes}, headers={"X-CSRF-Token": csrf}
+            )
+            return r, "".join(
+                json.loads(e[6:])["text"] for e in r.text.split("\n\n") if e.startswith("data: ")
+            )
+
+        assert post()[1] == "yes"  # "auto": the chat template, up to the end of the turn
+        assert post(stop=["s"])[1] == "ye"
+        assert post(repetition_penalty=1.3, min_p=0.1)[0].status_code == 200
+        for name, bad in [
+            ("temperature", -1),
+            ("top_p", 0),
+            ("min_p", 2),
+            ("repetition_penalty", 0),
+        ]:
+            r, _ = post(**{name: bad})
+            assert r.status_code == 422 and name in r.json()["error"], (name, r.text)
