@@ -179,3 +179,20 @@ def test_greedy_with_stop_id_equals_hf_generate(repetition_penalty, tmp_path):
         row, ref = ours[r, 8:].tolist(), theirs[r, 8:].tolist()
         end = row.index(eos) + 1 if eos in row else len(row)
         assert row[:end] == ref[:end]  # HF pads an ended row with pad_token_id, we repeat eos
+
+
+def test_command_line_flags_build_the_params():
+    import argparse
+
+    from lmforge.model.sampling import add_sampling_arguments, sampling_from_args
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser, SamplingParams(temperature=0.7, seed=0))
+    args = parser.parse_args(
+        ["--min-p", "0.1", "--repetition-penalty", "1.2", "--stop", "\\n\\n", "--stop", "THE END"]
+    )
+    p = sampling_from_args(args)
+    assert (p.temperature, p.seed, p.min_p, p.repetition_penalty) == (0.7, 0, 0.1, 1.2)
+    assert p.stop == ("\n\n", "THE END")  # a typed \n is a newline
+    with pytest.raises(ValueError, match=r"--repetition-penalty 0\.0 must be > 0"):
+        sampling_from_args(parser.parse_args(["--repetition-penalty", "0"]))

@@ -169,7 +169,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingPa
     g = parser.add_argument_group("sampling")
     d = defaults
     g.add_argument(
-        "--max-new-tokens", "--max-tokens", type=int, default=d.max_new_tokens, help="%(default)s"
+        "--max-new-tokens",
+        "--max-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="the longest reply, in tokens (default %(default)s)",
     )
     g.add_argument(
         "--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)"
@@ -191,10 +195,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingPa
         help="> 1 discourages repeats; 1 = off (default %(default)s)",
     )
     g.add_argument(
-        "--stop", action="append", default=None, metavar="TEXT", help="stop text; repeatable"
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop text (\\n = newline); repeatable",
     )
     g.add_argument(
-        "--seed", type=int, default=d.seed, help="same seed, same text (default %(default)s)"
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"same seed, same text (default {'random' if d.seed is None else d.seed})",
     )
 
 
@@ -216,4 +227,6 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         if not ok(values[name]):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} {values[name]} must be {what}")
-    return SamplingParams(**values, stop=tuple(args.stop or ()))
+    # A shell passes "\n" as two characters: read it (and "\t") as the writer meant it.
+    stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or ())
+    return SamplingParams(**values, stop=stop)
