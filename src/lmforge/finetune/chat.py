@@ -19,7 +19,7 @@ from typing import Any
 
 from lmforge.finetune.tasks import Turns, prompt_ids
 from lmforge.model.generate import Completion, complete
-from lmforge.model.sampling import SamplingParams, sampling_params
+from lmforge.model.sampling import CHAT_DEFAULTS, SamplingParams, sampling_params
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import END, Tokenizer
 
@@ -112,8 +112,6 @@ def chat_loop(
     Sampling follows `params` (default: temperature 0.7, top-p 0.9, 200 new tokens,
     seed 0), with keyword `options` replacing its fields; turn n uses seed + n.
     """
-    from lmforge.finetune.cli import CHAT_DEFAULTS
-
     params = sampling_params(params or CHAT_DEFAULTS, **options)
     history: Turns = []
     write("lmforge chat: /reset forgets the conversation, /exit quits\n")

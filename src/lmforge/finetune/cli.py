@@ -7,10 +7,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from lmforge.model.sampling import SamplingParams, add_sampling_arguments
-
-# The terminal chat's sampling defaults; turn n of a conversation uses seed + n.
-CHAT_DEFAULTS = SamplingParams(max_new_tokens=200, temperature=0.7, top_p=0.9, seed=0)
+from lmforge.model.sampling import CHAT_DEFAULTS, add_sampling_arguments
 
 
 def cmd_finetune(args, overrides) -> int:

@@ -219,13 +219,15 @@ class StreamDecoder:
 
 @dataclass
 class Completion:
-    """One row's result: its new ids (without the stop id) and its text."""
+    """One row's result: its new ids (without the stop id) and its text.
+
+    `finish_reason` is "stop_id" (it emitted `stop_id`: end-of-text, end-of-turn or
+    another given id), "stop" (a stop string appeared) or "length".
+    """
 
     ids: list[int]
     text: str  # special tokens removed, cut before a stop string
-    finish_reason: (
-        str  # "stop_id" (end-of-text / end-of-turn / given id), "stop" (a stop string), "length"
-    )
+    finish_reason: str
     stop_id: int | None = None
 
 

@@ -69,6 +69,10 @@ class SamplingParams:
         return replace(self, stop_ids=tuple(dict.fromkeys([*self.stop_ids, *ids])))
 
 
+# `lmforge chat`'s defaults (turn n of a conversation uses seed + n).
+CHAT_DEFAULTS = SamplingParams(max_new_tokens=200, temperature=0.7, top_p=0.9, seed=0)
+
+
 def sampling_params(
     params: SamplingParams | None = None, max_new_tokens: int | None = None, **options: Any
 ) -> SamplingParams:
