@@ -40,7 +40,7 @@ def chat_template_of(checkpoint: str | Path) -> str | None:
 
     try:
         state = json.loads((resolve_checkpoint(checkpoint) / "trainer_state.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: CheckpointError, none there
         return None
     template = state.get("chat_template") if isinstance(state, dict) else None
     return template if isinstance(template, str) and template else None
