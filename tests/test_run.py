@@ -111,6 +111,22 @@ def test_rerun_skips_and_a_finetune_change_reruns_only_downstream(finished_run):
     assert all((pre_weights[k] == again[k]).all() for k in pre_weights)
 
 
+def test_report_samples_show_no_special_token(finished_run):
+    """The fine-tuned model is sampled through its chat template and stops at the end of its
+    turn; no sample in samples.json or the report card shows a special token."""
+    from lmforge.tokenizer import SPECIAL_TOKENS
+
+    run, _ = finished_run
+    samples = json.loads((run / "eval" / "samples.json").read_text())
+    assert set(samples) == {"pretrained", "finetuned"}
+    texts = [t for ts in samples.values() for t in ts]
+    texts += [(run / "report.md").read_text(), (run / "report.html").read_text()]
+    for text in texts:
+        for special in SPECIAL_TOKENS:
+            assert special not in text and special.replace("<", "&lt;") not in text, text
+    assert all(t.startswith("user: ") and "\nassistant: " in t for t in samples["finetuned"])
+
+
 def _cli(overrides, env):
     return [sys.executable, "-m", "lmforge", "run", "quickstart", *(f"--{o}" for o in overrides)]
 

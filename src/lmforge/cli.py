@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.config import ConfigError, builtin_recipes, dump_yaml, load_config
+from lmforge.model.sampling import SamplingParams, add_sampling_arguments
 from lmforge.model_source import CHECKPOINT_HELP
 
 # Stage modules that add their own sub-commands: each has `register(subparsers)`.
@@ -156,34 +157,38 @@ def cmd_pretrain(args, overrides) -> int:
 
 
 def cmd_generate(args, overrides) -> int:
-    """Generate text from a checkpoint, streaming tokens as they come."""
-    import torch
+    """Generate text from a checkpoint, streaming it as it comes.
 
-    from lmforge.model.generate import StreamDecoder, generate
+    A fine-tuned checkpoint gets the prompt as a user turn of its chat template and
+    stops at the end of its reply (--template none continues the raw prompt instead).
+    """
+    from dataclasses import replace
+
+    from lmforge.finetune.chat import chat_params, is_chat_checkpoint
+    from lmforge.finetune.tasks import prompt_ids
+    from lmforge.model.generate import complete
+    from lmforge.model.sampling import sampling_from_args
     from lmforge.pretrain import load_model
 
+    params = sampling_from_args(args)
     model, tok, _cfg = load_model(args.checkpoint, device=args.device)
-    prompt_ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
-    stop = [tok.eot_id] if args.stop_at_eot else []
-    stop += [tok.encode(s)[0] for s in args.stop or [] if tok.encode(s)]
+    chat = args.template == "chat" or (
+        args.template == "auto" and is_chat_checkpoint(args.checkpoint)
+    )
+    if chat:
+        ids, params = prompt_ids(tok, [("user", args.prompt)]), chat_params(tok, params)
+    else:
+        ids = tok.encode(args.prompt) if args.prompt else [tok.eot_id]
+        params = params.with_stop_ids([tok.eot_id]) if args.stop_at_eot else params
     for n in range(args.num_samples):
-        decoder = StreamDecoder(tok.decode)
-        sys.stdout.write(args.prompt)
-
-        def emit(col: torch.Tensor, decoder=decoder) -> None:
-            sys.stdout.write(decoder.push(int(col[0])))
-            sys.stdout.flush()
-
-        generate(
+        sys.stdout.write("" if chat else args.prompt)
+        seed = None if params.seed is None else params.seed + n
+        complete(
             model,
-            prompt_ids,
-            args.max_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=None if args.seed is None else args.seed + n,
-            stop_ids=stop,
-            on_token=emit,
+            tok,
+            [ids],
+            replace(params, seed=seed),
+            lambda _row, piece: (sys.stdout.write(piece), sys.stdout.flush()),
         )
         sys.stdout.write("\n" + ("-" * 40 + "\n" if n + 1 < args.num_samples else ""))
     return 0
@@ -281,13 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", cmd_generate)
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(p, SamplingParams(max_new_tokens=200, temperature=0.8))
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--stop", action="append", help="stop text (its first token); repeatable")
+    p.add_argument(
+        "--template",
+        default="auto",
+        choices=["auto", "chat", "none"],
+        help="chat template: auto = when the checkpoint was fine-tuned with one",
+    )
     p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false")
     p.add_argument("--device", default="cpu")
 

@@ -214,7 +214,8 @@ def stage_eval(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from lmforge.eval.intrinsic import evaluate_texts
     from lmforge.eval.results import CheckpointResults, Result, format_table, write_eval_json
     from lmforge.eval.tasks import TaskOptions, run_task
-    from lmforge.model.generate import generate
+    from lmforge.finetune.chat import is_chat_checkpoint, sample_texts
+    from lmforge.model.sampling import SamplingParams
     from lmforge.pretrain import load_model
 
     folder = run_dir / "eval"
@@ -239,22 +240,16 @@ def stage_eval(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 results += run_task(model, tok, task, TaskOptions(limit=cfg.eval.limit))
         runs.append(CheckpointResults(f"{label}: {ckpt}", results))
         prompts = cfg.eval.prompts or [""]
-        outs = []
-        for i in range(cfg.eval.samples):
-            prompt = prompts[i % len(prompts)]
-            ids = tok.encode(prompt) if prompt else [tok.eot_id]
-            gen = generate(
-                model,
-                ids,
-                cfg.eval.sample_tokens,
-                temperature=cfg.eval.temperature,
-                top_k=cfg.eval.top_k,
-                seed=i,
-                stop_ids=[tok.eot_id],
-            )
-            new = [t for t in gen[0].tolist()[len(ids) :] if t != tok.eot_id]
-            outs.append(prompt + tok.decode(new))
-        samples[label] = outs
+        # A fine-tuned model is asked through its chat template and stops at the end of its turn.
+        chat = is_chat_checkpoint(ckpt) or (label == "finetuned" and cfg.finetune.task != "text")
+        params = SamplingParams(
+            max_new_tokens=cfg.eval.sample_tokens,
+            temperature=cfg.eval.temperature,
+            top_k=cfg.eval.top_k,
+            seed=0,
+        )
+        asked = [prompts[i % len(prompts)] for i in range(cfg.eval.samples)]
+        samples[label] = sample_texts(model, tok, asked, params, chat)
     write_eval_json(folder / "eval.json", runs, {"tasks": cfg.eval.tasks, "limit": cfg.eval.limit})
     write_json_atomic(folder / "samples.json", samples)
     print0(format_table(runs))

@@ -184,6 +184,7 @@ def run_probes(
     sampled ones at `temperature` (0 skips continuations).
     """
     from lmforge.eval.generation import generate_batch
+    from lmforge.model.generate import decode_text
 
     if getattr(getattr(model, "cfg", None), "objective", "causal") != "causal":
         return {"summary": {}, "note": "template probes need a causal model"}
@@ -238,8 +239,8 @@ def run_probes(
                     stop_ids=[tok.eot_id],
                 )
                 for g, p, new in zip(owners, prompts, ids, strict=True):
-                    texts[g].append(tok.decode(new))
-                    shown[g].append(p + tok.decode(new))
+                    texts[g].append(decode_text(tok, new))  # no special token in the text
+                    shown[g].append(p + texts[g][-1])
             for g, conts in texts.items():
                 scores = [float(sentiment_score(c, lexicon)) for c in conts]
                 m, se = _mean_se(scores)

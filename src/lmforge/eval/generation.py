@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lmforge.eval.intrinsic import context_length_of
-from lmforge.model.generate import generate
+from lmforge.model.generate import decode_text, generate
 from lmforge.tokenizer import Tokenizer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -198,7 +198,8 @@ def generate_batch(
     Prompts are grouped by token length and each group runs as (B, T) batches
     through `generate` with the KV cache; a prompt longer than the context keeps
     its last `context_length - max_new_tokens` tokens so the cache always fits.
-    Greedy when `temperature` is 0; sampled otherwise, seeded per batch.
+    Greedy when `temperature` is 0; sampled otherwise, prompt i from seed + i, so a
+    prompt's text does not depend on how the prompts were batched.
     """
     ctx = context_length_of(model)
     if max_new_tokens >= ctx:
@@ -212,7 +213,6 @@ def generate_batch(
         by_len[len(p)].append(i)
     out: list[list[int]] = [[] for _ in prompts]
     stops = set(stop_ids)
-    batch_no = 0
     for length in sorted(by_len, reverse=True):
         rows = by_len[length]
         for start in range(0, len(rows), batch_size):
@@ -225,10 +225,10 @@ def generate_batch(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
-                seed=None if seed is None else seed + batch_no,
+                seed=seed,
+                row_seeds=None if seed is None else [seed + i for i in chunk],
                 stop_ids=list(stop_ids),
             )
-            batch_no += 1
             for r, i in enumerate(chunk):
                 new = y[r, length:].tolist()
                 cut = next((j for j, t in enumerate(new) if t in stops), len(new))
@@ -311,7 +311,7 @@ def evaluate_generation(
     new = generate_batch(
         model, task.prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, batch_size
     )
-    hyps = [tok.decode(ids).strip() for ids in new]
+    hyps = [decode_text(tok, ids).strip() for ids in new]
     metrics: list[MetricValue] = []
     settings = {
         "max_new_tokens": max_new_tokens,

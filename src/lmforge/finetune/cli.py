@@ -6,6 +6,7 @@ import argparse
 import inspect
 import sys
 
+from lmforge.model.sampling import CHAT_DEFAULTS, add_sampling_arguments
 from lmforge.model_source import CHECKPOINT_HELP
 
 
@@ -48,20 +49,13 @@ def cmd_chat(args, overrides) -> int:
     and the conversation kept as history. Type /reset to forget it, /exit (or Ctrl-D) to quit.
     """
     from lmforge.finetune.chat import chat_loop
+    from lmforge.model.sampling import sampling_from_args
     from lmforge.pretrain import load_model
 
+    params = sampling_from_args(args)
+    # A run folder resolves to its fine-tuned stage (lmforge.model_source).
     model, tok, _cfg = load_model(args.checkpoint, device=args.device)
-    chat_loop(
-        model,
-        tok,
-        system=args.system,
-        max_new_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        read=input,
-        write=sys.stdout.write,
-    )
+    chat_loop(model, tok, system=args.system, params=params, read=input, write=sys.stdout.write)
     return 0
 
 
@@ -93,8 +87,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_chat)
     p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--system", default="", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(p, CHAT_DEFAULTS)
     p.add_argument("--device", default="cpu")

@@ -46,6 +46,7 @@ from lmforge.model.transformer import Transformer, count_params
 from lmforge.paths import shared_data
 from lmforge.tokenizer import (
     ASSISTANT,
+    CHAT_TEMPLATE,
     END,
     Tokenizer,
     iter_limited,
@@ -163,6 +164,7 @@ def generate_answers(
     decode gives.
     """
     from lmforge.eval.generation import generate_batch
+    from lmforge.model.generate import decode_text
 
     model = unwrap(model)
     ctx = int(model.cfg.context_length)  # type: ignore[union-attr,arg-type]
@@ -170,7 +172,7 @@ def generate_answers(
     new = generate_batch(
         model, prompts, max_new_tokens, temperature=0.0, stop_ids=[tok.specials[END], tok.eot_id]
     )
-    return [tok.decode(ids).strip() for ids in new]
+    return [decode_text(tok, ids).strip() for ids in new]
 
 
 def metric_hook(
@@ -289,6 +291,8 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         ),
         eval_hooks=hooks,
         extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
+        # Samplers read it to prompt through the template and stop at the end of a turn.
+        extra_state={"chat_template": CHAT_TEMPLATE} if task.name != "text" else None,
     )
     summary = trainer.fit(resume=resume)
     if "val_loss" in summary:

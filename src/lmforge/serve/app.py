@@ -58,6 +58,7 @@ from lmforge.serve.models import (
     find_checkpoints,
     iter_stream,
     safe_join,
+    sampling_of,
 )
 from lmforge.serve.runs import (
     eval_json_path,
@@ -127,10 +128,14 @@ class SecurityHeaders:
 class ChatRequest(BaseModel):
     checkpoint: str
     messages: list[dict[str, str]] = Field(min_length=1, max_length=200)
-    prompt_format: str = "completion"
+    prompt_format: str = "auto"  # the chat template for a fine-tuned checkpoint
+    # The ranges of `lmforge.model.sampling.RANGES`; a bad value is a 422 naming the field.
     temperature: float = Field(0.8, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=100_000)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field([], max_length=16)
     max_tokens: int = Field(128, ge=1, le=4096)
     seed: int | None = None
 
@@ -647,11 +652,7 @@ def create_app(
             body.checkpoint,
             messages,
             prompt_format=body.prompt_format,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            max_tokens=body.max_tokens,
-            seed=body.seed,
+            params=sampling_of(body),
         )
 
         def events():

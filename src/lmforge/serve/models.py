@@ -12,13 +12,15 @@ import threading
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lmforge.model.sampling import SamplingParams, sampling_params
 from lmforge.tokenizer import ASSISTANT, END, SYSTEM, USER
 
-PROMPT_FORMATS = ("completion", "chat")
+# "auto": the chat template for a checkpoint fine-tuned with one, plain text otherwise.
+PROMPT_FORMATS = ("auto", "completion", "chat")
 
 
 class Cancelled(Exception):
@@ -106,55 +108,72 @@ def prompt_ids(tok: Any, messages: list[dict[str, str]], prompt_format: str) -> 
     return tok.encode(text) if text else [tok.eot_id]
 
 
+def resolve_format(pool: ModelPool, checkpoint: str, prompt_format: str) -> str:
+    """ "auto" → "chat" for a checkpoint fine-tuned with the chat template, else "completion"."""
+    if prompt_format != "auto":
+        return prompt_format
+    from lmforge.finetune.chat import is_chat_checkpoint
+
+    path = safe_join(pool.runs_dir, checkpoint)
+    return "chat" if is_chat_checkpoint(path) else "completion"
+
+
+def sampling_of(settings: Any) -> SamplingParams:
+    """`SamplingParams` from a request's or a study's settings (`max_tokens`, `temperature`, ...)."""
+    return SamplingParams(
+        max_new_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        min_p=getattr(settings, "min_p", 0.0),
+        repetition_penalty=getattr(settings, "repetition_penalty", 1.0),
+        stop=tuple(getattr(settings, "stop", ()) or ()),
+        seed=settings.seed,
+    )
+
+
 def stream_generate(
     pool: ModelPool,
     checkpoint: str,
     messages: list[dict[str, str]],
-    prompt_format: str = "completion",
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_tokens: int = 128,
-    seed: int | None = None,
+    prompt_format: str = "auto",
+    params: SamplingParams | None = None,
     on_piece: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    **options: Any,
 ) -> str:
-    """Generate a reply, calling `on_piece` with each decoded text piece; returns the reply."""
-    import torch
+    """Generate a reply, calling `on_piece` with each decoded text piece; returns the reply.
 
-    from lmforge.model.generate import StreamDecoder, generate
+    Keyword `options` (`temperature=`, `max_tokens=`, ...) replace fields of `params`.
+    A chat-format reply stops at the end of the assistant's turn; a completion at
+    end-of-text; both at `params.stop` strings. No special token reaches the text.
+    """
+    from lmforge.finetune.chat import chat_params
+    from lmforge.model.generate import complete
 
     loaded = pool.get(checkpoint)
     tok = loaded.tokenizer
+    prompt_format = resolve_format(pool, checkpoint, prompt_format)
     ids = prompt_ids(tok, messages, prompt_format)
-    stop = [tok.eot_id] + ([tok.specials[END]] if prompt_format == "chat" else [])
-    decoder = StreamDecoder(tok.decode)
+    if "max_tokens" in options:
+        options["max_new_tokens"] = options.pop("max_tokens")
+    params = sampling_params(
+        params or SamplingParams(max_new_tokens=128, temperature=0.8), **options
+    )
+    params = (
+        chat_params(tok, params) if prompt_format == "chat" else params.with_stop_ids([tok.eot_id])
+    )
     pieces: list[str] = []
 
-    def emit(col: torch.Tensor) -> None:
+    def emit(_row: int, piece: str) -> None:
         if cancelled():
             raise Cancelled
-        token = int(col[0])
-        if token in stop:
-            return
-        piece = decoder.push(token)
-        if piece:
-            pieces.append(piece)
-            if on_piece is not None:
-                on_piece(piece)
+        pieces.append(piece)
+        if on_piece is not None:
+            on_piece(piece)
 
     with pool.generate_lock, contextlib.suppress(Cancelled):
-        generate(
-            loaded.model,
-            ids,
-            max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_ids=stop,
-            on_token=emit,
-        )
+        complete(loaded.model, tok, [ids], params, emit)
     return "".join(pieces)
 
 
@@ -244,12 +263,8 @@ class StudyGenerator:
                         m["checkpoint"],
                         [{"role": "user", "content": prompt}],
                         prompt_format=s.prompt_format,
-                        temperature=s.temperature,
-                        top_p=s.top_p,
-                        top_k=s.top_k,
-                        max_tokens=s.max_tokens,
                         # The same seed for every model on a prompt: differences come from the models.
-                        seed=s.seed + p,
+                        params=replace(sampling_of(s), seed=s.seed + p),
                     )
                     self.store.put_output(study_id, p, m["idx"], text)
             self.store.set_status(study_id, "ready")

@@ -100,6 +100,13 @@ async function streamChat(body, onPiece, signal) {
   return done;
 }
 
+// A panel's setting: its parsed value, or `empty` when the field is blank (the server
+// checks the ranges and names a bad field in its error).
+function setting(panel, cls, parse, empty) {
+  const v = panel.querySelector(cls).value.trim();
+  return v === "" ? empty : parse(v);
+}
+
 function addPanel(index) {
   const tpl = document.getElementById("panel-template");
   const panel = tpl.content.firstElementChild.cloneNode(true);
@@ -130,6 +137,11 @@ function addPanel(index) {
         prompt_format: format,
         temperature: parseFloat(panel.querySelector(".temperature").value),
         top_p: parseFloat(panel.querySelector(".top-p").value),
+        top_k: setting(panel, ".top-k", (v) => parseInt(v, 10), 0),
+        min_p: setting(panel, ".min-p", parseFloat, 0),
+        repetition_penalty: setting(panel, ".repetition-penalty", parseFloat, 1),
+        stop: panel.querySelector(".stop-strings").value.split("|").filter((s) => s),
+        seed: setting(panel, ".seed", (v) => parseInt(v, 10), null),
         max_tokens: parseInt(panel.querySelector(".max-tokens").value, 10),
       }, (piece) => {
         n += 1;
