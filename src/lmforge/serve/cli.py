@@ -29,6 +29,8 @@ def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
     store = Store(db)
     if args.list_tokens or args.revoke_token is not None:
         return manage_tokens(store, args.revoke_token)
+    if args.export_preferences is not None:
+        return export_study_preferences(store, args)
     token = None
     if args.new_organiser_token or store.n_organisers() == 0:
         token = store.add_organiser()
@@ -168,3 +170,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="believe X-Forwarded-* from a proxy on this machine (127.0.0.1, ::1)",
     )
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
+    p.add_argument(
+        "--export-preferences",
+        type=int,
+        metavar="STUDY",
+        help="write study STUDY's votes as a preference file (--out) for "
+        "lmforge finetune --finetune.objective=dpo, and exit",
+    )
+    p.add_argument("--out", default="", help="with --export-preferences: the JSONL to write")
+    p.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.5,
+        help="with --export-preferences: drop items whose winner has a smaller share of the "
+        "votes (default 0.5: every item with a majority)",
+    )
+    p.add_argument(
+        "--unweighted",
+        action="store_true",
+        help="with --export-preferences: weight 1 for every pair instead of its agreement",
+    )
+
+
+def export_study_preferences(store, args: argparse.Namespace) -> int:
+    """`--export-preferences STUDY --out FILE`: the study's decided items as preference pairs."""
+    from lmforge.serve.preferences import export_preferences
+
+    if not args.out:
+        raise ValueError("--export-preferences needs --out FILE.jsonl")
+    counts = export_preferences(
+        store, args.export_preferences, args.out, args.min_agreement, not args.unweighted
+    )
+    dropped = {k: v for k, v in counts.items() if k != "kept"}
+    print(
+        f"wrote {counts.get('kept', 0)} preference pairs to {args.out}"
+        + (
+            f" (dropped: {', '.join(f'{k} {v}' for k, v in sorted(dropped.items()))})"
+            if dropped
+            else ""
+        )
+    )
+    return 0
