@@ -242,27 +242,30 @@ def bearer_token(request: Request) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def router(pool: ModelPool, runs_root: Path, store: Any) -> APIRouter:
-    """The /v1 routes over `runs_root`'s checkpoints."""
-    api = APIRouter(prefix="/v1")
-    batcher = Batcher(pool)
-    api.batcher = batcher  # type: ignore[attr-defined]  # reachable for tests and metrics
+class OpenAIRoutes:
+    """The /v1 handlers over `runs_root`'s checkpoints, with one `Batcher` for them all."""
 
-    def authorise(request: Request) -> None:
-        if not store.is_organiser(bearer_token(request)):
+    def __init__(self, pool: ModelPool, runs_root: Path, store: Any):
+        self.pool, self.runs_root, self.store = pool, runs_root, store
+        self.batcher = Batcher(pool)
+
+    def authorise(self, request: Request) -> None:
+        if not self.store.is_organiser(bearer_token(request)):
             raise HTTPException(401, "Send Authorization: Bearer <organiser token of this server>.")
 
-    def checkpoint_of(name: str) -> str:
-        if name not in set(find_checkpoints(runs_root)):
+    def tokenizer_of(self, name: str) -> Any:
+        if name not in set(find_checkpoints(self.runs_root)):
             raise HTTPException(
                 404, f"The model {name!r} does not exist (GET /v1/models lists them)."
             )
-        return name
+        return self.pool.get(name).tokenizer
 
-    def jobs_for(body: _Sampling, prompts: list[list[int]], max_tokens: int, stop_ids: set[int]):
+    def submit(
+        self, body: _Sampling, prompts: list[list[int]], max_tokens: int, stop_ids: set[int]
+    ):
         stop = stop_strings(body.stop)
         return [
-            batcher.submit(
+            self.batcher.submit(
                 Job(
                     body.model,
                     ids,
@@ -277,29 +280,23 @@ def router(pool: ModelPool, runs_root: Path, store: Any) -> APIRouter:
             for ids in prompts
         ]
 
-    @api.get("/models")
-    def models(request: Request) -> dict[str, Any]:
-        authorise(request)
+    def models(self, request: Request) -> dict[str, Any]:
+        self.authorise(request)
         data = [
             {"id": c, "object": "model", "created": 0, "owned_by": "lmforge"}
-            for c in find_checkpoints(runs_root)
+            for c in find_checkpoints(self.runs_root)
         ]
         return {"object": "list", "data": data}
 
-    @api.post("/completions")
-    def completions(request: Request, body: CompletionRequest) -> Response:
-        authorise(request)
-        tok = pool.get(checkpoint_of(body.model)).tokenizer
+    def completions(self, request: Request, body: CompletionRequest) -> Response:
+        self.authorise(request)
+        tok = self.tokenizer_of(body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not 1 <= len(texts) <= 16:
             raise HTTPException(400, "prompt: one string, or a list of 1 to 16 strings")
         prompts = [tok.encode(t) if t else [tok.eot_id] for t in texts]
-        jobs = jobs_for(body, prompts, body.max_tokens, {tok.eot_id})
-        meta = {
-            "id": "cmpl-" + secrets.token_hex(12),
-            "created": int(time.time()),
-            "model": body.model,
-        }
+        jobs = self.submit(body, prompts, body.max_tokens, {tok.eot_id})
+        meta = _meta("cmpl-", body.model)
         if body.stream:
             return _stream(jobs, meta, "text_completion", body, chat=False)
         _wait(jobs)
@@ -312,40 +309,42 @@ def router(pool: ModelPool, runs_root: Path, store: Any) -> APIRouter:
             {**meta, "object": "text_completion", "choices": choices, "usage": usage}
         )
 
-    @api.post("/chat/completions")
-    def chat_completions(request: Request, body: ChatRequest) -> Response:
-        authorise(request)
-        tok = pool.get(checkpoint_of(body.model)).tokenizer
+    def chat_completions(self, request: Request, body: ChatRequest) -> Response:
         from lmforge.tokenizer import END
 
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        ids = prompt_ids(tok, messages, "chat")
+        self.authorise(request)
+        tok = self.tokenizer_of(body.model)
+        ids = prompt_ids(
+            tok, [{"role": m.role, "content": m.content} for m in body.messages], "chat"
+        )
         max_tokens = body.max_completion_tokens or body.max_tokens or 256
-        jobs = jobs_for(body, [ids], max_tokens, {tok.eot_id, tok.specials[END]})
-        meta = {
-            "id": "chatcmpl-" + secrets.token_hex(12),
-            "created": int(time.time()),
-            "model": body.model,
-        }
+        jobs = self.submit(body, [ids], max_tokens, {tok.eot_id, tok.specials[END]})
+        meta = _meta("chatcmpl-", body.model)
         if body.stream:
             return _stream(jobs, meta, "chat.completion.chunk", body, chat=True)
         _wait(jobs)
         job = jobs[0]
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": job.text},
-            "finish_reason": job.finish_reason,
-        }
+        message = {"role": "assistant", "content": job.text}
+        choice = {"index": 0, "message": message, "finish_reason": job.finish_reason}
+        usage = _usage(len(ids), job.tokens)
         return JSONResponse(
-            {
-                **meta,
-                "object": "chat.completion",
-                "choices": [choice],
-                "usage": _usage(len(ids), job.tokens),
-            }
+            {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
         )
 
+
+def router(pool: ModelPool, runs_root: Path, store: Any) -> APIRouter:
+    """The /v1 routes; the router's `batcher` attribute is the batcher they share."""
+    routes = OpenAIRoutes(pool, runs_root, store)
+    api = APIRouter(prefix="/v1")
+    api.add_api_route("/models", routes.models, methods=["GET"])
+    api.add_api_route("/completions", routes.completions, methods=["POST"])
+    api.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"])
+    api.batcher = routes.batcher  # type: ignore[attr-defined]
     return api
+
+
+def _meta(prefix: str, model: str) -> dict[str, Any]:
+    return {"id": prefix + secrets.token_hex(12), "created": int(time.time()), "model": model}
 
 
 def _wait(jobs: list[Job]) -> None:
