@@ -1,0 +1,169 @@
+"""Preference tuning (DPO, SimPO): data, the losses against TRL and float64 formulas,
+the cached reference log-probabilities, and exact resume."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.config import load_config, to_dict
+from lmforge.finetune.finetune import finetune
+from lmforge.finetune.preference import (
+    REF_CACHE,
+    PairSource,
+    load_pairs,
+)
+from lmforge.finetune.tasks import RecordError
+from lmforge.model.transformer import Transformer
+from lmforge.tokenizer import train_char
+from lmforge.train.checkpoint import save_checkpoint
+
+
+def shakespeare_pairs(shared, path, n=24, offset=0):
+    """{prompt: a line, chosen: the next line, rejected: the next line's words reversed}."""
+    lines = [s.strip() for s in (shared / "tinyshakespeare" / "input.txt").read_text().splitlines()]
+    lines = [s for s in lines if len(s.split()) >= 3][offset : offset + n + 1]
+    with path.open("w") as fh:
+        for a, b in itertools.pairwise(lines):
+            rejected = " ".join(reversed(b.split()))
+            fh.write(json.dumps({"prompt": a, "chosen": b, "rejected": rejected}) + "\n")
+    return path
+
+
+def start_checkpoint(tmp_path, data):
+    cfg = load_config(
+        None,
+        [
+            "model.context_length=96",
+            "model.n_layers=1",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "train.tokens_per_step=768",
+        ],
+    )
+    tok = train_char([data.read_text()])
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    save_checkpoint(
+        tmp_path / "start",
+        0,
+        Transformer(cfg.model),
+        None,
+        {"config": to_dict(cfg)},
+        extra_files={"tokenizer.json": tok.to_json().encode()},
+    )
+    return tmp_path / "start"
+
+
+def dpo_cfg(data, start, out, *extra):
+    return load_config(
+        None,
+        [
+            f"output.dir={out}",
+            "model.context_length=96",
+            "train.max_steps=8",
+            "train.tokens_per_step=384",
+            "train.micro_batch_size=2",
+            "train.warmup_steps=2",
+            "train.lr=3e-3",
+            "train.log_every=1",
+            "train.eval_every=4",
+            "train.checkpoint_every=4",
+            "train.peak_flops=1e11",
+            f"finetune.init={start}",
+            f"finetune.train_files=[{data}]",
+            f"finetune.val_files=[{data}]",
+            "finetune.objective=dpo",
+            *extra,
+        ],
+    )
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_preference_records_name_file_and_line(tmp_path, shared):
+    tok = train_char(["abc"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n'
+    )
+    with pytest.raises(RecordError, match=r"bad.jsonl:2: record has no field 'rejected'"):
+        load_pairs(tok, [str(bad)])
+    bad.write_text('{"chosen": [{"role": "user", "content": "a"}], "rejected": "c"}\n')
+    with pytest.raises(
+        RecordError, match=r"bad.jsonl:1: .*'chosen' does not end with an assistant"
+    ):
+        load_pairs(tok, [str(bad)])
+
+
+def test_text_and_message_records_encode_alike_with_loss_on_the_answer_only(tmp_path):
+    tok = train_char(["hello there general kenobi"])
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"prompt": "hello", "chosen": "there", "rejected": "kenobi"}) + "\n")
+    msgs = tmp_path / "m.jsonl"
+    user = {"role": "user", "content": "hello"}
+    msgs.write_text(
+        json.dumps(
+            {
+                "chosen": [user, {"role": "assistant", "content": "there"}],
+                "rejected": [user, {"role": "assistant", "content": "kenobi"}],
+            }
+        )
+        + "\n"
+    )
+    (c1, r1), (c2, r2) = load_pairs(tok, [str(text)])[0], load_pairs(tok, [str(msgs)])[0]
+    assert c1.ids == c2.ids and r1.ids == r2.ids and c1.trained == c2.trained
+    # trained: the answer's characters and its <|end|>, nothing of the prompt
+    assert tok.decode([i for i, t in zip(c1.ids, c1.trained, strict=True) if t]) == "there<|end|>"
+    assert sum(c1.trained) == len("there") + 1 and sum(r1.trained) == len("kenobi") + 1
+
+
+def test_dpo_resume_matches_uninterrupted_and_reuses_the_cached_reference(
+    shared, tmp_path, monkeypatch
+):
+    data = shakespeare_pairs(shared, tmp_path / "pairs.jsonl")
+    start = start_checkpoint(tmp_path, data)
+    a, b = tmp_path / "a", tmp_path / "b"
+    summary = finetune(dpo_cfg(data, start, a))
+    assert summary["step"] == 8 and summary["objective"] == "dpo"
+    logged = [r for r in records(a) if "loss" in r]
+    assert len(logged) == 8
+    for r in logged:
+        assert 0.0 <= r["reward_acc"] <= 1.0
+        assert r["reward_margin"] == pytest.approx(r["reward_chosen"] - r["reward_rejected"])
+    assert any("val_reward_acc" in r for r in records(a))
+    # Step 1 starts from the reference itself: every reward is 0 and the loss is log 2
+    # (float32 logits, so equal to a few ulps of the summed log-probabilities).
+    assert logged[0]["reward_chosen"] == pytest.approx(0.0, abs=1e-5)
+    assert logged[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+    original = PairSource.batch
+
+    def crash_at_6(self, step, *args):
+        if step == 6:  # after the step-4 checkpoint, before step 8's
+            raise KeyboardInterrupt("simulated crash")
+        return original(self, step, *args)
+
+    monkeypatch.setattr(PairSource, "batch", crash_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(dpo_cfg(data, start, b))
+    monkeypatch.setattr(PairSource, "batch", original)
+    cache = load_file(str(b / REF_CACHE))
+    # The resumed run must read the cache, not recompute it: poison it and see the poison.
+    monkeypatch.setattr(
+        "lmforge.finetune.preference.reference_logps",
+        lambda *a, **k: pytest.fail("reference log-probabilities recomputed on resume"),
+    )
+    finetune(dpo_cfg(data, start, b), resume="auto")
+    assert [r for r in records(a) if "loss" in r] != []
+    strip = ("tokens_per_s", "mfu", "elapsed_s", "data_ms", "data_frac")
+    clean = lambda run: [{k: v for k, v in r.items() if k not in strip} for r in records(run)]
+    assert clean(a) == clean(b)  # losses, rewards and validation figures, exactly
+    wa = load_file(str(a / "checkpoints/step_00000008/model.safetensors"))
+    wb = load_file(str(b / "checkpoints/step_00000008/model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(cache[k], load_file(str(a / REF_CACHE))[k]) for k in cache)
