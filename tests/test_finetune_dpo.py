@@ -167,3 +167,156 @@ def test_dpo_resume_matches_uninterrupted_and_reuses_the_cached_reference(
     wb = load_file(str(b / "checkpoints/step_00000008/model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(cache[k], load_file(str(a / REF_CACHE))[k]) for k in cache)
+
+
+PARITY_TEXTS = [
+    ("Name a colour of the sky.", "The sky is blue.", "Potatoes are heavy."),
+    ("What is two plus two?", "Two plus two is four.", "Blue."),
+]
+
+
+def _parity_setup(tmp_path):
+    """A small Llama-shaped model exported to a transformers folder, and two pairs."""
+    from lmforge.config import ModelConfig
+    from lmforge.export.hf import export_hf
+    from lmforge.tokenizer import train_bpe
+
+    texts = [t for triple in PARITY_TEXTS for t in triple]
+    tok = train_bpe(texts * 20, 300)
+    torch.manual_seed(0)
+    mcfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        context_length=48,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        norm="rmsnorm",
+        position="rope",
+        mlp="swiglu",
+        tie_embeddings=False,
+    )
+    model = Transformer(mcfg)
+    export_hf(model, tok, tmp_path / "hf")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in PARITY_TEXTS
+        )
+    )
+    pairs = load_pairs(tok, [str(data)])
+    return model, tok, pairs
+
+
+def _lmforge_loss_and_grads(model, tok, pairs, ref, loss_fn):
+    from lmforge.export.hf import to_hf_state
+    from lmforge.finetune.preference import PreferenceLM
+
+    source = PairSource(pairs, model.cfg.context_length, tok.pad_id)
+    source.ref = ref.numpy()
+    x, y = source.rows(list(range(len(pairs))))
+    model.zero_grad()
+    loss = PreferenceLM(model, loss_fn)(x, y)
+    loss.backward()
+    grads = Transformer(model.cfg)
+    for g, p in zip(grads.parameters(), model.parameters(), strict=True):
+        g.data = p.grad.clone()
+    return loss.detach(), to_hf_state(grads, "llama")
+
+
+def test_dpo_loss_and_gradients_equal_trl(tmp_path):
+    """lmforge's DPO loss and its gradients equal TRL's `DPOTrainer.compute_loss`
+    (sigmoid loss, precomputed reference log-probabilities) on the same model and pairs."""
+    trl = pytest.importorskip("trl")
+    transformers = pytest.importorskip("transformers")
+    from datasets import Dataset
+
+    from lmforge.finetune.preference import PreferenceLoss
+
+    model, tok, pairs = _parity_setup(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=True,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=2,
+    )
+    dataset = Dataset.from_list(
+        [dict(zip(("prompt", "chosen", "rejected"), t, strict=True)) for t in PARITY_TEXTS]
+    )
+    trainer = trl.DPOTrainer(model=hf, args=args, train_dataset=dataset, processing_class=hf_tok)
+    # The same ids for both: prompt through '<|assistant|>', then the answer and its <|end|>
+    # (the end-of-text after it is never a target, so it is left out).
+    examples = [
+        {
+            "prompt_ids": c.ids[: c.prompt_len],
+            "chosen_ids": c.ids[c.prompt_len : -1],
+            "rejected_ids": r.ids[r.prompt_len : -1],
+        }
+        for c, r in pairs
+    ]
+    assert all(c.ids[: c.prompt_len] == r.ids[: r.prompt_len] for c, r in pairs)
+    inputs = trainer.data_collator(examples)
+    # Reference log-probabilities away from the policy's, so the rewards are not 0.
+    ref = torch.tensor([[-40.0, -35.0], [-30.0, -50.0]], dtype=torch.float64)
+    inputs["ref_chosen_logps"] = ref[:, 0].float()
+    inputs["ref_rejected_logps"] = ref[:, 1].float()
+    hf.train()
+    trl_loss = trainer.compute_loss(hf, inputs)
+    trl_loss.backward()
+
+    loss, grads = _lmforge_loss_and_grads(model, tok, pairs, ref, PreferenceLoss("dpo", 0.1))
+    # fp32 throughout: summed log-probabilities of ≈ 20 tokens (|Σ| ≈ 100) carry ≈ 1e-5
+    # absolute rounding, which β = 0.1 shrinks in the loss; gradients are O(1e-2) sums of
+    # the same products in another order, so 1e-5 absolute holds with margin.
+    assert float(loss) == pytest.approx(trl_loss.item(), abs=1e-5)
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    assert grads.keys() == hf_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, hf_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_simpo_loss_and_gradients_equal_the_papers_formula_in_float64(tmp_path):
+    """SimPO (Meng et al. 2024, eq. 6, with label smoothing as TRL's CPO trainer has it):
+    −(1−ε) log σ(β/|y_c| log π(y_c) − β/|y_r| log π(y_r) − γ) − ε log σ(−(...)), computed
+    here in float64 from a float64 copy of the model."""
+    import copy
+
+    from lmforge.finetune.preference import PreferenceLoss
+
+    model, tok, pairs = _parity_setup(tmp_path)
+    beta, gamma, eps = 2.0, 0.5, 0.1
+    zeros = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    loss, grads = _lmforge_loss_and_grads(
+        model, tok, pairs, zeros, PreferenceLoss("simpo", beta, gamma, eps)
+    )
+
+    ref_model = copy.deepcopy(model).double()
+    losses = []
+    for c, r in pairs:
+        avg = []
+        for ex in (c, r):
+            ids = torch.tensor([ex.ids])
+            logp = torch.log_softmax(ref_model(ids[:, :-1]), -1)[0]
+            picked = [logp[t - 1, ex.ids[t]] for t in range(1, len(ex.ids)) if ex.trained[t]]
+            avg.append(torch.stack(picked).sum() / len(picked))
+        z = beta * (avg[0] - avg[1]) - gamma
+        losses.append(
+            -(1 - eps) * torch.nn.functional.logsigmoid(z)
+            - eps * torch.nn.functional.logsigmoid(-z)
+        )
+    expected = torch.stack(losses).mean()
+    expected.backward()
+    # float32 against float64: the per-token log-probabilities carry ≈ 1e-6 relative
+    # error, averaged over each answer and scaled by β = 2; 1e-5 covers it.
+    assert float(loss) == pytest.approx(expected.item(), abs=1e-5)
+    from lmforge.export.hf import to_hf_state
+
+    exp_model = Transformer(model.cfg)
+    for g, p in zip(exp_model.parameters(), ref_model.parameters(), strict=True):
+        g.data = p.grad.float()
+    for name, g in to_hf_state(exp_model, "llama").items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
