@@ -320,3 +320,15 @@ def test_simpo_loss_and_gradients_equal_the_papers_formula_in_float64(tmp_path):
         g.data = p.grad.float()
     for name, g in to_hf_state(exp_model, "llama").items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_simpo_with_lora_trains_the_adapter_and_writes_merged(shared, tmp_path):
+    data = shakespeare_pairs(shared, tmp_path / "pairs.jsonl", n=8)
+    start = start_checkpoint(tmp_path, data)
+    out = tmp_path / "simpo"
+    extra = ("finetune.objective=simpo", "finetune.method=lora", "train.max_steps=2")
+    summary = finetune(dpo_cfg(data, start, out, *extra))
+    assert summary["trainable_params"] < summary["total_params"]
+    assert (out / "merged").exists() and (out / "adapter" / "adapter_config.json").exists()
+    assert not (out / REF_CACHE).exists()  # SimPO has no reference model
+    assert all("reward_acc" in r for r in records(out) if "loss" in r)
