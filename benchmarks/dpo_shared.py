@@ -131,7 +131,8 @@ def main() -> None:
             "finetune.eval_examples=0",
         ],
     )
-    finetune(sft_cfg)
+    if not (out / "sft" / "summary.json").exists():  # a rerun with the same --out reuses it
+        finetune(sft_cfg)
     dpo_cfg = load_config(
         None,
         [
@@ -155,7 +156,7 @@ def main() -> None:
     plain_cfg = load_config(
         None,
         [
-            *common(out / "plain", min(args.steps, 60)),
+            *common(out / "plain", min(args.steps, 30)),
             f"finetune.init={out / 'sft'}",
             "finetune.task=instruction",
             f"finetune.train_files=[{sft}]",
