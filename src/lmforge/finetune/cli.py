@@ -17,6 +17,7 @@ def cmd_finetune(args, overrides) -> int:
     Examples:
       lmforge finetune finetune-multi30k
       lmforge finetune --checkpoint runs/quickstart --task code-docstring --method lora
+      lmforge finetune --checkpoint runs/sft --objective dpo --train prefs.jsonl
     """
     from lmforge.config import load_config
     from lmforge.finetune.finetune import finetune
@@ -28,6 +29,8 @@ def cmd_finetune(args, overrides) -> int:
         extra.append(f"finetune.task={args.task}")
     if args.method:
         extra.append(f"finetune.method={args.method}")
+    if args.objective:
+        extra.append(f"finetune.objective={args.objective}")
     for name in ("train", "val", "test"):
         files = getattr(args, name)
         if files:
@@ -74,6 +77,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--task", default="", help="instruction|chat|summarization|translation|code-docstring|text"
     )
     p.add_argument("--method", default="", choices=["", "full", "lora"])
+    p.add_argument(
+        "--objective",
+        default="",
+        choices=["", "sft", "dpo", "simpo"],
+        help="sft (default), or preference tuning on {prompt, chosen, rejected} records",
+    )
     p.add_argument(
         "--train", nargs="+", help="training data files (JSONL/CSV/Parquet/parallel prefix)"
     )
