@@ -117,10 +117,14 @@ def test_web_chat_uses_the_template_and_checks_the_sampling_fields(chat_model):
     from serve_helpers import ORGANISER_TOKEN, csrf_of
 
     from lmforge.serve import create_app
+    from lmforge.serve.security import SecuritySettings
 
     folder, _ = chat_model
     app = create_app(
-        folder.parent, db_path=folder.parent / "serve.sqlite", organiser_token=ORGANISER_TOKEN
+        folder.parent,
+        db_path=folder.parent / "serve.sqlite",
+        organiser_token=ORGANISER_TOKEN,
+        security=SecuritySettings(allowed_hosts=["testserver"]),  # TestClient's Host
     )
     with TestClient(app) as client:
         csrf = csrf_of(client.get("/login").text)

@@ -7,6 +7,7 @@ from serve_helpers import ORGANISER_TOKEN, csrf_of
 
 from lmforge.eval.results import CheckpointResults, Result, write_eval_json
 from lmforge.serve import create_app
+from lmforge.serve.security import SecuritySettings
 
 
 def test_run_page_shows_one_row_per_metric_and_a_column_per_checkpoint(tmp_path):
@@ -24,7 +25,10 @@ def test_run_page_shows_one_row_per_metric_and_a_column_per_checkpoint(tmp_path)
     write_eval_json(run / "eval" / "eval.json", checkpoints)
 
     app = create_app(
-        tmp_path / "runs", db_path=tmp_path / "db.sqlite", organiser_token=ORGANISER_TOKEN
+        tmp_path / "runs",
+        db_path=tmp_path / "db.sqlite",
+        organiser_token=ORGANISER_TOKEN,
+        security=SecuritySettings(allowed_hosts=["testserver"]),  # TestClient's Host
     )
     with TestClient(app) as client:
         csrf = csrf_of(client.get("/login").text)

@@ -259,9 +259,7 @@ def create_app(
             return HTMLResponse(f"<h1>Error {status}</h1>", status_code=status)
 
     install(app, store, security, refuse=error_response)
-    openai_routes = openai_api.router(pool, runs_root, store)
-    app.include_router(openai_routes)
-    app.state.openai_batcher = openai_routes.batcher  # type: ignore[attr-defined]
+    app.state.openai_batcher = openai_api.install_routes(app, pool, runs_root, store)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -332,15 +332,13 @@ class OpenAIRoutes:
         )
 
 
-def router(pool: ModelPool, runs_root: Path, store: Any) -> APIRouter:
-    """The /v1 routes; the router's `batcher` attribute is the batcher they share."""
+def install_routes(app: Any, pool: ModelPool, runs_root: Path, store: Any) -> Batcher:
+    """Add the /v1 routes to `app`; returns the batcher they share."""
     routes = OpenAIRoutes(pool, runs_root, store)
-    api = APIRouter(prefix="/v1")
-    api.add_api_route("/models", routes.models, methods=["GET"])
-    api.add_api_route("/completions", routes.completions, methods=["POST"])
-    api.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"])
-    api.batcher = routes.batcher  # type: ignore[attr-defined]
-    return api
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
+    return routes.batcher
 
 
 def _meta(prefix: str, model: str) -> dict[str, Any]:
