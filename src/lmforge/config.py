@@ -245,6 +245,21 @@ class ModelConfig:
     # Zero-initialise the residual output projections (attn.proj, mlp.down), so each block
     # starts as the identity (modded-nanogpt); False keeps GPT-2's scaled N(0, σ/√(2L)).
     zero_init_proj: bool = False
+    # Where a block normalises: "pre" x + f(norm(x)) (GPT-2, Llama); "post" x + norm(f(x))
+    # inside the residual branch (OLMo 2); "sandwich" x + norm(f(norm(x))) (Gemma 2).
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"
+    # QK-norm over each head's D values ("head": Qwen3, Gemma 3) or over the whole q and
+    # k projections, H·D and K·D values (OLMo 2).
+    qk_norm_scope: Literal["head", "full"] = "head"
+    # Activation of the gated MLP's gate (mlp=swiglu): silu (SwiGLU) or the tanh form of
+    # GELU (GeGLU; Gemma).
+    gate_act: Literal["silu", "gelu_tanh"] = "silu"
+    # Multiply the token embeddings by sqrt(d_model) (Gemma).
+    embed_scale: bool = False
+    # Attention softmax scale; 0 = 1/sqrt(head dim). Gemma 2: query_pre_attn_scalar^-1/2.
+    attn_scale: float = num(0.0, ge=0)
+    # Attention-score soft-capping, cap·tanh(scores/cap) before the mask (Gemma 2); 0 = off.
+    attn_softcap: float = num(0.0, ge=0)
 
 
 @dataclass
@@ -395,6 +410,9 @@ class FinetuneConfig:
     max_steps: int = num(0, ge=0)  # 0 = train.max_steps
     lr: float = num(0.0, ge=0)  # 0 = train.lr
     tokens_per_step: int = num(0, ge=0)  # 0 = train.tokens_per_step
+    # Tokens per packed training row for a RoPE model; 0 = its context_length, at most
+    # 2048 (an imported model may allow 131072 positions: rows that long would not fit).
+    seq_len: int = num(0, ge=0)
 
 
 RUN_STAGES = (

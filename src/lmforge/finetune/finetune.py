@@ -152,6 +152,16 @@ def generation_prompt(ex: Example, tok: Tokenizer, room: int) -> list[int]:
     return ids
 
 
+def finetune_seq_len(cfg: Config) -> int:
+    """Tokens per packed row: finetune.seq_len, or the context up to 2048 (RoPE models)."""
+    ctx, asked = cfg.model.context_length, cfg.finetune.seq_len
+    if asked > ctx:
+        raise ConfigError(f"finetune.seq_len = {asked} exceeds model.context_length = {ctx}")
+    if cfg.model.position != "rope":  # learned positions: the checkpoint keeps the table
+        return ctx
+    return asked or min(ctx, 2048)
+
+
 @torch.no_grad()
 def generate_answers(
     model: nn.Module, tok: Tokenizer, examples: list[Example], max_new_tokens: int
@@ -253,7 +263,7 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
     train_ex = load_examples(task, tok, files["train"], *lang, limit=fc.max_examples)
     val_ex = load_examples(task, tok, files["val"], *lang, limit=fc.max_examples)
     test_ex = load_examples(task, tok, files["test"], *lang, limit=fc.max_examples)
-    seq_len = cfg.model.context_length
+    seq_len = finetune_seq_len(cfg)
     train = PackedExamples(train_ex, seq_len, tok.pad_id, cfg.train.seed)
     val = (
         PackedExamples(val_ex, seq_len, tok.pad_id, cfg.train.seed, shuffle=False)
@@ -268,7 +278,8 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
     )
 
     info = prepare_model(model, cfg)
-    cfg = replace(cfg, model=model.cfg)  # apply_lora may untie the head
+    # apply_lora may untie the head; the trainer's rows are seq_len long.
+    cfg = replace(cfg, model=replace(model.cfg, context_length=seq_len))
     print0(
         f"model: {info['total_params'] / 1e6:.2f}M parameters, {info['trainable_params'] / 1e6:.3f}M "
         f"trainable ({fc.method})"

@@ -124,6 +124,7 @@ class Decoder:
         cfg = model.cfg
         if max_len > cfg.context_length:
             raise ValueError(f"max_len {max_len} exceeds context_length {cfg.context_length}")
+        model.ensure_rope(max_len)  # `step` reads the tables up to max_len
         self.model = model
         p = model.lm_head.weight
         self.H = cfg.n_heads

@@ -1,0 +1,205 @@
+"""Real families in and out, against transformers: Qwen2.5, Mistral, OLMo 2, Gemma 2, Phi-3.
+
+Each test has transformers build a tiny random model from the family's real config.json
+settings (norms, activations, RoPE base, soft-capping, tied or untied head, sliding
+window, ...) with only the sizes scaled down, saves it as a folder, imports it, and
+checks logits, greedy ids against HF `generate`, and an export that transformers loads
+back with the same logits.
+
+Tolerance: fp32 logits of magnitude O(1) after two layers, the same products summed in
+another order (fused q/k/v and gate/up matmuls): 1e-4, as for the other families. Gemma
+2's soft-capped logits are bounded by the cap (30): still O(1)–O(10), and tanh only
+shrinks differences.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.export.hf import ExportError, export_hf, hf_architecture, load_hf_model  # noqa: E402
+from lmforge.model.generate import generate  # noqa: E402
+from lmforge.tokenizer import train_bpe  # noqa: E402
+
+FP32_LOGITS = 1e-4
+TEXT = "def add(a, b):\n    return a + b\n"
+
+# The sizes every family's test model shrinks to; the rest of each config is the family's.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe([TEXT, "Hello there, world."] * 20, 300)
+
+
+def build(tok, tmp_path, name: str, config) -> torch.nn.Module:
+    """transformers' own random model for `config`, saved as folder tmp_path/name."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    # Random init leaves some weights at exact constants (norms at 1 or 0): perturb every
+    # tensor so each mapping (and each norm's offset) shows in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path / name)
+    (tmp_path / name / "tokenizer.json").write_text(tok.to_json())
+    return model
+
+
+def check_parity(hf, tok, tmp_path, name: str, n_tokens: int = 48):
+    """Import tmp_path/name; logits and greedy ids equal HF's; export loads back equal."""
+    model, _, cfg = load_hf_model(tmp_path / name)
+    ids = torch.tensor([tok.encode(TEXT * 8)[:n_tokens]])
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = model(ids)[..., : want.shape[-1]]
+    torch.testing.assert_close(got, want, atol=FP32_LOGITS, rtol=0)
+    prompt = ids[0, :12].tolist()
+    ours = generate(model, prompt, 20, temperature=0)[0, 12:].tolist()
+    theirs = hf.generate(ids[:, :12], max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert ours == theirs[0, 12:].tolist()
+    export_hf(model, tok, tmp_path / (name + "-back"))
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / (name + "-back")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids), atol=FP32_LOGITS, rtol=0)
+    return model, cfg
+
+
+def test_qwen25_imports_exports_and_decodes(tok, tmp_path):
+    # Qwen2.5-0.5B's config.json: tied head, rope_theta 1e6, q/k/v biases, no sliding.
+    config = transformers.Qwen2Config(
+        vocab_size=tok.vocab_size,
+        **TINY,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=32768,
+        max_window_layers=24,
+        hidden_act="silu",
+    )
+    hf = build(tok, tmp_path, "qwen25", config)
+    model, _ = check_parity(hf, tok, tmp_path, "qwen25")
+    m = model.cfg
+    assert (m.qkv_bias, m.tie_embeddings, m.rope_theta, m.context_length) == (
+        True,
+        True,
+        1e6,
+        32768,
+    )
+
+
+def test_mistral_with_a_sliding_window_imports(tok, tmp_path):
+    # Mistral-7B-v0.1's config.json: GQA, untied head, sliding_window 4096 < 32768 positions.
+    config = transformers.MistralConfig(
+        vocab_size=tok.vocab_size,
+        **TINY,
+        max_position_embeddings=32768,
+        sliding_window=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    hf = build(tok, tmp_path, "mistral", config)
+    model, _ = check_parity(hf, tok, tmp_path, "mistral")
+    # Attending to the whole context equals the window only up to the window's length.
+    assert model.cfg.context_length == 4096
+
+
+def test_a_long_context_import_builds_rope_tables_lazily(tok, tmp_path):
+    # A 131072-position model (Qwen2.5-7B-Instruct's YaRN-less setting, Llama 3.1's length).
+    config = transformers.Qwen2Config(
+        vocab_size=tok.vocab_size,
+        **TINY,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+    )
+    hf = build(tok, tmp_path, "long", config)
+    model, _, cfg = load_hf_model(tmp_path / "long")
+    assert model.cfg.context_length == 131072 == cfg.model.context_length
+    head_dim = 64 // 4
+    # Tables for all 131072 positions would be 2 × 131072 × D/2 floats (8 MiB here, 64 MiB
+    # at D = 128); they start at ROPE_TABLE_START positions and grow on demand.
+    buffers = sum(b.numel() for b in model.buffers())
+    assert buffers <= 2 * 4096 * head_dim // 2
+    ids = torch.tensor([tok.encode(TEXT * 8)[:40]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(ids)[..., : tok.vocab_size], hf(ids).logits, atol=FP32_LOGITS, rtol=0
+        )
+        # A sequence past the first table grows it and still agrees with HF's positions.
+        long_ids = torch.tensor([(tok.encode(TEXT) * 400)[:4200]])
+        torch.testing.assert_close(
+            model(long_ids)[0, -4:], hf(long_ids).logits[0, -4:], atol=FP32_LOGITS, rtol=0
+        )
+    assert model.rope_cos is not None and 4200 <= model.rope_cos.size(0) <= 8192
+
+
+def test_finetuning_an_imported_long_context_model_trains_short_rows():
+    from dataclasses import replace
+
+    from lmforge.config import Config, ConfigError, FinetuneConfig, ModelConfig
+    from lmforge.finetune.finetune import finetune_seq_len
+
+    def seq_len(position: str, context: int, asked: int = 0) -> int:
+        model = ModelConfig(position=position, context_length=context)  # type: ignore[arg-type]
+        return finetune_seq_len(
+            replace(Config(), model=model, finetune=FinetuneConfig(seq_len=asked))
+        )
+
+    assert seq_len("rope", 131072) == 2048
+    assert seq_len("rope", 131072, 8192) == 8192
+    assert seq_len("rope", 512) == 512
+    assert seq_len("learned", 4096, 1024) == 4096  # learned positions: the table is the context
+    with pytest.raises(ConfigError, match=r"finetune\.seq_len"):
+        seq_len("rope", 512, 1024)
+
+
+def test_olmo2_imports_exports_and_decodes(tok, tmp_path):
+    # OLMo-2-1124-7B's config.json: norms after attention and MLP (no pre-norm), QK-norm
+    # over the whole q and k projections, rope_theta 500000, untied head.
+    config = transformers.Olmo2Config(
+        vocab_size=tok.vocab_size,
+        **TINY,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+    )
+    hf = build(tok, tmp_path, "olmo2", config)
+    model, _ = check_parity(hf, tok, tmp_path, "olmo2")
+    m = model.cfg
+    assert (m.norm_placement, m.qk_norm, m.qk_norm_scope) == ("post", True, "full")
+    assert hf_architecture(m) == "olmo2"
+    back = json.loads((tmp_path / "olmo2-back" / "config.json").read_text())
+    assert back["model_type"] == "olmo2"
+
+
+def test_a_variant_no_architecture_expresses_is_refused_by_name():
+    from lmforge.config import ModelConfig
+
+    llama = dict(norm="rmsnorm", position="rope", mlp="swiglu", vocab_size=300)
+    with pytest.raises(ExportError, match=r"model\.gate_act"):
+        hf_architecture(ModelConfig(**llama, norm_placement="sandwich", embed_scale=True))
+    with pytest.raises(ExportError, match=r"model\.qk_norm_scope"):
+        hf_architecture(ModelConfig(**llama, norm_placement="post", qk_norm=True))
+    with pytest.raises(ExportError, match=r"model\.attn_softcap"):
+        hf_architecture(ModelConfig(**llama, attn_softcap=50.0))
+    with pytest.raises(ExportError, match=r"model\.logit_softcap"):
+        hf_architecture(ModelConfig(vocab_size=300, logit_softcap=30.0))  # GPT-2-like
