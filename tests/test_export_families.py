@@ -203,3 +203,37 @@ def test_a_variant_no_architecture_expresses_is_refused_by_name():
         hf_architecture(ModelConfig(**llama, attn_softcap=50.0))
     with pytest.raises(ExportError, match=r"model\.logit_softcap"):
         hf_architecture(ModelConfig(vocab_size=300, logit_softcap=30.0))  # GPT-2-like
+
+
+def test_gemma2_imports_exports_and_decodes(tok, tmp_path):
+    # gemma-2-2b's config.json: GeGLU (tanh GELU), four norms per layer with (1 + weight),
+    # embeddings × √C, query_pre_attn_scalar 256 (here ≠ head size, so the scale shows),
+    # attention and final logit soft-capping, tied head. Its sliding window (4096 in
+    # every other layer) is set above the test's length; the import caps its context there.
+    # The real caps (50, 30) hardly touch a tiny random model's scores (removing the
+    # attention cap moves its logits by ~2e-6): caps of 0.5 and 2 make both change the
+    # logits by 1e-2 and more, far above the tolerance.
+    # Attention soft-capping needs the "eager" implementation in transformers.
+    config = transformers.Gemma2Config(
+        vocab_size=tok.vocab_size,
+        **TINY,
+        head_dim=16,
+        max_position_embeddings=8192,
+        sliding_window=4096,
+        query_pre_attn_scalar=64,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        attn_implementation="eager",
+    )
+    hf = build(tok, tmp_path, "gemma2", config)
+    model, _ = check_parity(hf, tok, tmp_path, "gemma2")
+    m = model.cfg
+    assert (m.norm_placement, m.gate_act, m.embed_scale) == ("sandwich", "gelu_tanh", True)
+    assert (m.attn_scale, m.attn_softcap, m.logit_softcap) == (64**-0.5, 0.5, 2.0)
+    assert m.context_length == 4096
+    back = json.loads((tmp_path / "gemma2-back" / "config.json").read_text())
+    assert back["model_type"] == "gemma2" and back["query_pre_attn_scalar"] == 64
