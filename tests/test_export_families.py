@@ -237,3 +237,27 @@ def test_gemma2_imports_exports_and_decodes(tok, tmp_path):
     assert m.context_length == 4096
     back = json.loads((tmp_path / "gemma2-back" / "config.json").read_text())
     assert back["model_type"] == "gemma2" and back["query_pre_attn_scalar"] == 64
+
+
+def test_phi3_imports_with_its_fused_projections(tok, tmp_path):
+    # Phi-3-mini-4k-instruct's config.json: fused qkv_proj and gate_up_proj, full rotary,
+    # no RoPE scaling, untied head, sliding_window 2047 of 4096 positions (MHA; GQA here).
+    config = transformers.Phi3Config(
+        vocab_size=tok.vocab_size,
+        **TINY,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        sliding_window=2047,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        # Phi-3's special ids (32000) lie outside the tiny vocabulary.
+        bos_token_id=tok.eot_id,
+        eos_token_id=tok.eot_id,
+        pad_token_id=tok.pad_id,
+    )
+    hf = build(tok, tmp_path, "phi3", config)
+    assert "model.layers.0.self_attn.qkv_proj.weight" in hf.state_dict()
+    model, _ = check_parity(hf, tok, tmp_path, "phi3")  # exported as Llama
+    assert model.cfg.context_length == 2047
