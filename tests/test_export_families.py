@@ -261,3 +261,92 @@ def test_phi3_imports_with_its_fused_projections(tok, tmp_path):
     assert "model.layers.0.self_attn.qkv_proj.weight" in hf.state_dict()
     model, _ = check_parity(hf, tok, tmp_path, "phi3")  # exported as Llama
     assert model.cfg.context_length == 2047
+
+
+# Qwen2.5's ChatML core (its real template adds tool calling around this).
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TURNS = [("system", "Be brief."), ("user", "Hello there"), ("assistant", "def add(a, b)")]
+
+
+@pytest.fixture(scope="module")
+def chatml_tok(tok):
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.tokenizer import BPETokenizer
+
+    hf = HFTokenizer.from_str(tok.to_json())
+    hf.add_special_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    return BPETokenizer(hf)
+
+
+def test_chat_template_and_special_tokens_come_over_and_go_back(chatml_tok, tmp_path):
+    from lmforge.export.hf import import_hf
+    from lmforge.finetune.finetune import model_template
+    from lmforge.pretrain import load_model
+
+    tok = chatml_tok
+    config = transformers.Qwen2Config(vocab_size=tok.vocab_size, **TINY, tie_word_embeddings=True)
+    build(tok, tmp_path, "chat", config)
+    tk_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": CHATML,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+    }
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(tk_cfg))
+    model, _, cfg = load_hf_model(tmp_path / "chat")
+    t = cfg.tokenizer
+    assert (t.chat_template, t.bos_token, t.eos_token) == (CHATML, "", "<|im_end|>")
+    # Recorded with the imported run, so fine-tuning and export find it there too.
+    import_hf(tmp_path / "chat", tmp_path / "run")
+    _, _, run_cfg = load_model(tmp_path / "run")
+    assert run_cfg.tokenizer.chat_template == CHATML
+    _, stop = model_template(run_cfg, tok)
+    assert stop == (tok.encode("<|im_end|>")[0],)
+
+    export_hf(model, tok, tmp_path / "chat-back", chat=cfg.tokenizer)
+    messages = [{"role": r, "content": c} for r, c in TURNS[:2]]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "chat")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "chat-back")
+    want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert back.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+    assert want.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    config_back = json.loads((tmp_path / "chat-back" / "config.json").read_text())
+    assert config_back["eos_token_id"] == tok.encode("<|im_end|>")[0] == back.eos_token_id
+
+
+def test_finetuning_renders_through_the_imported_template(chatml_tok, tmp_path):
+    from lmforge.finetune.tasks import ChatTemplate, encode_turns_template
+
+    tok = chatml_tok
+    (tmp_path / "tokenizer.json").write_text(tok.to_json())
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    hf_tok.chat_template = CHATML
+    messages = [{"role": r, "content": c} for r, c in TURNS]
+    want = hf_tok.apply_chat_template(messages, tokenize=False)
+    ids, trained, prompt_len = encode_turns_template(tok, TURNS, ChatTemplate(CHATML))
+    assert tok.decode(ids[:-1]) == want and ids[-1] == tok.eot_id
+    # Trained: the reply and the template's end of turn, nothing of the prompt.
+    assert tok.decode([i for i, t in zip(ids, trained, strict=True) if t]) == (
+        "def add(a, b)<|im_end|>\n"
+    )
+    prompt = hf_tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ids[:prompt_len]) == prompt
+
+
+def test_gguf_export_of_a_new_family_refuses_clearly():
+    from lmforge.config import ModelConfig
+    from lmforge.export.gguf import gguf_tensors
+    from lmforge.model.transformer import Transformer
+
+    cfg = ModelConfig(
+        norm="rmsnorm", position="rope", mlp="swiglu", vocab_size=64, d_model=32, n_layers=1,
+        norm_placement="post", qk_norm=True, qk_norm_scope="full",
+    )  # fmt: skip
+    with pytest.raises(ExportError, match="GGUF export does not write olmo2"):
+        gguf_tensors(Transformer(cfg))

@@ -199,6 +199,12 @@ class TokenizerConfig:
     path: str = ""
     # Train the tokenizer on at most this many bytes of text (0 = all).
     train_bytes: int = num(20_000_000, ge=0)
+    # An imported model's own chat template (Jinja, from its tokenizer_config.json) and
+    # special tokens; fine-tuning renders conversations through it and export writes it
+    # back. "" = lmforge's role-token template (<|user|>...<|end|>) and <|endoftext|>.
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
 
 
 @dataclass

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import Config, ModelConfig, config_from_dict, to_dict
+from lmforge.config import Config, ModelConfig, TokenizerConfig, config_from_dict, to_dict
 from lmforge.model.transformer import Transformer, derived_d_ff
 from lmforge.tokenizer import (
     CHAT_TEMPLATE,
@@ -519,6 +519,29 @@ def _tokenizer_for_import(
     return BPETokenizer(hf), path, missing
 
 
+def _chat_settings(folder: Path) -> dict[str, str]:
+    """The folder's chat template and bos/eos tokens (tokenizer_config.json, and
+    chat_template.jinja where transformers 5 keeps the template), as TokenizerConfig fields."""
+    path = folder / "tokenizer_config.json"
+    try:
+        tk = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: invalid JSON: {exc}") from None
+    template = tk.get("chat_template") or ""
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template", "") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), "")
+    if not template and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+
+    def token(key: str) -> str:
+        value = tk.get(key) or ""
+        return str(value.get("content", "") if isinstance(value, dict) else value)
+
+    return {"chat_template": str(template), "bos_token": token("bos_token"),
+            "eos_token": token("eos_token")}  # fmt: skip
+
+
 def _grow_vocab(state: State, m: ModelConfig, vocab: int) -> None:
     """Add embedding (and untied head) rows up to `vocab`, each the mean of the existing rows.
 
@@ -588,6 +611,8 @@ def load_hf_model(
     cfg = Config(name=folder.name, model=m)
     cfg.tokenizer.kind = "bpe"
     cfg.tokenizer.vocab_size = tok.vocab_size
+    for key, value in _chat_settings(folder).items():
+        setattr(cfg.tokenizer, key, value)
     if not added:  # the file loads as it is; with added specials only `tok` has them
         cfg.tokenizer.path = str(tok_path)
     # The default batch (8192 tokens) need not be a multiple of this context; make it one.
@@ -652,13 +677,11 @@ def hf_tokenizers_file(tok: Tokenizer) -> Any:
     raise ExportError(f"tokenizer kind {tok.kind!r} cannot be exported")
 
 
-def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
-    """The transformers config object for `arch` with our shape, norms, RoPE and special ids."""
+def _hf_config(m: ModelConfig, arch: str, ids: dict[str, Any]) -> Any:
+    """The transformers config object for `arch` with our shape, norms, RoPE and special
+    `ids` (bos_token_id, eos_token_id, pad_token_id)."""
     import transformers
 
-    ids: dict[str, Any] = dict(
-        bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id
-    )
     if arch == "gpt2":
         return transformers.GPT2Config(
             vocab_size=m.vocab_size,
@@ -748,13 +771,15 @@ def export_hf(
     tok: Tokenizer,
     out: str | Path,
     dtype: str = "f32",
+    chat: TokenizerConfig | None = None,
 ) -> Path:
     """Write a transformers folder for `model` and `tok`; returns the folder.
 
     Files: ``config.json``, ``generation_config.json``, ``model.safetensors`` (in
     `dtype`: f32, f16 or bf16), ``tokenizer.json``, ``tokenizer_config.json`` (with the
-    chat template) and ``chat_template.jinja``. Raises `ExportError` before writing
-    anything when no standard architecture expresses the model.
+    chat template) and ``chat_template.jinja``. The chat template and bos/eos tokens are
+    lmforge's, or those `chat` (an imported model's tokenizer settings) records. Raises
+    `ExportError` before writing anything when no standard architecture expresses the model.
     """
     try:
         import transformers
@@ -769,33 +794,41 @@ def export_hf(
         raise ExportError(
             f"tokenizer has {hf_tok.get_vocab_size()} tokens but the model only {m.vocab_size}"
         )
+    template, bos, eos = CHAT_TEMPLATE, EOT, EOT
+    if chat is not None and chat.chat_template:
+        template = chat.chat_template
+        known = hf_tok.get_vocab()
+        bos = chat.bos_token if chat.bos_token in known else EOT
+        eos = chat.eos_token if chat.eos_token in known else EOT
+    special = dict(
+        bos_token_id=hf_tok.token_to_id(bos), eos_token_id=hf_tok.token_to_id(eos),
+        pad_token_id=tok.pad_id,
+    )  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = _hf_config(m, arch, tok)
+    config = _hf_config(m, arch, special)
     config.dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
     config.save_pretrained(out)
-    transformers.GenerationConfig(
-        bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id
-    ).save_pretrained(out)
+    transformers.GenerationConfig(**special).save_pretrained(out)
     state = {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in to_hf_state(model, arch).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=hf_tok,
-        bos_token=EOT,  # lmforge separates documents with <|endoftext|>, as GPT-2
-        eos_token=EOT,
+        bos_token=bos,  # lmforge separates documents with <|endoftext|>, as GPT-2
+        eos_token=eos,
         pad_token=PAD,
         mask_token=MASK,
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOT, PAD, MASK)],
         model_max_length=m.context_length,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(out)
     # transformers 5 names its own backend class here; the generic fast class and an inline
     # chat template also load in transformers 4.
     tk_cfg_path = out / "tokenizer_config.json"
     tk_cfg = json.loads(tk_cfg_path.read_text())
     tk_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tk_cfg["chat_template"] = CHAT_TEMPLATE
+    tk_cfg["chat_template"] = template
     tk_cfg_path.write_text(json.dumps(tk_cfg, indent=2, ensure_ascii=False) + "\n")
     return out
