@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 
 from lmforge.export.hf import ExportError, export_hf, hf_architecture, load_hf_model  # noqa: E402
 from lmforge.model.generate import generate  # noqa: E402
+from lmforge.model.transformer import count_params  # noqa: E402
 from lmforge.tokenizer import train_bpe  # noqa: E402
 
 FP32_LOGITS = 1e-4
@@ -65,6 +66,7 @@ def check_parity(hf, tok, tmp_path, name: str, n_tokens: int = 48):
         want = hf(ids).logits
         got = model(ids)[..., : want.shape[-1]]
     torch.testing.assert_close(got, want, atol=FP32_LOGITS, rtol=0)
+    assert count_params(model.cfg)["total"] == model.num_params() == hf.num_parameters()
     prompt = ids[0, :12].tolist()
     ours = generate(model, prompt, 20, temperature=0)[0, 12:].tolist()
     theirs = hf.generate(ids[:, :12], max_new_tokens=20, min_new_tokens=20, do_sample=False)
@@ -99,6 +101,25 @@ def test_qwen25_imports_exports_and_decodes(tok, tmp_path):
         1e6,
         32768,
     )
+
+
+def test_qwen3_with_its_own_head_size_imports(tok, tmp_path):
+    # Qwen3-0.6B's config.json: head_dim 128 with hidden 1024 / 16 heads (here 32 against
+    # 64 / 4), QK-norm per head, tied head, rope_theta 1e6, no biases.
+    config = transformers.Qwen3Config(
+        vocab_size=tok.vocab_size,
+        **TINY,
+        head_dim=32,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        use_sliding_window=False,
+    )
+    hf = build(tok, tmp_path, "qwen3", config)
+    model, _ = check_parity(hf, tok, tmp_path, "qwen3")
+    assert (model.cfg.head_dim, model.cfg.qk_norm) == (32, True)
 
 
 def test_mistral_with_a_sliding_window_imports(tok, tmp_path):
@@ -210,6 +231,7 @@ def test_gemma2_imports_exports_and_decodes(tok, tmp_path):
     # embeddings × √C, query_pre_attn_scalar 256 (here ≠ head size, so the scale shows),
     # attention and final logit soft-capping, tied head. Its sliding window (4096 in
     # every other layer) is set above the test's length; the import caps its context there.
+    # head_dim 32 ≠ 64 / 4 heads, as gemma-2-2b's 256 ≠ 2304 / 8.
     # The real caps (50, 30) hardly touch a tiny random model's scores (removing the
     # attention cap moves its logits by ~2e-6): caps of 0.5 and 2 make both change the
     # logits by 1e-2 and more, far above the tolerance.
@@ -217,7 +239,7 @@ def test_gemma2_imports_exports_and_decodes(tok, tmp_path):
     config = transformers.Gemma2Config(
         vocab_size=tok.vocab_size,
         **TINY,
-        head_dim=16,
+        head_dim=32,
         max_position_embeddings=8192,
         sliding_window=4096,
         query_pre_attn_scalar=64,

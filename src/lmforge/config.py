@@ -219,6 +219,9 @@ class ModelConfig:
     d_model: int = num(256, ge=1)
     n_heads: int = num(4, ge=1)
     n_kv_heads: int = num(0, ge=0)  # 0 = n_heads (MHA); 1 = MQA; between = GQA
+    # Size of one attention head; 0 = d_model / n_heads. Gemma 2 and Qwen3 set it apart
+    # (q/k/v project to n_heads × head_dim, the output projection back to d_model).
+    head_dim: int = num(0, ge=0)
     # 0 = derived: 4*d for GELU, 8/3*d rounded to a multiple of 64 for SwiGLU
     d_ff: int = num(0, ge=0)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -976,10 +979,10 @@ def _heads_fit(cfg: Config) -> Problem:
         return "model.n_heads", f"= {m.n_heads} must divide model.d_model = {m.d_model}"
     if m.n_heads % (m.n_kv_heads or m.n_heads):
         return "model.n_kv_heads", f"= {m.n_kv_heads} must divide model.n_heads = {m.n_heads}"
-    if m.position == "rope" and (m.d_model // m.n_heads) % 2:
+    if m.position == "rope" and (m.head_dim or m.d_model // m.n_heads) % 2:
         return "model.position", (
-            f"= rope needs an even head dimension (model.d_model / model.n_heads = "
-            f"{m.d_model} / {m.n_heads})"
+            f"= rope needs an even head dimension (model.head_dim, or model.d_model / "
+            f"model.n_heads = {m.d_model} / {m.n_heads})"
         )
     return None
 

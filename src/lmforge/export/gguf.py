@@ -78,6 +78,11 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
         raise ExportError(
             f"GGUF export does not write {arch} models yet; export an HF folder (--format hf)"
         )
+    if m.head_dim and m.head_dim * m.n_heads != m.d_model:
+        raise ExportError(
+            f"model.head_dim = {m.head_dim} != d_model / n_heads: GGUF export does not write "
+            "it yet; export an HF folder (--format hf)"
+        )
     if m.mlp == "gelu_exact":
         raise ExportError(
             "model.mlp = gelu_exact: llama.cpp's GPT-2 computes the tanh form of GELU, so "

@@ -223,12 +223,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
             f"{where}: model_type = {kind!r}; import supports {', '.join(LLAMA_LIKE)}, gpt2"
         )
     d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or d // heads
-    if head_dim * heads != d:
-        raise ExportError(
-            f"{where}: head_dim = {head_dim} × {heads} heads != hidden_size = {d}; "
-            "lmforge needs head_dim = hidden_size / num_attention_heads"
-        )
+    head_dim = int(hf.get("head_dim") or d // heads)
     context = int(hf.get("max_position_embeddings", 2048))
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     sliding = hf.get("sliding_window")
@@ -243,6 +238,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
         d_model=d,
         n_heads=heads,
         n_kv_heads=kv_heads if kv_heads != heads else 0,  # 0 = as many as query heads
+        head_dim=head_dim if head_dim * heads != d else 0,  # 0 = d / heads
         d_ff=int(hf["intermediate_size"]),
         norm="rmsnorm",
         position="rope",
@@ -303,7 +299,7 @@ def _family_fields(kind: str, hf: dict[str, Any], head_dim: int, where: str) -> 
 
 
 def _qkv_sizes(m: ModelConfig) -> list[int]:
-    head_dim = m.d_model // m.n_heads
+    head_dim = m.head_dim or m.d_model // m.n_heads
     kv = m.n_kv_heads or m.n_heads
     return [m.n_heads * head_dim, kv * head_dim, kv * head_dim]
 
@@ -713,13 +709,13 @@ def _hf_config(m: ModelConfig, arch: str, ids: dict[str, Any]) -> Any:
         **_hf_rope(m),
         attention_dropout=m.dropout,
         tie_word_embeddings=m.tie_embeddings,
+        head_dim=m.head_dim or m.d_model // m.n_heads,
         **ids,
     )
-    head_dim = m.d_model // m.n_heads
+    head_dim = common["head_dim"]
     if arch == "llama":
         return transformers.LlamaConfig(
             **common,
-            head_dim=head_dim,
             attention_bias=m.bias,
             mlp_bias=m.bias,
             architectures=["LlamaForCausalLM"],
@@ -731,7 +727,6 @@ def _hf_config(m: ModelConfig, arch: str, ids: dict[str, Any]) -> Any:
     if arch == "qwen3":
         return transformers.Qwen3Config(
             **common,
-            head_dim=head_dim,
             attention_bias=False,
             use_sliding_window=False,
             architectures=["Qwen3ForCausalLM"],
@@ -750,7 +745,6 @@ def _hf_config(m: ModelConfig, arch: str, ids: dict[str, Any]) -> Any:
             )
         return transformers.Gemma2Config(
             **common,
-            head_dim=head_dim,
             hidden_activation="gelu_pytorch_tanh",
             attention_bias=False,
             query_pre_attn_scalar=round(scalar),

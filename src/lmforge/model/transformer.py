@@ -42,6 +42,7 @@ from lmforge.model.arith import (  # noqa: F401
     count_params,
     derived_d_ff,
     flops_per_token,
+    head_dim,
     matmul_params,
 )
 
@@ -61,8 +62,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     between f is interpolated with s = (L / wavelength - low) / (high - low):
     (1 - s) · f / factor + s · f.
     """
-    head_dim = cfg.d_model // cfg.n_heads
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    D = head_dim(cfg)
+    exponent = torch.arange(0, D, 2, dtype=torch.float64) / D
     inv_freq = 1.0 / (cfg.rope_theta**exponent)
     if cfg.rope_scaling != "llama3":
         return inv_freq
@@ -330,7 +331,7 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
         kv = cfg.n_kv_heads or cfg.n_heads
-        shape = (batch, kv, max_len, cfg.d_model // cfg.n_heads)
+        shape = (batch, kv, max_len, head_dim(cfg))
         return cls(
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
@@ -342,13 +343,13 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = head_dim(cfg)
         self.causal = cfg.objective == "causal"
         self.dropout = cfg.dropout
         # One fused projection for q, k and v: fewer, larger matmuls (faster on CPU).
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
         # QK-norm per head (D values) or over the whole projection (H·D and K·D values).
         full = cfg.qk_norm_scope == "full"
         q_dim, k_dim = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim)
@@ -370,7 +371,7 @@ class Attention(nn.Module):
         layer: int = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)
         dropout_p = self.dropout if self.training else 0.0
@@ -397,7 +398,7 @@ class Attention(nn.Module):
             and not torch.compiler.is_compiling()
         ):
             # Nothing happens to q and k between the projection and the attention.
-            return self.proj(PackedSmallCausalAttention.apply(qkv, H).view(B, T, C))
+            return self.proj(PackedSmallCausalAttention.apply(qkv, H).view(B, T, H * D))
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         if self.qk_full and self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # over (H·D,) and (K·D,)
@@ -441,7 +442,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale
             ).transpose(1, 2)  # (B, T, H, D)
-        y = y.reshape(B, T, C)
+        y = y.reshape(B, T, H * D)
         return self.proj(y)
 
 
