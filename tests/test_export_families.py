@@ -372,3 +372,41 @@ def test_gguf_export_of_a_new_family_refuses_clearly():
     )  # fmt: skip
     with pytest.raises(ExportError, match="GGUF export does not write olmo2"):
         gguf_tensors(Transformer(cfg))
+
+
+def test_an_imported_chat_model_fine_tunes_on_short_rows_through_its_template(chatml_tok, tmp_path):
+    from lmforge.config import load_config
+    from lmforge.finetune.finetune import finetune, finetuned_checkpoint
+    from lmforge.pretrain import load_model
+
+    tok = chatml_tok
+    # A Qwen2.5-shaped folder of 32768 positions with its ChatML template.
+    config = transformers.Qwen2Config(
+        vocab_size=tok.vocab_size, **TINY, max_position_embeddings=32768, tie_word_embeddings=True
+    )
+    build(tok, tmp_path, "chat", config)
+    tk_cfg = {"chat_template": CHATML, "eos_token": "<|im_end|>"}
+    (tmp_path / "chat" / "tokenizer_config.json").write_text(json.dumps(tk_cfg))
+    data = tmp_path / "instr.jsonl"
+    rows = [{"instruction": f"Add {i}.", "input": "", "output": f"a + {i}"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        None,
+        [
+            f"finetune.init={tmp_path / 'chat'}",
+            "finetune.task=instruction",
+            f"finetune.train_files=[{data}]",
+            "finetune.max_steps=2",
+            "finetune.seq_len=64",
+            "finetune.tokens_per_step=128",
+            "finetune.eval_examples=0",
+            "train.micro_batch_size=2",
+            "train.warmup_steps=0",
+            "train.peak_flops=1e11",
+        ],
+    )
+    summary = finetune(cfg, tmp_path / "run")
+    assert summary["step"] == 2
+    _, _, tuned_cfg = load_model(finetuned_checkpoint(tmp_path / "run"))
+    assert tuned_cfg.model.context_length == 32768  # rows of 64 tokens, the context kept
+    assert tuned_cfg.tokenizer.chat_template == CHATML

@@ -989,11 +989,14 @@ def _heads_fit(cfg: Config) -> Problem:
 
 def _batch_fits(cfg: Config) -> Problem:
     t, ctx = cfg.train, cfg.model.context_length
-    micro_tokens = t.micro_batch_size * ctx
+    rows, rows_key = ctx, "model.context_length"
+    if cfg.finetune.seq_len and cfg.model.position == "rope":  # a fine-tuned model's config
+        rows, rows_key = min(ctx, cfg.finetune.seq_len), "finetune.seq_len"
+    micro_tokens = t.micro_batch_size * rows
     if t.tokens_per_step % micro_tokens:
         return "train.tokens_per_step", (
             f"= {t.tokens_per_step} must be a multiple of train.micro_batch_size × "
-            f"model.context_length = {t.micro_batch_size} × {ctx} = {micro_tokens}"
+            f"{rows_key} = {t.micro_batch_size} × {rows} = {micro_tokens}"
         )
     return None
 

@@ -306,8 +306,7 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
     )
 
     info = prepare_model(model, cfg)
-    # apply_lora may untie the head; the trainer's rows are seq_len long.
-    cfg = replace(cfg, model=replace(model.cfg, context_length=seq_len))
+    cfg = replace(cfg, model=model.cfg)  # apply_lora may untie the head
     print0(
         f"model: {info['total_params'] / 1e6:.2f}M parameters, {info['trainable_params'] / 1e6:.3f}M "
         f"trainable ({fc.method})"
@@ -317,7 +316,8 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
     if metric_examples:
         hooks.append(metric_hook(task, tok, metric_examples, fc.max_new_tokens, extra_stop))
     trainer = Trainer(
-        cfg,
+        # The trainer sizes its micro-batches from the context: rows are seq_len long.
+        replace(cfg, model=replace(cfg.model, context_length=seq_len)),
         PackedLM(model, tok.eot_id),
         run_dir,
         train,
@@ -329,6 +329,9 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         eval_hooks=hooks,
         extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
     )
+    # What its checkpoints record: the model keeps its own context, and the rows' length.
+    cfg = replace(cfg, finetune=replace(fc, seq_len=seq_len))
+    trainer.cfg = cfg
     summary = trainer.fit(resume=resume)
     if "val_loss" in summary:
         summary["val_ppl"] = math.exp(min(summary["val_loss"], 50.0))
