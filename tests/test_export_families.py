@@ -22,6 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge.export.hf import ExportError, export_hf, hf_architecture, load_hf_model  # noqa: E402
+from lmforge.model.decode import Decoder  # noqa: E402
 from lmforge.model.generate import generate  # noqa: E402
 from lmforge.model.transformer import count_params  # noqa: E402
 from lmforge.tokenizer import train_bpe  # noqa: E402
@@ -67,6 +68,13 @@ def check_parity(hf, tok, tmp_path, name: str, n_tokens: int = 48):
         got = model(ids)[..., : want.shape[-1]]
     torch.testing.assert_close(got, want, atol=FP32_LOGITS, rtol=0)
     assert count_params(model.cfg)["total"] == model.num_params() == hf.num_parameters()
+    # The KV-cache decoder's one-token steps compute the full forward's logits.
+    assert Decoder.supports(model)
+    decoder = Decoder(model, 1, n_tokens)
+    with torch.no_grad():
+        decoder.prefill(ids[:, :12])
+        steps = torch.stack([decoder.step(ids[:, t]) for t in range(12, n_tokens)], dim=1)
+        torch.testing.assert_close(steps[:, :-1], model(ids)[:, 12:-1], atol=FP32_LOGITS, rtol=0)
     prompt = ids[0, :12].tolist()
     ours = generate(model, prompt, 20, temperature=0)[0, 12:].tolist()
     theirs = hf.generate(ids[:, :12], max_new_tokens=20, min_new_tokens=20, do_sample=False)
