@@ -192,7 +192,12 @@ def _hf_rope(m: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for a transformers config.json (Llama, Mistral, Qwen2, Qwen3, GPT-2)."""
+    """Our ModelConfig for a transformers config.json (GPT-2 or a `LLAMA_LIKE` family).
+
+    The context is max_position_embeddings, or a shorter sliding window (Mistral v0.1,
+    Gemma 2, Phi-3): lmforge attends to the whole context, which equals the window's
+    attention only up to its length. RoPE tables are built lazily, so a long context
+    costs no memory until it is used."""
     kind = hf.get("model_type", "")
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -573,8 +578,10 @@ def load_hf_model(
 ) -> tuple[Transformer, Tokenizer, Config]:
     """An lmforge model, tokenizer and config from a transformers folder (no network).
 
-    Supports Llama, Mistral, Qwen2, Qwen3 and GPT-2 folders with a fast
-    `tokenizer.json` (or pass `tokenizer`, a tokenizer.json or folder). lmforge's special
+    Supports Llama (3.x included), Mistral, Qwen2/2.5, Qwen3, OLMo 2, Gemma 2, Phi-3
+    and GPT-2 folders with a fast `tokenizer.json` (or pass `tokenizer`, a tokenizer.json
+    or folder). The chat template and bos/eos tokens of `tokenizer_config.json` are
+    recorded in the config's tokenizer section. lmforge's special
     tokens (<|endoftext|>, <|pad|>, chat roles, ...) are added to the tokenizer when
     missing; if the embedding has no spare rows for them it grows, new rows set to the
     mean embedding, so logits of the original vocabulary are unchanged.

@@ -435,9 +435,7 @@ class Attention(nn.Module):
         elif small_cpu and torch.is_grad_enabled():
             y = SmallCausalAttention.apply(q, k, v)  # (B, T, H, D)
         elif self.softcap:
-            if is_causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            y = softcapped_attention(q, k, v, mask, self.scale, self.softcap, dropout_p)
+            y = softcapped_attention(q, k, v, mask, is_causal, self.scale, self.softcap, dropout_p)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale
@@ -448,12 +446,15 @@ class Attention(nn.Module):
 
 def softcapped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-    scale: float | None, cap: float, dropout_p: float = 0.0,
+    is_causal: bool, scale: float | None, cap: float, dropout_p: float = 0.0,
 ) -> torch.Tensor:  # fmt: skip
     """softmax(cap·tanh(q·kᵀ·scale / cap) + mask)·v, Gemma 2's attention (no fused kernel has
     the cap). q, k, v: (B, H, T, D) (keys may be longer than T, from a cache); mask: bool,
-    True = may attend, broadcasting to (B, H, T, T'). Returns (B, T, H, D)."""
+    True = may attend, broadcasting to (B, H, T, T'), or `is_causal`. Returns (B, T, H, D)."""
     scale = scale or q.size(-1) ** -0.5
+    if is_causal:
+        T = q.size(-2)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T')
     scores = cap * torch.tanh(scores / cap)
     if mask is not None:
