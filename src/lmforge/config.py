@@ -199,6 +199,12 @@ class TokenizerConfig:
     path: str = ""
     # Train the tokenizer on at most this many bytes of text (0 = all).
     train_bytes: int = num(20_000_000, ge=0)
+    # An imported model's own chat template (Jinja, from its tokenizer_config.json) and
+    # special tokens; fine-tuning renders conversations through it and export writes it
+    # back. "" = lmforge's role-token template (<|user|>...<|end|>) and <|endoftext|>.
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
 
 
 @dataclass
@@ -213,6 +219,9 @@ class ModelConfig:
     d_model: int = num(256, ge=1)
     n_heads: int = num(4, ge=1)
     n_kv_heads: int = num(0, ge=0)  # 0 = n_heads (MHA); 1 = MQA; between = GQA
+    # Size of one attention head; 0 = d_model / n_heads. Gemma 2 and Qwen3 set it apart
+    # (q/k/v project to n_heads × head_dim, the output projection back to d_model).
+    head_dim: int = num(0, ge=0)
     # 0 = derived: 4*d for GELU, 8/3*d rounded to a multiple of 64 for SwiGLU
     d_ff: int = num(0, ge=0)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -245,6 +254,21 @@ class ModelConfig:
     # Zero-initialise the residual output projections (attn.proj, mlp.down), so each block
     # starts as the identity (modded-nanogpt); False keeps GPT-2's scaled N(0, σ/√(2L)).
     zero_init_proj: bool = False
+    # Where a block normalises: "pre" x + f(norm(x)) (GPT-2, Llama); "post" x + norm(f(x))
+    # inside the residual branch (OLMo 2); "sandwich" x + norm(f(norm(x))) (Gemma 2).
+    norm_placement: Literal["pre", "post", "sandwich"] = "pre"
+    # QK-norm over each head's D values ("head": Qwen3, Gemma 3) or over the whole q and
+    # k projections, H·D and K·D values (OLMo 2).
+    qk_norm_scope: Literal["head", "full"] = "head"
+    # Activation of the gated MLP's gate (mlp=swiglu): silu (SwiGLU) or the tanh form of
+    # GELU (GeGLU; Gemma).
+    gate_act: Literal["silu", "gelu_tanh"] = "silu"
+    # Multiply the token embeddings by sqrt(d_model) (Gemma).
+    embed_scale: bool = False
+    # Attention softmax scale; 0 = 1/sqrt(head dim). Gemma 2: query_pre_attn_scalar^-1/2.
+    attn_scale: float = num(0.0, ge=0)
+    # Attention-score soft-capping, cap·tanh(scores/cap) before the mask (Gemma 2); 0 = off.
+    attn_softcap: float = num(0.0, ge=0)
 
 
 @dataclass
@@ -404,6 +428,9 @@ class FinetuneConfig:
     simpo_gamma: float = num(0.5, ge=0, le=100)  # SimPO's target reward margin γ
     # Conservative DPO / SimPO: the chance ε that a preference label is flipped.
     pref_label_smoothing: float = num(0.0, ge=0, lt=0.5)
+    # Tokens per packed training row for a RoPE model; 0 = its context_length, at most
+    # 2048 (an imported model may allow 131072 positions: rows that long would not fit).
+    seq_len: int = num(0, ge=0)
 
 
 RUN_STAGES = (
@@ -961,21 +988,24 @@ def _heads_fit(cfg: Config) -> Problem:
         return "model.n_heads", f"= {m.n_heads} must divide model.d_model = {m.d_model}"
     if m.n_heads % (m.n_kv_heads or m.n_heads):
         return "model.n_kv_heads", f"= {m.n_kv_heads} must divide model.n_heads = {m.n_heads}"
-    if m.position == "rope" and (m.d_model // m.n_heads) % 2:
+    if m.position == "rope" and (m.head_dim or m.d_model // m.n_heads) % 2:
         return "model.position", (
-            f"= rope needs an even head dimension (model.d_model / model.n_heads = "
-            f"{m.d_model} / {m.n_heads})"
+            f"= rope needs an even head dimension (model.head_dim, or model.d_model / "
+            f"model.n_heads = {m.d_model} / {m.n_heads})"
         )
     return None
 
 
 def _batch_fits(cfg: Config) -> Problem:
     t, ctx = cfg.train, cfg.model.context_length
-    micro_tokens = t.micro_batch_size * ctx
+    rows, rows_key = ctx, "model.context_length"
+    if cfg.finetune.seq_len and cfg.model.position == "rope":  # a fine-tuned model's config
+        rows, rows_key = min(ctx, cfg.finetune.seq_len), "finetune.seq_len"
+    micro_tokens = t.micro_batch_size * rows
     if t.tokens_per_step % micro_tokens:
         return "train.tokens_per_step", (
             f"= {t.tokens_per_step} must be a multiple of train.micro_batch_size × "
-            f"model.context_length = {t.micro_batch_size} × {ctx} = {micro_tokens}"
+            f"{rows_key} = {t.micro_batch_size} × {rows} = {micro_tokens}"
         )
     return None
 

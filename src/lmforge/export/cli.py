@@ -34,7 +34,7 @@ def export_checkpoint(
     if fmt == "hf":
         from lmforge.export.hf import export_hf
 
-        written = export_hf(model, tok, out, dtype or "f32")
+        written = export_hf(model, tok, out, dtype or "f32", chat=cfg.tokenizer)
     elif fmt == "gguf":
         from lmforge.export.gguf import export_gguf
 

@@ -74,6 +74,15 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
     """llama.cpp architecture name and float32 tensors under llama.cpp's names and layouts."""
     m = model.cfg
     arch = hf_architecture(m)
+    if arch not in ("gpt2", "llama", "qwen2", "qwen3"):
+        raise ExportError(
+            f"GGUF export does not write {arch} models yet; export an HF folder (--format hf)"
+        )
+    if m.head_dim and m.head_dim * m.n_heads != m.d_model:
+        raise ExportError(
+            f"model.head_dim = {m.head_dim} != d_model / n_heads: GGUF export does not write "
+            "it yet; export an HF folder (--format hf)"
+        )
     if m.mlp == "gelu_exact":
         raise ExportError(
             "model.mlp = gelu_exact: llama.cpp's GPT-2 computes the tanh form of GELU, so "

@@ -2,7 +2,8 @@
 
 Export writes a folder that ``AutoModelForCausalLM.from_pretrained(path)`` and
 ``AutoTokenizer.from_pretrained(path)`` load with no custom code; import reads a
-Llama, Mistral, Qwen2, Qwen3 or GPT-2 folder into an lmforge model.
+Llama, Mistral, Qwen2, Qwen3, OLMo 2, Gemma 2, Phi-3 or GPT-2 folder into an lmforge
+model.
 
 Which standard architecture expresses which lmforge model:
 
@@ -14,6 +15,11 @@ Which standard architecture expresses which lmforge model:
 |   linear layers                                 |   `mlp_bias`)             |
 | rmsnorm + RoPE + SwiGLU + bias on q/k/v only    | Qwen2                     |
 | rmsnorm + RoPE + SwiGLU + QK-norm, no bias      | Qwen3                     |
+| ... + post-norms + QK-norm over the projection  | OLMo 2                    |
+| ... + sandwich norms + GeGLU + scaled embedding | Gemma 2                   |
+|   (+ attention and final logit soft-capping)    |                           |
+
+Mistral and Phi-3 folders import as the Llama variant they are and export as Llama.
 
 Anything else is refused with a message that says which fields to change.
 
@@ -22,6 +28,8 @@ Weight layouts (ours → HF):
 - ``attn.qkv`` is [q; k; v] stacked by rows → ``q_proj``/``k_proj``/``v_proj``
   (Llama family) or GPT-2's fused ``c_attn``.
 - ``mlp.up`` for SwiGLU is [gate; up] stacked, gate first → ``gate_proj``/``up_proj``.
+- Phi-3 stores q/k/v and gate/up fused as we do (``qkv_proj``, ``gate_up_proj``).
+- Gemma's RMSNorm multiplies by (1 + weight): its weights are ours minus one.
 - GPT-2 stores its linear layers as ``Conv1D`` with the weight transposed
   relative to ``nn.Linear`` (in_features, out_features).
 - Our RoPE uses the "rotate half" pairing, as HF Llama does, so q/k rows need no
@@ -42,7 +50,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import Config, ModelConfig, config_from_dict, to_dict
+from lmforge.config import Config, ModelConfig, TokenizerConfig, config_from_dict, to_dict
 from lmforge.model.transformer import Transformer, derived_d_ff
 from lmforge.tokenizer import (
     CHAT_TEMPLATE,
@@ -75,18 +83,13 @@ def hf_architecture(m: ModelConfig) -> str:
             f"model.objective = {m.objective!r}: only causal language models export to "
             "AutoModelForCausalLM (train with model.objective=causal)"
         )
-    if m.logit_softcap:
-        raise ExportError(
-            f"model.logit_softcap = {m.logit_softcap}: GPT-2, Llama and Qwen have no logit "
-            "soft-capping, so the exported model would compute different logits; train with "
-            "model.logit_softcap=0 to export"
-        )
     gpt2_like = (m.norm, m.position) == ("layernorm", "learned") and m.mlp in (
         "gelu",
         "gelu_exact",
     )
     llama_like = (m.norm, m.position, m.mlp) == ("rmsnorm", "rope", "swiglu")
     if gpt2_like:
+        _require(m, "gpt2", _PLAIN)
         if m.qk_norm:
             raise ExportError(
                 "model.qk_norm = true: GPT-2 has no QK-norm. Train with model.qk_norm=false, "
@@ -99,7 +102,16 @@ def hf_architecture(m: ModelConfig) -> str:
                 "set model.n_kv_heads=0 (or use the Llama-style family, which has GQA)"
             )
         return "gpt2"  # any subset of biases is expressible: missing ones are written as zeros
+    if llama_like and m.norm_placement == "post":
+        _require(m, "olmo2", {**_PLAIN, "norm_placement": "post", "qk_norm": True,
+                              "qk_norm_scope": "full", "bias": False, "qkv_bias": False})  # fmt: skip
+        return "olmo2"
+    if llama_like and m.norm_placement == "sandwich":
+        _require(m, "gemma2", {"gate_act": "gelu_tanh", "embed_scale": True, "qk_norm": False,
+                               "bias": False, "qkv_bias": False})  # fmt: skip
+        return "gemma2"
     if llama_like:
+        _require(m, "llama", _PLAIN)
         if m.qk_norm:
             if m.bias or m.qkv_bias:
                 raise ExportError(
@@ -117,6 +129,29 @@ def hf_architecture(m: ModelConfig) -> str:
         "norm=layernorm + position=learned + mlp=gelu; Llama is norm=rmsnorm + position=rope + "
         "mlp=swiglu. Change model.norm / model.position / model.mlp to one of these and retrain"
     )
+
+
+# The variant fields as GPT-2, Llama, Qwen2 and Qwen3 have them.
+_PLAIN: dict[str, Any] = {
+    "norm_placement": "pre",
+    "qk_norm_scope": "head",
+    "gate_act": "silu",
+    "embed_scale": False,
+    "attn_scale": 0.0,
+    "attn_softcap": 0.0,
+    "logit_softcap": 0.0,
+}
+
+
+def _require(m: ModelConfig, arch: str, fields: dict[str, Any]) -> None:
+    """Raise `ExportError` naming the first field whose value `arch` cannot express."""
+    for name, value in fields.items():
+        if getattr(m, name) != value:
+            raise ExportError(
+                f"model.{name} = {getattr(m, name)!r}: the closest standard architecture, "
+                f"{arch}, needs {value!r}, so the exported model would compute different "
+                f"logits; train with model.{name}={value} to export"
+            )
 
 
 def _rope_settings(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -157,7 +192,12 @@ def _hf_rope(m: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """Our ModelConfig for a transformers config.json (Llama, Mistral, Qwen2, Qwen3, GPT-2)."""
+    """Our ModelConfig for a transformers config.json (GPT-2 or a `LLAMA_LIKE` family).
+
+    The context is max_position_embeddings, or a shorter sliding window (Mistral v0.1,
+    Gemma 2, Phi-3): lmforge attends to the whole context, which equals the window's
+    attention only up to its length. RoPE tables are built lazily, so a long context
+    costs no memory until it is used."""
     kind = hf.get("model_type", "")
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -183,39 +223,19 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
             bias=True,
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
-    if kind not in ("llama", "mistral", "qwen2", "qwen3"):
+    if kind not in LLAMA_LIKE:
         raise ExportError(
-            f"{where}: model_type = {kind!r}; import supports llama, mistral, qwen2, qwen3, gpt2"
+            f"{where}: model_type = {kind!r}; import supports {', '.join(LLAMA_LIKE)}, gpt2"
         )
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ExportError(f"{where}: hidden_act = {act!r}; lmforge's SwiGLU uses silu")
     d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or d // heads
-    if head_dim * heads != d:
-        raise ExportError(
-            f"{where}: head_dim = {head_dim} × {heads} heads != hidden_size = {d}; "
-            "lmforge needs head_dim = hidden_size / num_attention_heads"
-        )
+    head_dim = int(hf.get("head_dim") or d // heads)
     context = int(hf.get("max_position_embeddings", 2048))
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     sliding = hf.get("sliding_window")
-    if sliding and (kind == "mistral" or hf.get("use_sliding_window")) and sliding < context:
+    windowed = kind in ("mistral", "gemma2", "phi3") or hf.get("use_sliding_window")
+    if sliding and windowed and sliding < context:
         # lmforge attends to the whole context; the two agree exactly up to the window.
         context = int(sliding)
-    bias = qkv_bias = False
-    if kind == "qwen2":
-        qkv_bias = True  # Qwen2 always has q/k/v biases and none elsewhere
-    elif kind in ("llama", "qwen3"):
-        attn_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
-        if kind == "qwen3" and attn_bias:
-            raise ExportError(f"{where}: Qwen3 with attention_bias=true is not supported")
-        if attn_bias != mlp_bias:
-            raise ExportError(
-                f"{where}: attention_bias = {attn_bias} but mlp_bias = {mlp_bias}; lmforge "
-                "puts a bias on every linear layer or on none (or on q/k/v only, as Qwen2)"
-            )
-        bias = attn_bias
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         context_length=context,
@@ -223,24 +243,68 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
         d_model=d,
         n_heads=heads,
         n_kv_heads=kv_heads if kv_heads != heads else 0,  # 0 = as many as query heads
+        head_dim=head_dim if head_dim * heads != d else 0,  # 0 = d / heads
         d_ff=int(hf["intermediate_size"]),
         norm="rmsnorm",
         position="rope",
         mlp="swiglu",
-        qk_norm=kind == "qwen3",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bias=bias,
-        qkv_bias=qkv_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", kind == "gemma2")),
         **_rope_settings(hf, where),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        **_family_fields(kind, hf, head_dim, where),
     )
+
+
+# model_type values read as the Llama family (RMSNorm, RoPE, gated MLP), each a variant.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2", "phi3")
+
+
+def _family_fields(kind: str, hf: dict[str, Any], head_dim: int, where: str) -> dict[str, Any]:
+    """The ModelConfig fields by which a Llama-like family differs from Llama."""
+    key = "hidden_activation" if kind == "gemma2" else "hidden_act"
+    act = hf.get(key) or "silu"
+    want = "gelu_pytorch_tanh" if kind == "gemma2" else "silu"
+    if act != want:
+        raise ExportError(f"{where}: {key} = {act!r}; lmforge's {kind} import needs {want!r}")
+    attn_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+    if kind == "qwen2":
+        return {"qkv_bias": True}  # Qwen2 always has q/k/v biases and none elsewhere
+    if kind in ("llama", "mistral"):
+        if attn_bias != mlp_bias:
+            raise ExportError(
+                f"{where}: attention_bias = {attn_bias} but mlp_bias = {mlp_bias}; lmforge "
+                "puts a bias on every linear layer or on none (or on q/k/v only, as Qwen2)"
+            )
+        return {"bias": attn_bias}
+    if attn_bias:
+        raise ExportError(f"{where}: {kind} with attention_bias=true is not supported")
+    if kind == "qwen3":
+        return {"qk_norm": True}
+    if kind == "olmo2":
+        return {"qk_norm": True, "qk_norm_scope": "full", "norm_placement": "post"}
+    if kind == "phi3":
+        partial = (hf.get("rope_parameters") or {}).get(
+            "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)
+        )
+        if float(partial) != 1.0:
+            raise ExportError(f"{where}: partial_rotary_factor = {partial}; lmforge rotates all")
+        return {}
+    # gemma2
+    return {
+        "norm_placement": "sandwich",
+        "gate_act": "gelu_tanh",
+        "embed_scale": True,
+        "attn_scale": float(hf.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        "attn_softcap": float(hf.get("attn_logit_softcapping") or 0.0),
+        "logit_softcap": float(hf.get("final_logit_softcapping") or 0.0),
+    }
 
 
 # ----------------------------------------------------------------------------- weights
 
 
 def _qkv_sizes(m: ModelConfig) -> list[int]:
-    head_dim = m.d_model // m.n_heads
+    head_dim = m.head_dim or m.d_model // m.n_heads
     kv = m.n_kv_heads or m.n_heads
     return [m.n_heads * head_dim, kv * head_dim, kv * head_dim]
 
@@ -278,11 +342,12 @@ def to_hf_state(model: Transformer, arch: str) -> State:
             out["lm_head.weight"] = ours["lm_head.weight"]
         return out
 
+    shift = _norm_shift(arch)
     out["model.embed_tokens.weight"] = ours["tok_emb.weight"]
     for i in range(m.n_layers):
         a, h = f"blocks.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = ours[a + "attn_norm.weight"]
-        out[h + "post_attention_layernorm.weight"] = ours[a + "mlp_norm.weight"]
+        for ours_norm, hf_norm in _block_norms(arch):
+            out[h + hf_norm + ".weight"] = ours[a + ours_norm + ".weight"] - shift
         for suffix in ("weight", "bias"):
             key = a + "attn.qkv." + suffix
             if key in ours:
@@ -303,10 +368,28 @@ def to_hf_state(model: Transformer, arch: str) -> State:
         if m.qk_norm:
             out[h + "self_attn.q_norm.weight"] = ours[a + "attn.q_norm.weight"]
             out[h + "self_attn.k_norm.weight"] = ours[a + "attn.k_norm.weight"]
-    out["model.norm.weight"] = ours["norm.weight"]
+    out["model.norm.weight"] = ours["norm.weight"] - shift
     if not m.tie_embeddings:
         out["lm_head.weight"] = ours["lm_head.weight"]
     return out
+
+
+def _block_norms(arch: str) -> list[tuple[str, str]]:
+    """(our block norm, the transformers layer's norm) pairs of a Llama-like architecture."""
+    if arch == "olmo2":  # norms on the attention and MLP outputs only
+        return [("attn_out_norm", "post_attention_layernorm"),
+                ("mlp_out_norm", "post_feedforward_layernorm")]  # fmt: skip
+    pre = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
+    if arch == "gemma2":
+        return [("attn_norm", "input_layernorm"), ("attn_out_norm", "post_attention_layernorm"),
+                ("mlp_norm", "pre_feedforward_layernorm"),
+                ("mlp_out_norm", "post_feedforward_layernorm")]  # fmt: skip
+    return pre
+
+
+def _norm_shift(arch: str) -> float:
+    """What transformers' RMSNorm weights lack of ours: Gemma scales by (1 + weight)."""
+    return 1.0 if arch == "gemma2" else 0.0
 
 
 def _take(state: State, key: str, where: str) -> torch.Tensor:
@@ -346,29 +429,17 @@ def from_hf_state(hf: State, m: ModelConfig, kind: str, where: str) -> State:
         out["norm.weight"] = _take(hf, "transformer.ln_f.weight", where)
         out["norm.bias"] = _take(hf, "transformer.ln_f.bias", where)
     else:
+        shift = _norm_shift(kind)
         out["tok_emb.weight"] = _take(hf, "model.embed_tokens.weight", where)
         for i in range(m.n_layers):
             a, h = f"blocks.{i}.", f"model.layers.{i}."
-            out[a + "attn_norm.weight"] = _take(hf, h + "input_layernorm.weight", where)
-            out[a + "mlp_norm.weight"] = _take(hf, h + "post_attention_layernorm.weight", where)
-            suffixes = ["weight"] + (["bias"] if m.bias or m.qkv_bias else [])
-            for s in suffixes:
-                out[f"{a}attn.qkv.{s}"] = torch.cat(
-                    [_take(hf, f"{h}self_attn.{p}_proj.{s}", where) for p in "qkv"], dim=0
-                )
-            for s in ["weight"] + (["bias"] if m.bias else []):
-                out[f"{a}attn.proj.{s}"] = _take(hf, f"{h}self_attn.o_proj.{s}", where)
-                out[f"{a}mlp.up.{s}"] = torch.cat(
-                    [
-                        _take(hf, f"{h}mlp.gate_proj.{s}", where),
-                        _take(hf, f"{h}mlp.up_proj.{s}", where),
-                    ]
-                )
-                out[f"{a}mlp.down.{s}"] = _take(hf, f"{h}mlp.down_proj.{s}", where)
+            for ours_norm, hf_norm in _block_norms(kind):
+                out[a + ours_norm + ".weight"] = _take(hf, h + hf_norm + ".weight", where) + shift
+            _llama_linears_from_hf(hf, out, m, a, h, where)
             if m.qk_norm:
                 out[a + "attn.q_norm.weight"] = _take(hf, h + "self_attn.q_norm.weight", where)
                 out[a + "attn.k_norm.weight"] = _take(hf, h + "self_attn.k_norm.weight", where)
-        out["norm.weight"] = _take(hf, "model.norm.weight", where)
+        out["norm.weight"] = _take(hf, "model.norm.weight", where) + shift
     if m.tie_embeddings:
         hf.pop("lm_head.weight", None)  # some writers store the tied copy too
     else:
@@ -427,6 +498,24 @@ def _shard_names(index: Path, folder: Path) -> list[str]:
     return shards
 
 
+def _llama_linears_from_hf(hf: State, out: State, m: ModelConfig, a: str, h: str, where: str):
+    """One layer's linear weights; q/k/v and gate/up are fused as ours (as Phi-3 stores them)."""
+
+    def fused(s: str, fused_name: str, parts: list[str]) -> torch.Tensor:
+        if f"{h}{fused_name}.{s}" in hf:
+            return hf.pop(f"{h}{fused_name}.{s}")
+        return torch.cat([_take(hf, f"{h}{p}.{s}", where) for p in parts], dim=0)
+
+    for s in ["weight"] + (["bias"] if m.bias or m.qkv_bias else []):
+        out[f"{a}attn.qkv.{s}"] = fused(
+            s, "self_attn.qkv_proj", [f"self_attn.{p}_proj" for p in "qkv"]
+        )
+    for s in ["weight"] + (["bias"] if m.bias else []):
+        out[f"{a}attn.proj.{s}"] = _take(hf, f"{h}self_attn.o_proj.{s}", where)
+        out[f"{a}mlp.up.{s}"] = fused(s, "mlp.gate_up_proj", ["mlp.gate_proj", "mlp.up_proj"])
+        out[f"{a}mlp.down.{s}"] = _take(hf, f"{h}mlp.down_proj.{s}", where)
+
+
 def _read_hf_weights(folder: Path) -> State:
     """All tensors of a transformers folder's safetensors (single or sharded). Pickled
     PyTorch ``.bin`` weights are refused, never unpickled."""
@@ -471,6 +560,29 @@ def _tokenizer_for_import(
     return BPETokenizer(hf), path, missing
 
 
+def _chat_settings(folder: Path) -> dict[str, str]:
+    """The folder's chat template and bos/eos tokens (tokenizer_config.json, and
+    chat_template.jinja where transformers 5 keeps the template), as TokenizerConfig fields."""
+    path = folder / "tokenizer_config.json"
+    try:
+        tk = json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: invalid JSON: {exc}") from None
+    template = tk.get("chat_template") or ""
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+        named = {t.get("name"): t.get("template", "") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), "")
+    if not template and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+
+    def token(key: str) -> str:
+        value = tk.get(key) or ""
+        return str(value.get("content", "") if isinstance(value, dict) else value)
+
+    return {"chat_template": str(template), "bos_token": token("bos_token"),
+            "eos_token": token("eos_token")}  # fmt: skip
+
+
 def _grow_vocab(state: State, m: ModelConfig, vocab: int) -> None:
     """Add embedding (and untied head) rows up to `vocab`, each the mean of the existing rows.
 
@@ -506,8 +618,10 @@ def load_hf_model(
 ) -> tuple[Transformer, Tokenizer, Config]:
     """An lmforge model, tokenizer and config from a transformers folder (no network).
 
-    Supports Llama, Mistral, Qwen2, Qwen3 and GPT-2 folders with a fast
-    `tokenizer.json` (or pass `tokenizer`, a tokenizer.json or folder). lmforge's special
+    Supports Llama (3.x included), Mistral, Qwen2/2.5, Qwen3, OLMo 2, Gemma 2, Phi-3
+    and GPT-2 folders with a fast `tokenizer.json` (or pass `tokenizer`, a tokenizer.json
+    or folder). The chat template and bos/eos tokens of `tokenizer_config.json` are
+    recorded in the config's tokenizer section. lmforge's special
     tokens (<|endoftext|>, <|pad|>, chat roles, ...) are added to the tokenizer when
     missing; if the embedding has no spare rows for them it grows, new rows set to the
     mean embedding, so logits of the original vocabulary are unchanged.
@@ -549,6 +663,8 @@ def load_hf_model(
     cfg = Config(name=folder.name, model=m)
     cfg.tokenizer.kind = "bpe"
     cfg.tokenizer.vocab_size = tok.vocab_size
+    for key, value in _chat_settings(folder).items():
+        setattr(cfg.tokenizer, key, value)
     if not added:  # the file loads as it is; with added specials only `tok` has them
         cfg.tokenizer.path = str(tok_path)
     # The default batch (8192 tokens) need not be a multiple of this context; make it one.
@@ -613,13 +729,11 @@ def hf_tokenizers_file(tok: Tokenizer) -> Any:
     raise ExportError(f"tokenizer kind {tok.kind!r} cannot be exported")
 
 
-def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
-    """The transformers config object for `arch` with our shape, norms, RoPE and special ids."""
+def _hf_config(m: ModelConfig, arch: str, ids: dict[str, Any]) -> Any:
+    """The transformers config object for `arch` with our shape, norms, RoPE and special
+    `ids` (bos_token_id, eos_token_id, pad_token_id)."""
     import transformers
 
-    ids: dict[str, Any] = dict(
-        bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id
-    )
     if arch == "gpt2":
         return transformers.GPT2Config(
             vocab_size=m.vocab_size,
@@ -651,13 +765,13 @@ def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
         **_hf_rope(m),
         attention_dropout=m.dropout,
         tie_word_embeddings=m.tie_embeddings,
+        head_dim=m.head_dim or m.d_model // m.n_heads,
         **ids,
     )
-    head_dim = m.d_model // m.n_heads
+    head_dim = common["head_dim"]
     if arch == "llama":
         return transformers.LlamaConfig(
             **common,
-            head_dim=head_dim,
             attention_bias=m.bias,
             mlp_bias=m.bias,
             architectures=["LlamaForCausalLM"],
@@ -669,10 +783,32 @@ def _hf_config(m: ModelConfig, arch: str, tok: Tokenizer) -> Any:
     if arch == "qwen3":
         return transformers.Qwen3Config(
             **common,
-            head_dim=head_dim,
             attention_bias=False,
             use_sliding_window=False,
             architectures=["Qwen3ForCausalLM"],
+        )
+    if arch == "olmo2":
+        return transformers.Olmo2Config(
+            **common, attention_bias=False, architectures=["Olmo2ForCausalLM"]
+        )
+    if arch == "gemma2":
+        del common["hidden_act"]
+        scalar = (m.attn_scale or head_dim**-0.5) ** -2  # transformers keeps an int
+        if abs(scalar - round(scalar)) > 1e-6 * scalar:
+            raise ExportError(
+                f"model.attn_scale = {m.attn_scale}: Gemma 2 scales by n^-1/2 for a whole "
+                "number n (query_pre_attn_scalar); use such a scale to export"
+            )
+        return transformers.Gemma2Config(
+            **common,
+            hidden_activation="gelu_pytorch_tanh",
+            attention_bias=False,
+            query_pre_attn_scalar=round(scalar),
+            # Gemma 2 slides every other layer's window; ours is the whole context.
+            sliding_window=m.context_length,
+            attn_logit_softcapping=m.attn_softcap or None,
+            final_logit_softcapping=m.logit_softcap or None,
+            architectures=["Gemma2ForCausalLM"],
         )
     raise ExportError(f"unknown architecture {arch!r}")
 
@@ -685,13 +821,15 @@ def export_hf(
     tok: Tokenizer,
     out: str | Path,
     dtype: str = "f32",
+    chat: TokenizerConfig | None = None,
 ) -> Path:
     """Write a transformers folder for `model` and `tok`; returns the folder.
 
     Files: ``config.json``, ``generation_config.json``, ``model.safetensors`` (in
     `dtype`: f32, f16 or bf16), ``tokenizer.json``, ``tokenizer_config.json`` (with the
-    chat template) and ``chat_template.jinja``. Raises `ExportError` before writing
-    anything when no standard architecture expresses the model.
+    chat template) and ``chat_template.jinja``. The chat template and bos/eos tokens are
+    lmforge's, or those `chat` (an imported model's tokenizer settings) records. Raises
+    `ExportError` before writing anything when no standard architecture expresses the model.
     """
     try:
         import transformers
@@ -706,33 +844,41 @@ def export_hf(
         raise ExportError(
             f"tokenizer has {hf_tok.get_vocab_size()} tokens but the model only {m.vocab_size}"
         )
+    template, bos, eos = CHAT_TEMPLATE, EOT, EOT
+    if chat is not None and chat.chat_template:
+        template = chat.chat_template
+        known = hf_tok.get_vocab()
+        bos = chat.bos_token if chat.bos_token in known else EOT
+        eos = chat.eos_token if chat.eos_token in known else EOT
+    special = dict(
+        bos_token_id=hf_tok.token_to_id(bos), eos_token_id=hf_tok.token_to_id(eos),
+        pad_token_id=tok.pad_id,
+    )  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = _hf_config(m, arch, tok)
+    config = _hf_config(m, arch, special)
     config.dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype]
     config.save_pretrained(out)
-    transformers.GenerationConfig(
-        bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id
-    ).save_pretrained(out)
+    transformers.GenerationConfig(**special).save_pretrained(out)
     state = {k: v.to(TORCH_DTYPES[dtype]).contiguous() for k, v in to_hf_state(model, arch).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=hf_tok,
-        bos_token=EOT,  # lmforge separates documents with <|endoftext|>, as GPT-2
-        eos_token=EOT,
+        bos_token=bos,  # lmforge separates documents with <|endoftext|>, as GPT-2
+        eos_token=eos,
         pad_token=PAD,
         mask_token=MASK,
         additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOT, PAD, MASK)],
         model_max_length=m.context_length,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(out)
     # transformers 5 names its own backend class here; the generic fast class and an inline
     # chat template also load in transformers 4.
     tk_cfg_path = out / "tokenizer_config.json"
     tk_cfg = json.loads(tk_cfg_path.read_text())
     tk_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tk_cfg["chat_template"] = CHAT_TEMPLATE
+    tk_cfg["chat_template"] = template
     tk_cfg_path.write_text(json.dumps(tk_cfg, indent=2, ensure_ascii=False) + "\n")
     return out

@@ -36,6 +36,7 @@ from lmforge.config import Config, ConfigError
 from lmforge.finetune.data import PackedExamples, PackedLM
 from lmforge.finetune.lora import apply_lora, freeze, merge_lora, save_adapter, trainable_params
 from lmforge.finetune.tasks import (
+    ChatTemplate,
     Example,
     TaskFormat,
     get_task,
@@ -148,14 +149,41 @@ def score(metric: str, hyps: list[str], refs: list[str]) -> dict[str, float]:
 def generation_prompt(ex: Example, tok: Tokenizer, room: int) -> list[int]:
     """The example's prompt (through '<|assistant|>'), cut to `room` tokens if needed."""
     ids = ex.ids[: ex.prompt_len]
-    if len(ids) > room:
+    if len(ids) > room and ids[-1] != tok.specials[ASSISTANT]:  # the model's own template
+        ids = ids[-room:]
+    elif len(ids) > room:
         ids = [*ids[: room - 2], tok.specials[END], tok.specials[ASSISTANT]]
     return ids
 
 
+def model_template(cfg: Config, tok: Tokenizer) -> tuple[ChatTemplate | None, tuple[int, ...]]:
+    """An imported model's own chat template, and its end-of-turn token id to stop at."""
+    t = cfg.tokenizer
+    if not t.chat_template:
+        return None, ()
+    eos = tok.encode(t.eos_token) if t.eos_token else []
+    return ChatTemplate(t.chat_template, t.bos_token, t.eos_token), tuple(
+        eos if len(eos) == 1 else ()
+    )
+
+
+def finetune_seq_len(cfg: Config) -> int:
+    """Tokens per packed row: finetune.seq_len, or the context up to 2048 (RoPE models)."""
+    ctx, asked = cfg.model.context_length, cfg.finetune.seq_len
+    if asked > ctx:
+        raise ConfigError(f"finetune.seq_len = {asked} exceeds model.context_length = {ctx}")
+    if cfg.model.position != "rope":  # learned positions: the checkpoint keeps the table
+        return ctx
+    return asked or min(ctx, 2048)
+
+
 @torch.no_grad()
 def generate_answers(
-    model: nn.Module, tok: Tokenizer, examples: list[Example], max_new_tokens: int
+    model: nn.Module,
+    tok: Tokenizer,
+    examples: list[Example],
+    max_new_tokens: int,
+    extra_stop: tuple[int, ...] = (),
 ) -> list[str]:
     """Greedy answers (up to '<|end|>') to each example's prompt.
 
@@ -170,20 +198,28 @@ def generate_answers(
     ctx = int(model.cfg.context_length)  # type: ignore[union-attr,arg-type]
     prompts = [generation_prompt(ex, tok, ctx - max_new_tokens) for ex in examples]
     new = generate_batch(
-        model, prompts, max_new_tokens, temperature=0.0, stop_ids=[tok.specials[END], tok.eot_id]
+        model,
+        prompts,
+        max_new_tokens,
+        temperature=0.0,
+        stop_ids=[tok.specials[END], tok.eot_id, *extra_stop],
     )
     return [decode_text(tok, ids).strip() for ids in new]
 
 
 def metric_hook(
-    task: TaskFormat, tok: Tokenizer, examples: list[Example], max_new_tokens: int
+    task: TaskFormat,
+    tok: Tokenizer,
+    examples: list[Example],
+    max_new_tokens: int,
+    extra_stop: tuple[int, ...] = (),
 ) -> Callable[[nn.Module, int], dict[str, float]]:
     """An `eval_hooks` callable: the task metric on a fixed set of validation examples."""
 
     def hook(model: nn.Module, _step: int) -> dict[str, float]:
         if task.metric == "loss" or not examples:
             return {}
-        hyps = generate_answers(model, tok, examples, max_new_tokens)
+        hyps = generate_answers(model, tok, examples, max_new_tokens, extra_stop)
         return {
             f"val_{k}": v
             for k, v in score(task.metric, hyps, [e.reference for e in examples]).items()
@@ -256,10 +292,12 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
 
     t0 = time.perf_counter()
     lang = (fc.source_lang, fc.target_lang)
-    train_ex = load_examples(task, tok, files["train"], *lang, limit=fc.max_examples)
-    val_ex = load_examples(task, tok, files["val"], *lang, limit=fc.max_examples)
-    test_ex = load_examples(task, tok, files["test"], *lang, limit=fc.max_examples)
-    seq_len = cfg.model.context_length
+    template, extra_stop = model_template(cfg, tok)
+    train_ex, val_ex, test_ex = (
+        load_examples(task, tok, files[split], *lang, limit=fc.max_examples, template=template)
+        for split in ("train", "val", "test")
+    )
+    seq_len = finetune_seq_len(cfg)
     train = PackedExamples(train_ex, seq_len, tok.pad_id, cfg.train.seed)
     val = (
         PackedExamples(val_ex, seq_len, tok.pad_id, cfg.train.seed, shuffle=False)
@@ -282,9 +320,10 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
     hooks = []
     metric_examples = val_ex[: fc.eval_examples] if task.metric != "loss" else []
     if metric_examples:
-        hooks.append(metric_hook(task, tok, metric_examples, fc.max_new_tokens))
+        hooks.append(metric_hook(task, tok, metric_examples, fc.max_new_tokens, extra_stop))
     trainer = Trainer(
-        cfg,
+        # The trainer sizes its micro-batches from the context: rows are seq_len long.
+        replace(cfg, model=replace(cfg.model, context_length=seq_len)),
         PackedLM(model, tok.eot_id),
         run_dir,
         train,
@@ -298,6 +337,9 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         # Samplers read it to prompt through the template and stop at the end of a turn.
         extra_state={"chat_template": CHAT_TEMPLATE} if task.name != "text" else None,
     )
+    # What its checkpoints record: the model keeps its own context, and the rows' length.
+    cfg = replace(cfg, finetune=replace(fc, seq_len=seq_len))
+    trainer.cfg = cfg
     summary = trainer.fit(resume=resume)
     if "val_loss" in summary:
         summary["val_ppl"] = math.exp(min(summary["val_loss"], 50.0))
@@ -315,7 +357,7 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         save_lora_outputs(model, trainer, cfg, tok, run_dir)
     if test_ex and task.metric != "loss":
         t_test = time.perf_counter()
-        hyps = generate_answers(model, tok, test_ex, fc.max_new_tokens)
+        hyps = generate_answers(model, tok, test_ex, fc.max_new_tokens, extra_stop)
         refs = [e.reference for e in test_ex]
         summary["test"] = score(task.metric, hyps, refs)
         summary["test"]["n"] = len(test_ex)

@@ -229,7 +229,66 @@ def encode_turns(tok: Tokenizer, turns: Turns) -> tuple[list[int], list[bool], i
     return ids, trained, prompt_len
 
 
-def encode_record(task: TaskFormat, tok: Tokenizer, rec: Record) -> Example:
+@dataclass
+class ChatTemplate:
+    """An imported model's own Jinja chat template (HF `tokenizer_config.json`)."""
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+    def render(self, turns: Turns, add_generation_prompt: bool) -> str:
+        """The template's text for `turns`, as transformers' `apply_chat_template` renders it."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        messages = [{"role": role, "content": content} for role, content in turns]
+        return env.from_string(self.source).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+
+def encode_turns_template(
+    tok: Tokenizer, turns: Turns, template: ChatTemplate
+) -> tuple[list[int], list[bool], int]:
+    """`encode_turns` through a model's own template: ids of its rendering and the loss mask.
+
+    Each turn's text is what rendering the conversation up to it adds; for an assistant
+    turn, the generation prompt (rendered with add_generation_prompt) is not trained and
+    the rest, the reply and the template's closing tokens, is. The template's special
+    tokens are parsed out of its text, as transformers does.
+    """
+    ids: list[int] = []
+    trained: list[bool] = []
+    prompt_len = 0
+    done = ""
+    for i, (role, _content) in enumerate(turns):
+        pieces = []
+        if role == "assistant":
+            prompt = template.render(turns[:i], add_generation_prompt=True)
+            pieces.append((prompt, False))
+        pieces.append((template.render(turns[: i + 1], add_generation_prompt=False), True))
+        for text, learn in pieces:
+            if not text.startswith(done):
+                raise ValueError("the chat template does not render a conversation turn by turn")
+            learn = learn and role == "assistant"
+            body = tok.encode(text[len(done) :])
+            ids += body
+            trained += [learn] * len(body)
+            done = text
+            if role == "assistant" and not learn:
+                prompt_len = len(ids)
+    ids.append(tok.eot_id)
+    trained.append(False)
+    return ids, trained, prompt_len
+
+
+def encode_record(
+    task: TaskFormat, tok: Tokenizer, rec: Record, template: ChatTemplate | None = None
+) -> Example:
     for key in task.required:
         if key not in rec.data or rec.data[key] is None:
             raise RecordError(
@@ -240,7 +299,13 @@ def encode_record(task: TaskFormat, tok: Tokenizer, rec: Record) -> Example:
         ids = [*tok.encode(rec.text("text")), tok.eot_id]
         return Example(ids, [True] * (len(ids) - 1) + [False])
     turns = task.to_turns(rec)
-    ids, trained, prompt_len = encode_turns(tok, turns)
+    if template is None:
+        ids, trained, prompt_len = encode_turns(tok, turns)
+    else:
+        try:
+            ids, trained, prompt_len = encode_turns_template(tok, turns, template)
+        except Exception as exc:  # a template may raise on roles it does not know
+            raise RecordError(f"{rec.where()}: the model's chat template failed: {exc}") from None
     ref = task.reference(rec) if task.reference is not None else ""
     return Example(ids, trained, prompt_len, ref, {"where": rec.where()})
 
@@ -344,8 +409,12 @@ def load_examples(
     source_lang: str = "en",
     target_lang: str = "de",
     limit: int = 0,
+    template: ChatTemplate | None = None,
 ) -> list[Example]:
-    """Read, validate and encode every record of every file (raises on the first bad one)."""
+    """Read, validate and encode every record of every file (raises on the first bad one).
+
+    Conversations are rendered through `template` when given (an imported model's own),
+    else through lmforge's role-token template."""
     out: list[Example] = []
     for spec in specs:
         recs: Iterator[Record]
@@ -354,7 +423,7 @@ def load_examples(
         else:
             recs = read_records(spec, source_lang, target_lang)
         for rec in recs:
-            out.append(encode_record(task, tok, rec))
+            out.append(encode_record(task, tok, rec, template))
             if limit and len(out) >= limit:
                 return out
     return out

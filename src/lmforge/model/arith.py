@@ -29,17 +29,31 @@ def derived_d_ff(cfg: ModelConfig) -> int:
     return 4 * cfg.d_model
 
 
+def head_dim(cfg: ModelConfig) -> int:
+    """Size of one attention head: `head_dim`, or d_model / n_heads when it is 0."""
+    return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+def qk_norm_params(cfg: ModelConfig) -> int:
+    """QK-norm weights per layer: per head (2·D) or over the whole q and k projections."""
+    if not cfg.qk_norm:
+        return 0
+    if cfg.qk_norm_scope == "full":
+        return (cfg.n_heads + (cfg.n_kv_heads or cfg.n_heads)) * head_dim(cfg)
+    return 2 * head_dim(cfg)
+
+
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameters by group, from the config alone; `total` equals `Transformer.num_params`."""
     C, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
-    D = C // cfg.n_heads
+    D = head_dim(cfg)
     kv = cfg.n_kv_heads or cfg.n_heads
     hidden = derived_d_ff(cfg)
     norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)
     b = 1 if cfg.bias else 0
     qkv_out = (cfg.n_heads + 2 * kv) * D
     qkv_b = 1 if cfg.bias or cfg.qkv_bias else 0
-    attn = C * qkv_out + qkv_b * qkv_out + C * C + b * C + (2 * D if cfg.qk_norm else 0)
+    attn = C * qkv_out + qkv_b * qkv_out + cfg.n_heads * D * C + b * C + qk_norm_params(cfg)
     up_out = hidden * (2 if cfg.mlp == "swiglu" else 1)
     mlp = C * up_out + b * up_out + hidden * C + b * C
     groups = {
@@ -47,7 +61,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         "position": cfg.context_length * C if cfg.position == "learned" else 0,
         "attention": L * attn,
         "mlp": L * mlp,
-        "norms": L * 2 * norm + norm,
+        # Two per block, four with sandwich norms (Gemma 2), and the final one.
+        "norms": L * (4 if cfg.norm_placement == "sandwich" else 2) * norm + norm,
         "lm_head": 0 if cfg.tie_embeddings else V * C,
     }
     groups["total"] = sum(groups.values())
@@ -63,15 +78,14 @@ def matmul_params(cfg: ModelConfig) -> int:
     bias_free = g["attention"] + g["mlp"]
     if cfg.bias:  # biases add, they do not multiply
         kv = cfg.n_kv_heads or cfg.n_heads
-        D = cfg.d_model // cfg.n_heads
+        D = head_dim(cfg)
         up_out = derived_d_ff(cfg) * (2 if cfg.mlp == "swiglu" else 1)
         bias_free -= cfg.n_layers * ((cfg.n_heads + 2 * kv) * D + cfg.d_model)
         bias_free -= cfg.n_layers * (up_out + cfg.d_model)
     elif cfg.qkv_bias:
-        D = cfg.d_model // cfg.n_heads
+        D = head_dim(cfg)
         bias_free -= cfg.n_layers * (cfg.n_heads + 2 * (cfg.n_kv_heads or cfg.n_heads)) * D
-    if cfg.qk_norm:
-        bias_free -= cfg.n_layers * 2 * (cfg.d_model // cfg.n_heads)
+    bias_free -= cfg.n_layers * qk_norm_params(cfg)
     return bias_free + cfg.vocab_size * cfg.d_model
 
 
@@ -84,5 +98,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
     is 3× forward.
     """
     T = seq_len or cfg.context_length
-    forward = 2 * matmul_params(cfg) + 4 * cfg.n_layers * T * cfg.d_model
+    forward = 2 * matmul_params(cfg) + 4 * cfg.n_layers * T * cfg.n_heads * head_dim(cfg)
     return 3 * forward if training else forward

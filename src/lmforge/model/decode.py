@@ -36,7 +36,15 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lmforge.config import ModelConfig
-from lmforge.model.transformer import MLP, Attention, Block, KVCache, Transformer, apply_rope
+from lmforge.model.transformer import (
+    MLP,
+    Attention,
+    Block,
+    KVCache,
+    Transformer,
+    apply_rope,
+    head_dim,
+)
 
 # ModelConfig fields whose every value `Decoder.step` implements (or that only concern
 # training or initialisation). A model that sets any other field away from its default
@@ -45,6 +53,8 @@ _UNDERSTOOD = {
     "preset", "vocab_size", "context_length", "n_layers", "d_model", "n_heads", "n_kv_heads",
     "d_ff", "norm", "position", "qk_norm", "tie_embeddings", "bias", "qkv_bias", "dropout",
     "rope_theta", "norm_eps", "init_std", "zero_init_proj", "logit_softcap",
+    "head_dim", "norm_placement", "qk_norm_scope", "gate_act", "embed_scale", "attn_scale",
+    "attn_softcap",
     "objective", "mlp",  # checked by value in `Decoder.supports`
 }  # fmt: skip
 _MLPS = ("gelu", "gelu_exact", "swiglu", "relu2")
@@ -106,7 +116,8 @@ class Decoder:
                 return False
             if not all(_plain(x, nn.Linear) for x in (a.qkv, a.proj, m.up, m.down)):
                 return False
-            if not all(_plain(x, norm) for x in (block.attn_norm, block.mlp_norm)):
+            block_norms = (block.attn_norm, block.attn_out_norm, block.mlp_norm, block.mlp_out_norm)
+            if not all(_plain(x, norm) or type(x) is nn.Identity for x in block_norms):
                 return False
             if not all(_plain(x, nn.RMSNorm) for x in (a.q_norm, a.k_norm)):
                 return False
@@ -124,11 +135,12 @@ class Decoder:
         cfg = model.cfg
         if max_len > cfg.context_length:
             raise ValueError(f"max_len {max_len} exceeds context_length {cfg.context_length}")
+        model.ensure_rope(max_len)  # `step` reads the tables up to max_len
         self.model = model
         p = model.lm_head.weight
         self.H = cfg.n_heads
         self.K = cfg.n_kv_heads or cfg.n_heads
-        self.D = cfg.d_model // cfg.n_heads
+        self.D = head_dim(cfg)
         # Keys and values of a layer side by side in one (2, B, K, T_max, D) tensor: the new
         # token's k|v (adjacent in the qkv output) lands in it with one copy, and each half
         # is a (B, K, T_max, D) view whose (B, K) dims merge for a batched matmul.
@@ -143,7 +155,12 @@ class Decoder:
         self.softcap = float(getattr(cfg, "logit_softcap", 0.0) or 0.0)
         self.rmsnorm = cfg.norm == "rmsnorm"
         self.eps = cfg.norm_eps
-        self.scale = 1.0 / math.sqrt(self.D)  # SDPA's default 1/sqrt(D) (Vaswani et al. 2017)
+        # SDPA's default 1/sqrt(D) (Vaswani et al. 2017), or the model's own (Gemma 2).
+        self.scale = cfg.attn_scale or 1.0 / math.sqrt(self.D)
+        self.attn_softcap = cfg.attn_softcap
+        self.qk_full = cfg.qk_norm_scope == "full"
+        self.gelu_gate = cfg.gate_act == "gelu_tanh"
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 0.0
         # Transposed copies pay off only for a real matrix product (see the module docstring).
         self.transposed = batch > 1 if transpose is None else transpose
 
@@ -154,7 +171,7 @@ class Decoder:
             )
 
         def norm(m: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            if m is None:
+            if m is None or type(m) is nn.Identity:  # absent (post-norm blocks)
                 return None, None
             w = getattr(m, "weight", None)
             b = getattr(m, "bias", None)
@@ -168,9 +185,11 @@ class Decoder:
                 norm(b.attn.q_norm)[0],
                 norm(b.attn.k_norm)[0],
                 lin(b.attn.proj),
+                norm(b.attn_out_norm),
                 norm(b.mlp_norm),
                 lin(b.mlp.up),
                 lin(b.mlp.down),
+                norm(b.mlp_out_norm),
             )
             for b in blocks
         ]
@@ -191,6 +210,8 @@ class Decoder:
     # ------------------------------------------------------------------ one token
 
     def _norm(self, x: torch.Tensor, wb: tuple[torch.Tensor | None, torch.Tensor | None]):
+        if wb[0] is None:  # no norm here (our norms always have a weight)
+            return x
         if self.rmsnorm:
             return torch.rms_norm(x, (self.C,), wb[0], self.eps)
         return torch.layer_norm(x, (self.C,), wb[0], wb[1], self.eps)
@@ -204,28 +225,36 @@ class Decoder:
         # not the `F.layer_norm` wrapper): at ~100 ops per token the Python around each op
         # is a measurable share (benchmarks/LOG.md, goal 4).
         B = tokens.size(0)
-        H, K, D, C, eps = self.H, self.K, self.D, self.C, self.eps
+        H, K, D, eps = self.H, self.K, self.D, self.eps
         G = H // K  # query heads per key/value head
         L = pos + 1  # positions attended to, the new one included
         lin = _mm_bias if self.transposed else F.linear
         norm = self._norm
         x = torch.embedding(self.tok_emb, tokens)  # (B, C)
+        if self.embed_scale:  # in x's dtype, as `Transformer.forward`
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         if self.pos_emb is not None:
             x = x + self.pos_emb[pos]
         rope = None
         m = self.model
         if m.rope_cos is not None and m.rope_sin is not None:
             rope = (m.rope_cos[pos], m.rope_sin[pos])  # (D/2,) each
-        for kv, (n1, qkv, qn, kn, proj, n2, up, down) in zip(self.kv, self.layers, strict=True):
+        for kv, (n1, qkv, qn, kn, proj, n1o, n2, up, down, n2o) in zip(
+            self.kv, self.layers, strict=True
+        ):
             # kv: (2, B, K, T_max, D)
             h = lin(norm(x, n1), *qkv)  # (B, (H + 2K)·D)
             q = h[:, : H * D]
             if qn is None and rope is None:
                 kv[:, :, :, pos] = h[:, H * D :].view(B, 2, K, D).transpose(0, 1)
             else:
-                q = q.view(B, H, D)
-                k = h[:, H * D : (H + K) * D].view(B, K, D)
-                if qn is not None:
+                k = h[:, H * D : (H + K) * D]
+                if qn is not None and self.qk_full:  # over the whole projection (OLMo 2)
+                    q = torch.rms_norm(q, (H * D,), qn, eps)
+                    k = torch.rms_norm(k, (K * D,), kn, eps)
+                q = q.reshape(B, H, D)
+                k = k.reshape(B, K, D)
+                if qn is not None and not self.qk_full:
                     q = torch.rms_norm(q, (D,), qn, eps)
                     k = torch.rms_norm(k, (D,), kn, eps)
                 if rope is not None:
@@ -242,21 +271,23 @@ class Decoder:
                 beta=0.0,
                 alpha=self.scale,
             )  # (B·K, G, L)
+            if self.attn_softcap:  # as `softcapped_attention`
+                att = self.attn_softcap * torch.tanh(att / self.attn_softcap)
             if att.dtype == torch.float32:
                 att = att.softmax(dim=-1)
             else:  # half precision: normalise in float32, as SDPA does
                 att = att.softmax(dim=-1, dtype=torch.float32).to(h.dtype)
             y = torch.bmm(att, kv[1, :, :, :L].view(B * K, L, D))  # (B·K, G, D)
-            x = x + lin(y.view(B, C), *proj)
+            x = x + norm(lin(y.view(B, H * D), *proj), n1o)
             h = lin(norm(x, n2), *up)
             if self.mlp == "swiglu":
                 gate, u = h.chunk(2, dim=-1)
-                h = F.silu(gate) * u
+                h = (F.gelu(gate, approximate="tanh") if self.gelu_gate else F.silu(gate)) * u
             elif self.mlp == "relu2":
                 h = F.relu(h).square()
             else:
                 h = F.gelu(h, approximate="none" if self.mlp == "gelu_exact" else "tanh")
-            x = x + lin(h, *down)
+            x = x + norm(lin(h, *down), n2o)
         self.cache.length = L
         logits = lin(norm(x, self.final_norm), *self.head)  # (B, V)
         if self.softcap:  # as Transformer.forward: cap·tanh(logits / cap), in float32

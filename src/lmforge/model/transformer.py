@@ -6,9 +6,15 @@ Variants are fields of `ModelConfig`, not subclasses:
 - position: learned absolute embeddings (GPT-2) or RoPE (Su et al. 2021)
 - mlp: GELU (tanh form as GPT-2, or exact as nanoGPT), SwiGLU (Shazeer 2020) or
   squared ReLU (So et al. 2021)
-- logit_softcap: cap·tanh(logits/cap) on the output logits (Gemma 2)
+- gate_act: the gated MLP's gate, silu (SwiGLU) or tanh-GELU (GeGLU, Gemma)
+- norm_placement: pre-norm (GPT-2, Llama), post-norm inside the residual branch
+  (OLMo 2) or both (Gemma 2)
+- logit_softcap: cap·tanh(logits/cap) on the output logits (Gemma 2); attn_softcap
+  the same on attention scores, attn_scale a softmax scale other than 1/√D
+- embed_scale: embeddings multiplied by √C (Gemma)
 - n_kv_heads: MHA (= n_heads), GQA (Ainslie et al. 2023) or MQA (= 1)
-- qk_norm: RMSNorm on queries and keys per head (Dehghani et al. 2023)
+- qk_norm: RMSNorm on queries and keys (Dehghani et al. 2023), per head or over the
+  whole projection (qk_norm_scope, OLMo 2)
 - tie_embeddings, bias, dropout
 - objective: causal (next token) or masked (bidirectional attention)
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +42,7 @@ from lmforge.model.arith import (  # noqa: F401
     count_params,
     derived_d_ff,
     flops_per_token,
+    head_dim,
     matmul_params,
 )
 
@@ -54,8 +62,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     between f is interpolated with s = (L / wavelength - low) / (high - low):
     (1 - s) · f / factor + s · f.
     """
-    head_dim = cfg.d_model // cfg.n_heads
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
+    D = head_dim(cfg)
+    exponent = torch.arange(0, D, 2, dtype=torch.float64) / D
     inv_freq = 1.0 / (cfg.rope_theta**exponent)
     if cfg.rope_scaling != "llama3":
         return inv_freq
@@ -69,6 +77,12 @@ def rope_tables(cfg: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Ten
     """cos/sin tables (max_len, D/2) for rotary embeddings, computed in float64 for accuracy."""
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(cfg))
     return angles.cos().float(), angles.sin().float()
+
+
+# RoPE tables start at most this long and grow (doubling, up to context_length) when a
+# longer sequence comes: an imported model may allow 131072 positions, whose tables
+# would take 64 MiB at head size 128 and are rarely all used.
+ROPE_TABLE_START = 4096
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -317,7 +331,7 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
         kv = cfg.n_kv_heads or cfg.n_heads
-        shape = (batch, kv, max_len, cfg.d_model // cfg.n_heads)
+        shape = (batch, kv, max_len, head_dim(cfg))
         return cls(
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
             [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
@@ -329,15 +343,25 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = head_dim(cfg)
         self.causal = cfg.objective == "causal"
         self.dropout = cfg.dropout
         # One fused projection for q, k and v: fewer, larger matmuls (faster on CPU).
         qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
+        # QK-norm per head (D values) or over the whole projection (H·D and K·D values).
+        full = cfg.qk_norm_scope == "full"
+        q_dim, k_dim = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim)
+        self.qk_full = full
+        self.q_norm = (
+            nn.RMSNorm(q_dim if full else self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        )
+        self.k_norm = (
+            nn.RMSNorm(k_dim if full else self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        )
+        self.scale = cfg.attn_scale or None  # None: SDPA's 1/sqrt(D)
+        self.softcap = cfg.attn_softcap
 
     def forward(
         self,
@@ -347,7 +371,7 @@ class Attention(nn.Module):
         layer: int = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)
         dropout_p = self.dropout if self.training else 0.0
@@ -355,6 +379,8 @@ class Attention(nn.Module):
         # (see SMALL_ATTENTION_MAX_T); fp32 attention with a hand-written backward.
         small_cpu = (
             self.causal
+            and self.scale is None
+            and not self.softcap
             and (cache is None or cache.length == 0)
             and attn_mask is None
             and 1 < T <= SMALL_ATTENTION_MAX_T
@@ -372,13 +398,15 @@ class Attention(nn.Module):
             and not torch.compiler.is_compiling()
         ):
             # Nothing happens to q and k between the projection and the attention.
-            return self.proj(PackedSmallCausalAttention.apply(qkv, H).view(B, T, C))
+            return self.proj(PackedSmallCausalAttention.apply(qkv, H).view(B, T, H * D))
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+        if self.qk_full and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over (H·D,) and (K·D,)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if not self.qk_full and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over (D,)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
@@ -406,12 +434,33 @@ class Attention(nn.Module):
             y = causal_attention_math(q, k, v)  # (B, T, H, D)
         elif small_cpu and torch.is_grad_enabled():
             y = SmallCausalAttention.apply(q, k, v)  # (B, T, H, D)
+        elif self.softcap:
+            y = softcapped_attention(q, k, v, mask, is_causal, self.scale, self.softcap, dropout_p)
         else:
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale
             ).transpose(1, 2)  # (B, T, H, D)
-        y = y.reshape(B, T, C)
+        y = y.reshape(B, T, H * D)
         return self.proj(y)
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    is_causal: bool, scale: float | None, cap: float, dropout_p: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """softmax(cap·tanh(q·kᵀ·scale / cap) + mask)·v, Gemma 2's attention (no fused kernel has
+    the cap). q, k, v: (B, H, T, D) (keys may be longer than T, from a cache); mask: bool,
+    True = may attend, broadcasting to (B, H, T, T'), or `is_causal`. Returns (B, T, H, D)."""
+    scale = scale or q.size(-1) ** -0.5
+    if is_causal:
+        T = q.size(-2)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T')
+    scores = cap * torch.tanh(scores / cap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), dropout_p)
+    return (probs @ v).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -420,6 +469,7 @@ class MLP(nn.Module):
         hidden = derived_d_ff(cfg)
         self.swiglu = cfg.mlp == "swiglu"
         self.relu2 = cfg.mlp == "relu2"
+        self.gate_act = F.silu if cfg.gate_act == "silu" else partial(F.gelu, approximate="tanh")
         self.gelu_approx = "none" if cfg.mlp == "gelu_exact" else "tanh"
         # SwiGLU's gate and up projections fused into one matmul: (C → 2·hidden).
         self.up = nn.Linear(cfg.d_model, hidden * (2 if self.swiglu else 1), bias=cfg.bias)
@@ -429,7 +479,7 @@ class MLP(nn.Module):
         h = self.up(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = self.gate_act(gate) * up
         elif self.relu2:
             h = F.relu(h).square()
         else:
@@ -438,19 +488,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block: x + attn(·), then x + mlp(·), with norms where `norm_placement` says.
+
+    pre: x + f(norm(x)); post: x + out_norm(f(x)) (OLMo 2); sandwich: x +
+    out_norm(f(norm(x))) (Gemma 2). An absent norm is an `nn.Identity`.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = make_norm(cfg, cfg.d_model)
+
+        def norm(present: bool) -> nn.Module:
+            return make_norm(cfg, cfg.d_model) if present else nn.Identity()
+
+        before, after = cfg.norm_placement != "post", cfg.norm_placement != "pre"
+        self.attn_norm = norm(before)
         self.attn = Attention(cfg)
-        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.attn_out_norm = norm(after)
+        self.mlp_norm = norm(before)
         self.mlp = MLP(cfg)
+        self.mlp_out_norm = norm(after)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, cache, layer, attn_mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x), rope, cache, layer, attn_mask)
+        x = x + self.drop(self.attn_out_norm(h))
+        return x + self.drop(self.mlp_out_norm(self.mlp(self.mlp_norm(x))))
 
 
 def packed_mask_and_positions(
@@ -490,12 +552,22 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         cos = sin = None
         if cfg.position == "rope":
-            cos, sin = rope_tables(cfg, cfg.context_length)
+            cos, sin = rope_tables(cfg, min(cfg.context_length, ROPE_TABLE_START))
         self.rope_cos: torch.Tensor | None
         self.rope_sin: torch.Tensor | None
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+
+    def ensure_rope(self, length: int) -> None:
+        """Grow the RoPE tables to cover `length` positions (doubling, up to the context)."""
+        if self.rope_cos is None or length <= self.rope_cos.size(0):
+            return
+        n = min(self.cfg.context_length, max(length, 2 * self.rope_cos.size(0)))
+        cos, sin = rope_tables(self.cfg, n)
+        like = self.rope_cos
+        self.rope_cos = cos.to(like.device, like.dtype)
+        self.rope_sin = sin.to(like.device, like.dtype)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -561,12 +633,16 @@ class Transformer(nn.Module):
                 raise ValueError("doc_ids (packed examples) cannot be combined with a KV cache")
             mask, pos = packed_mask_and_positions(doc_ids, self.cfg.objective == "causal")
         x = self.tok_emb(idx)  # (B, T, C)
+        if self.cfg.embed_scale:
+            # In the activations' dtype, as Gemma rounds √C (≈ 48.0 in bf16 for C = 2304).
+            x = x * torch.tensor(self.cfg.d_model**0.5, dtype=x.dtype)
         if self.pos_emb is not None:
             x = x + (
                 self.pos_emb(pos) if pos is not None else self.pos_emb.weight[start : start + T]
             )
         x = self.drop(x)
         rope = None
+        self.ensure_rope(start + T)
         if self.rope_cos is not None and self.rope_sin is not None:
             if pos is not None:  # per-row positions: (B, 1, T, D/2) broadcasts over heads
                 rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])

@@ -183,7 +183,7 @@ def _block_matrices(model: nn.Module) -> dict[str, list[int] | None]:
             continue
         split: list[int] | None = None
         if name.endswith("attn.qkv.weight") and cfg is not None:
-            d = cfg.d_model // cfg.n_heads
+            d = cfg.head_dim or cfg.d_model // cfg.n_heads
             kv = cfg.n_kv_heads or cfg.n_heads
             split = [cfg.n_heads * d, kv * d, kv * d]
         elif name.endswith("mlp.up.weight") and cfg is not None and cfg.mlp == "swiglu":
