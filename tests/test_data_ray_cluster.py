@@ -214,18 +214,26 @@ def test_no_cluster_is_one_line_not_a_new_cluster(tmp_path, shared, cluster):
     assert not cluster.processes()  # nothing was started
 
 
-def _started_on(cluster: LocalCluster, node: str, out: Path) -> str | None:
+def node_id(cluster: LocalCluster, name: str) -> str:
+    """A node's Ray id, read off its raylet's command line (workers retitle themselves)."""
+    for p in cluster.processes(name):
+        for arg in " ".join(p.info["cmdline"] or []).split():
+            if arg.startswith("--node-id="):
+                return arg.split("=", 1)[1]
+    raise AssertionError(f"no raylet for node {name}")
+
+
+def running_on(node: str, out: Path) -> str | None:
     """A stage-1 task that started on `node` and has not finished, if any."""
     for f in (out / ATTEMPTS / "stage1").glob("*"):
         task = f.name.rsplit(".", 1)[0]
         if (out / STATE / "stage1" / f"{task}.done").exists():
             continue
         try:
-            pid = json.loads(f.read_text())["pid"]
-            if str(cluster.root / node) in " ".join(psutil.Process(pid).cmdline()):
+            if json.loads(f.read_text())["node"] == node:
                 return task
-        except (ValueError, psutil.Error):
-            continue  # the attempt file is being written, or the worker just exited
+        except ValueError:
+            continue  # the attempt file is being written
     return None
 
 
@@ -254,8 +262,9 @@ def test_killed_worker_node_run_completes_byte_identical(tmp_path, shared, clust
     try:
         deadline = time.monotonic() + 240
         killed_task = None
+        worker = node_id(cluster, "worker")
         while killed_task is None and time.monotonic() < deadline and driver.poll() is None:
-            killed_task = _started_on(cluster, "worker", out)
+            killed_task = running_on(worker, out)
             time.sleep(0.02)
         assert killed_task, "no task ran on the worker node"
         assert cluster.kill("worker") > 0
