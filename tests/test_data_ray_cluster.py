@@ -277,3 +277,15 @@ def test_killed_worker_node_run_completes_byte_identical(tmp_path, shared, clust
     assert report["retries"]["retried_tasks"] >= 1
     assert killed_task in report["retries"]["retried"]["stage1"]
     assert "rerun after a worker or node failure" in (out / "data_report.md").read_text()
+
+
+def test_docs_show_the_tested_commands():
+    """docs/distributed.md shows the commands the tests above run (with the docs' ports)."""
+    text = (REPO / "docs" / "distributed.md").read_text(encoding="utf-8")
+    section = text.split("## Data on a Ray cluster", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = [c.strip() for c in block.splitlines() if c.strip() and not c.startswith("#")]
+    assert [c.split()[:2] for c in commands] == [["ray", "start"]] * 2 + [["lmforge", "prepare"]]
+    assert "--head" in commands[0] and "--address=" in commands[1]
+    assert "--prepare.executor=ray --prepare.ray_address=auto" in commands[2]
+    assert "--out file:///" in commands[2]
