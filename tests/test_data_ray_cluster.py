@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,21 @@ def test_docs_show_the_tested_commands():
     assert "--head" in commands[0] and "--address=" in commands[1]
     assert "--prepare.executor=ray --prepare.ray_address=auto" in commands[2]
     assert "--out file:///" in commands[2]
+
+
+def test_run_resumes_on_another_executor(tmp_path, shared):
+    """A run stopped on a cluster resumes anywhere: the executor keys are not part of the
+    run's fingerprint, finished tasks are kept and the unfinished one is redone."""
+    cfg = books(shared, ["pg35_*", "pg46_*"])
+    out = tmp_path / "run"
+    prepare(cfg, out, log=lambda s: None)
+    before = outputs(out)
+    # as if the cluster died while task 00001 wrote its final shard
+    (out / STATE / "stage3" / "00001.done").unlink()
+    shard = next((out / "shards").glob("00001-*"))
+    shard.rename(shard.with_name(shard.name + ".tmp"))
+    done = (out / STATE / "stage3" / "00000.done").stat().st_mtime_ns
+    elsewhere = replace(cfg, executor="local", workers=2, ray_address="auto", ray_max_retries=9)
+    prepare(elsewhere, out, log=lambda s: None)
+    assert outputs(out) == before
+    assert (out / STATE / "stage3" / "00000.done").stat().st_mtime_ns == done  # not redone

@@ -21,8 +21,10 @@ the first unfinished task and its output is byte-identical to an uninterrupted r
 every output depends only on its task's input and the config, never on timing.
 
 Executors know nothing about the steps: `LocalExecutor` (a process pool, or the
-current process for one worker) and `RayExecutor` run ``run_task(stage, cfg, task,
-out)`` over the tasks and return the statistics in task order.
+current process for one worker) and `RayExecutor` (a private local Ray, or a running
+cluster it joins) run ``run_task(stage, cfg, task, out)`` over the tasks and return the
+statistics in task order. On Ray a task whose node dies is rerun elsewhere; each attempt
+leaves a file under ``_state/attempts`` and the report counts the tasks run twice.
 """
 
 from __future__ import annotations
@@ -529,8 +531,9 @@ def local_path(path: str) -> str:
 # ----------------------------------------------------------------------------- driver
 
 
-# Where the tasks run changes no output: a run killed on a cluster resumes anywhere.
-_EXECUTOR_KEYS = ("ray_address", "ray_max_retries")
+# Where and on how many workers the tasks run changes no output: a run killed on a
+# cluster resumes on another cluster or on the local executor.
+_EXECUTOR_KEYS = ("executor", "workers", "ray_address", "ray_max_retries")
 
 
 def fingerprint(cfg: PrepareConfig, tasks: list[Task]) -> str:
@@ -547,7 +550,8 @@ def prepare(
 
     if not cfg.sources:
         raise ValueError("prepare.sources is empty: name at least one source in the recipe")
-    cfg = replace(cfg, sources=[replace(s, path=local_path(s.path)) for s in cfg.sources])
+    sources = [s if s.kind == "hf" else replace(s, path=local_path(s.path)) for s in cfg.sources]
+    cfg = replace(cfg, sources=sources)
     out = Path(local_path(str(out)))
     if force and out.exists():
         shutil.rmtree(out)
