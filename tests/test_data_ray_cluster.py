@@ -211,8 +211,7 @@ def test_no_cluster_is_one_line_not_a_new_cluster(tmp_path, shared, cluster):
     r = subprocess.run(cmd, env=cluster.driver_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert f"prepare.ray_address={address}: no Ray cluster to join" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    assert not cluster.processes()  # nothing was started
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]  # no traceback, no Ray log
 
 
 def node_id(cluster: LocalCluster, name: str) -> str:
