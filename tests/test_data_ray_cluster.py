@@ -28,8 +28,13 @@ import yaml
 from lmforge.config import PrepareConfig, PrepareSource
 from lmforge.data.pipeline import ATTEMPTS, STATE, local_path, prepare
 
-pytest.importorskip("ray")
-psutil = pytest.importorskip("psutil")
+try:
+    import psutil
+    import ray  # noqa: F401
+except ImportError:
+    psutil = None
+# the `ray` extra installs both
+needs_ray = pytest.mark.skipif(psutil is None, reason="needs ray (pip install lmforge[ray])")
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -167,6 +172,7 @@ def test_local_path_takes_file_urls_and_refuses_unmounted_stores(tmp_path):
         local_path("memory://corpus")
 
 
+@needs_ray
 def test_joins_a_running_cluster_byte_identical_to_local(tmp_path, shared, cluster):
     """Smoke: `ray start --head`, then `lmforge prepare ... --prepare.executor=ray
     --prepare.ray_address=auto` with file:// URLs; the shards are the local run's bytes."""
@@ -194,6 +200,7 @@ def test_joins_a_running_cluster_byte_identical_to_local(tmp_path, shared, clust
     assert report["retries"] == {"attempts": 6, "retried_tasks": 0, "retried": {}}
 
 
+@needs_ray
 def test_no_cluster_is_one_line_not_a_new_cluster(tmp_path, shared, cluster):
     """ray_address names a cluster to join: with none there, prepare fails in one line.
     (A port nobody listens on: `auto` would join any other cluster of this machine.)"""
@@ -238,6 +245,7 @@ def running_on(node: str, out: Path) -> str | None:
 
 
 @pytest.mark.slow
+@needs_ray
 def test_killed_worker_node_run_completes_byte_identical(tmp_path, shared, cluster):
     """Kill a worker node (SIGKILL to its raylet and workers) while one of its tasks
     runs: Ray reruns the task on the head, the run completes with the local run's bytes,
