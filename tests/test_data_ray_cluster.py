@@ -221,6 +221,31 @@ def test_no_cluster_is_one_line_not_a_new_cluster(tmp_path, shared, cluster):
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]  # no traceback, no Ray log
 
 
+@pytest.mark.slow
+@needs_ray
+def test_failing_task_is_retried_then_one_line(tmp_path, shared, cluster):
+    """An OSError is retried (`ray_max_retries`), then the run stops with one line that
+    names the file; here the final shard's temporary name is taken by a folder."""
+    cfg = books(shared, ["pg35_*"])
+    out = tmp_path / "o"
+    (out / "shards" / "00000-books.jsonl.zst.tmp").mkdir(parents=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "prepare",
+        str(recipe(tmp_path, cfg, str(shared / "gutenberg"))),
+    ]
+    cmd += ["--prepare.executor=ray", "--prepare.ray_max_retries=1", "--out", str(out)]
+    r = subprocess.run(cmd, env=cluster.driver_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "prepare stage3: a Ray task failed after 1 retries (IsADirectoryError" in last, r.stderr
+    assert "00000-books.jsonl.zst.tmp" in last
+    assert sorted(p.name for p in (out / ATTEMPTS / "stage3").iterdir()) == ["00000.1", "00000.2"]
+    assert (out / STATE / "stage1" / "00000.done").exists()  # finished work is kept
+
+
 def node_id(cluster: LocalCluster, name: str) -> str:
     """A node's Ray id, read off its raylet's command line (workers retitle themselves)."""
     for p in cluster.processes(name):

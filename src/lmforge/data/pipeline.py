@@ -485,6 +485,7 @@ class RayExecutor:
             else:
                 ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
         self.ray = ray
+        self.max_retries = max_retries
         # OSError too: a shared filesystem has transient failures; bad input never raises.
         # (Ray's type stubs allow only a bool for retry_exceptions; a list is documented.)
         options: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": [OSError]}
@@ -498,8 +499,19 @@ class RayExecutor:
         out: str,
         log: Callable[[str], None],
     ) -> list[dict[str, Any]]:
+        from ray.exceptions import RayError
+
         refs = [self.remote.remote(stage, cfg, t, out) for t in tasks]
-        results = self.ray.get(refs)
+        try:
+            results = self.ray.get(refs)
+        except RayError as exc:
+            # a task error (its cause) or a worker/node lost more often than max_retries
+            cause = getattr(exc, "cause", None) or exc
+            why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"
+            raise RuntimeError(
+                f"prepare {stage}: a Ray task failed after {self.max_retries} retries ({why}); "
+                "rerun the same command: finished tasks are kept"
+            ) from None
         log(f"{stage}: {len(tasks)} tasks done on Ray")
         return list(results)
 
