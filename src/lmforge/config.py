@@ -500,6 +500,10 @@ class PrepareConfig:
     output: str = ""  # default: <output.dir>/prepared; train on <output>/shards
     executor: Literal["local", "ray"] = "local"
     workers: int = num(0, ge=0, le=4096)  # 0 = one per CPU core
+    # executor=ray: "" starts a private local Ray; "auto" or "HOST:PORT" joins a running
+    # cluster (`ray start --head`), never starting one
+    ray_address: str = ""
+    ray_max_retries: int = num(3, ge=0, le=100)  # reruns of a task whose worker or node died
     task_bytes: int = num(8_000_000, ge=1)  # input files are grouped into tasks of about this size
     seed: int = num(0, ge=0)  # for mixing (down/up-sampling) decisions
     write_exclusions: bool = True  # keep dropped documents, with their reason

@@ -21,20 +21,24 @@ the first unfinished task and its output is byte-identical to an uninterrupted r
 every output depends only on its task's input and the config, never on timing.
 
 Executors know nothing about the steps: `LocalExecutor` (a process pool, or the
-current process for one worker) and `RayExecutor` run ``run_task(stage, cfg, task,
-out)`` over the tasks and return the statistics in task order.
+current process for one worker) and `RayExecutor` (a private local Ray, or a running
+cluster it joins) run ``run_task(stage, cfg, task, out)`` over the tasks and return the
+statistics in task order. On Ray a task whose node dies is rerun elsewhere; each attempt
+leaves a file under ``_state/attempts`` and the report counts the tasks run twice.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -396,16 +400,96 @@ class LocalExecutor:
             return results
 
 
-class RayExecutor:
-    """Runs tasks as Ray remote functions; starts a local Ray instance if none is running."""
+ATTEMPTS = f"{STATE}/attempts"
 
-    def __init__(self, workers: int):
+
+def record_attempt(stage: str, task: Task, out: str) -> None:
+    """Leave one file per attempt of a task: Ray reruns a task whose worker or node died
+    without telling the driver, so the count of attempts lives beside the outputs."""
+    import ray
+
+    folder = Path(out) / ATTEMPTS / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    info = json.dumps({"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()})
+    for n in itertools.count(1):
+        try:  # O_EXCL: two attempts never take the same number, even on a shared filesystem
+            fd = os.open(folder / f"{task.name}.{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, info.encode())
+        os.close(fd)
+        return
+
+
+def run_ray_task(stage: str, cfg: PrepareConfig, task: Task, out: str) -> dict[str, Any]:
+    record_attempt(stage, task, out)
+    return run_task(stage, cfg, task, out)
+
+
+def count_retries(out: Path) -> dict[str, Any]:
+    """Tasks of this run attempted more than once (their worker or node died, or a
+    transient OSError), from the attempt files of `record_attempt`."""
+    retried: dict[str, list[str]] = {}
+    attempts = 0
+    for folder in sorted((out / ATTEMPTS).glob("*")):
+        per_task = Counter(f.name.rsplit(".", 1)[0] for f in folder.iterdir())
+        attempts += sum(per_task.values())
+        again = sorted(name for name, n in per_task.items() if n > 1)
+        if again:
+            retried[folder.name] = again
+    return {
+        "attempts": attempts,
+        "retried_tasks": sum(len(v) for v in retried.values()),
+        "retried": retried,
+    }
+
+
+def join_cluster(ray: Any, address: str) -> None:
+    """`ray.init` on a running cluster; one clear line when there is none."""
+    import socket
+
+    def refuse(why: object) -> RuntimeError:
+        return RuntimeError(
+            f"prepare.ray_address={address}: no Ray cluster to join ({why}); start one "
+            "with `ray start --head`, or leave ray_address empty for a local Ray"
+        )
+
+    if address != "auto":
+        host, _, port = address.rpartition(":")
+        # ray.init waits for minutes on a closed port; a refused connection says it at once
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError) as exc:
+            raise refuse(exc) from None
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as exc:
+        raise refuse(exc) from None
+
+
+class RayExecutor:
+    """Runs tasks as Ray remote functions: on a private local Ray (``address=""``), or on
+    a running cluster (``"auto"`` or ``"HOST:PORT"``), which it joins and never starts.
+
+    A task whose worker or node dies is rerun elsewhere (`max_retries` times); since a
+    task writes every file under a temporary name and its marker last, a rerun starts
+    from clean and a finished task is never redone.
+    """
+
+    def __init__(self, workers: int, address: str = "", max_retries: int = 3):
         import ray
 
         if not ray.is_initialized():
-            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+            if address:
+                join_cluster(ray, address)
+            else:
+                ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
         self.ray = ray
-        self.remote = ray.remote(run_task)
+        self.max_retries = max_retries
+        # OSError too: a shared filesystem has transient failures; bad input never raises.
+        # (Ray's type stubs allow only a bool for retry_exceptions; a list is documented.)
+        options: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": [OSError]}
+        self.remote = ray.remote(**options)(run_ray_task)
 
     def map(
         self,
@@ -415,21 +499,58 @@ class RayExecutor:
         out: str,
         log: Callable[[str], None],
     ) -> list[dict[str, Any]]:
+        from ray.exceptions import RayError
+
         refs = [self.remote.remote(stage, cfg, t, out) for t in tasks]
-        results = self.ray.get(refs)
+        try:
+            results = self.ray.get(refs)
+        except RayError as exc:
+            # a task error (its cause) or a worker/node lost more often than max_retries
+            cause = getattr(exc, "cause", None) or exc
+            why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1]}"
+            raise RuntimeError(
+                f"prepare {stage}: a Ray task failed after {self.max_retries} retries ({why}); "
+                "rerun the same command: finished tasks are kept"
+            ) from None
         log(f"{stage}: {len(tasks)} tasks done on Ray")
         return list(results)
 
 
-def make_executor(kind: str, workers: int) -> LocalExecutor | RayExecutor:
-    return RayExecutor(workers) if kind == "ray" else LocalExecutor(workers)
+def make_executor(cfg: PrepareConfig, workers: int) -> LocalExecutor | RayExecutor:
+    if cfg.executor == "ray":
+        return RayExecutor(workers, cfg.ray_address, cfg.ray_max_retries)
+    return LocalExecutor(workers)
+
+
+def local_path(path: str) -> str:
+    """A plain path as is; an fsspec URL (``file:///data/corpus``) as the local path it
+    names. Every node of a cluster opens the same path, so the filesystem must be shared
+    (NFS, a mounted bucket); object stores without a mount are refused in one line."""
+    if "://" not in path and not path.startswith("file:"):
+        return path
+    from fsspec.core import url_to_fs
+
+    fs, local = url_to_fs(path)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "file" not in protocols:
+        raise ValueError(
+            f"{path}: prepare reads and writes filesystems mounted on every node; "
+            f"mount the {protocols[0]}:// store (e.g. s3fs, gcsfuse) and give its path"
+        )
+    return str(local)
 
 
 # ----------------------------------------------------------------------------- driver
 
 
+# Where and on how many workers the tasks run changes no output: a run killed on a
+# cluster resumes on another cluster or on the local executor.
+_EXECUTOR_KEYS = ("executor", "workers", "ray_address", "ray_max_retries")
+
+
 def fingerprint(cfg: PrepareConfig, tasks: list[Task]) -> str:
-    data = json.dumps({"config": asdict(cfg), "tasks": [asdict(t) for t in tasks]}, sort_keys=True)
+    config = {k: v for k, v in asdict(cfg).items() if k not in _EXECUTOR_KEYS}
+    data = json.dumps({"config": config, "tasks": [asdict(t) for t in tasks]}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
@@ -441,7 +562,9 @@ def prepare(
 
     if not cfg.sources:
         raise ValueError("prepare.sources is empty: name at least one source in the recipe")
-    out = Path(out)
+    sources = [s if s.kind == "hf" else replace(s, path=local_path(s.path)) for s in cfg.sources]
+    cfg = replace(cfg, sources=sources)
+    out = Path(local_path(str(out)))
     if force and out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
@@ -459,8 +582,9 @@ def prepare(
     for sub in ("shards", "exclusions", f"{STATE}/stage1", f"{STATE}/stage3"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_file, {"fingerprint": fp, "tasks": len(tasks)})
+    shutil.rmtree(out / ATTEMPTS, ignore_errors=True)  # the report counts this run's retries
     workers = cfg.workers or os.cpu_count() or 1
-    executor = make_executor(cfg.executor, workers)
+    executor = make_executor(cfg, workers)
     log(
         f"prepare: {len(cfg.sources)} sources, {len(tasks)} tasks, {cfg.executor} executor, {workers} workers"
     )
@@ -471,7 +595,7 @@ def prepare(
     t3 = time.perf_counter()
     stage3 = executor.map("stage3", cfg, tasks, str(out), log)
     t4 = time.perf_counter()
-    timing = {
+    timing: dict[str, Any] = {
         "plan_seconds": round(t1 - t0, 3),
         "stage1_seconds": round(t2 - t1, 3),
         "dedup_seconds": round(t3 - t2, 3),
@@ -480,7 +604,9 @@ def prepare(
         "workers": workers,
         "executor": cfg.executor,
     }
-    report = build_report(cfg, tasks, stage1, dedup, stage3, timing)
+    if cfg.ray_address:
+        timing["ray_address"] = cfg.ray_address
+    report = build_report(cfg, tasks, stage1, dedup, stage3, timing, count_retries(out))
     write_report(report, out)
     return report
 

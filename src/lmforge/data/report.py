@@ -41,6 +41,7 @@ def build_report(
     dedup: dict[str, Any],
     stage3: list[dict[str, Any]],
     timing: dict[str, Any],
+    retries: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from lmforge.bias.steps import report_section as bias_report_section
     from lmforge.data.pipeline import merge_step_stats
@@ -137,6 +138,8 @@ def build_report(
         "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])),
         "licenses": licenses,
         "timing": timing,
+        # Ray reruns a task whose worker or node died; what it reran, per stage
+        "retries": retries or {"attempts": 0, "retried_tasks": 0, "retried": {}},
         "bias": bias_report_section(cfg, by_name),
         "throughput": {
             "docs_per_s": round(read["docs_in"] / wall, 2),
@@ -165,6 +168,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"in {r['timing']['wall_seconds']:.1f} s with {r['timing']['workers']} {r['timing']['executor']} workers "
         f"({r['throughput']['mb_per_s']:.2f} MB/s, {r['throughput']['mb_per_s_per_core']:.2f} MB/s per core).",
         "",
+    ]
+    retried = r.get("retries", {}).get("retried", {})
+    if retried:
+        names = "; ".join(f"{stage}: {', '.join(tasks)}" for stage, tasks in retried.items())
+        lines += [f"**Tasks rerun after a worker or node failure:** {names}.", ""]
+    lines += [
         "## Sources",
         "",
         "| source | kind | licence | weight | files | inputs | docs out | MB out |",
