@@ -34,7 +34,7 @@ def distribution(param: Param) -> Any:
         return d.CategoricalDistribution(param.choices)
     if param.type == "int":
         return d.IntDistribution(
-            int(param.low), int(param.high), log=param.log, step=param.step or 1
+            int(param.low), int(param.high), log=param.log, step=int(param.step or 1)
         )
     return d.FloatDistribution(param.low, param.high, log=param.log, step=param.step)
 
