@@ -173,10 +173,21 @@ def run_one(
     print0(f"[sweep] trial {trial.number}: {spec.metric} = {outcome.value:.6g}")
 
 
+def recipe_values(spec: SweepSpec, recipe: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The recipe's own value of every key of the space."""
+    from lmforge.config import load_config, to_dict
+    from lmforge.sweep.trial import _walk
+
+    data = to_dict(load_config(recipe, overrides))
+    return {k: _walk(data, k.split(".")) for k in spec.params}
+
+
 def optimize(spec: SweepSpec, recipe: str | None, overrides: list[str], sweep_dir: Path) -> Any:
     """Run trials until the budget is used; returns the study."""
     study = open_study(spec, sweep_dir)
     retry_dead_trials(study)
+    if spec.include_recipe:
+        study.enqueue_trial(recipe_values(spec, recipe, overrides), skip_if_exists=True)
     if spec.sampler == "grid":
         # Every point of the grid as an enqueued trial (once, however often this runs), in
         # the order written, or shuffled by the seed when the budget covers only part of it.

@@ -12,12 +12,14 @@ constraints:                  # optional: a trial that breaks one is never "best
 budget: {trials: 12, wall_time_s: 3600}   # no trial starts after wall_time_s
 sampler: tpe                  # grid | random | tpe
 pruner: median                # median | halving | none (on the validation curve)
+prune_startup_trials: 2       # trials that finish before the pruner stops any
+include_recipe: true          # trial 0 = the recipe's own values (the baseline)
 seed: 0
 ```
 
 Every field can also be set on the command line as `--sweep.KEY=VALUE`
 (`trials`, `wall_time_s`, `sampler`, `pruner`, `seed`, `metric`, `direction`,
-`engine`, `ray_address`, `prune_startup_trials`).
+`engine`, `ray_address`, `prune_startup_trials`, `include_recipe`).
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ class SweepSpec:
     sampler: str = "tpe"
     pruner: str = "median"
     prune_startup_trials: int = 2  # trials that finish before any is pruned
+    # First trial = the recipe's own values (where the space holds them), so the report
+    # says whether the sweep beat the recipe it started from.
+    include_recipe: bool = False
     seed: int = 0
     engine: str = "optuna"
     ray_address: str = ""
@@ -202,7 +207,9 @@ def load_space(path: str | Path, cli: list[str] | None = None) -> SweepSpec:
         if key in ("params", "constraints", "source") or not hasattr(spec, key):
             raise ConfigError(f"{where}: unknown setting '{key}'")
         current = getattr(spec, key)
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(current, bool):
+            value = value if isinstance(value, bool) else str(value).lower() == "true"
+        elif isinstance(current, (int, float)):
             number = _number(value, f"{where}: {key}")
             value = int(number) if isinstance(current, int) else number
         setattr(spec, key, value if not isinstance(value, str) else value.strip())

@@ -73,6 +73,8 @@ def _walk(node: Any, parts: list[str]) -> Any:
     """Follow dotted parts, also through keys that contain dots themselves."""
     if not parts:
         return node
+    if isinstance(node, list) and parts[0].isdigit() and int(parts[0]) < len(node):
+        return _walk(node[int(parts[0])], parts[1:])
     if isinstance(node, dict):
         for n in range(len(parts), 0, -1):
             key = ".".join(parts[:n])
