@@ -8,7 +8,7 @@ params:                       # any recipe key, dotted; list items by index (pre
   prepare.min_chars: [100, 200]          # a plain list: these values (categorical)
 objective: {metric: eval.ppl.bits_per_byte, direction: minimize}
 constraints:                  # optional: a trial that breaks one is never "best"
-  - {metric: bias.crows_pairs.stereotype_score, max: 0.6}
+  - {metric: bias.summary.finetuned.crows_pairs.overall, max: 60}
 budget: {trials: 12, wall_time_s: 3600}   # no trial starts after wall_time_s
 sampler: tpe                  # grid | random | tpe
 pruner: median                # median | halving | none (on the validation curve)
