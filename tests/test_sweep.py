@@ -222,3 +222,52 @@ def test_a_data_key_reprepares_and_retokenizes_only_per_value(tmp_path):
     trials = trials_of(sweep_dir)
     count = {s: sum(ran_here(t, s) for t in trials) for s in ("prepared", "tokenize", "pretrain")}
     assert count == {"prepared": 2, "tokenize": 2, "pretrain": 4}
+
+
+def test_ray_space_and_pruners_follow_the_space_file(tmp_path):
+    """The default suite's check of the Ray driver's mapping (the run itself is `slow`)."""
+    pytest.importorskip("ray", reason="Ray is in the `ray` extra")
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    from lmforge.sweep.ray import _domain, _searcher_and_scheduler
+
+    path = space(
+        tmp_path,
+        "params:\n  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        "  train.warmup_steps: {type: int, low: 0, high: 80, step: 20}\n"
+        "  finetune.lr: [2.0e-4, 1.0e-3]\n",
+    )
+    spec = load_space(path)
+    lr = [_domain(spec.params["train.lr"], False, "").sample() for _ in range(400)]
+    assert all(1e-4 <= x <= 1e-2 for x in lr)
+    # log-uniform: about half the draws below the geometric mean 1e-3 (±5 sigma of 400 draws)
+    assert abs(sum(x < 1e-3 for x in lr) - 200) < 5 * 10
+    warmup = {_domain(spec.params["train.warmup_steps"], False, "").sample() for _ in range(200)}
+    assert warmup == {0, 20, 40, 60, 80}
+    assert _domain(spec.params["finetune.lr"], True, "") == {"grid_search": [2e-4, 1e-3]}
+    _, median = _searcher_and_scheduler(spec)
+    spec.pruner = "halving"
+    _, halving = _searcher_and_scheduler(spec)
+    assert isinstance(median, MedianStoppingRule) and isinstance(halving, ASHAScheduler)
+
+
+@pytest.mark.slow
+def test_ray_tune_runs_the_same_trial_function(tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is in the `ray` extra")
+    overrides = tiny(tmp_path)
+    path = space(
+        tmp_path,
+        "params:\n  finetune.lr: [2.0e-4, 1.0e-3]\nsampler: grid\npruner: none\n"
+        "ray_address: local\nray_cpus_per_trial: 2\n",
+    )
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        data = sweep("quickstart", path, overrides, tmp_path / "sw")
+    finally:
+        ray.shutdown()
+    rows = data["trials"]
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 2
+    assert sorted(r["params"]["finetune.lr"] for r in rows) == [2e-4, 1e-3]
+    trials = trials_of(tmp_path / "sw")
+    assert sum(ran_here(t, "pretrain") for t in trials) == 1  # one trial at a time: shared
+    assert (tmp_path / "sw" / "best.yaml").exists()

@@ -21,7 +21,7 @@ from typing import Any
 
 from lmforge.config import ConfigError
 from lmforge.sweep.space import Param, SweepSpec
-from lmforge.sweep.trial import TrialPruned, run_trial
+from lmforge.sweep.trial import SweepInterrupted, TrialPruned, run_trial
 from lmforge.train.dist import print0
 
 STUDY_NAME = "lmforge-sweep"
@@ -160,6 +160,10 @@ def run_one(
     except ConfigError:
         study.tell(trial, state=TrialState.FAIL)
         raise  # bad input: stop the sweep with its one line
+    except SweepInterrupted:
+        study.tell(trial, state=TrialState.FAIL)  # its values run again on resume
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+        raise
     except Exception as exc:  # a trial that breaks (diverged, ...) does not end the sweep
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
         study.tell(trial, state=TrialState.FAIL)

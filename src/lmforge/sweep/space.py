@@ -19,7 +19,8 @@ seed: 0
 
 Every field can also be set on the command line as `--sweep.KEY=VALUE`
 (`trials`, `wall_time_s`, `sampler`, `pruner`, `seed`, `metric`, `direction`,
-`engine`, `ray_address`, `prune_startup_trials`, `include_recipe`).
+`engine`, `ray_address`, `ray_cpus_per_trial`, `prune_startup_trials`,
+`include_recipe`).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class SweepSpec:
     include_recipe: bool = False
     seed: int = 0
     engine: str = "optuna"
-    ray_address: str = ""
+    ray_address: str = ""  # set: run on this Ray cluster ("local": a local one)
+    ray_cpus_per_trial: int = 2
     source: str = ""
 
     def grid(self) -> list[dict[str, Any]]:

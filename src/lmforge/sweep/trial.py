@@ -28,6 +28,10 @@ class TrialPruned(Exception):
     """The engine stopped this trial on its validation curve."""
 
 
+class SweepInterrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM: the sweep stops too (run it again to resume)."""
+
+
 @dataclass
 class TrialOutcome:
     value: float
@@ -161,9 +165,13 @@ def run_trial(
     with listening(trial_dir, cfg, report, sign) as state:
         try:
             run_recipe(None, cfg=cfg)
-        except RunError:
+        except RunError as exc:
             if state["pruned"]:
                 raise TrialPruned(str(trial_dir)) from None
+            if "interrupted" in str(exc):
+                raise SweepInterrupted(
+                    f"sweep interrupted in {trial_dir}; run the same command again to resume"
+                ) from None
             raise
     outcome = TrialOutcome(
         metric_value(trial_dir, spec.metric), executed=executed_stages(trial_dir)
