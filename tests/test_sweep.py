@@ -118,6 +118,27 @@ def test_report_and_best_recipe_reproduce_the_best_trial(lr_sweep, tmp_path):
     assert metric_value(run_dir, "eval.ppl.bits_per_byte") == best["value"]
 
 
+def test_web_app_run_page_shows_the_sweep(lr_sweep, tmp_path):
+    pytest.importorskip("fastapi", reason="the web app is in the `serve` extra")
+    from fastapi.testclient import TestClient
+    from serve_helpers import ORGANISER_TOKEN, csrf_of
+
+    from lmforge.serve import create_app
+
+    sweep_dir, data, _ = lr_sweep
+    app = create_app(sweep_dir.parent, db_path=tmp_path / "s.db", organiser_token=ORGANISER_TOKEN)
+    with TestClient(app) as client:
+        csrf = csrf_of(client.get("/login").text)
+        client.post("/login", data={"token": ORGANISER_TOKEN, "csrf": csrf})
+        assert 'href="/runs/sw"' in client.get("/runs").text
+        page = client.get("/runs/sw").text
+        assert 'id="sweep-trials"' in page and page.count("COMPLETE") == 4
+        assert f"trial {data['best']['number']}" in page
+        png = client.get("/files/sw/report/parallel_coordinates.png")
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        assert 'src="/files/sw/report/validation_curves.png"' in page
+
+
 def _finished(db: Path) -> int:
     try:
         with sqlite3.connect(db, timeout=5) as con:

@@ -296,3 +296,32 @@ def write_report(
     (sweep_dir / "report.html").write_text(page, encoding="utf-8")
     (sweep_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
     return data
+
+
+# ----------------------------------------------------------------------------- web app
+
+
+def sweep_view(folder: Path) -> dict[str, Any] | None:
+    """What the web app's run page shows of a sweep folder (None if it is not one)."""
+    from lmforge.report import _read_json
+
+    data = _read_json(folder / "sweep.json")
+    if not isinstance(data, dict) or data.get("lmforge_sweep") != 1:
+        return None
+    keys = list(data["spec"]["params"])
+    return {
+        "metric": data["spec"]["metric"],
+        "keys": keys,
+        "best": data.get("best"),
+        "best_recipe": "best.yaml" if (folder / "best.yaml").is_file() else "",
+        "rows": [
+            [t["number"], t["state"], t["value"], *(t["params"].get(k) for k in keys)]
+            for t in data["trials"]
+        ],
+        "importances": list((data.get("importances") or {}).items()),
+        "plots": [
+            (PLOT_TITLES[name], f"report/{name}.png")
+            for name in PLOT_TITLES
+            if (folder / "report" / f"{name}.png").is_file()
+        ],
+    }
