@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import ConfigError
-from lmforge.train.dist import print0
 
 
 def split_sweep_settings(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -29,6 +28,7 @@ def sweep(
     """Run (or resume) a sweep; returns what sweep.json holds."""
     from lmforge.sweep.space import load_space
     from lmforge.sweep.trial import trial_config
+    from lmforge.train.dist import print0
 
     settings, fixed = split_sweep_settings(list(overrides or []))
     spec = load_space(space, settings)

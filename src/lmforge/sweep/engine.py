@@ -188,6 +188,8 @@ def recipe_values(spec: SweepSpec, recipe: str | None, overrides: list[str]) -> 
 
 def optimize(spec: SweepSpec, recipe: str | None, overrides: list[str], sweep_dir: Path) -> Any:
     """Run trials until the budget is used; returns the study."""
+    from lmforge.sweep.report import rows_from_study, write_sweep_json
+
     study = open_study(spec, sweep_dir)
     retry_dead_trials(study)
     if spec.include_recipe:
@@ -208,4 +210,6 @@ def optimize(spec: SweepSpec, recipe: str | None, overrides: list[str], sweep_di
             print0(f"[sweep] wall time {spec.wall_time_s:.0f}s used; no new trial")
             break
         run_one(study, spec, recipe, overrides, sweep_dir)
+        # Finished work is on disk after every trial (the full report comes at the end).
+        write_sweep_json(spec, rows_from_study(study), sweep_dir)
     return study
