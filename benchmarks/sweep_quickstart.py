@@ -16,11 +16,12 @@ scratch) is run first and timed as Q, the quickstart's wall time for these
 stages on this machine at this moment; the same sweep is then resumed with
 `--sweep.wall_time_s` = `--window` × Q (default 1.0), so no trial starts after
 Q + Q and the last one ends near 3 × Q. On a busy shared machine, `--set`
-shrinks the run for every trial (e.g. `--set train.max_steps=60`); the
-figures say which overrides they used.
+and `--steps` shrink the run for every trial (the space's warm-up range scales
+with `--steps`); the figures say which they used.
 
     python benchmarks/sweep_quickstart.py --out runs/bench-sweep
-    python benchmarks/sweep_quickstart.py --set train.max_steps=60 --set train.eval_every=15
+    python benchmarks/sweep_quickstart.py --steps 24 --set train.tokens_per_step=2048 \\
+        --set train.micro_batch_size=8
 """
 
 from __future__ import annotations
@@ -32,18 +33,38 @@ import sys
 import time
 from pathlib import Path
 
-SPACE = """\
+
+def space_yaml(steps: int) -> str:
+    """The space, scaled to the pre-training length (the quickstart's: 280 steps,
+    warm-up 40, so warm-up is searched over 0..80 in steps of 20)."""
+    warmup = steps // 7
+    return f"""\
 params:
-  train.lr: {type: float, low: 5.0e-4, high: 8.0e-3, log: true}
-  train.warmup_steps: {type: int, low: 0, high: 80, step: 20}
+  train.lr: {{type: float, low: 5.0e-4, high: 8.0e-3, log: true}}
+  train.warmup_steps: {{type: int, low: 0, high: {2 * warmup}, step: {max(warmup // 2, 1)}}}
   tokenizer.vocab_size: [2048, 4096]
-objective: {metric: eval.ppl.bits_per_byte, direction: minimize}
+objective: {{metric: eval.ppl.bits_per_byte, direction: minimize}}
 sampler: tpe
 pruner: median
 prune_startup_trials: 1
 include_recipe: true
 seed: 0
 """
+
+
+def scaled(steps: int) -> list[str]:
+    """Overrides that shorten pre-training to `steps`, keeping the quickstart's proportions."""
+    if steps == 280:
+        return []
+    every = max(steps // 4, 1)
+    return [
+        f"train.max_steps={steps}",
+        f"train.warmup_steps={steps // 7}",
+        f"train.eval_every={every}",
+        f"train.log_every={every}",
+        f"train.checkpoint_every={max(steps // 2, 1)}",
+    ]
+
 
 FIXED = [
     "run.stages=[tokenizer,tokenize,pretrain,eval]",
@@ -68,14 +89,15 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench-sweep")
     ap.add_argument("--window", type=float, default=1.0, help="start window after trial 0, × Q")
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=280, help="pre-training steps (quickstart: 280)")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for every trial")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     space = out / "space.yaml"
-    space.write_text(SPACE)
+    space.write_text(space_yaml(args.steps))
     cmd = [sys.executable, "-m", "lmforge", "sweep", "quickstart", "--space", str(space)]
-    cmd += ["--out", str(out), *(f"--{o}" for o in [*FIXED, *args.set])]
+    cmd += ["--out", str(out), *(f"--{o}" for o in [*FIXED, *scaled(args.steps), *args.set])]
     t0 = time.perf_counter()
     subprocess.run([*cmd, "--sweep.trials=1"], check=True)  # trial 0: the default
     quickstart_s = time.perf_counter() - t0
