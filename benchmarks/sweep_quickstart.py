@@ -46,7 +46,7 @@ params:
 objective: {{metric: eval.ppl.bits_per_byte, direction: minimize}}
 sampler: tpe
 pruner: median
-prune_startup_trials: 1
+prune_startup_trials: 2
 include_recipe: true
 seed: 0
 """
