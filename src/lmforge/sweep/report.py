@@ -182,7 +182,10 @@ def _curves_plot(rows: list[dict[str, Any]], curves: dict[int, list]) -> bytes:
             pts = curves.get(r["number"]) or []
             if pts:
                 style = ":" if r["state"] == "PRUNED" else "-"
-                ax.plot(*zip(*pts, strict=True), style, lw=1, label=f"#{r['number']}")
+                # markers: a trial pruned at its first validation is a single point
+                ax.plot(
+                    *zip(*pts, strict=True), style, lw=1, marker="o", ms=3, label=f"#{r['number']}"
+                )
         ax.set_xlabel("step (fine-tuning after pre-training)")
         ax.set_ylabel("validation (bits/byte or loss)")
         if len(rows) <= 12:
