@@ -292,3 +292,28 @@ def test_ray_tune_runs_the_same_trial_function(tmp_path):
     trials = trials_of(tmp_path / "sw")
     assert sum(ran_here(t, "pretrain") for t in trials) == 1  # one trial at a time: shared
     assert (tmp_path / "sw" / "best.yaml").exists()
+
+
+def test_sigterm_stops_the_sweep_and_its_trial_runs_again_on_resume(tmp_path):
+    import optuna
+
+    from lmforge.sweep.trial import SweepInterrupted
+    from lmforge.train.loop import VALIDATION_LISTENERS
+
+    overrides = tiny(tmp_path, "run.stages=[tokenizer,tokenize,pretrain,eval]")
+    path = space(tmp_path, "params:\n  train.lr: [2.0e-3]\nsampler: grid\npruner: none\n")
+    sweep_dir = tmp_path / "sw"
+
+    def terminate_once(run_dir, step, metrics):  # as if the user pressed Ctrl-C mid-training
+        VALIDATION_LISTENERS.remove(terminate_once)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return False
+
+    VALIDATION_LISTENERS.append(terminate_once)
+    with pytest.raises(SweepInterrupted, match="run the same command again"):
+        sweep("quickstart", path, overrides, sweep_dir)
+    data = sweep("quickstart", path, overrides, sweep_dir)
+    study = optuna.load_study(study_name="lmforge-sweep", storage=f"sqlite:///{sweep_dir}/study.db")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.trials[1].user_attrs["retry_of"] == 0
+    assert data["best"]["number"] == 1
