@@ -112,6 +112,11 @@ def test_report_and_best_recipe_reproduce_the_best_trial(lr_sweep, tmp_path):
         assert (sweep_dir / "report" / f"{name}.png").stat().st_size > 5_000
     assert "Best trial" in (sweep_dir / "report.md").read_text()
     assert json.loads((sweep_dir / "sweep.json").read_text())["best"]["number"] == best["number"]
+    from lmforge.report import write_report
+
+    trial = Path(best["trial_dir"])
+    write_report(trial)  # a trial's own report card names its sweep
+    assert f"Trial {trial.name} of the sweep" in (trial / "report.md").read_text()
     # `lmforge run best.yaml` in a fresh folder, every stage from scratch: the same number.
     run_dir = tmp_path / "again"
     run_recipe(str(sweep_dir / "best.yaml"), [f"output.dir={run_dir}"])

@@ -328,3 +328,19 @@ def sweep_view(folder: Path) -> dict[str, Any] | None:
             if (folder / "report" / f"{name}.png").is_file()
         ],
     }
+
+
+def trial_note(run_dir: Path) -> str:
+    """For the report card of a sweep's trial: which sweep, which values ("" otherwise)."""
+    from lmforge.report import _read_json
+
+    params = _read_json(run_dir / "params.json")
+    sweep_dir = run_dir.parent.parent
+    if run_dir.parent.name != "trials" or not (sweep_dir / "study.db").exists():
+        return ""
+    values = ", ".join(f"{k} = {v}" for k, v in (params or {}).items())
+    return (
+        f"<p>Trial {html.escape(run_dir.name)} of the sweep in "
+        f"<code>{html.escape(str(sweep_dir))}</code> ({html.escape(values)}); "
+        'its report: <a href="../../report.html">report.html</a>.</p>'
+    )
