@@ -605,6 +605,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     data = collect(run_dir)
     sections, plots = build_sections(data)
+    from lmforge.sweep.report import trial_note  # a trial of `lmforge sweep` says so
+
+    sections["Summary"] = trial_note(run_dir) + sections.get("Summary", "")
     title = f"lmforge run: {run_dir.name}"
     out_html = run_dir / "report.html"
     tmp = out_html.with_suffix(".html.tmp")

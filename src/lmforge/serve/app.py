@@ -693,6 +693,8 @@ def create_app(
 
     @app.get("/runs/{rel:path}", response_class=HTMLResponse)
     def run_page(request: Request, rel: str) -> Response:
+        from lmforge.sweep.report import sweep_view
+
         require_organiser(request)
         path = run_folder(rel)
         config = path / "config.yaml"
@@ -716,6 +718,7 @@ def create_app(
             has_metrics=(path / "metrics.jsonl").is_file(),
             running=is_running(path),
             checkpoints=checkpoints,
+            sweep=sweep_view(path),  # a sweep folder (lmforge sweep): its trials and plots
         )
 
     @app.get("/api/metrics/{rel:path}")

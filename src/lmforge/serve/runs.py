@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 # A run folder is one holding either of these; checkpoints/ and tokens/ hold no runs.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl")
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "sweep.json")
 SKIP_DIRS = {"checkpoints", "tokens", "prepared", "__pycache__", "tensorboard"}
 # metrics.jsonl written within this many seconds (and no newer summary.json): still training.
 RUNNING_WINDOW_S = 120.0

@@ -54,6 +54,12 @@ from lmforge.train.schedule import lr_at
 Batch = tuple[torch.Tensor, torch.Tensor]
 EvalHook = Callable[[nn.Module, int], dict[str, float]]
 
+# Told of every validation result as (run folder, step, metrics); one that returns True
+# asks the loop to stop cleanly (checkpoint, then return `interrupted`). `lmforge sweep`
+# prunes hopeless trials through this; nothing else registers one.
+ValidationListener = Callable[[Path, int, dict[str, float]], bool]
+VALIDATION_LISTENERS: list[ValidationListener] = []
+
 
 class BatchSource(Protocol):
     def batch(
@@ -789,6 +795,10 @@ class Trainer:
                             f"eval @ {self.step}: "
                             + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
                         )
+                        if any(
+                            [f(self.run_dir, self.step, eval_metrics) for f in VALIDATION_LISTENERS]
+                        ):
+                            self._stop_signal = "stop asked by a validation listener"
                     last_log_t += time.perf_counter() - t_eval  # keep eval out of tokens/s
 
                 # The budget is per invocation: a resumed run gets a fresh one.
