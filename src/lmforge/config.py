@@ -395,6 +395,15 @@ class FinetuneConfig:
     max_steps: int = num(0, ge=0)  # 0 = train.max_steps
     lr: float = num(0.0, ge=0)  # 0 = train.lr
     tokens_per_step: int = num(0, ge=0)  # 0 = train.tokens_per_step
+    # sft: next-token loss on the responses (task data). dpo / simpo: preference tuning on
+    # {prompt, chosen, rejected} records (`lmforge.finetune.preference`), with `method`
+    # full or lora as for sft.
+    objective: Literal["sft", "dpo", "simpo"] = "sft"
+    dpo_beta: float = num(0.1, gt=0, le=100)  # DPO's β (Rafailov et al. 2023)
+    simpo_beta: float = num(2.0, gt=0, le=100)  # SimPO's β (Meng et al. 2024)
+    simpo_gamma: float = num(0.5, ge=0, le=100)  # SimPO's target reward margin γ
+    # Conservative DPO / SimPO: the chance ε that a preference label is flipped.
+    pref_label_smoothing: float = num(0.0, ge=0, lt=0.5)
 
 
 RUN_STAGES = (

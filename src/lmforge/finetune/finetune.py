@@ -245,6 +245,10 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
             optimizer="adamw",
         ),
     )
+    if fc.objective != "sft":
+        from lmforge.finetune.preference import finetune_preference
+
+        return finetune_preference(cfg, run_dir, resume)
     task = get_task(fc.task)
     files = task_files(cfg, run_dir)
     model, tok, cfg = load_start(cfg, run_dir, files["train"], task)
@@ -308,17 +312,7 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         return summary
 
     if fc.method == "lora":
-        save_adapter(model, run_dir / "adapter", base_model=fc.init)
-        merge_lora(model)
-        save_checkpoint(
-            run_dir / "merged",
-            trainer.step,
-            model,
-            None,
-            {**trainer.state(), "config": _config_dict(cfg)},
-            keep_last=1,
-            extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
-        )
+        save_lora_outputs(model, trainer, cfg, tok, run_dir)
     if test_ex and task.metric != "loss":
         t_test = time.perf_counter()
         hyps = generate_answers(model, tok, test_ex, fc.max_new_tokens)
@@ -339,6 +333,23 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
     summary["checkpoint"] = str(finetuned_checkpoint(run_dir))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def save_lora_outputs(
+    model: Transformer, trainer: Any, cfg: Config, tok: Tokenizer, run_dir: Path
+) -> None:
+    """After LoRA: the adapter (PEFT's format) and `merged/`, a plain checkpoint with it folded in."""
+    save_adapter(model, run_dir / "adapter", base_model=cfg.finetune.init)
+    merge_lora(model)
+    save_checkpoint(
+        run_dir / "merged",
+        trainer.step,
+        model,
+        None,
+        {**trainer.state(), "config": _config_dict(cfg)},
+        keep_last=1,
+        extra_files={"tokenizer.json": tok.to_json().encode("utf-8")},
+    )
 
 
 def _config_dict(cfg: Config) -> dict[str, Any]:
