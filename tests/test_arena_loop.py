@@ -1,0 +1,284 @@
+"""The arena → DPO → arena loop through the real web app.
+
+Scripted annotators with a known taste (they prefer the answer with more vowels,
+and slip now and then) vote over HTTP in a study of two checkpoints of a tiny model; the
+votes become a preference file (`lmforge serve --export-preferences`); `lmforge finetune
+--finetune.objective=dpo` tunes the base checkpoint on it; a second study puts the tuned
+model against the base, and the same annotators vote again.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from helpers import shakespeare_snippet, tiny_config
+from serve_helpers import ORGANISER_TOKEN, csrf_of, field, sign_in
+
+from lmforge.bias.pairs import wilson_interval
+from lmforge.cli import main
+from lmforge.serve import create_app
+from lmforge.serve.security import SecuritySettings
+from lmforge.serve.store import Store
+
+ANNOTATORS = ("ann0", "ann1", "ann2")
+SLIP = 0.1  # each annotator votes against their taste on 10% of the items
+
+
+def vowels(text: str) -> int:
+    return sum(text.count(v) for v in "aeiou")
+
+
+def taste(left: str, right: str, rng: random.Random) -> str:
+    """The annotators' rule: the answer with more (lower-case) vowels wins; equal counts tie."""
+    diff = vowels(left) - vowels(right)
+    choice = "tie" if diff == 0 else ("left" if diff > 0 else "right")
+    if choice != "tie" and rng.random() < SLIP:
+        choice = {"left": "right", "right": "left"}[choice]
+    return choice
+
+
+@dataclass
+class Loop:
+    """Sizes of one run of the loop."""
+
+    pretrain_steps: int = 60
+    prompts_1: int = 60  # prompts of the first study (base checkpoints)
+    prompts_2: int = 80  # prompts of the second study (base vs tuned)
+    max_tokens: int = 24
+    dpo_steps: int = 40
+    dpo_beta: float = 0.5
+    dpo_lr: float = 3e-3
+
+
+def pretrain_base(root: Path, size: Loop) -> Path:
+    """A tiny char model with two checkpoints (half way and at the end) in root/runs/base."""
+    from lmforge.pretrain import pretrain
+
+    corpus = shakespeare_snippet(root, n_chars=60_000)
+    half = size.pretrain_steps // 2
+    cfg = tiny_config(
+        root / "tmp",
+        f"train.max_steps={size.pretrain_steps}",
+        f"train.checkpoint_every={half}",
+        f"train.eval_every={half}",
+        "model.context_length=96",
+        "train.tokens_per_step=1536",
+        "train.micro_batch_size=8",
+        "train.lr=3e-3",
+        f"output.dir={root / 'runs' / 'base'}",
+        corpus=corpus,
+    )
+    pretrain(cfg)
+    return root / "runs"
+
+
+def prompts(n: int, offset: int) -> list[str]:
+    """Short opening words of tinyshakespeare lines, as the studies' prompts."""
+    from lmforge.paths import shared_data
+
+    lines = (shared_data() / "tinyshakespeare" / "input.txt").read_text().splitlines()
+    words = [" ".join(s.split()[:3]) for s in lines if len(s.split()) >= 3]
+    return list(dict.fromkeys(words))[offset : offset + n]
+
+
+def run_study(client, app, csrf, name, checkpoints, texts, size, seed) -> int:
+    """Create a study (the app generates the outputs), invite the annotators, let them vote."""
+    data = {
+        "csrf": csrf,
+        "name": name,
+        "prompts_text": "\n".join(texts),
+        "checkpoints": checkpoints,
+        "max_tokens": str(size.max_tokens),
+        "temperature": "1.0",
+        "top_p": "1.0",
+        "seed": str(seed),
+        "prompt_format": "chat",
+    }
+    r = client.post("/studies", data=data, follow_redirects=False)
+    assert r.status_code == 303, r.text[:500]
+    study_id = int(r.headers["location"].rsplit("/", 1)[1])
+    deadline = time.monotonic() + 300
+    while (p := client.get(f"/api/studies/{study_id}/progress").json())["status"] == "generating":
+        assert time.monotonic() < deadline, p
+        time.sleep(0.1)
+    assert p["status"] == "ready", p
+    r = client.post(
+        f"/studies/{study_id}/annotators", data={"csrf": csrf, "names": "\n".join(ANNOTATORS)}
+    )
+    links = dict(re.findall(r'value="http://testserver(/a/[^"]+)" data-name="([^"]+)"', r.text))
+    assert sorted(links.values()) == sorted(ANNOTATORS)
+    for link, name_ in links.items():
+        vote_all(app, link, study_id, random.Random(f"{name_}-{study_id}"))
+    return study_id
+
+
+def vote_all(app, link: str, study_id: int, rng: random.Random) -> None:
+    """One annotator votes on every item of the study, through the vote page, by `taste`."""
+    with TestClient(app) as ann:
+        page = ann.get(link, follow_redirects=True).text
+        while 'name="item_id"' in page:
+            sides = re.findall(
+                r'<pre class="text response" id="response-[ab]">(.*?)</pre>', page, re.S
+            )
+            assert len(sides) == 2, page[:2000]
+            left, right = (html.unescape(s) for s in sides)
+            form = {
+                "csrf": csrf_of(page),
+                "item_id": field(page, "item_id"),
+                "vote_uid": field(page, "vote_uid"),
+                "choice": taste(left, right, rng),
+            }
+            r = ann.post(f"/arena/{study_id}/vote", data=form, follow_redirects=True)
+            assert r.status_code == 200, r.text[:500]
+            page = r.text
+
+
+def tuned_win_rate(store: Store, study_id: int, tuned: str) -> tuple[float, float, float, int]:
+    """The tuned model's win rate over the items of a study (each item decided by its
+    annotators' majority; a tie or an even split counts half) and its 95% Wilson interval.
+    Items, not votes, are the independent units: the annotators of one item saw the same pair."""
+    per_item: dict[int, int] = {}
+    for v in store.votes(study_id):
+        sign = {"a": 1, "b": -1}.get(v["outcome"], 0)
+        per_item[v["prompt_idx"]] = per_item.get(v["prompt_idx"], 0) + (
+            sign if v["label_a"] == tuned else -sign
+        )
+    n = len(per_item)
+    points = sum(1.0 if s > 0 else 0.5 if s == 0 else 0.0 for s in per_item.values())
+    low, high = wilson_interval(points, n)
+    return points / n, low, high, n
+
+
+def run_loop(root: Path, size: Loop, capsys) -> dict:
+    """The whole loop; returns the second study's figures and the files it wrote."""
+    runs = pretrain_base(root, size)
+    db = root / "serve.sqlite"
+    security = SecuritySettings(allowed_hosts=["testserver"])
+    app = create_app(runs, db_path=db, organiser_token=ORGANISER_TOKEN, security=security)
+    with TestClient(app) as client:
+        csrf = sign_in(client)
+        page = client.get("/studies/new").text
+        base_ckpts = sorted(re.findall(r'name="checkpoints" value="([^"]+)"', page))
+        assert len(base_ckpts) == 2, base_ckpts  # half way and final
+        first = run_study(
+            client, app, csrf, "base checkpoints", base_ckpts, prompts(size.prompts_1, 0), size, 1
+        )
+        prefs = root / "study.jsonl"
+        argv = ["serve", "--runs", str(runs), "--db", str(db)]
+        code = main([*argv, "--export-preferences", str(first), "--out", str(prefs)])
+        exported = capsys.readouterr()
+        assert code == 0, exported.err
+        base = runs / base_ckpts[1]
+        tuned_run = runs / "tuned"
+        code = main(
+            [
+                "finetune",
+                "--checkpoint",
+                str(base),
+                "--train",
+                str(prefs),
+                "--out",
+                str(tuned_run),
+                "--finetune.objective=dpo",
+                f"--finetune.dpo_beta={size.dpo_beta}",
+                f"--train.max_steps={size.dpo_steps}",
+                f"--train.lr={size.dpo_lr}",
+                "--train.warmup_steps=2",
+                "--train.micro_batch_size=8",
+                "--train.tokens_per_step=768",
+                "--train.log_every=5",
+                f"--train.eval_every={size.dpo_steps}",
+                f"--train.checkpoint_every={size.dpo_steps}",
+                "--train.dtype=fp32",
+                "--train.peak_flops=1e11",
+                "--model.context_length=96",
+            ]
+        )
+        assert code == 0
+        page = client.get("/studies/new").text
+        tuned = [c for c in re.findall(r'name="checkpoints" value="([^"]+)"', page) if "tuned" in c]
+        assert len(tuned) == 1, tuned
+        second = run_study(
+            client,
+            app,
+            csrf,
+            "base vs tuned",
+            [base_ckpts[1], tuned[0]],
+            prompts(size.prompts_2, size.prompts_1),
+            size,
+            2,
+        )
+        results = client.get(f"/studies/{second}/results").text
+    store = Store(db)
+    try:
+        label_tuned = {m["checkpoint"]: m["label"] for m in store.study(second).models}[tuned[0]]
+        rate, low, high, n = tuned_win_rate(store, second, label_tuned)
+        votes = len(store.votes(second))
+    finally:
+        store.close()
+    return {
+        "prefs": prefs,
+        "exported": exported.out,
+        "rate": rate,
+        "low": low,
+        "high": high,
+        "items": n,
+        "votes": votes,
+        "results_page": results,
+        "tuned_run": tuned_run,
+    }
+
+
+def report(out: dict) -> str:
+    return (
+        f"tuned vs base: win rate {out['rate']:.3f} "
+        f"[95% Wilson CI {out['low']:.3f}, {out['high']:.3f}] over {out['items']} items "
+        f"({out['votes']} votes)"
+    )
+
+
+def test_loop_mechanics_votes_export_dpo_and_a_second_study(tmp_path, capsys):
+    size = Loop(pretrain_steps=4, prompts_1=8, prompts_2=4, max_tokens=16, dpo_steps=2)
+    out = run_loop(tmp_path, size, capsys)
+    rows = [json.loads(line) for line in out["prefs"].read_text().splitlines()]
+    assert rows and "wrote" in out["exported"]
+    for r in rows:  # every kept pair follows the annotators' majority, so mostly their taste
+        assert set(r) >= {"prompt", "chosen", "rejected", "weight"}
+    metrics = [json.loads(x) for x in (out["tuned_run"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "loss" in r][-1] == 2
+    assert out["votes"] == len(ANNOTATORS) * size.prompts_2
+    assert out["items"] == size.prompts_2 and out["low"] <= out["rate"] <= out["high"]
+    assert "tuned" in out["results_page"]
+    print(report(out))
+
+
+@pytest.mark.slow
+def test_the_tuned_model_wins_the_annotators_over(tmp_path, capsys):
+    out = run_loop(tmp_path, Loop(), capsys)
+    rows = [json.loads(line) for line in out["prefs"].read_text().splitlines()]
+    agree = sum(vowels(r["chosen"]) > vowels(r["rejected"]) for r in rows) / len(rows)
+    with capsys.disabled():
+        print(f"\n{len(rows)} pairs exported, {agree:.0%} follow the taste; {report(out)}")
+    assert agree > 0.8
+    assert out["low"] > 0.5, report(out)
+
+
+def test_an_empty_answer_is_a_pair_to_tune_on(tmp_path):
+    """A model that stops at once leaves an empty output in a study; its pair still trains
+    (the answer is then its closing <|end|> alone)."""
+    from lmforge.finetune.preference import load_pairs
+    from lmforge.tokenizer import train_char
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "ROMEO:", "chosen": "a rose", "rejected": ""}) + "\n")
+    (pair,) = load_pairs(train_char(["ROMEO: a rose"]), [str(data)])
+    chosen, rejected = pair
+    assert sum(rejected.trained) == 1 and sum(chosen.trained) == len("a rose") + 1
