@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from helpers import shakespeare_snippet, tiny_config
 from serve_helpers import ORGANISER_TOKEN, csrf_of, field, sign_in
 
-from lmforge.bias.pairs import wilson_interval
 from lmforge.cli import main
 from lmforge.serve import create_app
 from lmforge.serve.security import SecuritySettings
@@ -56,6 +55,7 @@ class Loop:
     dpo_steps: int = 40
     dpo_beta: float = 0.5
     dpo_lr: float = 3e-3
+    via: str = "finetune"  # "finetune" (lmforge finetune) or "run" (the arena-dpo recipe)
 
 
 def pretrain_base(root: Path, size: Loop) -> Path:
@@ -141,24 +141,56 @@ def vote_all(app, link: str, study_id: int, rng: random.Random) -> None:
             page = r.text
 
 
-def tuned_win_rate(store: Store, study_id: int, tuned: str) -> tuple[float, float, float, int]:
-    """The tuned model's win rate over the items of a study (each item decided by its
-    annotators' majority; a tie or an even split counts half) and its 95% Wilson interval.
-    Items, not votes, are the independent units: the annotators of one item saw the same pair."""
-    per_item: dict[int, int] = {}
-    for v in store.votes(study_id):
-        sign = {"a": 1, "b": -1}.get(v["outcome"], 0)
-        per_item[v["prompt_idx"]] = per_item.get(v["prompt_idx"], 0) + (
-            sign if v["label_a"] == tuned else -sign
+TRAIN = [  # the DPO schedule of the loop (both ways of tuning)
+    "--train.warmup_steps=2",
+    "--train.micro_batch_size=8",
+    "--train.tokens_per_step=768",
+    "--train.log_every=5",
+    "--train.dtype=fp32",
+    "--train.peak_flops=1e11",
+    "--model.context_length=96",  # the base model's; 8 rows of 96 tokens per step
+]
+
+
+def tune(runs: Path, base: Path, prefs: Path, size: Loop) -> Path:
+    """DPO on the exported votes, from the base checkpoint, into a run inside the runs folder:
+    with `lmforge finetune`, or with the `arena-dpo` recipe of `lmforge run` (which also
+    evaluates and writes the report card). Returns the run folder."""
+    schedule = [
+        f"--finetune.dpo_beta={size.dpo_beta}",
+        f"--train.max_steps={size.dpo_steps}",
+        f"--train.lr={size.dpo_lr}",
+        f"--train.eval_every={size.dpo_steps}",
+        f"--train.checkpoint_every={size.dpo_steps}",
+        *TRAIN,
+    ]
+    run = runs / "tuned"
+    if size.via == "finetune":
+        argv = ["finetune", "--checkpoint", str(base), "--train", str(prefs), "--out", str(run)]
+        assert main([*argv, "--finetune.objective=dpo", *schedule]) == 0
+    else:
+        assert (
+            main(
+                [
+                    "run",
+                    "arena-dpo",
+                    f"--finetune.init={base}",
+                    f"--finetune.train_files=[{prefs}]",
+                    f"--output.dir={run}",
+                    "--eval.samples=1",
+                    "--eval.sample_tokens=8",
+                    *schedule,
+                ]
+            )
+            == 0
         )
-    n = len(per_item)
-    points = sum(1.0 if s > 0 else 0.5 if s == 0 else 0.0 for s in per_item.values())
-    low, high = wilson_interval(points, n)
-    return points / n, low, high, n
+    return run
 
 
 def run_loop(root: Path, size: Loop, capsys) -> dict:
     """The whole loop; returns the second study's figures and the files it wrote."""
+    from lmforge.report import arena_win_rates
+
     runs = pretrain_base(root, size)
     db = root / "serve.sqlite"
     security = SecuritySettings(allowed_hosts=["testserver"])
@@ -176,70 +208,49 @@ def run_loop(root: Path, size: Loop, capsys) -> dict:
         code = main([*argv, "--export-preferences", str(first), "--out", str(prefs)])
         exported = capsys.readouterr()
         assert code == 0, exported.err
-        base = runs / base_ckpts[1]
-        tuned_run = runs / "tuned"
-        code = main(
-            [
-                "finetune",
-                "--checkpoint",
-                str(base),
-                "--train",
-                str(prefs),
-                "--out",
-                str(tuned_run),
-                "--finetune.objective=dpo",
-                f"--finetune.dpo_beta={size.dpo_beta}",
-                f"--train.max_steps={size.dpo_steps}",
-                f"--train.lr={size.dpo_lr}",
-                "--train.warmup_steps=2",
-                "--train.micro_batch_size=8",
-                "--train.tokens_per_step=768",
-                "--train.log_every=5",
-                f"--train.eval_every={size.dpo_steps}",
-                f"--train.checkpoint_every={size.dpo_steps}",
-                "--train.dtype=fp32",
-                "--train.peak_flops=1e11",
-                "--model.context_length=96",
-            ]
-        )
-        assert code == 0
+        tuned_run = tune(runs, runs / base_ckpts[1], prefs, size)
         page = client.get("/studies/new").text
         tuned = [c for c in re.findall(r'name="checkpoints" value="([^"]+)"', page) if "tuned" in c]
         assert len(tuned) == 1, tuned
+        texts = prompts(size.prompts_2, size.prompts_1)
         second = run_study(
-            client,
-            app,
-            csrf,
-            "base vs tuned",
-            [base_ckpts[1], tuned[0]],
-            prompts(size.prompts_2, size.prompts_1),
-            size,
-            2,
+            client, app, csrf, "base vs tuned", [base_ckpts[1], tuned[0]], texts, size, 2
         )
-        results = client.get(f"/studies/{second}/results").text
+        (tuned_run / "arena").mkdir()
+        for study, name in ((first, "before"), (second, "after")):
+            csv_text = client.get(f"/studies/{study}/export.csv").text
+            (tuned_run / "arena" / f"{name}.csv").write_text(csv_text)
+    assert main(["report", str(tuned_run)]) == 0
     store = Store(db)
     try:
-        label_tuned = {m["checkpoint"]: m["label"] for m in store.study(second).models}[tuned[0]]
-        rate, low, high, n = tuned_win_rate(store, second, label_tuned)
-        votes = len(store.votes(second))
+        models = store.study(second).models
+        votes = [
+            (v["prompt_idx"], v["label_a"], v["label_b"], v["outcome"]) for v in store.votes(second)
+        ]
     finally:
         store.close()
+    label = {m["checkpoint"]: m["label"] for m in models}[tuned[0]]
+    (row,) = arena_win_rates(votes)
+    if row["model"] != label:  # quoted from the side of the winner: turn it round
+        row = {
+            **row,
+            "win_rate": 1 - row["win_rate"],
+            "low": 1 - row["high"],
+            "high": 1 - row["low"],
+        }
     return {
         "prefs": prefs,
         "exported": exported.out,
-        "rate": rate,
-        "low": low,
-        "high": high,
-        "items": n,
-        "votes": votes,
-        "results_page": results,
         "tuned_run": tuned_run,
+        "votes": len(votes),
+        "report": (tuned_run / "report.md").read_text(),
+        **{k: row[k] for k in ("items", "win_rate", "low", "high")},
     }
 
 
 def report(out: dict) -> str:
     return (
-        f"tuned vs base: win rate {out['rate']:.3f} "
+        f"tuned vs base: win rate {out['win_rate']:.3f} "
         f"[95% Wilson CI {out['low']:.3f}, {out['high']:.3f}] over {out['items']} items "
         f"({out['votes']} votes)"
     )
@@ -255,14 +266,16 @@ def test_loop_mechanics_votes_export_dpo_and_a_second_study(tmp_path, capsys):
     metrics = [json.loads(x) for x in (out["tuned_run"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in metrics if "loss" in r][-1] == 2
     assert out["votes"] == len(ANNOTATORS) * size.prompts_2
-    assert out["items"] == size.prompts_2 and out["low"] <= out["rate"] <= out["high"]
-    assert "tuned" in out["results_page"]
+    assert out["items"] == size.prompts_2 and out["low"] <= out["win_rate"] <= out["high"]
+    # The report card's human-evaluation section quotes both studies, each with its interval.
+    section = out["report"].split("## Human evaluation")[1].split("\n## ")[0]
+    assert "| before |" in section and "| after |" in section and "tuned" in section
     print(report(out))
 
 
 @pytest.mark.slow
 def test_the_tuned_model_wins_the_annotators_over(tmp_path, capsys):
-    out = run_loop(tmp_path, Loop(), capsys)
+    out = run_loop(tmp_path, Loop(via="run"), capsys)
     rows = [json.loads(line) for line in out["prefs"].read_text().splitlines()]
     agree = sum(vowels(r["chosen"]) > vowels(r["rejected"]) for r in rows) / len(rows)
     with capsys.disabled():
