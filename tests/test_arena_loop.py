@@ -295,3 +295,38 @@ def test_an_empty_answer_is_a_pair_to_tune_on(tmp_path):
     (pair,) = load_pairs(train_char(["ROMEO: a rose"]), [str(data)])
     chosen, rejected = pair
     assert sum(rejected.trained) == 1 and sum(chosen.trained) == len("a rose") + 1
+
+
+def test_win_rates_count_each_item_once_by_its_majority():
+    """`arena_win_rates` against a hand count and scipy's Wilson interval."""
+    from scipy.stats import binomtest
+
+    from lmforge.report import arena_win_rates
+
+    votes = []
+    # 12 items of "new" vs "old", 3 votes each, in both canonical orders of the pair:
+    # items 0-8 won by "new" (2-1 or 3-0), items 9-10 by "old", item 11 tied 1-1-tie.
+    for item in range(12):
+        a, b = ("new", "old") if item % 2 else ("old", "new")
+        new_votes = 3 if item < 5 else 2 if item < 9 else 1
+        outcomes = ["new"] * new_votes + ["old"] * (3 - new_votes)
+        if item == 11:
+            outcomes = ["new", "old", "tie"]
+        for o in outcomes:
+            votes.append((item, a, b, o if o == "tie" else ("a" if o == a else "b")))
+    # and one pair of other models, which "old" loses: quoted from the winner's side
+    votes += [(20, "old", "x", "b"), (21, "x", "old", "a"), (22, "old", "x", "both_bad")]
+    by_model = {r["model"]: r for r in arena_win_rates(votes)}
+    new, x = by_model["new"], by_model["x"]
+    assert (new["items"], new["votes"], new["wins"], new["losses"]) == (12, 36, 9, 2)
+    assert new["undecided"] == 1 and new["win_rate"] == 9.5 / 12 and new["against"] == "old"
+    assert (x["wins"], x["losses"], x["win_rate"]) == (2, 0, 2.5 / 3)
+    # Wilson's interval of scipy at a whole count: the tied item taken out (11 items,
+    # 9 won); both are a few float64 operations, so they agree to rounding.
+    decided = [v for v in votes if v[0] != 11 and "x" not in v[1:3]]
+    ci = binomtest(9, 11).proportion_ci(method="wilson")
+    row = arena_win_rates(decided)[0]
+    assert (row["items"], row["wins"]) == (11, 9)
+    assert row["low"] == pytest.approx(ci.low, rel=1e-12) and row["high"] == pytest.approx(
+        ci.high, rel=1e-12
+    )
