@@ -36,7 +36,8 @@ def vowels(text: str) -> int:
 
 
 def taste(left: str, right: str, rng: random.Random) -> str:
-    """The annotators' rule: the answer with more (lower-case) vowels wins; equal counts tie."""
+    """The annotators' rule: the answer with more (lower-case) vowels wins; equal counts tie.
+    `rng` decides the slips."""
     diff = vowels(left) - vowels(right)
     choice = "tie" if diff == 0 else ("left" if diff > 0 else "right")
     if choice != "tie" and rng.random() < SLIP:
@@ -116,12 +117,14 @@ def run_study(client, app, csrf, name, checkpoints, texts, size, seed) -> int:
     links = dict(re.findall(r'value="http://testserver(/a/[^"]+)" data-name="([^"]+)"', r.text))
     assert sorted(links.values()) == sorted(ANNOTATORS)
     for link, name_ in links.items():
-        vote_all(app, link, study_id, random.Random(f"{name_}-{study_id}"))
+        vote_all(app, link, study_id, name_)
     return study_id
 
 
-def vote_all(app, link: str, study_id: int, rng: random.Random) -> None:
-    """One annotator votes on every item of the study, through the vote page, by `taste`."""
+def vote_all(app, link: str, study_id: int, name: str) -> None:
+    """One annotator votes on every item of the study, through the vote page, by `taste`.
+    Whether they slip on an item depends on their name and the item alone, whatever the
+    order the app serves the items in, so a run of the loop is repeatable."""
     with TestClient(app) as ann:
         page = ann.get(link, follow_redirects=True).text
         while 'name="item_id"' in page:
@@ -130,11 +133,12 @@ def vote_all(app, link: str, study_id: int, rng: random.Random) -> None:
             )
             assert len(sides) == 2, page[:2000]
             left, right = (html.unescape(s) for s in sides)
+            item = field(page, "item_id")
             form = {
                 "csrf": csrf_of(page),
-                "item_id": field(page, "item_id"),
+                "item_id": item,
                 "vote_uid": field(page, "vote_uid"),
-                "choice": taste(left, right, rng),
+                "choice": taste(left, right, random.Random(f"{name}-{item}")),
             }
             r = ann.post(f"/arena/{study_id}/vote", data=form, follow_redirects=True)
             assert r.status_code == 200, r.text[:500]
@@ -217,7 +221,7 @@ def run_loop(root: Path, size: Loop, capsys) -> dict:
             client, app, csrf, "base vs tuned", [base_ckpts[1], tuned[0]], texts, size, 2
         )
         (tuned_run / "arena").mkdir()
-        for study, name in ((first, "before"), (second, "after")):
+        for study, name in ((first, "1-before"), (second, "2-after")):
             csv_text = client.get(f"/studies/{study}/export.csv").text
             (tuned_run / "arena" / f"{name}.csv").write_text(csv_text)
     assert main(["report", str(tuned_run)]) == 0
@@ -269,7 +273,7 @@ def test_loop_mechanics_votes_export_dpo_and_a_second_study(tmp_path, capsys):
     assert out["items"] == size.prompts_2 and out["low"] <= out["win_rate"] <= out["high"]
     # The report card's human-evaluation section quotes both studies, each with its interval.
     section = out["report"].split("## Human evaluation")[1].split("\n## ")[0]
-    assert "| before |" in section and "| after |" in section and "tuned" in section
+    assert "| 1-before |" in section and "| 2-after |" in section and "tuned" in section
     print(report(out))
 
 
