@@ -337,3 +337,15 @@ def test_win_rates_count_each_item_once_by_its_majority():
     assert row["low"] == pytest.approx(ci.low, rel=1e-12) and row["high"] == pytest.approx(
         ci.high, rel=1e-12
     )
+
+
+def test_the_report_names_a_file_that_is_no_vote_export(tmp_path):
+    from lmforge.report import write_report
+
+    (tmp_path / "arena").mkdir()
+    (tmp_path / "arena" / "binary.csv").write_bytes(b"\xff\xfe\x00garbage")
+    (tmp_path / "arena" / "other.csv").write_text("name,score\nx,1\n")
+    md = write_report(tmp_path)["markdown"].read_text()
+    section = md.split("## Human evaluation")[1].split("\n## ")[0]
+    assert "| binary | could not be read as a UTF-8 CSV file" in section
+    assert "| other | not a vote export (no column 'item') |" in section

@@ -55,11 +55,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path) -> list[dict[str, str]] | str:
+    """The rows of a CSV file, or why it could not be read."""
     import csv
 
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return f"could not be read as a UTF-8 CSV file ({exc})"
 
 
 def _fmt(x: Any) -> str:
@@ -613,7 +617,7 @@ def arena_win_rates(votes: list[tuple[Any, str, str, str]]) -> list[dict[str, An
     return rows
 
 
-def arena_section(studies: dict[str, list[dict[str, str]]]) -> str:
+def arena_section(studies: dict[str, list[dict[str, str]] | str]) -> str:
     """The "Human evaluation" section: win rates of each study exported into `arena/`."""
     if not studies:
         return (
@@ -624,6 +628,9 @@ def arena_section(studies: dict[str, list[dict[str, str]]]) -> str:
         )
     rows = []
     for name, votes in studies.items():
+        if isinstance(votes, str):
+            rows.append([name, votes, *[""] * 5])
+            continue
         try:
             keyed = [(v["item"], v["model_a"], v["model_b"], v["outcome"]) for v in votes]
         except KeyError as exc:
