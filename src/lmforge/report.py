@@ -2,7 +2,8 @@
 
 It reads only what the stages left in the run folder (`stages.json`,
 `prepared/data_report.json`, `tokens/*.json`, `pretrain/` and `finetune/`
-metrics and summaries, `eval/`, `bias/`, `export/`), so it can be rebuilt at any
+metrics and summaries, `eval/`, `bias/`, `export/`, and `arena/*.csv`: the vote
+exports of web-app studies, see `arena_win_rates`), so it can be rebuilt at any
 time with `lmforge report RUN`. Plots are matplotlib PNGs, embedded in the HTML
 as data URIs and written beside `report.md` in `report/`.
 
@@ -52,6 +53,17 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line being written right now
     return out
+
+
+def _read_csv(path: Path) -> list[dict[str, str]] | str:
+    """The rows of a CSV file, or why it could not be read."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return f"could not be read as a UTF-8 CSV file ({exc})"
 
 
 def _fmt(x: Any) -> str:
@@ -226,6 +238,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     data["eval"] = _read_json(run_dir / "eval" / "eval.json")
     data["samples"] = _read_json(run_dir / "eval" / "samples.json")
     data["bias"] = _read_json(run_dir / "bias" / "bias.json")
+    data["arena"] = {p.stem: _read_csv(p) for p in sorted((run_dir / "arena").glob("*.csv"))}
     data["export"] = (stages.get("export") or {}).get("summary")
     return data
 
@@ -289,6 +302,7 @@ def _flatten(obj: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]
 SECTIONS = [
     "Headline",
     "Evaluation",
+    "Human evaluation",
     "Bias audit",
     "Samples",
     "Training curves",
@@ -498,6 +512,8 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
         )
     s["Evaluation"] = "".join(parts) or "<p>No evaluation stage in this run.</p>"
 
+    s["Human evaluation"] = arena_section(data.get("arena") or {})
+
     bias = data.get("bias")
     s["Bias audit"] = (
         f"<pre>{html.escape(_bias_text(bias))}</pre>"
@@ -549,6 +565,86 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em} td,th{border:1px so
 th{background:#f2f5fa} pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.85em;white-space:pre-wrap}
 nav a{margin-right:.8em} img{max-width:100%;display:block;margin:.5em 0} .note{color:#666;font-size:.85em}
 """
+
+
+# ----------------------------------------------------------------------------- arena studies
+
+
+def arena_win_rates(votes: list[tuple[Any, str, str, str]]) -> list[dict[str, Any]]:
+    """Per pair of models, the first model's win rate against the second, from votes
+    (item, model_a, model_b, outcome) with outcome "a", "b", "tie" or "both_bad".
+
+    The item, not the vote, is the unit: the annotators of one item judged the same two
+    texts, so their votes are not independent. Each item goes to its majority of A and B
+    votes; an item without one (ties, "both bad", an even split) counts half to each side.
+    The 95% interval is Wilson's over the items.
+    """
+    from lmforge.bias.pairs import wilson_interval
+
+    margin: dict[tuple[str, str], dict[Any, int]] = {}
+    n_votes: dict[tuple[str, str], int] = {}
+    for item, model_a, model_b, outcome in votes:
+        pair = (min(model_a, model_b), max(model_a, model_b))
+        sign = {"a": 1, "b": -1}.get(outcome, 0) * (1 if model_a == pair[0] else -1)
+        items = margin.setdefault(pair, {})
+        items[item] = items.get(item, 0) + sign
+        n_votes[pair] = n_votes.get(pair, 0) + 1
+    rows = []
+    for (first, second), items in sorted(margin.items()):
+        n = len(items)
+        wins = sum(m > 0 for m in items.values())
+        losses = sum(m < 0 for m in items.values())
+        points = wins + 0.5 * (n - wins - losses)
+        low, high = wilson_interval(points, n)
+        # Quote the pair from the side of the model that won more (the tuned one, one hopes).
+        if points < n / 2:
+            first, second, wins, losses = second, first, losses, wins
+            points, low, high = n - points, 1.0 - high, 1.0 - low
+        rows.append(
+            {
+                "model": first,
+                "against": second,
+                "items": n,
+                "votes": n_votes[(min(first, second), max(first, second))],
+                "wins": wins,
+                "losses": losses,
+                "undecided": n - wins - losses,
+                "win_rate": points / n,
+                "low": low,
+                "high": high,
+            }
+        )
+    return rows
+
+
+def arena_section(studies: dict[str, list[dict[str, str]] | str]) -> str:
+    """The "Human evaluation" section: win rates of each study exported into `arena/`."""
+    if not studies:
+        return (
+            "<p>No study results. Put a study's vote export (the web app's results page, "
+            "Export CSV) into the run's <code>arena/</code> folder and run "
+            "<code>lmforge report RUN</code>: the study the preference file came from "
+            "(before) beside the one that compares the tuned model with the base (after).</p>"
+        )
+    rows = []
+    for name, votes in studies.items():
+        if isinstance(votes, str):
+            rows.append([name, votes, *[""] * 5])
+            continue
+        try:
+            keyed = [(v["item"], v["model_a"], v["model_b"], v["outcome"]) for v in votes]
+        except KeyError as exc:
+            rows.append([name, f"not a vote export (no column {exc})", *[""] * 5])
+            continue
+        for r in arena_win_rates(keyed):
+            interval = f"[{r['low']:.3f}, {r['high']:.3f}]"
+            rows.append(
+                [name, r["model"], r["against"], r["items"], r["votes"], r["win_rate"], interval]
+            )
+    return _grid(["study", "model", "against", "items", "votes", "win rate", "95% CI"], rows) + (
+        "<p class=note>Each item counts once, won by its majority of votes (half to each "
+        "side without one); 95% Wilson interval over the items.</p>"
+    )
 
 
 def _anchor(name: str) -> str:

@@ -104,7 +104,8 @@ def pair_turns(rec: Record) -> tuple[Turns, Turns]:
         elif not prompt:
             raise RecordError(f"{rec.where()}: record has no field 'prompt' for text '{key}'")
         else:
-            turns = [*prompt, ("assistant", rec.text(key))]
+            # An empty answer (a model that stopped at once) is still an answer: its <|end|>.
+            turns = [*prompt, ("assistant", rec.text(key, allow_empty=True))]
         if turns[-1][0] != "assistant":
             raise RecordError(f"{rec.where()}: '{key}' does not end with an assistant turn")
         out.append(turns)
