@@ -347,7 +347,7 @@ class Attention(nn.Module):
         layer: int = 0,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x)
         dropout_p = self.dropout if self.training else 0.0
@@ -372,7 +372,7 @@ class Attention(nn.Module):
             and not torch.compiler.is_compiling()
         ):
             # Nothing happens to q and k between the projection and the attention.
-            return self.proj(PackedSmallCausalAttention.apply(qkv, H).view(B, T, C))
+            return self.proj(PackedSmallCausalAttention.apply(qkv, H).view(B, T, H * D))
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
@@ -410,7 +410,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p
             ).transpose(1, 2)  # (B, T, H, D)
-        y = y.reshape(B, T, C)
+        y = y.reshape(B, T, H * D)  # H * D = C, or C/tp on a tensor-parallel rank
         return self.proj(y)
 
 
