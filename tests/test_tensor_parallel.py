@@ -265,3 +265,53 @@ def test_tp_checkpoint_loads_in_one_plain_process_with_equal_logits(runs, name):
     tp_logits = torch.load(runs[f"{name}.logits.pt"])
     # fp32 logits of size ≈ 3, summed in another order: ≈ 1e-6.
     torch.testing.assert_close(logits, tp_logits, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- lmforge plan
+
+
+def test_plan_divides_block_matrices_and_per_head_activations_by_tp():
+    from lmforge.model.arith import count_params, derived_d_ff
+    from lmforge.plan import block_activation_elements, memory_per_device, model_config
+
+    cfg = model_config("llama-8b")
+    C, H, K, F, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, derived_d_ff(cfg), 128
+    # Written out from the model: norm inputs stay whole; q/k/v, rotated q/k, GQA's repeated
+    # k/v, SDPA output + log-sum-exp and proj input are per head; SwiGLU's 4·F per unit.
+    attn = 2 * C + ((H + 2 * K) * D + (H + K) * D + 2 * H * D + C + H + C) // 2
+    assert block_activation_elements(cfg, tp=2)["total"] == attn + 2 * C + 4 * F // 2
+    g = count_params(cfg)
+    per_rank = g["total"] - (g["attention"] + g["mlp"]) / 2
+    mem = memory_per_device(cfg, 1, 8192, "bf16", shards=4, tp=2)
+    assert mem.optimizer == pytest.approx(8 * per_rank / 4)
+    assert mem.gradients == pytest.approx(4 * per_rank / 4)
+
+
+def test_plan_says_when_tp_is_needed_and_prints_the_formula(capsys):
+    from lmforge.cli import main
+    from lmforge.plan import GiB, memory_per_device, model_config
+
+    args = ["plan", "--preset", "llama-8b", "--gpus", "8xH100", "--seq-len", "8192"]
+    assert main([*args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["fits"]["plain"]  # FSDP over 8 alone: activations do not fit
+    suggestion = plan["tensor_parallel"]
+    assert (suggestion["dp"], suggestion["tp"], suggestion["checkpointed"]) == (4, 2, False)
+    want = memory_per_device(model_config("llama-8b"), 1, 8192, "bf16", shards=4, tp=2)
+    assert (
+        want.peak
+        <= 0.9 * 80 * GiB
+        < memory_per_device(model_config("llama-8b"), 1, 8192, "bf16", 8).peak
+    )
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{want.peak / GiB:.2f} GiB with --train.parallel=fsdp+tp --train.tp=2" in out
+    assert "mesh dp × tp = 4 × 2" in out
+    # Asked for, TP shows in the per-device memory; a size that splits no heads is refused.
+    assert main([*args, "--tp", "2"]) == 0
+    assert "FSDP over 4, TP over 2" in capsys.readouterr().out
+    assert main([*args, "--tp", "3"]) != 0
+    assert "--tp 3 must divide" in capsys.readouterr().err
+    # A model that fits with FSDP alone gets no TP advice.
+    assert main(["plan", "--preset", "llama-8b", "--gpus", "8xH100", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tensor_parallel"] == {}
