@@ -151,6 +151,20 @@ def test_checkpoint_layout_round_trips_weights_and_optimizer_state():
     assert torch.equal(moved["step"], state["step"])  # not a per-row tensor: untouched
 
 
+def test_ranks_of_a_tp_group_read_the_same_batches():
+    from lmforge.train.dist import DistInfo
+    from lmforge.train.tensor_parallel import data_rank
+
+    cfg = load_config(None, ["train.parallel=fsdp+tp", "train.tp=2"])
+    assert [data_rank(cfg, DistInfo(r, 4)) for r in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    cfg = load_config(None, ["train.parallel=tp"])
+    assert [data_rank(cfg, DistInfo(r, 2)) for r in range(2)] == [(0, 1), (0, 1)]
+    cfg = load_config(None, ["train.parallel=fsdp"])
+    assert [data_rank(cfg, DistInfo(r, 2)) for r in range(2)] == [(0, 2), (1, 2)]
+    with pytest.raises(ValueError, match="train.tp = 2 does not divide the number of processes"):
+        data_rank(load_config(None, ["train.parallel=fsdp+tp", "train.tp=2"]), DistInfo(0, 3))
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -167,6 +181,34 @@ def test_config_refuses_what_tp_cannot_split(overrides, key):
 
 
 # ----------------------------------------------------------------------------- processes
+
+
+def test_tp_on_one_process_runs_the_trainer_and_matches_plain(tmp_path, shared):
+    """The mechanics without torchrun: `train.parallel=tp` on a group of one (DTensor
+    parameters beside plain ones, clipping, the optimizer, checkpoint gathering)."""
+    text = (Path(shared) / "tinyshakespeare" / "input.txt").read_text()[:20_000]
+    tokens = worker.make_tokens(tmp_path / "tokens", text)
+    short = ["train.max_steps=4", "train.checkpoint_every=4", *LLAMA]
+    jobs = [
+        {"run_dir": str(tmp_path / name), "tokens_dir": str(tokens), "overrides": short + extra}
+        for name, extra in (("tp", ["train.parallel=tp"]), ("ref", []))
+    ]
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs[:1]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, worker.__file__, str(spec)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    worker.run_job(jobs[1])
+    torch.testing.assert_close(curve(tmp_path / "tp"), curve(tmp_path / "ref"), rtol=0, atol=EXACT)
+    ckpt = "checkpoints/step_00000004/model.safetensors"
+    from safetensors.torch import load_file
+
+    got, want = load_file(tmp_path / "tp" / ckpt), load_file(tmp_path / "ref" / ckpt)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
 
 
 def torchrun(nproc: int, jobs: list[dict], tmp: Path, timeout: float = 600):
@@ -214,6 +256,7 @@ def runs(tmp_path_factory, shared) -> dict[str, Path]:
             job("tp", tp),
             job("tp_llama", tp, *LLAMA),
             job("tp_from_1", tp, *LLAMA, resume=ref_step10),
+            job("tp_ac", tp, "train.activation_checkpointing=selective"),
         ],
         tmp,
     )
@@ -227,7 +270,13 @@ def runs(tmp_path_factory, shared) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "ref"),
-    [("tp", "ref"), ("tp_llama", "ref_llama"), ("fsdp_tp", "ref"), ("fsdp_tp_llama", "ref_llama")],
+    [
+        ("tp", "ref"),
+        ("tp_llama", "ref_llama"),
+        ("tp_ac", "ref"),
+        ("fsdp_tp", "ref"),
+        ("fsdp_tp_llama", "ref_llama"),
+    ],
 )
 def test_tensor_parallel_follows_the_one_process_curve(runs, name, ref):
     want, got = curve(runs[ref]), curve(runs[name])

@@ -3,6 +3,7 @@
 The model code never knows about any of this: `parallelize` changes the model in
 place after it is built (torchtitan's rule), in torchtitan's order:
 
+0. tensor parallelism (`train.parallel = tp | fsdp+tp`, `lmforge.train.tensor_parallel`)
 1. activation checkpointing, per block (`train.activation_checkpointing`)
 2. `torch.compile`, per block (`train.compile`)
 3. data parallelism (`train.parallel`): DDP when torchrun starts several
