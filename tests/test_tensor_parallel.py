@@ -161,7 +161,7 @@ def test_ranks_of_a_tp_group_read_the_same_batches():
     assert [data_rank(cfg, DistInfo(r, 2)) for r in range(2)] == [(0, 1), (0, 1)]
     cfg = load_config(None, ["train.parallel=fsdp"])
     assert [data_rank(cfg, DistInfo(r, 2)) for r in range(2)] == [(0, 2), (1, 2)]
-    with pytest.raises(ValueError, match="train.tp = 2 does not divide the number of processes"):
+    with pytest.raises(ValueError, match=r"train\.tp = 2 does not divide the number of processes"):
         data_rank(load_config(None, ["train.parallel=fsdp+tp", "train.tp=2"]), DistInfo(0, 3))
 
 
