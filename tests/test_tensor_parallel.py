@@ -316,6 +316,32 @@ def test_tp_checkpoint_loads_in_one_plain_process_with_equal_logits(runs, name):
     torch.testing.assert_close(logits, tp_logits, rtol=0, atol=1e-5)
 
 
+_REFUSE_CACHE = """
+import torch, torch.distributed as tdist
+from torch.distributed.device_mesh import init_device_mesh
+from lmforge.config import load_config
+from lmforge.model.generate import generate
+from lmforge.model.transformer import Transformer
+from lmforge.train.tensor_parallel import apply_tp
+tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+cfg = load_config(None, ["model.vocab_size=64", "model.n_layers=1", "model.d_model=32"])
+model = apply_tp(Transformer(cfg.model), init_device_mesh("cpu", (1,)))
+assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 64)
+try:
+    generate(model.eval(), [1, 2, 3], 4, temperature=0.0)
+except NotImplementedError as exc:
+    print(exc)
+"""
+
+
+def test_kv_cache_generation_is_refused_on_a_tp_model():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", _REFUSE_CACHE]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not supported on a tensor-parallel model" in result.stdout
+
+
 # ----------------------------------------------------------------------------- lmforge plan
 
 

@@ -134,7 +134,7 @@ def apply_tp(model: Any, mesh: DeviceMesh) -> nn.Module:
     tp = mesh.size()
     check_divisible(model, tp)
     row_order: dict[str, torch.Tensor] = {}
-    for i, block in enumerate(model.blocks):  # type: ignore[union-attr, arg-type]
+    for i, block in enumerate(model.blocks):
         for name, sizes in _fused_sizes(block).items():
             order = fused_row_order(sizes, tp)
             linear = block.get_submodule(name)
@@ -152,11 +152,22 @@ def apply_tp(model: Any, mesh: DeviceMesh) -> nn.Module:
             # (B, H, T, D)), and the weight's gradient is summed over the TP group.
             plan["attn.q_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
             plan["attn.k_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
-        parallelize_module(block, mesh, plan)  # type: ignore[arg-type]
-        block.attn.n_heads //= tp  # type: ignore[operator]
-        block.attn.n_kv_heads //= tp  # type: ignore[operator]
+        parallelize_module(block, mesh, plan)
+        block.attn.n_heads //= tp
+        block.attn.n_kv_heads //= tp
     setattr(model, ROW_ORDER_ATTR, row_order)
+    model.register_forward_pre_hook(_refuse_cache, with_kwargs=True)
     return model
+
+
+def _refuse_cache(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """The KV cache is sized for all heads; a TP rank holds n_heads / tp of them (and with
+    one kv head per rank a wrong write would broadcast silently), so refuse it."""
+    if (len(args) > 2 and args[2] is not None) or kwargs.get("cache") is not None:
+        raise NotImplementedError(
+            "generation with a KV cache is not supported on a tensor-parallel model: "
+            "generate from its checkpoint in one process"
+        )
 
 
 def _reorder(model: nn.Module, tensors: dict[str, Any], inverse: bool) -> dict[str, Any]:
