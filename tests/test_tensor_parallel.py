@@ -260,7 +260,15 @@ def runs(tmp_path_factory, shared) -> dict[str, Path]:
         ],
         tmp,
     )
-    torchrun(4, [job("fsdp_tp", *fsdp_tp), job("fsdp_tp_llama", *fsdp_tp, *LLAMA)], tmp)
+    torchrun(
+        4,
+        [
+            job("fsdp_tp", *fsdp_tp),
+            job("fsdp_tp_llama", *fsdp_tp, *LLAMA),
+            job("fsdp_tp_from_1", *fsdp_tp, *LLAMA, resume=ref_step10),
+        ],
+        tmp,
+    )
     # Saved by 2 TP processes, resumed by one plain process.
     tp_step10 = str(tmp / "tp_llama" / "checkpoints" / "step_00000010")
     worker.run_job(job("one_from_tp", *LLAMA, resume=tp_step10))
@@ -291,7 +299,7 @@ def test_tensor_parallel_follows_the_one_process_curve(runs, name, ref):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tp_from_1", "one_from_tp"])
+@pytest.mark.parametrize("name", ["tp_from_1", "fsdp_tp_from_1", "one_from_tp"])
 def test_resume_moves_between_plain_and_tp_layouts(runs, name):
     """Weights and Adam's moments go through the standard layout both ways."""
     torch.testing.assert_close(
