@@ -3,9 +3,10 @@
 Runs the jobs of tests/test_distributed.py (tiny char-level model on
 tinyshakespeare, 20 steps, 256 tokens per step, 1 thread per process): one
 process in fp32 as the reference; activation checkpointing and bf16 in one
-process; DDP, FSDP2, FSDP2 + bf16 and FSDP2 + selective checkpointing on two
-processes under torchrun (gloo). Prints a Markdown table: largest per-step loss
-difference from the reference, final loss, median tokens/s (steps 6-20).
+process; DDP, FSDP2, FSDP2 + bf16, FSDP2 + selective checkpointing and tensor
+parallelism (TP = 2) on two processes, FSDP2 + TP (2 × 2 mesh) on four, under
+torchrun (gloo). Prints a Markdown table: largest per-step loss difference from
+the reference, final loss, median tokens/s (steps 6-20).
 
     python benchmarks/dist_cpu.py [--steps 20] [--keep DIR]
 """
@@ -44,10 +45,14 @@ TWO = {
         "train.parallel=fsdp",
         "train.activation_checkpointing=selective",
     ],
+    "2 processes, TP = 2": ["train.parallel=tp"],
+}
+FOUR = {
+    "4 processes, FSDP2 + TP (mesh dp × tp = 2 × 2)": ["train.parallel=fsdp+tp", "train.tp=2"],
 }
 
 
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def tokens_per_s(run_dir: Path, skip: int = 5) -> float:
@@ -72,18 +77,19 @@ def main() -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         return {"run_dir": str(run_dir), "tokens_dir": str(tokens), "overrides": steps + overrides}
 
-    jobs = {name: job(i, o) for i, (name, o) in enumerate({**ONE, **TWO}.items())}
+    jobs = {name: job(i, o) for i, (name, o) in enumerate({**ONE, **TWO, **FOUR}.items())}
     t0 = time.perf_counter()
     for name in ONE:
         worker.run_job(jobs[name])
-    spec = tmp / "jobs.json"
-    spec.write_text(json.dumps([jobs[name] for name in TWO]))
-    subprocess.run(
-        [*TORCHRUN_2, str(worker.__file__), str(spec)],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        check=True,
-        capture_output=True,
-    )
+    for nproc, group in ((2, TWO), (4, FOUR)):
+        spec = tmp / f"jobs{nproc}.json"
+        spec.write_text(json.dumps([jobs[name] for name in group]))
+        subprocess.run(
+            [*TORCHRUN, f"--nproc_per_node={nproc}", str(worker.__file__), str(spec)],
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            check=True,
+            capture_output=True,
+        )
     ref = worker.losses(next(iter(jobs.values()))["run_dir"])
     lines = [
         f"| setting | max abs loss difference vs reference ({args.steps} steps) | "

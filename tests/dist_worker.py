@@ -2,10 +2,11 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
-JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill"}``
+JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill", "logits"}``
 run one after another in the same process group. ``kill = {"rank": R, "step": S}``
 makes rank R die by SIGKILL when it asks for the first batch of step S (a crash,
-as an out-of-memory kill would be).
+as an out-of-memory kill would be). ``logits = PATH`` saves the trained model's logits
+on `fixed_tokens` there (rank 0).
 """
 
 from __future__ import annotations
@@ -78,7 +79,21 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     data: Any = TokenLoader(job["tokens_dir"], "train", cfg.model.context_length, cfg.train.seed)
     if job.get("kill"):
         data = DieAt(data, job["kill"]["rank"], job["kill"]["step"])
-    return Trainer(cfg, model, job["run_dir"], data).fit(resume=job.get("resume", ""))
+    trainer = Trainer(cfg, model, job["run_dir"], data)
+    result = trainer.fit(resume=job.get("resume", ""))
+    if job.get("logits"):  # the trained (possibly parallel) model's logits on fixed tokens
+        trainer.train_model.eval()
+        with torch.no_grad():
+            logits = trainer.train_model(fixed_tokens(cfg))
+        if dist_info().is_main:
+            torch.save(logits, job["logits"])
+    return result
+
+
+def fixed_tokens(cfg: Config) -> torch.Tensor:
+    """Two rows of token ids that do not depend on the run (for comparing logits)."""
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, cfg.model.vocab_size, (2, cfg.model.context_length), generator=gen)
 
 
 def losses(run_dir: str | Path) -> dict[int, float]:

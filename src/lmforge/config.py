@@ -344,7 +344,10 @@ class TrainConfig:
     tensorboard: bool = False
     # Scale-out (see `lmforge.train.parallel` and docs/distributed.md). "ddp" replicates the
     # model when torchrun starts several processes; "fsdp" shards it (FSDP2), even on one.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # "tp" splits each block's matmuls over all processes (tensor parallelism, Megatron-LM);
+    # "fsdp+tp" is 2-D: TP groups of `tp` neighbouring ranks, FSDP2 across the groups.
+    parallel: Literal["ddp", "fsdp", "tp", "fsdp+tp"] = "ddp"
+    tp: int = num(1, ge=1, le=1024)  # TP group size for parallel = fsdp+tp
     # Recompute activations in backward, per block: "full" keeps only block inputs;
     # "selective" also keeps matmul and attention outputs and recomputes the cheap ops.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -1022,6 +1025,25 @@ def _muon_not_sharded(cfg: Config) -> Problem:
     return None
 
 
+def _tp_fits(cfg: Config) -> Problem:
+    """Tensor parallelism splits heads and the MLP's hidden width between `train.tp` ranks."""
+    t, m = cfg.train, cfg.model
+    if t.tp > 1 and t.parallel != "fsdp+tp":
+        return "train.tp", f"= {t.tp} needs train.parallel=fsdp+tp (tp alone uses every process)"
+    if t.parallel not in ("tp", "fsdp+tp"):
+        return None
+    if t.optimizer == "muon":
+        return "train.optimizer", "= muon needs whole weight matrices; TP splits them"
+    if t.dtype == "bf16-pure":
+        return "train.dtype", "= bf16-pure does not combine with TP: use train.dtype=bf16"
+    for key, value in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads or m.n_heads)):
+        if value % t.tp:
+            return f"model.{key}", (
+                f"= {value} is not divisible by train.tp = {t.tp}: each TP rank holds whole heads"
+            )
+    return None
+
+
 def _known_names(cfg: Config) -> Problem:
     if not _DEVICE.fullmatch(cfg.train.device):
         return (
@@ -1072,6 +1094,7 @@ CROSS_KEY_RULES = (
     _heads_fit,
     _batch_fits,
     _muon_not_sharded,
+    _tp_fits,
     _known_names,
     _prepare_consistent,
     _bpe_vocab_fits_bytes,

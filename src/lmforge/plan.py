@@ -14,6 +14,13 @@ Every figure comes from a closed form written out below, with its source:
   2020, ZeRO §3.1: 16 bytes per parameter): weights 4Φ, gradients 4Φ, Adam's two
   moments 8Φ. FSDP / ZeRO-3 shards all three over the data-parallel devices and
   all-gathers one block at a time (we count two gathered blocks in flight).
+- Tensor parallelism over `tp` devices (Megatron-LM, Shoeybi et al. 2019, as
+  `train.parallel = fsdp+tp` implements it): the attention and MLP matrices are
+  split tp ways, so their weights, gradients and optimizer state divide by tp
+  and then by the dp = devices / tp FSDP shards; embeddings, norms and the head
+  stay whole on every TP rank (divided by dp only). Activations inside a block
+  that are per head or per MLP hidden unit divide by tp; the residual stream,
+  the norms' inputs and the loss head do not (no sequence or loss parallelism).
 - Activations: the tensors autograd keeps for the backward pass, counted for
   *this* implementation, tensor by tensor, in the manner of Korthikanti et al.
   2022 ("Reducing Activation Recomputation in Large Transformer Models", §4.1);
@@ -153,7 +160,9 @@ def _bytes(dtype: str) -> int:
     return 2 if dtype == "bf16" else 4
 
 
-def block_activation_elements(cfg: ModelConfig, small_attention: int = 0) -> dict[str, int]:
+def block_activation_elements(
+    cfg: ModelConfig, small_attention: int = 0, tp: int = 1
+) -> dict[str, int]:
     """Elements autograd keeps per token in one block of *our* transformer (× B·T per layer).
 
     Counted from `model/transformer.py` (C width, F MLP hidden, H heads, K kv heads, D head dim):
@@ -178,15 +187,18 @@ def block_activation_elements(cfg: ModelConfig, small_attention: int = 0) -> dic
     and log-sum-exp; its output is the proj input. QK-norm's inputs ((H + K)·D) stay
     kept by the norms. `fp32` is the part of `total` held in 4 bytes whatever the dtype
     (besides the residual stream, which `activation_bytes` counts itself).
+
+    With tensor parallelism over `tp` ranks, everything per head or per hidden unit
+    divides by tp; the two norm inputs of each sub-layer (C each) stay whole.
     """
     C, H = cfg.d_model, cfg.n_heads
     K = cfg.n_kv_heads or H
     D = C // H
     F = derived_d_ff(cfg)
-    mlp = 2 * C + (4 * F if cfg.mlp == "swiglu" else 2 * F)
+    mlp = 2 * C + (4 * F if cfg.mlp == "swiglu" else 2 * F) // tp
     if small_attention:
-        fp32 = 3 * C + H * small_attention
-        attn = C + C + C + ((H + K) * D if cfg.qk_norm else 0) + fp32
+        fp32 = (3 * C + H * small_attention) // tp
+        attn = C + C + (C + ((H + K) * D if cfg.qk_norm else 0)) // tp + fp32
         return {"attention": attn, "mlp": mlp, "total": attn + mlp, "fp32": fp32}
     qkv = (H + 2 * K) * D
     extra_qk = 0
@@ -196,7 +208,7 @@ def block_activation_elements(cfg: ModelConfig, small_attention: int = 0) -> dic
         extra_qk += (H + K) * D
     if K != H:
         extra_qk += 2 * H * D  # repeated k and v
-    attn = C + C + qkv + extra_qk + C + H + C
+    attn = C + C + (qkv + extra_qk + C + H + C) // tp
     return {"attention": attn, "mlp": mlp, "total": attn + mlp, "fp32": 0}
 
 
@@ -218,6 +230,7 @@ def activation_bytes(
     dtype: str = "fp32",
     checkpointing: bool = False,
     on_gpu: bool = True,
+    tp: int = 1,
 ) -> dict[str, float]:
     """Bytes of activations kept between forward and backward, per device.
 
@@ -228,7 +241,7 @@ def activation_bytes(
     """
     BT = micro_batch * seq_len
     small = uses_small_attention(cfg, seq_len, dtype, on_gpu)
-    per = block_activation_elements(cfg, seq_len if small else 0)
+    per = block_activation_elements(cfg, seq_len if small else 0, tp)
     C, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     half = _bytes(dtype)
     fp32_elems = 2 * C + per["fp32"]  # attn_norm and mlp_norm inputs stay in fp32
@@ -242,10 +255,10 @@ def activation_bytes(
     # MLP (GELU: the gradients of the GELU output and input, 2·F; SwiGLU: 4·F), or
     # those of the small CPU attention.
     F = derived_d_ff(cfg)
-    transient = max(2 * BT * V * 4, BT * F * (4 if cfg.mlp == "swiglu" else 2) * half)
+    transient = max(2 * BT * V * 4, BT * F * (4 if cfg.mlp == "swiglu" else 2) // tp * half)
     if small:  # SmallCausalAttention's backward, in fp32: the output gradient, the q/k/v
         # gradients (4·C), and the probability gradients, which become the scores' in place
-        transient = max(transient, BT * (cfg.n_heads * seq_len + 4 * cfg.d_model) * 4)
+        transient = max(transient, BT * (cfg.n_heads * seq_len + 4 * cfg.d_model) // tp * 4)
     return {
         "blocks": float(blocks),
         "head": float(head),
@@ -272,21 +285,25 @@ def memory_per_device(
     dtype: str = "fp32",
     shards: int = 1,
     on_gpu: bool = True,
+    tp: int = 1,
 ) -> Memory:
     """Bytes per device for weights, gradients, AdamW state and activations (see module doc).
 
-    `shards` > 1 means FSDP/ZeRO-3 over that many data-parallel devices.
+    `shards` > 1 means FSDP/ZeRO-3 over that many data-parallel devices; `tp` > 1,
+    tensor parallelism over that many (the devices are shards × tp).
     """
-    n = count_params(cfg)["total"]
+    groups = count_params(cfg)
+    split = groups["attention"] + groups["mlp"]  # the matrices TP divides
+    n = groups["total"] - split + split / tp  # parameters on one TP rank
     weights, grads, opt = 4.0 * n / shards, 4.0 * n / shards, 8.0 * n / shards
     if shards > 1:
-        per_block = (count_params(cfg)["attention"] + count_params(cfg)["mlp"]) / cfg.n_layers
+        per_block = split / tp / cfg.n_layers
         weights += 2 * per_block * _bytes(dtype)  # two gathered blocks in flight
     if dtype == "bf16":
         weights += 2.0 * n / shards  # autocast's bf16 copies of the weights, cached per step
-    act = activation_bytes(cfg, micro_batch, seq_len, dtype, on_gpu=on_gpu)["total"]
+    act = activation_bytes(cfg, micro_batch, seq_len, dtype, on_gpu=on_gpu, tp=tp)["total"]
     act_ckpt = activation_bytes(
-        cfg, micro_batch, seq_len, dtype, checkpointing=True, on_gpu=on_gpu
+        cfg, micro_batch, seq_len, dtype, checkpointing=True, on_gpu=on_gpu, tp=tp
     )["total"]
     return Memory(
         weights,
@@ -341,6 +358,8 @@ class Plan:
     assumptions: dict[str, Any] = field(default_factory=dict)
     recommendation: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # When FSDP alone does not fit: the smallest TP size that does, and its mesh and memory.
+    tensor_parallel: dict[str, Any] = field(default_factory=dict)
 
 
 def model_config(preset: str = "", vocab_size: int = 0, **overrides: Any) -> ModelConfig:
@@ -374,10 +393,12 @@ def make_plan(
     pue: float = DEFAULT_PUE,
     grid_kg_per_kwh: float = DEFAULT_GRID_KG_PER_KWH,
     fsdp: bool | None = None,
+    tp: int = 1,
 ) -> Plan:
     """Everything about training `cfg` on `hw` toward one target (tokens, FLOPs, hours or money).
 
     With no target, the compute-optimal token count (20 tokens per parameter) is used.
+    `tp` > 1: tensor parallelism in groups of `tp` devices of a node, FSDP across groups.
     """
     T = seq_len or cfg.context_length
     if cfg.context_length < T:
@@ -410,12 +431,17 @@ def make_plan(
     total_flops = fpt * tokens
     seconds = total_flops / throughput
     hours = seconds / 3600
-    shard = hw.devices if (fsdp if fsdp is not None else hw.devices > 1) else 1
-    mem = memory_per_device(cfg, micro_batch, T, hw.dtype, shard, on_gpu=on_gpu)
+    check_tp(cfg, hw, tp)
+    sharded = fsdp if fsdp is not None else hw.devices > tp
+    shard = hw.devices // tp if sharded else 1
+    mem = memory_per_device(cfg, micro_batch, T, hw.dtype, shard, on_gpu=on_gpu, tp=tp)
     cap = hw.device.memory_gib * GiB
     # Leave ~10% of the device for the CUDA context, allocator fragmentation and buffers.
     usable = 0.9 * cap
     fits = {"plain": mem.peak <= usable, "checkpointed": mem.peak_checkpointed <= usable}
+    suggestion = suggest_tp(cfg, hw, micro_batch, T, usable) if tp == 1 and sharded else {}
+    if suggestion:
+        notes.append(suggestion["note"])
     if not fits["checkpointed"]:
         notes.append(
             "does not fit even with activation checkpointing: lower the micro-batch, "
@@ -438,6 +464,7 @@ def make_plan(
             "peak_flops_per_device": hw.peak_per_device,
             "memory_gib_per_device": hw.device.memory_gib,
             "fsdp_shards": shard,
+            "tp": tp,
         },
         seq_len=T,
         micro_batch=micro_batch,
@@ -459,7 +486,62 @@ def make_plan(
             "usable_memory_fraction": 0.9,
         },
         notes=notes,
+        tensor_parallel=suggestion,
     )
+
+
+def check_tp(cfg: ModelConfig, hw: Hardware, tp: int) -> None:
+    """TP groups live inside a node and hold whole heads (see `train.tensor_parallel`)."""
+    if tp == 1:
+        return
+    kv = cfg.n_kv_heads or cfg.n_heads
+    if hw.count % tp:
+        raise PlanError(f"--tp {tp} must divide the devices per node ({hw.count})")
+    if cfg.n_heads % tp or kv % tp or derived_d_ff(cfg) % tp:
+        raise PlanError(
+            f"--tp {tp} must divide the heads ({cfg.n_heads}), kv heads ({kv}) "
+            f"and MLP width ({derived_d_ff(cfg)})"
+        )
+
+
+def suggest_tp(
+    cfg: ModelConfig, hw: Hardware, micro_batch: int, seq_len: int, usable: float
+) -> dict[str, Any]:
+    """The smallest TP size (within a node) with which the model fits when FSDP alone
+    does not fit without activation checkpointing; {} when FSDP alone fits or TP cannot help.
+
+    Prefers a TP size that fits without checkpointing (saving its ≈ 33% recompute)
+    over FSDP alone with checkpointing.
+    """
+    on_gpu = hw.device.name != "cpu"
+    alone = memory_per_device(cfg, micro_batch, seq_len, hw.dtype, hw.devices, on_gpu=on_gpu)
+    if alone.peak <= usable:
+        return {}
+    for checkpointed in (False, True):
+        if checkpointed and alone.peak_checkpointed <= usable:
+            return {}  # checkpointing alone is enough (the plan's note says so)
+        tp = 2
+        while tp <= hw.count:
+            try:
+                check_tp(cfg, hw, tp)
+            except PlanError:
+                tp *= 2
+                continue
+            dp = hw.devices // tp
+            mem = memory_per_device(cfg, micro_batch, seq_len, hw.dtype, dp, on_gpu, tp)
+            peak = mem.peak_checkpointed if checkpointed else mem.peak
+            if peak <= usable:
+                how = " with activation checkpointing" if checkpointed else ""
+                fsdp_peak = alone.peak_checkpointed if checkpointed else alone.peak
+                note = (
+                    f"FSDP alone needs {fsdp_peak / GiB:.2f} GiB per device{how}: "
+                    f"tensor parallelism fits, {peak / GiB:.2f} GiB{how} with "
+                    f"--train.parallel=fsdp+tp --train.tp={tp} (mesh dp × tp = {dp} × {tp})"
+                )
+                return {"tp": tp, "dp": dp, "checkpointed": checkpointed,
+                        "peak_gib": peak / GiB, "note": note}  # fmt: skip
+            tp *= 2
+    return {}
 
 
 # ----------------------------------------------------------------------------- sizing
@@ -631,6 +713,7 @@ def format_plan(plan: Plan) -> str:
         + f", {hw['dtype']}, {human(hw['peak_flops_per_device'], 'FLOP/s')} peak each",
         f"memory per device     micro-batch {plan.micro_batch} × {plan.seq_len}"
         + (f", FSDP over {hw['fsdp_shards']}" if hw["fsdp_shards"] > 1 else "")
+        + (f", TP over {hw['tp']}" if hw.get("tp", 1) > 1 else "")
         + f" (of {hw['memory_gib_per_device']:.0f} GiB)",
         f"  weights             {m['weights']:10.2f} GiB",
         f"  gradients           {m['gradients']:10.2f} GiB",

@@ -84,7 +84,7 @@ def _plan(args, overrides) -> int:
         )
     else:
         cfg = _model_from_args(args, overrides)
-        plan = make_plan(cfg, hw, args.seq_len, args.micro_batch, **target, **common)
+        plan = make_plan(cfg, hw, args.seq_len, args.micro_batch, **target, **common, tp=args.tp)
     print(json.dumps(asdict(plan), indent=1) if args.json else format_plan(plan))
     return 0
 
@@ -217,6 +217,13 @@ def register(sub) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="shard weights/grads/optimizer over devices (auto: when >1 device)",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size within a node (FSDP across the groups); "
+        "without it, the plan suggests one when FSDP alone does not fit",
     )
     p.add_argument(
         "--law", default="", help="scale.json from `lmforge scale`: size with the fitted law"

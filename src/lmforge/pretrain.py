@@ -149,6 +149,7 @@ def setup_pretrain(cfg: Config) -> PretrainSetup:
     from lmforge.hardware import pick_device
     from lmforge.train.dist import barrier, init_distributed
     from lmforge.train.loop import Trainer
+    from lmforge.train.tensor_parallel import data_rank
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -176,12 +177,14 @@ def setup_pretrain(cfg: Config) -> PretrainSetup:
     val = TokenLoader(tokens_dir, "val", mcfg.context_length, cfg.train.seed, tok.hash)
     tokens_per_byte: float | None = val.stream.n_tokens / max(val.stream.n_bytes, 1)
     train_data: Any = train
-    # Under torchrun each rank scores every world_size-th validation batch.
+    # Under torchrun each data-parallel rank scores every world_size-th validation batch
+    # (the ranks of a tensor-parallel group score the same ones together).
+    val_rank, val_world = data_rank(cfg, info)
     val_data: Any = lambda: itertools.islice(
         val.sequential(cfg.train.eval_tokens, cfg.train.micro_batch_size),
-        info.rank,
+        val_rank,
         None,
-        info.world_size,
+        val_world,
     )
     hooks: list[Any] = []
     masked_baseline: dict[str, float] = {}

@@ -440,7 +440,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.scale
             ).transpose(1, 2)  # (B, T, H, D)
-        y = y.reshape(B, T, H * D)
+        y = y.reshape(B, T, H * D)  # H * D = C, or C/tp on a tensor-parallel rank
         return self.proj(y)
 
 

@@ -50,6 +50,7 @@ from lmforge.train.parallel import (
 )
 from lmforge.train.progress import ProgressBar
 from lmforge.train.schedule import lr_at
+from lmforge.train.tensor_parallel import data_rank, optimizer_context
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 EvalHook = Callable[[nn.Module, int], dict[str, float]]
@@ -349,7 +350,9 @@ class Trainer:
         self.extra_files = extra_files or {}
         self.log = log
         t, m = cfg.train, cfg.model
-        micro_tokens = t.micro_batch_size * m.context_length * self.dist.world_size
+        # Ranks of one tensor-parallel group read the same batches (`data_rank`).
+        self.data_rank, self.data_world = data_rank(cfg, self.dist)
+        micro_tokens = t.micro_batch_size * m.context_length * self.data_world
         if t.tokens_per_step % micro_tokens:
             raise ValueError(
                 f"train.tokens_per_step = {t.tokens_per_step} is not a multiple of "
@@ -584,8 +587,8 @@ class Trainer:
                 micro,
                 t.micro_batch_size,
                 self.accum_steps,
-                self.dist.rank,
-                self.dist.world_size,
+                self.data_rank,
+                self.data_world,
             )
             x, y = (
                 x.to(self.device, non_blocking=True),
@@ -616,7 +619,8 @@ class Trainer:
         spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
         n = self.step + 1  # steps are counted from 1, as in metrics.jsonl and checkpoint names
         if finite and not spike:
-            opt.step()
+            with optimizer_context(self.model):
+                opt.step()
             self.consecutive_bad = 0
             self._last_update = n
         elif spike:

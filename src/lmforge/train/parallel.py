@@ -3,6 +3,7 @@
 The model code never knows about any of this: `parallelize` changes the model in
 place after it is built (torchtitan's rule), in torchtitan's order:
 
+0. tensor parallelism (`train.parallel = tp | fsdp+tp`, `lmforge.train.tensor_parallel`)
 1. activation checkpointing, per block (`train.activation_checkpointing`)
 2. `torch.compile`, per block (`train.compile`)
 3. data parallelism (`train.parallel`): DDP when torchrun starts several
@@ -37,12 +38,20 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 
 from lmforge.config import Config
 from lmforge.train.dist import DistInfo, dist_info
+from lmforge.train.tensor_parallel import optimizer_context, to_standard_layout, to_tp_layout
 
 
 def parallelize(model: nn.Module, cfg: Config, device: torch.device, dist: DistInfo) -> nn.Module:
     """Return the module to train: `model` itself (changed in place) or a DDP wrapper of it."""
     t = cfg.train
     blocks = list(getattr(model, "blocks", []))
+    tp_mesh = None
+    if t.parallel in ("tp", "fsdp+tp"):  # TP first, as torchtitan: AC and FSDP wrap its blocks
+        from lmforge.train.tensor_parallel import apply_tp, make_mesh
+
+        ensure_process_group(device, t.dist_timeout_s)
+        tp_mesh = make_mesh(cfg, device)
+        apply_tp(model, tp_mesh["tp"])
     if t.activation_checkpointing != "none":
         for block in blocks:
             checkpoint_block(block, selective=t.activation_checkpointing == "selective")
@@ -51,8 +60,10 @@ def parallelize(model: nn.Module, cfg: Config, device: torch.device, dist: DistI
         # hooks stay between the compiled regions (torchtitan does the same).
         for block in blocks:
             block.compile()
-    if t.parallel == "fsdp":
-        return shard_model(model, cfg, device)
+    if t.parallel in ("fsdp", "fsdp+tp"):
+        return shard_model(model, cfg, device, tp_mesh["dp"] if tp_mesh is not None else None)
+    if tp_mesh is not None:
+        return model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -125,8 +136,9 @@ def ensure_process_group(device: torch.device, timeout_s: float) -> None:
         )
 
 
-def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """FSDP2: shard every block, then the root (embeddings, final norm, head), over all ranks.
+def shard_model(model: nn.Module, cfg: Config, device: torch.device, mesh: Any = None) -> nn.Module:
+    """FSDP2: shard every block, then the root (embeddings, final norm, head), over all ranks
+    (or over `mesh`, the data-parallel dimension of a 2-D mesh with tensor parallelism).
 
     With `train.dtype = bf16` the gathered weights are cast to bf16 for compute
     while the sharded master weights, gradients reduction and optimizer stay in
@@ -147,7 +159,8 @@ def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Modul
     ensure_process_group(device, t.dist_timeout_s)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (tdist.get_world_size(),))
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if t.dtype == "bf16"
@@ -207,10 +220,36 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     as a replicated DTensor; `full_tensor()` makes it an ordinary tensor for the
     loop's checks and logs. Without DTensors this is exactly `clip_grad_norm_`.
     """
+    params = list(params)
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    if len(groups) > 1:  # tensor parallelism: whole and sharded parameters side by side
+        return _clip_mixed(list(groups.values()), max_norm)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
     return norm
+
+
+@torch.no_grad()
+def _clip_mixed(groups: list[list[torch.Tensor]], max_norm: float) -> torch.Tensor:
+    """Clipping over gradients on several meshes (or none), which torch's cannot mix.
+
+    Each group's norm is computed as torch does (a DTensor group's across its
+    shards); a whole parameter's gradient is the same on every rank of a TP
+    group, so it counts once. The scaling is torch's: max_norm / (norm + 1e-6), capped at 1.
+    """
+    norms = []
+    for grads in groups:
+        norm = torch.nn.utils.get_total_norm(grads)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    local = [g.to_local() if isinstance(g, DTensor) else g for grads in groups for g in grads]
+    torch._foreach_mul_(local, coef)
+    return total
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -239,13 +278,14 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tup
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
+    weights = to_standard_layout(model, get_model_state_dict(model, options=options))
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         weights.pop("lm_head.weight", None)  # stored once, under tok_emb.weight
     optim: dict[str, Any] = {}
     if optimizer is not None:
         by_name = get_optimizer_state_dict(model, optimizer, options=options)
         if by_name:
+            to_standard_layout(model, by_name["state"])  # type: ignore[arg-type]
             optim = _index_keyed(by_name)
     return weights, optim
 
@@ -278,7 +318,7 @@ def load_full_state(
     weights: dict[str, Any] = load_file(str(checkpoint_dir / "model.safetensors"))
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         weights.setdefault("lm_head.weight", weights["tok_emb.weight"])
-    set_model_state_dict(model, weights, options=options)
+    set_model_state_dict(model, to_tp_layout(model, weights), options=options)
     if optimizer is None:
         return
     from lmforge.train.checkpoint import read_optimizer_state
@@ -297,7 +337,9 @@ def load_full_state(
             {**g, "params": [fqns[i] for i in g["params"]]} for g in by_index["param_groups"]
         ],
     }
-    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    to_tp_layout(model, by_name["state"])
+    with optimizer_context(model):  # the state is created by a step with lr = 0
+        set_optimizer_state_dict(model, optimizer, by_name, options=options)
 
 
 # ----------------------------------------------------------------------------- failures
