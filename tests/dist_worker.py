@@ -2,10 +2,12 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
-JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill"}``
-run one after another in the same process group. ``kill = {"rank": R, "step": S}``
+JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill",
+"hang"}`` run one after another in the same process group. ``kill = {"rank": R, "step": S}``
 makes rank R die by SIGKILL when it asks for the first batch of step S (a crash,
-as an out-of-memory kill would be).
+as an out-of-memory kill would be), in the launcher's first attempt only: workers
+that torchrun restarts (``--max-restarts``) resume from the newest checkpoint.
+``hang = {"rank": R, "step": S}`` makes rank R stop taking part (sleep) there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,21 @@ class DieAt:
         return self.inner.batch(step, micro, micro_batch_size, accum_steps, rank, world_size)
 
 
+class HangAt(DieAt):
+    """A batch source whose process stops taking part at (rank, step): a hung worker."""
+
+    def batch(self, step, micro, micro_batch_size, accum_steps, rank, world_size):
+        if rank == self.rank and step == self.step:
+            print(f"rank {rank} hangs at step {step}", flush=True)
+            time.sleep(3600)
+        return self.inner.batch(step, micro, micro_batch_size, accum_steps, rank, world_size)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted the workers (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def job_config(job: dict[str, Any]) -> Config:
     vocab = split_info(job["tokens_dir"], "train").vocab_size
     overrides = [
@@ -76,9 +94,13 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     data: Any = TokenLoader(job["tokens_dir"], "train", cfg.model.context_length, cfg.train.seed)
-    if job.get("kill"):
+    if job.get("kill") and restart_count() == 0:
         data = DieAt(data, job["kill"]["rank"], job["kill"]["step"])
-    return Trainer(cfg, model, job["run_dir"], data).fit(resume=job.get("resume", ""))
+    if job.get("hang"):
+        data = HangAt(data, job["hang"]["rank"], job["hang"]["step"])
+    # A restarted worker continues from the newest checkpoint, as `--resume auto` would.
+    resume = "auto" if restart_count() > 0 else job.get("resume", "")
+    return Trainer(cfg, model, job["run_dir"], data).fit(resume=resume)
 
 
 def losses(run_dir: str | Path) -> dict[int, float]:
@@ -106,7 +128,7 @@ def make_tokens(out_dir: Path, text: str) -> Path:
 def main() -> None:
     torch.set_num_threads(1)
     jobs = json.loads(Path(sys.argv[1]).read_text())
-    init_distributed(torch.device("cpu"), timeout_s=60)
+    init_distributed(torch.device("cpu"), timeout_s=job_config(jobs[0]).train.dist_timeout_s)
     for job in jobs:
         run_job(job)
     if dist_info().world_size > 1:

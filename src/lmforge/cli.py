@@ -30,6 +30,7 @@ EXTRA_COMMAND_MODULES: list[str] = [
     "lmforge.export.cli",
     "lmforge.bias.cli",
     "lmforge.doctor",
+    "lmforge.train.checkpoint_cli",
 ]
 
 

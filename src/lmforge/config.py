@@ -328,6 +328,10 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False  # keep sharded weights, grads and optimizer state on CPU
     # A collective waiting longer than this (a dead or stuck rank) fails the job.
     dist_timeout_s: float = num(600.0, gt=0, le=30 * 86_400)
+    # "full": rank 0 gathers and writes one model.safetensors (read by every stage);
+    # "sharded": every rank writes its own shards in parallel (torch.distributed.checkpoint),
+    # resumable at any world size; `lmforge checkpoint consolidate` makes it "full".
+    checkpoint_format: Literal["full", "sharded"] = "full"
 
 
 @dataclass
