@@ -5,8 +5,10 @@
 JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill",
 "hang"}`` run one after another in the same process group. ``kill = {"rank": R, "step": S}``
 makes rank R die by SIGKILL when it asks for the first batch of step S (a crash,
-as an out-of-memory kill would be), in the launcher's first attempt only: workers
-that torchrun restarts (``--max-restarts``) resume from the newest checkpoint.
+as an out-of-memory kill would be), once: a marker file in the run folder keeps the
+workers that torchrun restarts (``--max-restarts``) alive; with ``resume = "auto"`` they
+continue from the newest checkpoint. (Not TORCHELASTIC_RESTART_COUNT: each agent counts
+its own restarts, and an agent restarted by another node's failure counts none.)
 ``hang = {"rank": R, "step": S}`` makes rank R stop taking part (sleep) there.
 """
 
@@ -51,13 +53,21 @@ BASE_OVERRIDES = [
 
 
 class DieAt:
-    """A batch source that kills its own process at (rank, step): a crashed worker."""
+    """A batch source that kills its own process at (rank, step): a crashed worker.
 
-    def __init__(self, inner: TokenLoader, rank: int, step: int):
-        self.inner, self.rank, self.step = inner, rank, step
+    With `once` (a file), only if that file does not exist yet; it is created first."""
+
+    def __init__(self, inner: TokenLoader, rank: int, step: int, once: Path | None = None):
+        self.inner, self.rank, self.step, self.once = inner, rank, step, once
 
     def batch(self, step, micro, micro_batch_size, accum_steps, rank, world_size):
         if rank == self.rank and step == self.step:
+            if self.once is not None:
+                if self.once.exists():
+                    return self.inner.batch(
+                        step, micro, micro_batch_size, accum_steps, rank, world_size
+                    )
+                self.once.touch()
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         return self.inner.batch(step, micro, micro_batch_size, accum_steps, rank, world_size)
@@ -71,11 +81,6 @@ class HangAt(DieAt):
             print(f"rank {rank} hangs at step {step}", flush=True)
             time.sleep(3600)
         return self.inner.batch(step, micro, micro_batch_size, accum_steps, rank, world_size)
-
-
-def restart_count() -> int:
-    """How many times torchrun has restarted the workers (0 on the first attempt)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 def job_config(job: dict[str, Any]) -> Config:
@@ -94,13 +99,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     data: Any = TokenLoader(job["tokens_dir"], "train", cfg.model.context_length, cfg.train.seed)
-    if job.get("kill") and restart_count() == 0:
-        data = DieAt(data, job["kill"]["rank"], job["kill"]["step"])
+    if job.get("kill"):
+        once = Path(job["run_dir"]) / "killed-once" if job["kill"].get("once") else None
+        data = DieAt(data, job["kill"]["rank"], job["kill"]["step"], once)
     if job.get("hang"):
         data = HangAt(data, job["hang"]["rank"], job["hang"]["step"])
-    # A restarted worker continues from the newest checkpoint, as `--resume auto` would.
-    resume = "auto" if restart_count() > 0 else job.get("resume", "")
-    return Trainer(cfg, model, job["run_dir"], data).fit(resume=resume)
+    return Trainer(cfg, model, job["run_dir"], data).fit(resume=job.get("resume", ""))
 
 
 def losses(run_dir: str | Path) -> dict[int, float]:

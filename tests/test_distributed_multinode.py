@@ -41,7 +41,15 @@ def two_nodes(
     spec = tmp / f"jobs-{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(jobs))
     port, run_id = free_port(), uuid.uuid4().hex[:8]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: each round of workers gets a fresh store hosted by
+    # its rank 0. Sharing the agent's store across restarts, the restarted workers can read
+    # the previous round's gloo addresses (connection refused to a dead worker's port).
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+    )
     agents = []
     for is_host in (1, 0):
         cmd = [
@@ -116,7 +124,9 @@ def test_killed_node_restarts_both_and_ends_like_an_uninterrupted_run(tokens, tm
     """--max-restarts=1: node B's worker is killed at step 13; both agents restart their
     workers, which resume from step 10 and end with the uninterrupted curve."""
     worker.run_job(job(tmp_path, tokens, "ref"))
-    killed = job(tmp_path, tokens, "killed", kill={"rank": 1, "step": 13})
+    killed = job(
+        tmp_path, tokens, "killed", kill={"rank": 1, "step": 13, "once": True}, resume="auto"
+    )
     results = two_nodes([killed], tmp_path, max_restarts=1, timeout=400)
     assert all(r.returncode == 0 for r in results), output(results)
     assert "resumed from" in output(results) and "step_00000010" in output(results)
