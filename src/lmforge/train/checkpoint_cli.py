@@ -26,7 +26,10 @@ def cmd_consolidate(args: argparse.Namespace, overrides: list[str]) -> int:
 def register(sub) -> None:
     from lmforge.cli import _help
 
-    p = sub.add_parser("checkpoint", help="work on checkpoints (consolidate a sharded one)")
+    p = sub.add_parser(
+        "checkpoint",
+        help="Work on checkpoints: consolidate a sharded one into the single-file one.",
+    )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     c = verbs.add_parser(
         "consolidate",
