@@ -236,3 +236,40 @@ def test_sharded_fsdp_checkpoint_moves_between_world_sizes(tokens, tmp_path):
     for name, tensor in model.state_dict().items():
         if name in gathered:  # float rounding of 2 ranks' reductions against one process's
             torch.testing.assert_close(tensor, gathered[name], rtol=0, atol=1e-5)
+
+
+def test_sharded_checkpoint_refuses_tampered_files_and_foreign_code(tmp_path):
+    """A changed shard fails its checksum; an index that would run code is refused even
+    when its checksum is made to match (a checkpoint received from someone else)."""
+    import hashlib
+    import pickle
+
+    from lmforge.config import load_config
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.checkpoint import CheckpointError, load_checkpoint
+    from lmforge.train.sharded import INDEX, read_index, save_sharded
+
+    shape = ["model.vocab_size=64", "model.n_layers=1", "model.d_model=32", "model.n_heads=4"]
+    model = Transformer(load_config(None, shape).model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    step = save_sharded(tmp_path, 1, model, optimizer, {"step": 1})
+    assert step is not None and read_index(step).state_dict_metadata
+
+    shard = step / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp: checksum mismatch"):
+        load_checkpoint(step, model, optimizer)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (step / INDEX).write_bytes(pickle.dumps(Exploit()))
+    sums = json.loads((step / "checksums.json").read_text())
+    sums[INDEX] = hashlib.sha256((step / INDEX).read_bytes()).hexdigest()
+    (step / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(CheckpointError, match="not a checkpoint index"):
+        read_index(step)
+    assert not (tmp_path / "pwned").exists()
