@@ -1,14 +1,15 @@
 """Checkpoint save: gathered to rank 0 (`full`) against every rank its shards (`sharded`).
 
 Two CPU processes (gloo) hold one FSDP2-sharded model with AdamW state after a real
-step; each round saves it once in each format, alternating (A B A B ...) so a
-drifting machine speed hits both. Per save it reports the wall time (barrier to
-barrier, what the training loop waits) and each rank's peak resident memory above
-its resident memory before the save (VmHWM after minus VmRSS before, the peak reset
-through /proc/self/clear_refs).
+step and save it once. Each save runs in fresh processes, the formats alternating
+(A B A B ...) so a drifting machine speed hits both, and a save's memory is not
+hidden by pages an earlier save left to the allocator. Per save: the wall time
+(barrier to barrier, what the training loop waits) and each rank's peak resident
+memory above its resident memory just before the save (VmHWM after minus VmRSS
+before, the peak reset through /proc/self/clear_refs).
 
-    python benchmarks/checkpoint_sharded.py                      # ≈ 80M parameters, 3 rounds
-    python benchmarks/checkpoint_sharded.py --d-model 512 --layers 4 --rounds 2
+    python benchmarks/checkpoint_sharded.py                      # ≈ 80M parameters, 3 pairs
+    python benchmarks/checkpoint_sharded.py --d-model 512 --layers 4 --pairs 2
 
 It starts itself under `torch.distributed.run --standalone --nproc_per_node 2`.
 """
@@ -79,29 +80,21 @@ def _worker(args: argparse.Namespace) -> None:
     def sharded(run: Path, step: int) -> None:
         save_sharded(run, step, model, optimizer, {"step": step}, keep_last=1)
 
-    root = Path(args.out)
-    rows = []
-    step = 0
-    for _ in range(args.rounds):
-        for name, save in (("full", gathered), ("sharded", sharded)):
-            step += 1
-            tdist.barrier()
-            rss = _status_kib("VmRSS")
-            _reset_peak()
-            t0 = time.perf_counter()
-            save(root / name, step)
-            tdist.barrier()
-            seconds = time.perf_counter() - t0
-            peak = _status_kib("VmHWM") - rss
-            peaks: list = [None] * info.world_size
-            tdist.all_gather_object(peaks, peak)
-            rows.append({"format": name, "seconds": seconds, "peak_mib": [p / 1024 for p in peaks]})
+    save = gathered if args.format == "full" else sharded
+    tdist.barrier()
+    rss = _status_kib("VmRSS")
+    _reset_peak()
+    t0 = time.perf_counter()
+    save(Path(args.out), 1)
+    tdist.barrier()
+    seconds = time.perf_counter() - t0
+    peaks: list = [None] * info.world_size
+    tdist.all_gather_object(peaks, (_status_kib("VmHWM") - rss) / 1024)
     if info.is_main:
-        size = {
-            name: sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file())
-            for name in ("full", "sharded")
-        }
-        print(json.dumps({"params": n_params, "bytes": size, "rows": rows}))
+        size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+        print(
+            json.dumps({"params": n_params, "seconds": seconds, "peak_mib": peaks, "bytes": size})
+        )
     tdist.destroy_process_group()
 
 
@@ -110,41 +103,45 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", default="")
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--format", choices=["full", "sharded"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         _worker(args)
         return
-    out = Path(args.out or tempfile.mkdtemp(prefix="ckpt-bench-"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        __file__,
-        "--worker",
-        *sys.argv[1:],
-        "--out",
-        str(out),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
-    shutil.rmtree(out, ignore_errors=True)
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"{report['params'] / 1e6:.1f}M parameters, AdamW, 2 ranks (FSDP2, gloo)")
+    rows: dict[str, list[dict]] = {"full": [], "sharded": []}
+    for _ in range(args.pairs):
+        for name in rows:
+            out = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                __file__,
+                "--worker",
+                *sys.argv[1:],
+                f"--format={name}",
+                f"--out={out}",
+            ]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            result = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+            shutil.rmtree(out, ignore_errors=True)
+            rows[name].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    print(f"{rows['full'][0]['params'] / 1e6:.1f}M parameters, AdamW, 2 ranks (FSDP2, gloo)")
     print("| format | save s (median) | rank-0 peak MiB (median) | rank-1 peak MiB | on disk MiB |")
     print("|---|---|---|---|---|")
-    for name in ("full", "sharded"):
-        rows = [r for r in report["rows"] if r["format"] == name]
-        secs = statistics.median(r["seconds"] for r in rows)
-        peak0 = statistics.median(r["peak_mib"][0] for r in rows)
-        peak1 = statistics.median(r["peak_mib"][1] for r in rows)
-        disk = report["bytes"][name] / 2**20
-        print(f"| {name} | {secs:.2f} | {peak0:.0f} | {peak1:.0f} | {disk:.0f} |")
-    print("all saves:", json.dumps(report["rows"]))
+    for name, runs in rows.items():
+        secs = statistics.median(r["seconds"] for r in runs)
+        peak0 = statistics.median(r["peak_mib"][0] for r in runs)
+        peak1 = statistics.median(r["peak_mib"][1] for r in runs)
+        print(
+            f"| {name} | {secs:.2f} | {peak0:.0f} | {peak1:.0f} | {runs[0]['bytes'] / 2**20:.0f} |"
+        )
+    print("all saves:", json.dumps(rows))
 
 
 if __name__ == "__main__":

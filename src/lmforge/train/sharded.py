@@ -136,10 +136,19 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> t
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     model = ck.unwrap(model) if not hasattr(model, "set_requires_gradient_sync") else model
+    optim: dict[str, Any] = {"state": {}, "param_groups": []}
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}, {"param_groups": []}
-    weights, optim = get_state_dict(model, optimizer)
-    return {"model": weights, "optim": optim["state"]}, {"param_groups": optim["param_groups"]}
+        weights = get_model_state_dict(model)
+    else:
+        weights, optim = get_state_dict(model, optimizer)  # type: ignore[assignment]
+    if _tied(model):
+        weights.pop("lm_head.weight", None)  # stored once, under tok_emb.weight
+    tensors = {"model": weights, "optim": optim["state"]} if optimizer else {"model": weights}
+    return tensors, {"param_groups": optim["param_groups"]}
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(ck.unwrap(model), "cfg", None), "tie_embeddings", False))
 
 
 def _tmp_name(step: int) -> str:
@@ -251,6 +260,7 @@ def load_sharded(
     Collective when a process group exists. Everything is read before anything is set.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     read_index(path)
@@ -260,10 +270,12 @@ def load_sharded(
     try:
         with _one_process_quietly():
             dcp.load(tensors, storage_reader=_reader(path))
-    except Exception as exc:  # a missing key or a shape mismatch: DCP's CheckpointException
+    except (CheckpointException, RuntimeError, ValueError) as exc:  # missing key, other shape
         raise ck.CheckpointError(
             f"{path}: does not fit this model ({ck._first_line(exc)})"
         ) from None
+    if _tied(model):
+        tensors["model"]["lm_head.weight"] = tensors["model"]["tok_emb.weight"]
     target = model if hasattr(model, "set_requires_gradient_sync") else ck.unwrap(model)
     if optimizer is None or groups is None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -328,9 +340,6 @@ def consolidate(step_dir: Path | str, out: Path | str) -> Path:
     state = ck.verify_checkpoint(step_dir)
     sums = ck._read_json(step_dir / "checksums.json")
     weights, optim = read_full(step_dir)
-    config = state.get("config")
-    if isinstance(config, dict) and config.get("model", {}).get("tie_embeddings", False):
-        weights.pop("lm_head.weight", None)  # stored once, under tok_emb.weight
     extra = {
         name: (step_dir / name).read_bytes()
         for name in sums
