@@ -178,6 +178,13 @@ def test_sharded_checkpoint_resumes_and_consolidates_in_one_process(tokens, tmp_
     assert oa["param_groups"] == ob["param_groups"]
     for i, entry in oa["state"].items():
         assert all(torch.equal(entry[k], ob["state"][i][k]) for k in entry)
+    # Every stage loads the sharded folder too (gathered on demand), with the same weights.
+    from lmforge.model.transformer import Transformer
+    from lmforge.train.checkpoint import load_weights
+
+    model = Transformer(worker.job_config(job(tmp_path, tokens, "x")).model)
+    load_weights(model, step3 / "model.safetensors")
+    assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items() if k in a)
     # The consolidated folder is an ordinary checkpoint: a run resumes from it.
     worker.run_job(job(tmp_path, tokens, "from_consolidated", *SHORT, resume=str(out)))
     assert torch.equal(curve(tmp_path / "from_consolidated"), ref[3:])

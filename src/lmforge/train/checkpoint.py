@@ -137,9 +137,17 @@ def load_weights(model: nn.Module, path: Path | str, strict: bool = True) -> Non
     """Load safetensors weights into `model`; only tied duplicates may be missing.
 
     Shapes are compared before anything is copied: a mismatch leaves the model as it was.
+    `path` may also be ``model.safetensors`` of a sharded checkpoint folder (which has
+    none): its shards are then gathered in this process.
     """
     model = unwrap(model)
-    state = read_safetensors(path)
+    path = Path(path)
+    if not path.exists() and (path.parent / ".metadata").exists():
+        from lmforge.train.sharded import read_full  # a sharded checkpoint: gathered on demand
+
+        state = read_full(path.parent, weights_only=True)[0]
+    else:
+        state = read_safetensors(path)
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:

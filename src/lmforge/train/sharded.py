@@ -257,7 +257,9 @@ def load_sharded(
 ) -> None:
     """Load a sharded checkpoint into `model` (FSDP at any world size, or plain) and `optimizer`.
 
-    Collective when a process group exists. Everything is read before anything is set.
+    Collective when a process group exists. The small files are read first; DCP then
+    checks every key and shape against the index before it reads a byte of the shards,
+    so a checkpoint of another model leaves this one as it was.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -298,9 +300,12 @@ def _one_process_quietly() -> Iterator[None]:
         yield
 
 
-def read_full(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_full(
+    path: Path, weights_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The whole checkpoint in this process, without a process group: (weights by name,
-    optimizer state in the index-keyed layout of `Optimizer.state_dict()`)."""
+    optimizer state in the index-keyed layout of `Optimizer.state_dict()`, or {} when
+    `weights_only`)."""
     import torch.distributed.checkpoint as dcp
 
     from lmforge.train.parallel import _index_keyed
@@ -309,10 +314,13 @@ def read_full(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     flat = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") or not weights_only
     }
     with _one_process_quietly():
         dcp.load(flat, storage_reader=_reader(path), no_dist=True)
     weights = {k[len("model.") :]: v for k, v in flat.items() if k.startswith("model.")}
+    if weights_only:
+        return weights, {}
     groups = ck._from_json(ck._read_json(path / "optimizer.json"))
     fqns = {fqn for g in groups["param_groups"] for fqn in g["params"]}
     state: dict[str, dict[str, torch.Tensor]] = {}
