@@ -2,11 +2,15 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py JOBS.json
 
-JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill", "logits"}``
-run one after another in the same process group. ``kill = {"rank": R, "step": S}``
-makes rank R die by SIGKILL when it asks for the first batch of step S (a crash,
-as an out-of-memory kill would be). ``logits = PATH`` saves the trained model's logits
-on `fixed_tokens` there (rank 0).
+JOBS.json is a list of jobs ``{"run_dir", "tokens_dir", "overrides", "resume", "kill",
+"hang", "logits"}`` run one after another in the same process group. ``kill = {"rank": R,
+"step": S}`` makes rank R die by SIGKILL when it asks for the first batch of step S (a crash,
+as an out-of-memory kill would be), once: a marker file in the run folder keeps the
+workers that torchrun restarts (``--max-restarts``) alive; with ``resume = "auto"`` they
+continue from the newest checkpoint. (Not TORCHELASTIC_RESTART_COUNT: each agent counts
+its own restarts, and an agent restarted by another node's failure counts none.)
+``hang = {"rank": R, "step": S}`` makes rank R stop taking part (sleep) there.
+``logits = PATH`` saves the trained model's logits on `fixed_tokens` there (rank 0).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +54,33 @@ BASE_OVERRIDES = [
 
 
 class DieAt:
-    """A batch source that kills its own process at (rank, step): a crashed worker."""
+    """A batch source that kills its own process at (rank, step): a crashed worker.
 
-    def __init__(self, inner: TokenLoader, rank: int, step: int):
-        self.inner, self.rank, self.step = inner, rank, step
+    With `once` (a file), only if that file does not exist yet; it is created first."""
+
+    def __init__(self, inner: TokenLoader, rank: int, step: int, once: Path | None = None):
+        self.inner, self.rank, self.step, self.once = inner, rank, step, once
 
     def batch(self, step, micro, micro_batch_size, accum_steps, rank, world_size):
         if rank == self.rank and step == self.step:
+            if self.once is not None:
+                if self.once.exists():
+                    return self.inner.batch(
+                        step, micro, micro_batch_size, accum_steps, rank, world_size
+                    )
+                self.once.touch()
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner.batch(step, micro, micro_batch_size, accum_steps, rank, world_size)
+
+
+class HangAt(DieAt):
+    """A batch source whose process stops taking part at (rank, step): a hung worker."""
+
+    def batch(self, step, micro, micro_batch_size, accum_steps, rank, world_size):
+        if rank == self.rank and step == self.step:
+            print(f"rank {rank} hangs at step {step}", flush=True)
+            time.sleep(3600)
         return self.inner.batch(step, micro, micro_batch_size, accum_steps, rank, world_size)
 
 
@@ -78,7 +101,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     model = Transformer(cfg.model)
     data: Any = TokenLoader(job["tokens_dir"], "train", cfg.model.context_length, cfg.train.seed)
     if job.get("kill"):
-        data = DieAt(data, job["kill"]["rank"], job["kill"]["step"])
+        once = Path(job["run_dir"]) / "killed-once" if job["kill"].get("once") else None
+        data = DieAt(data, job["kill"]["rank"], job["kill"]["step"], once)
+    if job.get("hang"):
+        data = HangAt(data, job["hang"]["rank"], job["hang"]["step"])
     trainer = Trainer(cfg, model, job["run_dir"], data)
     result = trainer.fit(resume=job.get("resume", ""))
     if job.get("logits"):  # the trained (possibly parallel) model's logits on fixed tokens
@@ -121,7 +147,7 @@ def make_tokens(out_dir: Path, text: str) -> Path:
 def main() -> None:
     torch.set_num_threads(1)
     jobs = json.loads(Path(sys.argv[1]).read_text())
-    init_distributed(torch.device("cpu"), timeout_s=60)
+    init_distributed(torch.device("cpu"), timeout_s=job_config(jobs[0]).train.dist_timeout_s)
     for job in jobs:
         run_job(job)
     if dist_info().world_size > 1:

@@ -398,3 +398,13 @@ def test_plan_says_when_tp_is_needed_and_prints_the_formula(capsys):
     # A model that fits with FSDP alone gets no TP advice.
     assert main(["plan", "--preset", "llama-8b", "--gpus", "8xH100", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tensor_parallel"] == {}
+
+
+def test_sharded_checkpoints_are_refused_with_tensor_parallelism():
+    """Sharded (DCP) checkpoints would keep TP's reordered q/k/v rows: refused until they
+    restore the standard layout as gathered checkpoints do."""
+    from lmforge.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="checkpoint_format"):
+        load_config(None, ["train.parallel=tp", "train.checkpoint_format=sharded"])
+    load_config(None, ["train.parallel=fsdp", "train.checkpoint_format=sharded"])

@@ -31,6 +31,7 @@ EXTRA_COMMAND_MODULES: list[str] = [
     "lmforge.bias.cli",
     "lmforge.doctor",
     "lmforge.sweep.cli",
+    "lmforge.train.checkpoint_cli",
 ]
 
 

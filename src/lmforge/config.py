@@ -355,6 +355,10 @@ class TrainConfig:
     fsdp_cpu_offload: bool = False  # keep sharded weights, grads and optimizer state on CPU
     # A collective waiting longer than this (a dead or stuck rank) fails the job.
     dist_timeout_s: float = num(600.0, gt=0, le=30 * 86_400)
+    # "full": rank 0 gathers and writes one model.safetensors (read by every stage);
+    # "sharded": every rank writes its own shards in parallel (torch.distributed.checkpoint),
+    # resumable at any world size; `lmforge checkpoint consolidate` makes it "full".
+    checkpoint_format: Literal["full", "sharded"] = "full"
 
 
 @dataclass
@@ -1078,6 +1082,16 @@ def _bpe_vocab_fits_bytes(cfg: Config) -> Problem:
     return None
 
 
+def _sharded_checkpoints_without_tp(cfg: Config) -> Problem:
+    t = cfg.train
+    if t.checkpoint_format == "sharded" and t.parallel in ("tp", "fsdp+tp"):
+        return "train.checkpoint_format", (
+            f"= sharded is not available with train.parallel = {t.parallel} yet (its shards "
+            "would keep tensor parallelism's row order); use train.checkpoint_format=full"
+        )
+    return None
+
+
 def _rope_scaling_ramp(cfg: Config) -> Problem:
     m = cfg.model
     if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
@@ -1099,6 +1113,7 @@ CROSS_KEY_RULES = (
     _prepare_consistent,
     _bpe_vocab_fits_bytes,
     _rope_scaling_ramp,
+    _sharded_checkpoints_without_tp,
 )
 
 

@@ -137,9 +137,17 @@ def load_weights(model: nn.Module, path: Path | str, strict: bool = True) -> Non
     """Load safetensors weights into `model`; only tied duplicates may be missing.
 
     Shapes are compared before anything is copied: a mismatch leaves the model as it was.
+    `path` may also be ``model.safetensors`` of a sharded checkpoint folder (which has
+    none): its shards are then gathered in this process.
     """
     model = unwrap(model)
-    state = read_safetensors(path)
+    path = Path(path)
+    if not path.exists() and (path.parent / ".metadata").exists():
+        from lmforge.train.sharded import read_full  # a sharded checkpoint: gathered on demand
+
+        state = read_full(path.parent, weights_only=True)[0]
+    else:
+        state = read_safetensors(path)
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if wrong:
@@ -489,12 +497,14 @@ def _write_checkpoint_files(
     state: dict[str, Any],
     extra_files: dict[str, bytes],
     current: list[Path],
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> None:
+    """`rng`: RNG states to store (a consolidated checkpoint's); default this process's."""
     tmp.mkdir()
     if isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer.state_dict()
     opt_tensors, opt_meta = optimizer_files(optimizer or {})
-    rng_tensors, rng_meta = rng_files()
+    rng_tensors, rng_meta = rng if rng is not None else rng_files()
     full_state = dict(
         state, step=step, lmforge_version=__version__, torch_version=torch.__version__
     )
@@ -543,7 +553,13 @@ def verify_checkpoint(path: Path | str) -> dict[str, Any]:
     sums = _read_json(sums_path)
     if not isinstance(sums, dict):
         raise CheckpointError(f"{sums_path}: corrupt (not a mapping of file name to sha256)")
-    expected = LEGACY_FILES if "optimizer.pt" in sums or "rng.pt" in sums else CKPT_FILES
+    from lmforge.train.sharded import SHARDED_FILES
+
+    expected: tuple[str, ...] = (
+        LEGACY_FILES if "optimizer.pt" in sums or "rng.pt" in sums else CKPT_FILES
+    )
+    if ".metadata" in sums or (path / ".metadata").exists():  # sharded (`lmforge.train.sharded`)
+        expected = SHARDED_FILES
     unlisted = [name for name in expected if name not in sums]
     if unlisted:  # every file that gets loaded must be covered by a checksum
         raise CheckpointError(f"{sums_path}: corrupt (no checksum for {', '.join(unlisted)})")
@@ -606,6 +622,11 @@ def load_checkpoint(
     if check is not None:
         check(state)
     from lmforge.train.parallel import is_sharded, load_full_state
+    from lmforge.train.sharded import is_sharded_checkpoint, load_sharded
+
+    if is_sharded_checkpoint(path):  # written by every rank; DCP reshards to this world size
+        load_sharded(path, model, optimizer, restore_rng)
+        return state
 
     optim_state = read_optimizer_state(path, log) if optimizer is not None else None
     rng = read_rng_state(path, log) if restore_rng else None

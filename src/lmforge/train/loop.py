@@ -113,6 +113,7 @@ RESUME_FREE = (
             "threads",
             "cpu_processes",
             "dist_timeout_s",
+            "checkpoint_format",
             "peak_flops",
             "max_bad_steps",
         ]
@@ -417,6 +418,20 @@ class Trainer:
                 self._diverged(f"after step {self.step} the weights are non-finite", broken=True)
             )
         path = None
+        if self.cfg.train.checkpoint_format == "sharded":  # every rank writes its shards
+            from lmforge.train.sharded import save_sharded
+
+            t = self.cfg.train
+            state = self.state()
+            return save_sharded(
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                state,
+                t.keep_last,
+                self.extra_files,
+            )
         # Under FSDP every rank takes part in gathering the full state to rank 0.
         model_state, optim_state = full_state(self.model, self.optimizer)
         if self.dist.is_main:

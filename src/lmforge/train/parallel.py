@@ -364,9 +364,44 @@ def as_rank_failure(exc: BaseException, run_dir: Path) -> RankFailure | None:
     signs = ("connection", "peer", "timed out", "timeout", "gloo", "nccl", "broken pipe")
     if not (isinstance(exc, tdist.DistError) or any(s in text for s in signs)):
         return None
+    silent = silent_ranks(info.rank, info.world_size)
+    who = (
+        f" Rank(s) {', '.join(map(str, silent))} did not report the failure within "
+        f"{SILENT_WAIT_S:.0f}s: those died or hung."
+        if silent
+        else ""
+    )
     return RankFailure(
         f"rank {info.rank} of {info.world_size}: a collective operation failed "
         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Another rank "
-        f"has probably died or hung, so this job stops. The newest checkpoint in "
+        f"has probably died or hung, so this job stops.{who} The newest checkpoint in "
         f"{run_dir / 'checkpoints'} is intact: rerun with --resume auto, on any number of processes."
     )
+
+
+# How long a rank whose collective failed waits for the others to say the same. Short:
+# the launcher stops the survivors (SIGTERM, then SIGKILL) soon after one worker ends.
+SILENT_WAIT_S = 3.0
+
+
+def silent_ranks(rank: int, world_size: int, wait_s: float = SILENT_WAIT_S) -> list[int]:
+    """After a failed collective: the ranks that do not report a failure of their own.
+
+    Every rank that sees the collective fail writes a key into the process group's
+    store (the launcher's, which outlives any one worker). A rank that died, or that
+    hangs outside the collective, never writes it, and so is named. Empty when every
+    rank reported, or when the store cannot be reached.
+    """
+    import time
+
+    try:
+        store = tdist.distributed_c10d._get_default_store()
+        store.set(f"lmforge/collective_failed/{rank}", "1")
+        missing = [r for r in range(world_size) if r != rank]
+        deadline = time.monotonic() + wait_s
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in missing if not store.check([f"lmforge/collective_failed/{r}"])]
+            time.sleep(0.1)
+        return missing
+    except Exception:  # no store, or the store went away with its host: say nothing
+        return []
