@@ -7,6 +7,7 @@
 | mc            | JSONL `{context, choices, label}`           | acc, acc_norm, acc_bytes                 |
 | translation   | parallel text prefix (shared multi30k val)  | bleu, chrf (sacrebleu)                   |
 | summarization | SciTLDR-style JSONL (shared scitldr dev)    | rouge1, rouge2, rougeL, rougeLsum        |
+| creative      | JSONL `{prompt, continuation, style?}` (built-in test split of the books) | perplexity, distinct_n, self_bleu, repetition_4 (`eval.creative`) |
 
 Generation tasks prompt in the chat format of the fine-tuning task of the same
 name (`lmforge.finetune.tasks`).
@@ -25,7 +26,7 @@ from lmforge.tokenizer import Tokenizer
 if TYPE_CHECKING:  # torch is imported by the tasks that run, not by `lmforge --help`
     from torch import nn
 
-TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization")
+TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization", "creative")
 
 
 @dataclass
@@ -57,6 +58,10 @@ def run_task(model: nn.Module, tok: Tokenizer, task: str, opts: TaskOptions) -> 
     """Evaluate `model` on one named task (see the module table)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    if task == "creative":
+        from lmforge.eval.creative import run_creative
+
+        return run_creative(model, tok, opts.data, opts)
     data = opts.data or default_data(task)
     if task == "ppl":
         return _ppl(model, tok, data, opts)
