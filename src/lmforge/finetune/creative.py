@@ -37,9 +37,12 @@ if TYPE_CHECKING:
     from lmforge.config import Config
 
 DEFAULT_SOURCES = ["shared:gutenberg", "shared:tinyshakespeare/input.txt"]
-OPENING_CHARS = 240
-CONTINUATION_CHARS = 280
-MAX_PIECE_CHARS = 360
+# An opening of 200+ characters and a continuation of 240+, in pieces of at most 240: an
+# example of about 700 characters (≈ 220 BPE tokens of a 4,096 vocabulary) fits a
+# context of 256 with its prompt whole.
+OPENING_CHARS = 200
+CONTINUATION_CHARS = 240
+MAX_PIECE_CHARS = 240
 # Gutenberg prose is wrapped at about 70 characters; verse and speaker lines are shorter.
 SHORT_LINE = 50
 SPLITS = ("train", "val", "test")
