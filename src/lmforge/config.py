@@ -396,10 +396,11 @@ class BiasConfig:
 class FinetuneConfig:
     """Fine-tuning: task data, starting point and method; see `lmforge.finetune`."""
 
-    # instruction | chat | summarization | translation | code-docstring | text
+    # instruction | chat | summarization | translation | code-docstring | creative | text
     task: str = "code-docstring"
     # JSONL / CSV / Parquet files, or parallel-text prefixes (PREFIX.{source_lang,target_lang});
-    # "shared:REL" is read from the shared data folder. Empty for code-docstring (built-in).
+    # "shared:REL" is read from the shared data folder. Empty for code-docstring and
+    # creative (built-in).
     train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)
     test_files: list[str] = field(default_factory=list)

@@ -237,6 +237,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
         }
     data["eval"] = _read_json(run_dir / "eval" / "eval.json")
     data["samples"] = _read_json(run_dir / "eval" / "samples.json")
+    data["eval_outputs"] = _read_jsonl(run_dir / "eval" / "eval_outputs.jsonl")
     data["bias"] = _read_json(run_dir / "bias" / "bias.json")
     data["arena"] = {p.stem: _read_csv(p) for p in sorted((run_dir / "arena").glob("*.csv"))}
     data["export"] = (stages.get("export") or {}).get("summary")
@@ -365,11 +366,45 @@ def headline(data: dict[str, Any]) -> str:
                 text += f"; warning: {flag}"
             rows.append((f"{label}: {bench}", text))
     parts = [_table(rows, ("figure", "value"))] if rows else ["<p>No figures in this run.</p>"]
+    parts.append(creative_block(data))
     for label, texts in (data.get("samples") or {}).items():
         if texts:
             parts.append(
                 f"<h3>A sample ({html.escape(label)})</h3><pre>{html.escape(texts[0])}</pre>"
             )
+    return "".join(parts)
+
+
+CREATIVE_ROWS = {
+    "perplexity": "held-out perplexity of the continuations",
+    "bits_per_byte": "bits/byte of the continuations",
+    "distinct_1": "distinct-1 (samples)",
+    "distinct_2": "distinct-2",
+    "distinct_3": "distinct-3",
+    "self_bleu": "self-BLEU (lower = more diverse)",
+    "repetition_4": "4-gram repetition within a sample",
+    "length_words": "sample length (words)",
+}
+
+
+def creative_block(data: dict[str, Any]) -> str:
+    """Creative-writing figures, one column per model, and the first prompts' samples."""
+    cols: dict[str, dict[str, str]] = {}
+    for c in (data.get("eval") or {}).get("checkpoints", []):
+        got = {r["metric"]: _result_text(r) for r in c["results"] if r["task"] == "creative"}
+        if got:
+            cols[c["checkpoint"].split(":")[0]] = got
+    if not cols:
+        return ""
+    rows = [[label] + [cols[m].get(key, "") for m in cols] for key, label in CREATIVE_ROWS.items()]
+    parts = ["<h3>Creative writing</h3>", _grid(["figure", *cols], rows)]
+    outs = [o for o in data.get("eval_outputs") or [] if o.get("task") == "creative"]
+    for index in sorted({o["index"] for o in outs})[:2]:
+        same = [o for o in outs if o["index"] == index]
+        text = f"{same[0]['source']}\n\n--- held-out continuation:\n{same[0]['references'][0]}"
+        for o in same:
+            text += f"\n\n--- {o['checkpoint'].split(':')[0]}:\n{o['hypothesis']}"
+        parts.append(f"<h3>Creative sample {index}</h3><pre>{html.escape(text)}</pre>")
     return "".join(parts)
 
 

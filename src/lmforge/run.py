@@ -236,6 +236,10 @@ def stage_eval(cfg: Config, run_dir: Path) -> dict[str, Any]:
                     Result("ppl", "loss", res.loss, n, res.loss_stderr()),
                     Result("ppl", "perplexity", res.perplexity, n, res.perplexity_stderr()),
                 ]
+            elif task == "creative":
+                from lmforge.eval.creative import run_options
+
+                results += run_task(model, tok, task, run_options(cfg, run_dir))
             else:
                 results += run_task(model, tok, task, TaskOptions(limit=cfg.eval.limit))
         runs.append(CheckpointResults(f"{label}: {ckpt}", results))

@@ -13,9 +13,9 @@ from lmforge.model_source import CHECKPOINT_HELP
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Evaluate checkpoints on tasks (ppl, hellaswag, mc, translation, summarization); write eval.json.
+    """Evaluate checkpoints on tasks (ppl, hellaswag, mc, translation, summarization, creative).
 
-    Several --checkpoint and --task flags may be given; results print as one
+    Writes eval.json. Several --checkpoint and --task flags may be given; results print as one
     table with a column per checkpoint. Examples:
 
       lmforge eval --checkpoint runs/quickstart --task hellaswag --limit 500

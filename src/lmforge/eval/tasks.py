@@ -7,6 +7,7 @@
 | mc            | JSONL `{context, choices, label}`           | acc, acc_norm, acc_bytes                 |
 | translation   | parallel text prefix (shared multi30k val)  | bleu, chrf (sacrebleu)                   |
 | summarization | SciTLDR-style JSONL (shared scitldr dev)    | rouge1, rouge2, rougeL, rougeLsum        |
+| creative      | JSONL `{prompt, continuation, style?}` (built-in test split of the books) | perplexity, distinct_n, self_bleu, repetition_4 (`eval.creative`) |
 
 Generation tasks prompt in the chat format of the fine-tuning task of the same
 name (`lmforge.finetune.tasks`).
@@ -26,7 +27,7 @@ from lmforge.tokenizer import Tokenizer
 if TYPE_CHECKING:  # torch is imported by the tasks that run, not by `lmforge --help`
     from torch import nn
 
-TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization")
+TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization", "creative")
 # Any task of lm-evaluation-harness, run through `lmforge.eval.lm_eval_bridge`.
 LM_EVAL_PREFIX = "lm-eval:"
 
@@ -82,6 +83,10 @@ def run_task(model: nn.Module, tok: Tokenizer, task: str, opts: TaskOptions) -> 
     check_task(task)
     if task.startswith(LM_EVAL_PREFIX):
         return _lm_eval(model, tok, task[len(LM_EVAL_PREFIX) :], opts)
+    if task == "creative":
+        from lmforge.eval.creative import run_creative
+
+        return run_creative(model, tok, opts.data, opts)
     data = opts.data or default_data(task)
     if task == "ppl":
         return _ppl(model, tok, data, opts)

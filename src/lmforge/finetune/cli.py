@@ -12,7 +12,7 @@ from lmforge.model_source import CHECKPOINT_HELP
 
 def cmd_finetune(args, overrides) -> int:
     """Fine-tune a checkpoint or HF model folder on a task (instruction, chat, summarization,
-    translation, code-docstring, text), fully or with LoRA; --resume auto continues a run.
+    translation, code-docstring, creative, text), fully or with LoRA; --resume auto continues a run.
 
     Examples:
       lmforge finetune finetune-multi30k
@@ -74,7 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe", nargs="?", default=None, help="recipe file or built-in name")
     p.add_argument("--checkpoint", default="", help=CHECKPOINT_HELP + " to start from")
     p.add_argument(
-        "--task", default="", help="instruction|chat|summarization|translation|code-docstring|text"
+        "--task",
+        default="",
+        help="instruction|chat|summarization|translation|code-docstring|creative|text",
     )
     p.add_argument("--method", default="", choices=["", "full", "lora"])
     p.add_argument(

@@ -66,13 +66,17 @@ def resolve_spec(spec: str) -> str:
 
 
 def task_files(cfg: Config, run_dir: Path) -> dict[str, list[str]]:
-    """Train/val/test data specs of the task (the code-docstring task builds its own)."""
+    """Train/val/test data specs of the task (code-docstring and creative build their own)."""
     fc = cfg.finetune
     if fc.task == "code-docstring" and not fc.train_files:
         from lmforge.finetune.code_docstring import build_code_docstring
 
         paths = build_code_docstring(run_dir / "task_data")
         return {s: [str(p)] for s, p in paths.items()}
+    if fc.task == "creative" and not fc.train_files:
+        from lmforge.finetune.creative import builtin_creative
+
+        return builtin_creative(cfg, run_dir / "task_data")
     if not fc.train_files:
         raise ConfigError(f"finetune.train_files is empty (task '{fc.task}' needs data files)")
     return {

@@ -133,6 +133,24 @@ def _code_docstring(r: Record) -> Turns:
     return [("user", r.text("code")), ("assistant", r.text("docstring"))]
 
 
+# Styles that read as "Continue the <style>."; any other style text is the instruction itself.
+CREATIVE_STYLES = ("story", "scene", "poem", "sonnet", "song", "play", "tale", "verse")
+
+
+def creative_instruction(style: str) -> str:
+    style = style.strip()
+    return f"Continue the {style}." if style.lower() in CREATIVE_STYLES else style
+
+
+def _creative(r: Record) -> Turns:
+    """User: the style as an instruction (if any), a blank line, the opening; assistant: what follows."""
+    prompt = r.text("prompt")
+    style = r.text("style", allow_empty=True) if r.data.get("style") is not None else ""
+    if style.strip():
+        prompt = f"{creative_instruction(style)}\n\n{prompt}"
+    return [("user", prompt), ("assistant", r.text("continuation"))]
+
+
 TASKS: dict[str, TaskFormat] = {
     "instruction": TaskFormat(
         "instruction",
@@ -167,6 +185,14 @@ TASKS: dict[str, TaskFormat] = {
         reference=lambda r: r.text("docstring"),
         metric="rouge",
         description="function code (docstring removed) → its docstring; built from python-stdlib",
+    ),
+    "creative": TaskFormat(
+        "creative",
+        ("prompt", "continuation"),
+        _creative,
+        reference=lambda r: r.text("continuation"),
+        description="{prompt: an opening, continuation: what follows, style?}; built from "
+        "the shared books and tinyshakespeare",
     ),
     "text": TaskFormat(
         "text", ("text",), lambda r: [], description="{text}: continued pre-training"
