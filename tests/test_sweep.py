@@ -129,9 +129,15 @@ def test_web_app_run_page_shows_the_sweep(lr_sweep, tmp_path):
     from serve_helpers import ORGANISER_TOKEN, csrf_of
 
     from lmforge.serve import create_app
+    from lmforge.serve.security import SecuritySettings
 
     sweep_dir, data, _ = lr_sweep
-    app = create_app(sweep_dir.parent, db_path=tmp_path / "s.db", organiser_token=ORGANISER_TOKEN)
+    app = create_app(
+        sweep_dir.parent,
+        db_path=tmp_path / "s.db",
+        organiser_token=ORGANISER_TOKEN,
+        security=SecuritySettings(allowed_hosts=["testserver"]),  # TestClient's Host
+    )
     with TestClient(app) as client:
         csrf = csrf_of(client.get("/login").text)
         client.post("/login", data={"token": ORGANISER_TOKEN, "csrf": csrf})
@@ -237,6 +243,8 @@ def test_a_data_key_reprepares_and_retokenizes_only_per_value(tmp_path):
         "prepare.repetition=false",
         "run.stages=[prepare,tokenizer,tokenize,pretrain,eval]",
     )
+    # A recipe that prepares its own data trains on what it prepared: no data.sources.
+    overrides = [o for o in overrides if not o.startswith("data.sources=")]
     path = space(
         tmp_path,
         "params:\n  prepare.min_chars: [100, 1990]\n  train.lr: [1.0e-3, 3.0e-3]\n"

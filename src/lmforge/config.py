@@ -929,8 +929,12 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
         cfg = _build(Config, _merge(to_dict(cfg), parse_overrides(overrides)), "", "command line")
         where = f"{where} with command-line overrides"
     apply_preset(cfg, data, overrides or [])
-    explicit = "sources" in (data.get("data") or {}) or "sources" in (
-        parse_overrides(overrides or []).get("data") or {}
+    # data.sources given on purpose: on the command line, or in the recipe unless the
+    # command line is what adds the prepare stage (then the prepared shards replace it).
+    cli = parse_overrides(overrides or [])
+    adds_prepare = "sources" in (cli.get("prepare") or {}) or "stages" in (cli.get("run") or {})
+    explicit = "sources" in (cli.get("data") or {}) or (
+        "sources" in (data.get("data") or {}) and not adds_prepare
     )
     derive_data_sources(cfg, explicit, where)
     validate(cfg, where)

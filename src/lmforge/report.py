@@ -738,7 +738,7 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     sections, plots = build_sections(data)
     from lmforge.sweep.report import trial_note  # a trial of `lmforge sweep` says so
 
-    sections["Summary"] = trial_note(run_dir) + sections.get("Summary", "")
+    sections["Headline"] = trial_note(run_dir) + sections.get("Headline", "")
     title = f"lmforge run: {run_dir.name}"
     out_html = run_dir / "report.html"
     tmp = out_html.with_suffix(".html.tmp")

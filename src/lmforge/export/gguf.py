@@ -365,7 +365,7 @@ def open_llama_cpp(path: str | Path, n_ctx: int, n_threads: int = 1, f32_cache: 
         p.use_extra_bufts = False
         return p
 
-    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
+    cache: dict[str, Any] = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
     llama_cpp.llama_cpp.llama_model_default_params = params  # read inside Llama.__init__
     try:
         return llama_cpp.Llama(

@@ -92,17 +92,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def retry_dead_trials(study: Any) -> int:
-    """Mark RUNNING trials whose process on this machine is gone as FAIL; enqueue their values."""
+_LOCKS: list[Any] = []  # each sweep process's shared lock on its folder, held until exit
+
+
+def hold_sweep_lock(sweep_dir: Path) -> bool:
+    """Take a shared lock on the sweep folder for this process's lifetime; True when no other
+    sweep process held it (then no trial of the study can be running anywhere but here)."""
+    import fcntl
+
+    handle = open(sweep_dir / ".sweep.lock", "a+")  # noqa: SIM115 (kept open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except OSError:
+        alone = False
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    _LOCKS.append(handle)
+    return alone
+
+
+def _dead(t: Any, alone: bool) -> bool:
+    host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
+    if not pid:  # killed between asking for the trial and recording its owner
+        return alone
+    return host == socket.gethostname() and not _alive(int(pid))
+
+
+def retry_dead_trials(study: Any, alone: bool = False) -> int:
+    """Mark RUNNING trials whose process is gone as FAIL (and as died, so they do not count
+    against the budget); enqueue their values again. A trial with no owner recorded is dead
+    only when no other sweep process holds the folder (`hold_sweep_lock`)."""
     from optuna.trial import TrialState
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-        if host != socket.gethostname() or not pid or _alive(int(pid)):
+        if not _dead(t, alone):
             continue
+        study._storage.set_trial_user_attr(t._trial_id, "died", True)
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         print0(f"[sweep] trial {t.number} died with its process; its values will run again")
         n += 1
     return n
@@ -115,7 +144,13 @@ def _used(study: Any) -> int:
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    return sum(1 for t in trials if t.state != TrialState.WAITING and t.number not in retried)
+    return sum(
+        1
+        for t in trials
+        if t.state != TrialState.WAITING
+        and t.number not in retried
+        and not t.user_attrs.get("died")
+    )
 
 
 def _suggest(trial: Any, spec: SweepSpec) -> dict[str, Any]:
@@ -191,7 +226,7 @@ def optimize(spec: SweepSpec, recipe: str | None, overrides: list[str], sweep_di
     from lmforge.sweep.report import rows_from_study, write_sweep_json
 
     study = open_study(spec, sweep_dir)
-    retry_dead_trials(study)
+    retry_dead_trials(study, alone=hold_sweep_lock(sweep_dir))
     if spec.include_recipe:
         study.enqueue_trial(recipe_values(spec, recipe, overrides), skip_if_exists=True)
     if spec.sampler == "grid":
