@@ -120,7 +120,7 @@ def read_index(path: Path) -> Any:
         for k, v in metadata.state_dict_metadata.items()
         if not isinstance(v, TensorStorageMetadata)
     ]
-    if other:  # DCP would torch.load(weights_only=False) them
+    if other:  # DCP would unpickle them with no restriction
         raise ck.CheckpointError(
             f"{path / INDEX}: holds non-tensor entries ({', '.join(other[:3])}); "
             "lmforge writes only tensors there"
