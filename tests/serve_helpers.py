@@ -101,3 +101,19 @@ def sign_in(client, token: str = ORGANISER_TOKEN) -> str:
     r = client.post("/login", data={"token": token, "csrf": csrf})
     assert r.status_code == 200 and "Human-evaluation arena" in r.text, r.text[:500]
     return csrf
+
+
+class BodyMeter:
+    """ASGI wrapper counting the request-body bytes the app pulled from the server (reset
+    `read` before each request to measure one)."""
+
+    def __init__(self, app):
+        self.app, self.read = app, 0
+
+    async def __call__(self, scope, receive, send):
+        async def counted():
+            message = await receive()
+            self.read += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)

@@ -227,28 +227,13 @@ def test_recipe_yaml_cannot_build_python_objects(tmp_path):
 # Each test below goes through HTTP; SECURITY.md names them next to the defence they check.
 
 from fastapi.testclient import TestClient  # noqa: E402
-from serve_helpers import ORGANISER_TOKEN, LiveServer, csrf_of, sign_in  # noqa: E402
+from serve_helpers import ORGANISER_TOKEN, BodyMeter, LiveServer, csrf_of, sign_in  # noqa: E402
 
 from lmforge.serve import create_app  # noqa: E402
 from lmforge.serve.security import SecuritySettings  # noqa: E402
 from lmforge.serve.store import StudySettings  # noqa: E402
 
 BIG = 20 * 2**20  # far over every route's limit, small enough to send in a second
-
-
-class BodyMeter:
-    """ASGI wrapper counting the request-body bytes the app pulled from the server."""
-
-    def __init__(self, app):
-        self.app, self.read = app, 0
-
-    async def __call__(self, scope, receive, send):
-        async def counted():
-            message = await receive()
-            self.read += len(message.get("body", b""))
-            return message
-
-        await self.app(scope, counted, send)
 
 
 def web_app(tmp_path, **security):

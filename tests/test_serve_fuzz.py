@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from serve_helpers import ORGANISER_TOKEN, csrf_of, sign_in
+from serve_helpers import ORGANISER_TOKEN, BodyMeter, csrf_of, sign_in
 
 from lmforge.serve import create_app
 from lmforge.serve.security import (
@@ -36,21 +36,6 @@ FUZZ = settings(
     max_examples=150,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-class BodyMeter:
-    """ASGI wrapper keeping the largest number of body bytes the app pulled for one request."""
-
-    def __init__(self, app):
-        self.app, self.read = app, 0
-
-    async def __call__(self, scope, receive, send):
-        async def counted():
-            message = await receive()
-            self.read += len(message.get("body", b""))
-            return message
-
-        await self.app(scope, counted, send)
 
 
 @pytest.fixture(scope="module")
