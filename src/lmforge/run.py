@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from typing import Any
 
 from lmforge import __version__
 from lmforge.config import RUN_STAGES, Config, dump_yaml, load_config, to_dict
+from lmforge.fileio import write_json_atomic
 from lmforge.train.dist import print0
 
 # Bump when a stage's outputs change meaning, so old run folders are recomputed.
@@ -66,14 +66,6 @@ def _pick(cfg: Config, section: str) -> Any:
     for part in section.split("."):
         node = node[part]
     return node
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def stage_config(cfg: Config, run_dir: Path) -> Config:

@@ -61,17 +61,12 @@ from lmforge.data.steps import (
     build_steps,
     doc_example,
 )
+from lmforge.fileio import fsync_replace, write_json_atomic
 
 ZSTD_LEVEL = 3
 STATE = "_state"
 
 # ----------------------------------------------------------------------------- files
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
 
 
 class ShardWriter:
@@ -99,19 +94,13 @@ class ShardWriter:
     def close(self) -> None:
         try:
             self.zfh.close()  # also closes self.raw
-            _fsync_replace(self.tmp, self.path)
+            fsync_replace(self.tmp, self.path)
         except OSError as exc:
             raise self._write_error(exc) from exc
 
     def _write_error(self, exc: OSError) -> OSError:
         """Disk full (or similar): name the file; the task stays unfinished and reruns."""
         return OSError(exc.errno, f"{exc.strerror or exc} while writing", str(self.tmp))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    _fsync_replace(tmp, path)
 
 
 def read_shard(path: Path) -> Iterator[Document]:

@@ -250,7 +250,7 @@ def render_markdown(r: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    from lmforge.data.pipeline import write_json_atomic
+    from lmforge.fileio import write_json_atomic
 
     write_json_atomic(out / "data_report.json", report)
     tmp = out / "data_report.md.tmp"

@@ -19,19 +19,15 @@ stderr, name what is skipped: empty files, and unsupported files inside a folder
 
 from __future__ import annotations
 
-import bz2
 import glob
-import gzip
-import io
 import json
-import lzma
 import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 from lmforge.data.document import Document
+from lmforge.fileio import COMPRESSED, open_binary, open_text  # noqa: F401  (re-exported)
 
 # Standard-library folders that are test suites, vendored code or data, not library source.
 STDLIB_SKIP = {
@@ -102,36 +98,6 @@ def iter_stdlib() -> Iterator[Document]:
     for path in stdlib_files():
         rel = path.relative_to(root).as_posix()
         yield read_text_file(path, f"python-stdlib/{rel}", "python-stdlib", "PSF-2.0")
-
-
-COMPRESSED = (".gz", ".zst", ".bz2", ".xz")
-
-
-def open_binary(path: Path) -> IO[bytes]:
-    """Open a file for reading bytes, decompressing gzip / zstd / bz2 / xz by name.
-
-    The one opener of user files: `prepare`, data sources, eval, fine-tuning and bias data.
-    """
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".zst"):
-        import zstandard
-
-        # The zstd reader has no readline; a BufferedReader on top gives it one.
-        raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb"))
-        return io.BufferedReader(raw)  # type: ignore[arg-type]
-    if name.endswith(".bz2"):
-        return bz2.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".xz"):
-        return lzma.open(path, "rb")  # type: ignore[return-value]
-    return path.open("rb")
-
-
-def open_text(path: str | Path, newline: str | None = None) -> IO[str]:
-    """`open_binary` as UTF-8 text (invalid bytes become U+FFFD); CSV readers pass newline=""."""
-    raw = open_binary(Path(path))
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=newline)
 
 
 def iter_jsonl(path: Path, text_field: str = "text") -> Iterator[Document]:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import RUN_STAGES, Config
-from lmforge.run import STAGES, stage_keys, write_json_atomic
+from lmforge.fileio import write_json_atomic
+from lmforge.run import STAGES, stage_keys
 
 
 def recipe_keys(cfg: Config) -> dict[str, str]:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import dump_yaml
+from lmforge.fileio import write_json_atomic
 from lmforge.report import _grid, _html_to_markdown, _plot, _read_jsonl
-from lmforge.run import write_json_atomic
 from lmforge.sweep.space import SweepSpec
 from lmforge.sweep.trial import trial_config
 
