@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints of `lmforge serve`: /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible API of `lmforge serve` (routes in `routes/api.py`): requests, batching, responses.
 
 Tools that speak the OpenAI API (the `openai` client, LangChain, editors) reach any
 checkpoint under the runs folder; the model id is the checkpoint's path relative to
@@ -31,14 +31,13 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from lmforge.serve.models import ModelPool, find_checkpoints, prompt_ids
+from lmforge.serve.models import ModelPool
 
 MAX_TOKENS = 4096
 BATCH_WINDOW_S = 0.01  # how long the batcher waits for companions of a first request
@@ -47,7 +46,7 @@ BATCH_WINDOW_S = 0.01  # how long the batcher waits for companions of a first re
 # ----------------------------------------------------------------------------- requests
 
 
-class _Sampling(BaseModel):
+class SamplingRequest(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -59,7 +58,7 @@ class _Sampling(BaseModel):
     user: str | None = None
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str]
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS)
 
@@ -69,7 +68,7 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=200)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
@@ -219,7 +218,7 @@ class Batcher:
 # ----------------------------------------------------------------------------- responses
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -237,122 +236,18 @@ def openai_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": error}, status_code=status)
 
 
-def bearer_token(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
-
-class OpenAIRoutes:
-    """The /v1 handlers over `runs_root`'s checkpoints, with one `Batcher` for them all."""
-
-    def __init__(self, pool: ModelPool, runs_root: Path, store: Any):
-        self.pool, self.runs_root, self.store = pool, runs_root, store
-        self.batcher = Batcher(pool)
-
-    def authorise(self, request: Request) -> None:
-        if not self.store.is_organiser(bearer_token(request)):
-            raise HTTPException(401, "Send Authorization: Bearer <organiser token of this server>.")
-
-    def tokenizer_of(self, name: str) -> Any:
-        if name not in set(find_checkpoints(self.runs_root)):
-            raise HTTPException(
-                404, f"The model {name!r} does not exist (GET /v1/models lists them)."
-            )
-        return self.pool.get(name).tokenizer
-
-    def submit(
-        self, body: _Sampling, prompts: list[list[int]], max_tokens: int, stop_ids: set[int]
-    ):
-        stop = stop_strings(body.stop)
-        return [
-            self.batcher.submit(
-                Job(
-                    body.model,
-                    ids,
-                    max_tokens,
-                    body.temperature,
-                    body.top_p,
-                    body.seed,
-                    stop_ids,
-                    stop,
-                )
-            )
-            for ids in prompts
-        ]
-
-    def models(self, request: Request) -> dict[str, Any]:
-        self.authorise(request)
-        data = [
-            {"id": c, "object": "model", "created": 0, "owned_by": "lmforge"}
-            for c in find_checkpoints(self.runs_root)
-        ]
-        return {"object": "list", "data": data}
-
-    def completions(self, request: Request, body: CompletionRequest) -> Response:
-        self.authorise(request)
-        tok = self.tokenizer_of(body.model)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not 1 <= len(texts) <= 16:
-            raise HTTPException(400, "prompt: one string, or a list of 1 to 16 strings")
-        prompts = [tok.encode(t) if t else [tok.eot_id] for t in texts]
-        jobs = self.submit(body, prompts, body.max_tokens, {tok.eot_id})
-        meta = _meta("cmpl-", body.model)
-        if body.stream:
-            return _stream(jobs, meta, "text_completion", body, chat=False)
-        _wait(jobs)
-        choices = [
-            {"index": i, "text": j.text, "logprobs": None, "finish_reason": j.finish_reason}
-            for i, j in enumerate(jobs)
-        ]
-        usage = _usage(sum(len(p) for p in prompts), sum(j.tokens for j in jobs))
-        return JSONResponse(
-            {**meta, "object": "text_completion", "choices": choices, "usage": usage}
-        )
-
-    def chat_completions(self, request: Request, body: ChatRequest) -> Response:
-        from lmforge.tokenizer import END
-
-        self.authorise(request)
-        tok = self.tokenizer_of(body.model)
-        ids = prompt_ids(
-            tok, [{"role": m.role, "content": m.content} for m in body.messages], "chat"
-        )
-        max_tokens = body.max_completion_tokens or body.max_tokens or 256
-        jobs = self.submit(body, [ids], max_tokens, {tok.eot_id, tok.specials[END]})
-        meta = _meta("chatcmpl-", body.model)
-        if body.stream:
-            return _stream(jobs, meta, "chat.completion.chunk", body, chat=True)
-        _wait(jobs)
-        job = jobs[0]
-        message = {"role": "assistant", "content": job.text}
-        choice = {"index": 0, "message": message, "finish_reason": job.finish_reason}
-        usage = _usage(len(ids), job.tokens)
-        return JSONResponse(
-            {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-        )
-
-
-def install_routes(app: Any, pool: ModelPool, runs_root: Path, store: Any) -> Batcher:
-    """Add the /v1 routes to `app`; returns the batcher they share."""
-    routes = OpenAIRoutes(pool, runs_root, store)
-    app.add_api_route("/v1/models", routes.models, methods=["GET"])
-    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
-    return routes.batcher
-
-
-def _meta(prefix: str, model: str) -> dict[str, Any]:
+def response_meta(prefix: str, model: str) -> dict[str, Any]:
     return {"id": prefix + secrets.token_hex(12), "created": int(time.time()), "model": model}
 
 
-def _wait(jobs: list[Job]) -> None:
+def wait(jobs: list[Job]) -> None:
     for job in jobs:
         job.done.wait()
         if job.error:
             raise HTTPException(500, f"generation failed: {job.error}")
 
 
-def _stream(jobs: list[Job], meta: dict, kind: str, body: _Sampling, chat: bool) -> Response:
+def stream(jobs: list[Job], meta: dict, kind: str, body: SamplingRequest, chat: bool) -> Response:
     def chunk(index: int, delta: str | None, finish: str | None) -> dict[str, Any]:
         if chat:
             content = {} if delta is None else {"content": delta}
@@ -379,7 +274,7 @@ def _stream(jobs: list[Job], meta: dict, kind: str, body: _Sampling, chat: bool)
                 return
             yield _sse(chunk(i, None, job.finish_reason))
         if (body.stream_options or {}).get("include_usage"):
-            usage = _usage(sum(len(j.ids) for j in jobs), sum(j.tokens for j in jobs))
+            usage = usage_of(sum(len(j.ids) for j in jobs), sum(j.tokens for j in jobs))
             yield _sse({**meta, "object": kind, "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
 

@@ -38,7 +38,7 @@ ANN_COOKIE = "lmforge_annotator"  # an annotator's invitation token
 KiB = 1024
 MiB = 1024 * KiB
 DEFAULT_BODY_LIMIT = 64 * KiB
-# A new study: the prompt file may be up to 8,000,000 bytes (app.MAX_UPLOAD_BYTES), plus
+# A new study: the prompt file may be up to 8,000,000 bytes (studies.MAX_UPLOAD_BYTES), plus
 # typed prompts and the multipart framing.
 UPLOAD_BODY_LIMIT = 9 * MiB
 
@@ -114,6 +114,12 @@ def normal_origin(origin: str) -> str:
     if default and host.endswith(default):
         host = host[: -len(default)]
     return f"{scheme}://{host}"
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an ``Authorization: Bearer TOKEN`` header ("" for any other scheme)."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def cookies_of(headers: dict[str, str]) -> dict[str, str]:
@@ -219,8 +225,7 @@ class RequestGuard:
         self, who: str, cookies: dict[str, str], headers: dict[str, str]
     ) -> None:
         if who == "api":
-            scheme, _, token = headers.get("authorization", "").partition(" ")
-            bearer = token.strip() if scheme.lower() == "bearer" else ""
+            bearer = bearer_token(headers.get("authorization", ""))
             if not await anyio.to_thread.run_sync(self.store.is_organiser, bearer):
                 raise Refused(401, "Send Authorization: Bearer <organiser token of this server>.")
             return
@@ -303,6 +308,48 @@ def closing(send: Any, when: list[bool] | None = None) -> Any:
         await send(message)
 
     return send_closing
+
+
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+# Run artefacts (report.html) are shown sandboxed: no scripts, no access to the app's origin.
+FILE_CSP = (
+    "sandbox; default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "font-src data:"
+)
+
+
+class SecurityHeaders:
+    """ASGI middleware adding CSP and friends to every response."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        csp = FILE_CSP if scope["path"].startswith("/files/") else PAGE_CSP
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                for k, v in (
+                    (b"content-security-policy", csp.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    # Invitation links carry a token: never leak it in a Referer header.
+                    (b"referrer-policy", b"no-referrer"),
+                ):
+                    if k not in names:
+                        headers.append((k, v))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def install(
