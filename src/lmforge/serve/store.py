@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -448,17 +448,7 @@ class Store:
         )
         if not rows:
             return None
-        r = rows[0]
-        return Item(
-            id=r["id"],
-            study_id=r["study_id"],
-            prompt_idx=r["prompt_idx"],
-            model_a=r["model_a"],
-            model_b=r["model_b"],
-            prompt=r["prompt"],
-            output_a=r["output_a"],
-            output_b=r["output_b"],
-        )
+        return Item(**{f.name: rows[0][f.name] for f in fields(Item)})
 
     def next_item(self, annotator: Annotator, votes_per_item: int) -> Item | None:
         """The annotator's next unjudged item, in an order random per annotator.
