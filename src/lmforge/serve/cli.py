@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -170,26 +171,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="believe X-Forwarded-* from a proxy on this machine (127.0.0.1, ::1)",
     )
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default: warning)")
-    p.add_argument(
+    for flag, options in PREFERENCE_OPTIONS:
+        p.add_argument(flag, **options)
+
+
+# `--export-preferences` and its options: the flag, then its argparse keywords.
+PREFERENCE_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
         "--export-preferences",
-        type=int,
-        metavar="STUDY",
-        help="write study STUDY's votes as a preference file (--out) for "
-        "lmforge finetune --finetune.objective=dpo, and exit",
-    )
-    p.add_argument("--out", default="", help="with --export-preferences: the JSONL to write")
-    p.add_argument(
+        {
+            "type": int,
+            "metavar": "STUDY",
+            "help": "write study STUDY's votes as a preference file (--out) for "
+            "lmforge finetune --finetune.objective=dpo, and exit",
+        },
+    ),
+    ("--out", {"default": "", "help": "with --export-preferences: the JSONL to write"}),
+    (
         "--min-agreement",
-        type=float,
-        default=0.5,
-        help="with --export-preferences: drop items whose winner has a smaller share of the "
-        "votes (default 0.5: every item with a majority)",
-    )
-    p.add_argument(
+        {
+            "type": float,
+            "default": 0.5,
+            "help": "with --export-preferences: drop items whose winner has a smaller share "
+            "of the votes (default 0.5: every item with a majority)",
+        },
+    ),
+    (
         "--unweighted",
-        action="store_true",
-        help="with --export-preferences: weight 1 for every pair instead of its agreement",
-    )
+        {
+            "action": "store_true",
+            "help": "with --export-preferences: weight 1 for every pair instead of its agreement",
+        },
+    ),
+)
 
 
 def export_study_preferences(store, args: argparse.Namespace) -> int:
