@@ -1,9 +1,11 @@
 """Pipeline steps: generators over documents that count what they do.
 
-A step is an object with a ``__call__(docs) -> Iterator[Document]`` generator and a
-`StepStats`. Subclasses implement ``process(doc)``, which returns the (possibly
-changed) document, or a string: the reason it was dropped. Dropped documents are
-handed to ``on_drop`` (the exclusions writer) with their reason.
+A step is an object with a ``run(docs) -> Iterator[Document]`` generator (also its
+``__call__``) and a `StepStats`. Subclasses implement ``process(doc)``, which returns
+the (possibly changed) document, or a string: the reason it was dropped; a step that
+adds or holds documents overrides ``run``. Dropped documents are handed to
+``on_drop`` (the exclusions writer) with their reason. Steps outside this file plug
+in by name through `lmforge.data.registry`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from lmforge.data.clean import clean_text
 from lmforge.data.document import Document
 from lmforge.data.pii import redact
 from lmforge.data.readers import Reader, Skip, Task
+from lmforge.data.registry import configured_steps, load_plugins
 
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 300
@@ -138,6 +141,9 @@ class Step:
         raise NotImplementedError
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+        return self.run(docs)
+
+    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         st = self.stats
         for doc in docs:
             t0 = time.process_time()
@@ -246,6 +252,7 @@ class DecontamStep(Step):
         super().__init__(on_drop)
         from lmforge.data.decontam import ContaminationIndex
 
+        load_plugins(cfg.plugins)  # named sets registered by plug-ins (bias: crows_pairs)
         key = (tuple(cfg.decontaminate), cfg.decontam_ngram)
         if key not in _CONTAMINATION_CACHE:  # one index per worker process
             _CONTAMINATION_CACHE[key] = ContaminationIndex(list(key[0]), key[1])
@@ -282,6 +289,7 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
     if cfg.code_filters:
         flts.append(F.CodeFilter())
     steps += [FilterStep(f, on_drop) for f in flts]
+    steps += configured_steps(cfg, "filter", on_drop)  # prepare.steps, registered by name
     if cfg.pii:
         steps.append(PIIStep(on_drop))
     if cfg.decontaminate:
@@ -290,7 +298,6 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
 
 
 def build_post_dedup_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Step]:
-    """Steps of stage 3, after deduplication and mixing (`lmforge.bias`): CDA, statistics."""
-    from lmforge.bias.steps import bias_steps
-
-    return bias_steps(cfg, on_drop)
+    """Steps of stage 3, after deduplication and mixing: the registered ones (`lmforge.bias`
+    registers CDA and term statistics), then ``prepare.steps`` of stage ``post_dedup``."""
+    return configured_steps(cfg, "post_dedup", on_drop)
