@@ -39,8 +39,6 @@ occupations and "she" for the other half. So every benchmark also gets splits
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +56,7 @@ from lmforge.bias.pairs import (
 )
 from lmforge.bias.probes import ProbeSpec, run_probes
 from lmforge.bias.stats import WORD, TermIndex, is_group_label
+from lmforge.fileio import write_json_atomic
 
 
 def load_benchmarks(specs: list[str], limit: int = 0) -> dict[str, list[MinimalSet]]:
@@ -281,9 +280,7 @@ def write_bias_json(path: str | Path, report: dict[str, Any]) -> Path:
     """Atomic write (temporary file, then rename); NaN becomes null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(report), indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json_atomic(path, _finite(report), indent=1)
     return path
 
 

@@ -167,6 +167,50 @@ def _gap_summary(lps: dict[str, list[list[float]]], attributes: list[str]) -> di
     }
 
 
+def _continuation_sentiment(
+    model: nn.Module,
+    tok: Tokenizer,
+    groups: dict[str, list[str]],
+    spec: ProbeSpec,
+    lexicon: Lexicon,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Per group: sentiment of its continuations of the generation prompts (greedy, then
+    `samples` − 1 sampled at `temperature`), and the prompts with their continuations."""
+    from lmforge.eval.generation import generate_batch
+    from lmforge.model.generate import decode_text
+
+    prompts, owners = [], []
+    for g, subjects in groups.items():
+        for t in spec.generation_prompts:
+            for s in subjects:
+                prompts.append(fill(t, s))
+                owners.append(g)
+    texts: dict[str, list[str]] = {g: [] for g in groups}  # continuations only
+    shown: dict[str, list[str]] = {g: [] for g in groups}
+    for k in range(samples):
+        ids = generate_batch(
+            model,
+            [tok.encode(p) for p in prompts],
+            max_new_tokens,
+            temperature=0.0 if k == 0 else temperature,
+            seed=seed + k,
+            stop_ids=[tok.eot_id],
+        )
+        for g, p, new in zip(owners, prompts, ids, strict=True):
+            texts[g].append(decode_text(tok, new))  # no special token in the text
+            shown[g].append(p + texts[g][-1])
+    gen: dict[str, Any] = {}
+    for g, conts in texts.items():
+        scores = [float(sentiment_score(c, lexicon)) for c in conts]
+        m, se = _mean_se(scores)
+        gen[g] = {"mean_sentiment": m, "stderr": se, "n": len(scores)}
+    return gen, shown
+
+
 def run_probes(
     model: nn.Module,
     tok: Tokenizer,
@@ -183,9 +227,6 @@ def run_probes(
     `generate_samples`: one greedy continuation per prompt plus this many − 1
     sampled ones at `temperature` (0 skips continuations).
     """
-    from lmforge.eval.generation import generate_batch
-    from lmforge.model.generate import decode_text
-
     if getattr(getattr(model, "cfg", None), "objective", "causal") != "causal":
         return {"summary": {}, "note": "template probes need a causal model"}
     lexicon = lexicon or Lexicon()
@@ -221,30 +262,8 @@ def run_probes(
         }
         gen: dict[str, Any] = {}
         if generate_samples > 0:
-            prompts, owners = [], []
-            for g, subjects in groups.items():
-                for t in spec.generation_prompts:
-                    for s in subjects:
-                        prompts.append(fill(t, s))
-                        owners.append(g)
-            texts: dict[str, list[str]] = {g: [] for g in groups}  # continuations only
-            shown: dict[str, list[str]] = {g: [] for g in groups}
-            for k in range(generate_samples):
-                ids = generate_batch(
-                    model,
-                    [tok.encode(p) for p in prompts],
-                    max_new_tokens,
-                    temperature=0.0 if k == 0 else temperature,
-                    seed=seed + k,
-                    stop_ids=[tok.eot_id],
-                )
-                for g, p, new in zip(owners, prompts, ids, strict=True):
-                    texts[g].append(decode_text(tok, new))  # no special token in the text
-                    shown[g].append(p + texts[g][-1])
-            for g, conts in texts.items():
-                scores = [float(sentiment_score(c, lexicon)) for c in conts]
-                m, se = _mean_se(scores)
-                gen[g] = {"mean_sentiment": m, "stderr": se, "n": len(scores)}
+            opts = (generate_samples, max_new_tokens, temperature, seed)
+            gen, shown = _continuation_sentiment(model, tok, groups, spec, lexicon, *opts)
             means = [v["mean_sentiment"] for v in gen.values()]
             axis_sum["continuation_sentiment"] = {g: v["mean_sentiment"] for g, v in gen.items()}
             axis_sum["continuation_sentiment_gap"] = max(means) - min(means)

@@ -62,7 +62,7 @@ from lmforge.data.steps import (
     build_steps,
     doc_example,
 )
-from lmforge.fileio import fsync_replace, iter_json_lines, write_json_atomic
+from lmforge.fileio import atomic_path, fsync_replace, iter_json_lines, write_json_atomic
 
 ZSTD_LEVEL = 3
 STATE = "_state"
@@ -171,11 +171,10 @@ def run_stage1(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
     writer.close()
     close_excl()
     write_json_atomic(state / f"{task.name}.ids.json", ids)
-    np.save(state / f"{task.name}.hash.npy", np.asarray(hashes, dtype=np.uint64))
     sig_arr = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)
-    tmp = state / f"{task.name}.sig.tmp.npy"
-    np.save(tmp, sig_arr)
-    os.replace(tmp, state / f"{task.name}.sig.npy")
+    for kind, arr in (("hash", np.asarray(hashes, dtype=np.uint64)), ("sig", sig_arr)):
+        with atomic_path(state / f"{task.name}.{kind}.npy", ".tmp.npy") as tmp:
+            np.save(tmp, arr)
     return {
         "task": task.name,
         "source": source_name(src),

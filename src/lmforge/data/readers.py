@@ -495,29 +495,19 @@ class Reader:
             return data
         return decode_text(data, str(path))
 
-    def read_text(self, path: Path) -> Iterator[Item]:
+    def _file_doc(self, path: Path, **meta: Any) -> Item:
         got = self._text_of(path)
         if isinstance(got, Skip):
-            yield got
-            return
+            return got
         text, replaced = got
-        yield self.doc(self.rel(path), text, kind="text", path=str(path), replaced_bytes=replaced)
+        return self.doc(self.rel(path), text, **meta, path=str(path), replaced_bytes=replaced)
+
+    def read_text(self, path: Path) -> Iterator[Item]:
+        yield self._file_doc(path, kind="text")
 
     def read_code(self, path: Path) -> Iterator[Item]:
-        got = self._text_of(path)
-        if isinstance(got, Skip):
-            yield got
-            return
-        text, replaced = got
         lang = CODE_LANGUAGES.get(Path(strip_compression(path.name)).suffix.lower(), "unknown")
-        yield self.doc(
-            self.rel(path),
-            text,
-            kind="code",
-            code_language=lang,
-            path=str(path),
-            replaced_bytes=replaced,
-        )
+        yield self._file_doc(path, kind="code", code_language=lang)
 
     def read_html(self, path: Path) -> Iterator[Item]:
         got = self._text_of(path)

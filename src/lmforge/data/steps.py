@@ -27,6 +27,9 @@ from lmforge.data.registry import configured_steps, load_plugins
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 300
 
+# The counts of a `StepStats`, in report order.
+TOTALS = ("docs_in", "docs_out", "bytes_in", "bytes_out", "words_in", "words_out")
+
 DropHook = Callable[[Document | None, str, str, dict[str, Any]], None]
 
 
@@ -77,12 +80,7 @@ class StepStats:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "docs_in": self.docs_in,
-            "docs_out": self.docs_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "words_in": self.words_in,
-            "words_out": self.words_out,
+            **{key: getattr(self, key) for key in TOTALS},
             "seconds": round(self.seconds, 4),
             "dropped": dict(sorted(self.dropped.items())),
             "counters": dict(sorted(self.counters.items())),
@@ -92,27 +90,15 @@ class StepStats:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StepStats:
         return cls(
-            name=d["name"],
-            docs_in=d["docs_in"],
-            docs_out=d["docs_out"],
-            bytes_in=d["bytes_in"],
-            bytes_out=d["bytes_out"],
-            words_in=d["words_in"],
-            words_out=d["words_out"],
-            seconds=d["seconds"],
+            **{key: d[key] for key in ("name", *TOTALS, "seconds")},
             dropped=Counter(d["dropped"]),
             counters=Counter(d["counters"]),
             examples=list(d["examples"]),
         )
 
     def merge(self, other: StepStats) -> None:
-        self.docs_in += other.docs_in
-        self.docs_out += other.docs_out
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
-        self.words_in += other.words_in
-        self.words_out += other.words_out
-        self.seconds += other.seconds
+        for key in (*TOTALS, "seconds"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
         self.dropped.update(other.dropped)
         self.counters.update(other.counters)
         for ex in other.examples:
