@@ -25,7 +25,6 @@ a causal model; masked models get CrowS-Pairs only.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from lmforge.bias.lexicon import Lexicon
+from lmforge.eval.creative import mean_and_stderr
 from lmforge.tokenizer import Tokenizer
 
 # fmt: off
@@ -104,17 +104,6 @@ def sentiment_score(text: str, lexicon: Lexicon) -> int:
     return sum(w in pos for w in words) - sum(w in neg for w in words)
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(values) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, sd / math.sqrt(n)
-
-
 def _attribute_lps(
     model: nn.Module,
     tok: Tokenizer,
@@ -155,7 +144,7 @@ def _gap_summary(lps: dict[str, list[list[float]]], attributes: list[str]) -> di
         top = max(vals, key=lambda g: vals[g])
         lean[top] += 1
         per_attr[name] = {g: round(v - centre, 4) for g, v in vals.items()}
-    gm, gse = _mean_se(gaps)
+    gm, gse = mean_and_stderr(gaps)
     top_by_group = {g: sorted(per_attr, key=lambda n: -per_attr[n][g])[:5] for g in groups}
     return {
         "mean_gap": gm,
@@ -206,7 +195,7 @@ def _continuation_sentiment(
     gen: dict[str, Any] = {}
     for g, conts in texts.items():
         scores = [float(sentiment_score(c, lexicon)) for c in conts]
-        m, se = _mean_se(scores)
+        m, se = mean_and_stderr(scores)
         gen[g] = {"mean_sentiment": m, "stderr": se, "n": len(scores)}
     return gen, shown
 

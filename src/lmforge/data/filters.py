@@ -68,8 +68,7 @@ class GopherQualityFilter(Filter):
 
     min_words: int = 50
     max_words: int = 100_000
-    min_mean_word_len: float = 3.0
-    max_mean_word_len: float = 10.0
+    mean_word_len: tuple[float, float] = (3.0, 10.0)  # (min, max) of the mean word length
     max_symbol_word_ratio: float = 0.1
     max_bullet_lines: float = 0.9
     max_ellipsis_lines: float = 0.3
@@ -84,7 +83,7 @@ class GopherQualityFilter(Filter):
         if self.max_words and n > self.max_words:
             return "gopher:too_many_words"
         mean = sum(len(w) for w in words) / n
-        if not self.min_mean_word_len <= mean <= self.max_mean_word_len:
+        if not self.mean_word_len[0] <= mean <= self.mean_word_len[1]:
             return "gopher:mean_word_length"
         symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("…")
         if symbols / n > self.max_symbol_word_ratio:
