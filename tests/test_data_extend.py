@@ -155,6 +155,23 @@ def test_data_imports_no_bias_and_bias_steps_run_in_a_fresh_lmforge_prepare(tmp_
     assert sum("She said that her sister met the queen" in t for t in texts) == 4
 
 
+def test_no_module_of_data_imports_bias():
+    """Imports inside functions count too: bias plugs into data, never the other way."""
+    import ast
+
+    offenders = set()
+    for path in sorted((SRC / "lmforge" / "data").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "lmforge.bias" or n.startswith("lmforge.bias.") for n in names):
+                offenders.add(path.name)
+    # data/report.py still reads the report's bias section from bias; tighten this to
+    # an empty set once bias registers that section too.
+    assert offenders <= {"report.py"}, offenders
+
+
 @pytest.mark.parametrize("name", ["crows_pairs", "crows-pairs"])
 def test_crows_pairs_decontamination_set_comes_from_the_bias_registration(name):
     from lmforge.bias.pairs import load_crows_pairs
