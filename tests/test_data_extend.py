@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,26 @@ import pytest
 import yaml
 
 from lmforge.data.document import Document
+from lmforge.data.filters import Filter
 from lmforge.data.registry import STEPS, register_step
 from lmforge.data.steps import Step
 from lmforge.fileio import read_json_lines
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@register_step("mentions")
+@dataclass
+class MentionsFilter(Filter):
+    """Drop prose that mentions `word` (a whole word, any case)."""
+
+    name = "mentions"
+    applies_to = "text"
+    word: str = "banana"
+
+    def check(self, doc: Document) -> str | None:
+        words = {w.strip(".,;:!?").lower() for w in doc.text.split()}
+        return "mentions:word" if self.word in words else None
 
 
 @register_step("drop_marked")
@@ -84,17 +100,18 @@ def test_a_filter_defined_in_a_test_file_runs_through_lmforge_prepare(tmp_path, 
     prepare = {
         **QUIET,
         "sources": [{"path": str(corpus), "id_field": "id"}],
-        "steps": [{"name": "drop_marked", "marker": "plugh"}],
+        "steps": [{"name": "mentions", "word": "plugh"}],
     }
     out = tmp_path / "out"
     assert main(["prepare", str(_recipe(tmp_path, prepare)), "--out", str(out)]) == 0
     kept = _kept_ids(out)
     assert kept == {f"d{i}" for i in range(12)} - marked and len(marked) == 4
     report = json.loads((out / "data_report.json").read_text(encoding="utf-8"))
-    step = next(s for s in report["steps"] if s["name"] == "drop_marked")
-    assert step["dropped"] == {"drop_marked:has_marker": 4}
+    step = next(s for s in report["steps"] if s["name"] == "mentions")
+    assert step["dropped"] == {"mentions:word": 4} and step["docs_in"] == 12
     excluded = [r for p in out.glob("exclusions/*.jsonl.zst") for r in read_json_lines(p)]
-    assert sorted(r["reason"] for r in excluded) == ["drop_marked:has_marker"] * 4
+    assert sorted(r["id"].split("/", 1)[1] for r in excluded) == sorted(marked)
+    assert {r["reason"] for r in excluded} == {"mentions:word"}
 
 
 def test_registered_steps_reach_spawned_workers(tmp_path):
@@ -121,6 +138,7 @@ def test_unknown_step_or_option_is_one_line(tmp_path, capsys):
     for step, expected in [
         ({"name": "drop_marke"}, "prepare.steps[0]: unknown step 'drop_marke' (registered:"),
         ({"name": "drop_marked", "mark": "x"}, "unknown option 'mark' (options: marker)"),
+        ({"name": "mentions", "words": "x"}, "unknown option 'words' (options: word)"),
     ]:
         prepare = {**QUIET, "sources": [{"path": str(corpus)}], "steps": [step]}
         rc = main(["prepare", str(_recipe(tmp_path, prepare)), "--out", str(tmp_path / "o")])

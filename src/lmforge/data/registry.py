@@ -1,11 +1,14 @@
 """Steps and reference sets that plug into `lmforge prepare` by name.
 
-A data step is one file: a `lmforge.data.steps.Step` subclass that owns its
-``process(doc)`` (or a whole ``run(docs)`` generator) and its options (the keyword
-arguments of ``__init__``), registered under a name::
+A data filter or step is one file: a `lmforge.data.filters.Filter` subclass that owns
+its ``check(doc)`` (None keeps the document, a string is the reason to drop it), or a
+`lmforge.data.steps.Step` subclass that owns its ``process(doc)`` (or a whole
+``run(docs)`` generator); its options are its dataclass fields or the keyword
+arguments of ``__init__``. It is registered under a name::
 
     @register_step("min_words")
-    class MinWords(Step): ...
+    @dataclass
+    class MinWords(Filter): ...
 
 and named in a recipe, with its options, under ``prepare.steps``::
 
@@ -47,6 +50,8 @@ def register_step(name: str, cls: type | None = None, *, stage: str = "filter") 
         raise ValueError(f"register_step({name!r}): stage {stage!r} is not one of {STAGES}")
 
     def add(c: type) -> type:
+        if "name" not in vars(c):  # the report and the drop reasons use the registered name
+            c.name = name  # type: ignore[attr-defined]
         STEPS[name] = (c, stage)
         return c
 
@@ -113,16 +118,25 @@ def lookup(entry: Any, where: str) -> tuple[type, str, dict[str, Any]]:
     return cls, stage, options
 
 
-def configured_steps(cfg: Any, stage: str, on_drop: Any = None) -> list[Any]:
-    """The steps of `stage`: registered builders' first, then ``prepare.steps`` in order."""
+def configured_steps(
+    cfg: Any, stage: str, on_drop: Any, as_step: Callable[[Any], Any]
+) -> list[Any]:
+    """The steps of `stage`: registered builders' first, then ``prepare.steps`` in order.
+
+    `as_step` turns a registered object that is not a step (a filter) into one.
+    """
     load_plugins(cfg.plugins)
     steps: list[Any] = []
     for builder in BUILDERS[stage]:
         steps += builder(cfg, on_drop)
     for i, entry in enumerate(cfg.steps):
         cls, step_stage, options = lookup(entry, f"prepare.steps[{i}]")
-        if step_stage == stage:
-            steps.append(cls(**options, on_drop=on_drop))
+        if step_stage != stage:
+            continue
+        if "on_drop" in inspect.signature(cls).parameters:
+            options = {**options, "on_drop": on_drop}
+        obj = cls(**options)
+        steps.append(obj if hasattr(obj, "stats") else as_step(obj))
     return steps
 
 

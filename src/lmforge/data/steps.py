@@ -275,7 +275,8 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
     if cfg.code_filters:
         flts.append(F.CodeFilter())
     steps += [FilterStep(f, on_drop) for f in flts]
-    steps += configured_steps(cfg, "filter", on_drop)  # prepare.steps, registered by name
+    # prepare.steps: filters and steps registered by name
+    steps += configured_steps(cfg, "filter", on_drop, lambda f: FilterStep(f, on_drop))
     if cfg.pii:
         steps.append(PIIStep(on_drop))
     if cfg.decontaminate:
@@ -286,4 +287,4 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
 def build_post_dedup_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Step]:
     """Steps of stage 3, after deduplication and mixing: the registered ones (`lmforge.bias`
     registers CDA and term statistics), then ``prepare.steps`` of stage ``post_dedup``."""
-    return configured_steps(cfg, "post_dedup", on_drop)
+    return configured_steps(cfg, "post_dedup", on_drop, lambda f: FilterStep(f, on_drop))
