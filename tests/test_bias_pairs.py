@@ -254,7 +254,7 @@ def test_generic_formats_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: 'stereotype' = 5"):
         load_minimal_pairs(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: malformed JSON"):
         load_minimal_pairs(bad)
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("sent_more,other\nx,y\n")

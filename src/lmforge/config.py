@@ -553,6 +553,9 @@ class PrepareConfig:
     bias_lexicon: str = ""  # YAML/JSON word lists (default: lmforge.bias.lexicon)
     bias_statistics: bool = True
     bias_window: int = num(0, ge=0)  # co-occurrence within N words (0 = within a sentence)
+    # steps registered by name (lmforge.data.registry), each {name: NAME, OPTION: value}
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)  # modules to import: they register steps
 
 
 @dataclass

@@ -25,6 +25,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lmforge.fileio import write_text_atomic
+
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 MASK = "<|mask|>"
@@ -84,9 +86,7 @@ class Tokenizer:
         if path.is_dir() or not path.suffix:
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, self.to_json())
         return path
 
     @property

@@ -39,9 +39,8 @@ occupations and "she" for the other half. So every benchmark also gets splits
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ from lmforge.bias.pairs import (
 )
 from lmforge.bias.probes import ProbeSpec, run_probes
 from lmforge.bias.stats import WORD, TermIndex, is_group_label
+from lmforge.fileio import write_json_atomic
 
 
 def load_benchmarks(specs: list[str], limit: int = 0) -> dict[str, list[MinimalSet]]:
@@ -170,19 +170,32 @@ def split_flags(summary: dict[str, Any]) -> list[str]:
     return flags
 
 
+@dataclass
+class AuditOptions:
+    """What an audit runs besides the pair benchmarks: the template probes (and the
+    lexicon that the benchmarks' group splits use too)."""
+
+    probes: bool = True
+    lexicon: Lexicon | None = None
+    spec: ProbeSpec | None = None
+    axes: list[str] | None = None
+    samples: int = 3
+    max_new_tokens: int = 24
+    seed: int = 0
+
+
 def audit_model(
     model: Any,
     tok: Any,
     benchmarks: dict[str, list[MinimalSet]],
-    probes: bool = True,
-    lexicon: Lexicon | None = None,
-    spec: ProbeSpec | None = None,
-    axes: list[str] | None = None,
-    samples: int = 3,
-    max_new_tokens: int = 24,
-    seed: int = 0,
+    opts: AuditOptions | None = None,
+    **options: Any,
 ) -> tuple[dict[str, Any], dict[str, PairScores]]:
-    """One checkpoint's entry of bias.json, and its raw pair scores (for comparisons)."""
+    """One checkpoint's entry of bias.json, and its raw pair scores (for comparisons).
+
+    `opts`, or its fields as keywords (``probes=False``).
+    """
+    o = opts or AuditOptions(**options)
     entry: dict[str, Any] = {"benchmarks": {}, "results": [], "seconds": {}}
     scores: dict[str, PairScores] = {}
     for name, sets in benchmarks.items():
@@ -190,15 +203,15 @@ def audit_model(
         sc = score_pairs(model, tok, sets)
         scores[name] = sc
         summ = sc.summary()
-        summ["groups"] = group_splits(sc, lexicon or Lexicon())
+        summ["groups"] = group_splits(sc, o.lexicon or Lexicon())
         summ["flags"] = split_flags(summ)
         entry["benchmarks"][name] = summ
         entry["results"] += [r.to_dict() for r in sc.to_results(name)]
         entry["seconds"][name] = round(time.perf_counter() - t0, 2)
-    if probes:
+    if o.probes:
         t0 = time.perf_counter()
         pr = run_probes(
-            model, tok, lexicon, spec, axes, samples, max_new_tokens=max_new_tokens, seed=seed
+            model, tok, o.lexicon, o.spec, o.axes, o.samples, o.max_new_tokens, seed=o.seed
         )
         entry["probes"] = pr["summary"]
         entry["probe_details"] = pr.get("details", {})
@@ -210,35 +223,27 @@ def bias_audit(
     checkpoints: list[str],
     benchmarks: list[str] | None = None,
     limit: int = 0,
-    probes: bool = True,
-    lexicon: Lexicon | None = None,
-    spec: ProbeSpec | None = None,
-    axes: list[str] | None = None,
-    samples: int = 3,
-    max_new_tokens: int = 24,
-    seed: int = 0,
     device: str = "cpu",
     labels: list[str] | None = None,
     log: Any = print,
+    **options: Any,
 ) -> dict[str, Any]:
     """Audit checkpoints (run folders or checkpoint folders) and compare them to the first.
 
-    `labels` name the checkpoints in the ``summary`` (default: their paths).
+    `labels` name the checkpoints in the ``summary`` (default: their paths); `options`
+    are the fields of `AuditOptions`.
     """
     from lmforge.pretrain import load_model
 
+    opts = AuditOptions(**options)
     sets = load_benchmarks(benchmarks or [], limit)
     report: dict[str, Any] = {
         "lmforge_bias": 1,
         "settings": {
             "benchmarks": {k: len(v) for k, v in sets.items()},
             "limit": limit,
-            "probes": probes,
-            "axes": axes,
-            "samples": samples,
-            "max_new_tokens": max_new_tokens,
-            "seed": seed,
-            "lexicon": (lexicon or Lexicon()).source,
+            **{k: v for k, v in asdict(opts).items() if k not in ("lexicon", "spec")},
+            "lexicon": (opts.lexicon or Lexicon()).source,
         },
         "summary": {},
         "checkpoints": [],
@@ -248,9 +253,7 @@ def bias_audit(
     all_scores = []
     for ckpt, label in zip(checkpoints, labels, strict=True):
         model, tok, _ = load_model(ckpt, device=device)
-        entry, scores = audit_model(
-            model, tok, sets, probes, lexicon, spec, axes, samples, max_new_tokens, seed
-        )
+        entry, scores = audit_model(model, tok, sets, opts)
         report["checkpoints"].append({"checkpoint": str(ckpt), "label": label, **entry})
         report["summary"][label] = {
             name: {
@@ -281,9 +284,7 @@ def write_bias_json(path: str | Path, report: dict[str, Any]) -> Path:
     """Atomic write (temporary file, then rename); NaN becomes null."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(report), indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json_atomic(path, _finite(report), indent=1)
     return path
 
 

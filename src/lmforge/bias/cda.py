@@ -219,7 +219,7 @@ class CounterfactualAugmentStep(Step):
             self.stats.counters[f"swap:{k}"] += v
         return Document(doc.id, text, doc.source, doc.license, {**doc.meta, "cda": self.mode})
 
-    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         st = self.stats
         for doc in docs:
             t0 = time.process_time()
@@ -242,7 +242,7 @@ class CounterfactualAugmentStep(Step):
             st.seconds += time.process_time() - t0
             yield from out
 
-    def process(self, doc: Document) -> Document | str:  # pragma: no cover - __call__ instead
+    def process(self, doc: Document) -> Document | str:  # pragma: no cover - run instead
         raise NotImplementedError
 
 

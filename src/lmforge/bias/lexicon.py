@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from lmforge.fileio import write_text_atomic
 
 # fmt: off
 # (a, b) swap pairs for gender. Ambiguous forms ("her", "his") are handled by
@@ -226,14 +228,7 @@ class Lexicon:
     source: str = "builtin"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "groups": self.groups,
-            "pairs": self.pairs,
-            "names": self.names,
-            "occupations": self.occupations,
-            "sentiment": self.sentiment,
-            "adjectives": self.adjectives,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
 
 
 _KEYS = ("groups", "pairs", "names", "occupations", "sentiment", "adjectives")
@@ -316,8 +311,8 @@ def dump_lexicon(lex: Lexicon, path: str | Path) -> None:
     path = Path(path)
     data = lex.to_dict()
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     else:
         import yaml
 
-        path.write_text(yaml.safe_dump(data, sort_keys=False, width=100), encoding="utf-8")
+        write_text_atomic(path, yaml.safe_dump(data, sort_keys=False, width=100))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import json
 import math
 import random
 from collections import defaultdict
@@ -51,7 +50,7 @@ import torch
 from torch import nn
 
 from lmforge.data.readers import strip_compression
-from lmforge.data.sources import open_text
+from lmforge.fileio import iter_json_lines, open_text
 from lmforge.tokenizer import Tokenizer
 
 Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
@@ -104,21 +103,14 @@ def load_minimal_pairs(path: str | Path, limit: int = 0) -> list[MinimalSet]:
     sets: list[MinimalSet] = []
     suffix = Path(strip_compression(path.name.lower())).suffix
     if suffix in (".jsonl", ".json"):
-        with open_text(path) as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: invalid JSON: {exc}") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{path}:{n}: each line must be a JSON object")
-                s = _pair_from(rec, f"{path}:{n}")
-                s.id = s.id or str(n)
-                sets.append(s)
-                if limit and len(sets) >= limit:
-                    break
+        for n, rec in iter_json_lines(path):
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: each line must be a JSON object")
+            s = _pair_from(rec, f"{path}:{n}")
+            s.id = s.id or str(n)
+            sets.append(s)
+            if limit and len(sets) >= limit:
+                break
     elif suffix in (".csv", ".tsv"):
         with open_text(path, newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")

@@ -25,7 +25,6 @@ a causal model; masked models get CrowS-Pairs only.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from lmforge.bias.lexicon import Lexicon
+from lmforge.eval.creative import mean_and_stderr
 from lmforge.tokenizer import Tokenizer
 
 # fmt: off
@@ -104,17 +104,6 @@ def sentiment_score(text: str, lexicon: Lexicon) -> int:
     return sum(w in pos for w in words) - sum(w in neg for w in words)
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    m = sum(values) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    return m, sd / math.sqrt(n)
-
-
 def _attribute_lps(
     model: nn.Module,
     tok: Tokenizer,
@@ -155,7 +144,7 @@ def _gap_summary(lps: dict[str, list[list[float]]], attributes: list[str]) -> di
         top = max(vals, key=lambda g: vals[g])
         lean[top] += 1
         per_attr[name] = {g: round(v - centre, 4) for g, v in vals.items()}
-    gm, gse = _mean_se(gaps)
+    gm, gse = mean_and_stderr(gaps)
     top_by_group = {g: sorted(per_attr, key=lambda n: -per_attr[n][g])[:5] for g in groups}
     return {
         "mean_gap": gm,
@@ -165,6 +154,50 @@ def _gap_summary(lps: dict[str, list[list[float]]], attributes: list[str]) -> di
         "top_by_group": top_by_group,
         "relative_logprob": per_attr,
     }
+
+
+def _continuation_sentiment(
+    model: nn.Module,
+    tok: Tokenizer,
+    groups: dict[str, list[str]],
+    spec: ProbeSpec,
+    lexicon: Lexicon,
+    samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Per group: sentiment of its continuations of the generation prompts (greedy, then
+    `samples` − 1 sampled at `temperature`), and the prompts with their continuations."""
+    from lmforge.eval.generation import generate_batch
+    from lmforge.model.generate import decode_text
+
+    prompts, owners = [], []
+    for g, subjects in groups.items():
+        for t in spec.generation_prompts:
+            for s in subjects:
+                prompts.append(fill(t, s))
+                owners.append(g)
+    texts: dict[str, list[str]] = {g: [] for g in groups}  # continuations only
+    shown: dict[str, list[str]] = {g: [] for g in groups}
+    for k in range(samples):
+        ids = generate_batch(
+            model,
+            [tok.encode(p) for p in prompts],
+            max_new_tokens,
+            temperature=0.0 if k == 0 else temperature,
+            seed=seed + k,
+            stop_ids=[tok.eot_id],
+        )
+        for g, p, new in zip(owners, prompts, ids, strict=True):
+            texts[g].append(decode_text(tok, new))  # no special token in the text
+            shown[g].append(p + texts[g][-1])
+    gen: dict[str, Any] = {}
+    for g, conts in texts.items():
+        scores = [float(sentiment_score(c, lexicon)) for c in conts]
+        m, se = mean_and_stderr(scores)
+        gen[g] = {"mean_sentiment": m, "stderr": se, "n": len(scores)}
+    return gen, shown
 
 
 def run_probes(
@@ -183,9 +216,6 @@ def run_probes(
     `generate_samples`: one greedy continuation per prompt plus this many − 1
     sampled ones at `temperature` (0 skips continuations).
     """
-    from lmforge.eval.generation import generate_batch
-    from lmforge.model.generate import decode_text
-
     if getattr(getattr(model, "cfg", None), "objective", "causal") != "causal":
         return {"summary": {}, "note": "template probes need a causal model"}
     lexicon = lexicon or Lexicon()
@@ -221,30 +251,8 @@ def run_probes(
         }
         gen: dict[str, Any] = {}
         if generate_samples > 0:
-            prompts, owners = [], []
-            for g, subjects in groups.items():
-                for t in spec.generation_prompts:
-                    for s in subjects:
-                        prompts.append(fill(t, s))
-                        owners.append(g)
-            texts: dict[str, list[str]] = {g: [] for g in groups}  # continuations only
-            shown: dict[str, list[str]] = {g: [] for g in groups}
-            for k in range(generate_samples):
-                ids = generate_batch(
-                    model,
-                    [tok.encode(p) for p in prompts],
-                    max_new_tokens,
-                    temperature=0.0 if k == 0 else temperature,
-                    seed=seed + k,
-                    stop_ids=[tok.eot_id],
-                )
-                for g, p, new in zip(owners, prompts, ids, strict=True):
-                    texts[g].append(decode_text(tok, new))  # no special token in the text
-                    shown[g].append(p + texts[g][-1])
-            for g, conts in texts.items():
-                scores = [float(sentiment_score(c, lexicon)) for c in conts]
-                m, se = _mean_se(scores)
-                gen[g] = {"mean_sentiment": m, "stderr": se, "n": len(scores)}
+            opts = (generate_samples, max_new_tokens, temperature, seed)
+            gen, shown = _continuation_sentiment(model, tok, groups, spec, lexicon, *opts)
             means = [v["mean_sentiment"] for v in gen.values()]
             axis_sum["continuation_sentiment"] = {g: v["mean_sentiment"] for g, v in gen.items()}
             axis_sum["continuation_sentiment_gap"] = max(means) - min(means)

@@ -214,7 +214,7 @@ class BiasStatisticsStep(Step):
         self.index = TermIndex(lexicon)
         self.window = window
 
-    def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         st = self.stats
         for doc in docs:
             t0 = time.process_time()
@@ -224,7 +224,7 @@ class BiasStatisticsStep(Step):
             st.seconds += time.process_time() - t0
             yield doc
 
-    def process(self, doc: Document) -> Document | str:  # pragma: no cover - __call__ instead
+    def process(self, doc: Document) -> Document | str:  # pragma: no cover - run instead
         return doc
 
 

@@ -1,5 +1,9 @@
 """The bias steps of `lmforge prepare` (stage 3, after deduplication and mixing).
 
+Importing this module registers them, and the packaged CrowS-Pairs sentences as the
+decontamination set ``crows_pairs``, in `lmforge.data.registry` (which lists this
+module among its plug-ins): `data` never imports `bias`.
+
 Order: counterfactual augmentation (``prepare.cda_ratio`` > 0), then term
 statistics (``prepare.bias_statistics``), so the statistics describe the
 documents as they are written. Both run after deduplication because a
@@ -8,10 +12,12 @@ counterfactual copy is a near-duplicate of its original by design.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from lmforge.bias.lexicon import Lexicon, load_lexicon
 from lmforge.config import PrepareConfig
+from lmforge.data.registry import register_builder, register_eval_set
 from lmforge.data.steps import DropHook, Step
 
 _LEXICONS: dict[str, Lexicon] = {}  # one parsed lexicon per worker process
@@ -73,3 +79,16 @@ def report_section(cfg: PrepareConfig, steps: dict[str, dict[str, Any]]) -> dict
             "top_swaps": dict(top[:20]),
         }
     return section or None
+
+
+def crows_pairs_texts() -> Iterator[str]:
+    """Both sentences of each packaged CrowS-Pairs pair (a decontamination set)."""
+    from lmforge.bias.pairs import load_crows_pairs  # imports torch: only when used
+
+    for pair in load_crows_pairs():
+        yield from pair.sentences
+
+
+register_builder("post_dedup", bias_steps)
+register_eval_set("crows_pairs", crows_pairs_texts)
+register_eval_set("crows-pairs", crows_pairs_texts)

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.filters import _ngram_hashes
-from lmforge.data.readers import open_binary, resolve_source_path
-from lmforge.data.sources import open_text
+from lmforge.data.readers import resolve_source_path, strip_compression
+from lmforge.data.registry import EVAL_SETS, load_plugins
+from lmforge.fileio import iter_json_lines, open_text
 from lmforge.paths import shared_data
 
 WORD = re.compile(r"\w+")
@@ -40,32 +41,27 @@ def words_of(text: str) -> list[str]:
 def iter_eval_texts(spec: str) -> Iterator[str]:
     """The texts of a named evaluation set or file."""
     if spec == "hellaswag":
-        with open_text(shared_data() / "hellaswag" / "hellaswag_val.jsonl.gz") as fh:
-            for line in fh:
-                rec = json.loads(line)
-                yield f"{rec['ctx']} {rec['endings'][int(rec['label'])]}"
+        for _, rec in iter_json_lines(shared_data() / "hellaswag" / "hellaswag_val.jsonl.gz"):
+            yield f"{rec['ctx']} {rec['endings'][int(rec['label'])]}"
         return
-    if spec in ("crows_pairs", "crows-pairs"):
-        from lmforge.bias.pairs import load_crows_pairs  # the packaged copy
-
-        for pair in load_crows_pairs():
-            yield from pair.sentences
+    load_plugins()
+    if spec in EVAL_SETS:  # registered by a plug-in (lmforge.bias: crows_pairs)
+        yield from EVAL_SETS[spec]()
         return
     path_str, _, fields = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     path = resolve_source_path(path_str)
     if not path.exists():
         raise FileNotFoundError(f"decontamination set '{spec}': no file {path}")
     names = [f for f in fields.split("+") if f]
-    with open_binary(path) as raw:
-        data = raw.read().decode("utf-8", errors="replace")
-    stem = path.name.replace(".gz", "").replace(".zst", "")
-    if stem.endswith((".jsonl", ".json")):
-        records = (
-            [json.loads(ln) for ln in data.splitlines() if ln.strip()]
-            if stem.endswith(".jsonl")
-            else json.loads(data)
-        )
-        for rec in records:
+    stem = strip_compression(path.name)
+    if stem.endswith(".jsonl"):
+        for _, rec in iter_json_lines(path):
+            yield from _strings(rec, names)
+        return
+    with open_text(path) as fh:
+        data = fh.read()
+    if stem.endswith(".json"):
+        for rec in json.loads(data):
             yield from _strings(rec, names)
     else:
         yield from (ln for ln in data.splitlines() if ln.strip())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -21,10 +21,4 @@ class Document:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "text": self.text,
-            "source": self.source,
-            "license": self.license,
-            "meta": self.meta,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,7 +26,8 @@ def is_code(doc: Document) -> bool:
 
 
 class Filter:
-    """Base: a named check that returns None (keep) or a drop reason."""
+    """Base: a named check that returns None (keep) or a drop reason. A filter's options
+    are its dataclass fields (`FilterStep` runs it as a pipeline step)."""
 
     name = "filter"
     applies_to = "all"  # "text" (prose), "code" or "all"
@@ -39,11 +41,12 @@ class Filter:
         raise NotImplementedError
 
 
+@dataclass
 class LengthFilter(Filter):
     name = "length"
 
-    def __init__(self, min_chars: int = 200, max_chars: int = 0):
-        self.min_chars, self.max_chars = min_chars, max_chars
+    min_chars: int = 200
+    max_chars: int = 0
 
     def check(self, doc: Document) -> str | None:
         n = len(doc.text)
@@ -54,6 +57,7 @@ class LengthFilter(Filter):
         return None
 
 
+@dataclass
 class GopherQualityFilter(Filter):
     """Quality heuristics of Gopher (Rae et al. 2021, appendix A.1.1 "Quality filtering")."""
 
@@ -62,23 +66,14 @@ class GopherQualityFilter(Filter):
     STOP_WORDS: ClassVar[set[str]] = {"the", "be", "to", "of", "and", "that", "have", "with"}
     BULLETS = ("•", "-", "*", "‣", "◦", "⁃", "·", "–")
 
-    def __init__(
-        self,
-        min_words: int = 50,
-        max_words: int = 100_000,
-        min_mean_word_len: float = 3.0,
-        max_mean_word_len: float = 10.0,
-        max_symbol_word_ratio: float = 0.1,
-        max_bullet_lines: float = 0.9,
-        max_ellipsis_lines: float = 0.3,
-        min_alpha_words: float = 0.8,
-        min_stop_words: int = 2,
-    ):
-        self.min_words, self.max_words = min_words, max_words
-        self.min_mean, self.max_mean = min_mean_word_len, max_mean_word_len
-        self.max_symbol = max_symbol_word_ratio
-        self.max_bullet, self.max_ellipsis = max_bullet_lines, max_ellipsis_lines
-        self.min_alpha, self.min_stop = min_alpha_words, min_stop_words
+    min_words: int = 50
+    max_words: int = 100_000
+    mean_word_len: tuple[float, float] = (3.0, 10.0)  # (min, max) of the mean word length
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines: float = 0.9
+    max_ellipsis_lines: float = 0.3
+    min_alpha_words: float = 0.8
+    min_stop_words: int = 2
 
     def check(self, doc: Document) -> str | None:
         words = doc.text.split()
@@ -88,29 +83,29 @@ class GopherQualityFilter(Filter):
         if self.max_words and n > self.max_words:
             return "gopher:too_many_words"
         mean = sum(len(w) for w in words) / n
-        if not self.min_mean <= mean <= self.max_mean:
+        if not self.mean_word_len[0] <= mean <= self.mean_word_len[1]:
             return "gopher:mean_word_length"
         symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("…")
-        if symbols / n > self.max_symbol:
+        if symbols / n > self.max_symbol_word_ratio:
             return "gopher:symbol_ratio"
         lines = [ln for ln in doc.text.split("\n") if ln.strip()]
         if lines:
             bullets = sum(ln.lstrip().startswith(self.BULLETS) for ln in lines)
-            if bullets / len(lines) > self.max_bullet:
+            if bullets / len(lines) > self.max_bullet_lines:
                 return "gopher:bullet_lines"
             ellipsis = sum(ln.rstrip().endswith(("...", "…")) for ln in lines)
-            if ellipsis / len(lines) > self.max_ellipsis:
+            if ellipsis / len(lines) > self.max_ellipsis_lines:
                 return "gopher:ellipsis_lines"
         alpha = sum(any(c.isalpha() for c in w) for w in words)
-        if alpha / n < self.min_alpha:
+        if alpha / n < self.min_alpha_words:
             return "gopher:non_alpha_words"
         stop = 0
         for w in words:
             if w.lower().strip(".,;:!?\"'()") in self.STOP_WORDS:
                 stop += 1
-                if stop >= self.min_stop:
+                if stop >= self.min_stop_words:
                     break
-        if stop < self.min_stop:
+        if stop < self.min_stop_words:
             return "gopher:few_stop_words"
         return None
 
@@ -125,6 +120,7 @@ def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+@dataclass
 class GopherRepetitionFilter(Filter):
     """Repetition heuristics of Gopher (Rae et al. 2021, table A1).
 
@@ -139,15 +135,10 @@ class GopherRepetitionFilter(Filter):
     TOP_NGRAM = ((2, 0.20), (3, 0.18), (4, 0.16))
     DUP_NGRAM = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
 
-    def __init__(
-        self,
-        dup_line_frac: float = 0.30,
-        dup_para_frac: float = 0.30,
-        dup_line_char_frac: float = 0.20,
-        dup_para_char_frac: float = 0.20,
-    ):
-        self.dup_line_frac, self.dup_para_frac = dup_line_frac, dup_para_frac
-        self.dup_line_char, self.dup_para_char = dup_line_char_frac, dup_para_char_frac
+    dup_line_frac: float = 0.30
+    dup_para_frac: float = 0.30
+    dup_line_char_frac: float = 0.20
+    dup_para_char_frac: float = 0.20
 
     @staticmethod
     def _dup_fracs(parts: list[str]) -> tuple[float, float]:
@@ -169,13 +160,13 @@ class GopherRepetitionFilter(Filter):
         frac, chars = self._dup_fracs(paras)
         if frac > self.dup_para_frac:
             return "repetition:duplicate_paragraphs"
-        if chars > self.dup_para_char:
+        if chars > self.dup_para_char_frac:
             return "repetition:duplicate_paragraph_chars"
         lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
         frac, chars = self._dup_fracs(lines)
         if frac > self.dup_line_frac:
             return "repetition:duplicate_lines"
-        if chars > self.dup_line_char:
+        if chars > self.dup_line_char_frac:
             return "repetition:duplicate_line_chars"
         words = text.split()
         if len(words) < 2:
@@ -306,13 +297,14 @@ FLAGGED_WORDS = frozenset(
 )
 
 
+@dataclass
 class FlaggedWordsFilter(Filter):
     """Word-list toxicity / adult-content filter: drop when flagged words exceed a ratio."""
 
     name = "flagged_words"
 
-    def __init__(self, max_ratio: float = 0.01, words: frozenset[str] = FLAGGED_WORDS):
-        self.max_ratio, self.words = max_ratio, words
+    max_ratio: float = 0.01
+    words: frozenset[str] = FLAGGED_WORDS
 
     def check(self, doc: Document) -> str | None:
         words = re.findall(r"[a-z]+", doc.text.lower())
@@ -324,6 +316,7 @@ class FlaggedWordsFilter(Filter):
         return None
 
 
+@dataclass
 class CodeFilter(Filter):
     """Code heuristics from Codex (Chen et al. 2021) and StarCoder (Li et al. 2023).
 
@@ -337,8 +330,9 @@ class CodeFilter(Filter):
         r"auto-?generated|autogenerated|do not edit|generated by|code generator", re.I
     )
 
-    def __init__(self, max_line: int = 1000, max_mean_line: float = 100.0, min_alnum: float = 0.25):
-        self.max_line, self.max_mean_line, self.min_alnum = max_line, max_mean_line, min_alnum
+    max_line: int = 1000
+    max_mean_line: float = 100.0
+    min_alnum: float = 0.25
 
     def check(self, doc: Document) -> str | None:
         lines = doc.text.split("\n")

@@ -45,6 +45,7 @@ from typing import IO, Any
 import numpy as np
 
 from lmforge.config import PrepareConfig
+from lmforge.data import registry
 from lmforge.data.dedup import (
     MinHasher,
     content_hash,
@@ -61,7 +62,7 @@ from lmforge.data.steps import (
     build_steps,
     doc_example,
 )
-from lmforge.fileio import fsync_replace, write_json_atomic
+from lmforge.fileio import atomic_path, fsync_replace, iter_json_lines, write_json_atomic
 
 ZSTD_LEVEL = 3
 STATE = "_state"
@@ -69,8 +70,9 @@ STATE = "_state"
 # ----------------------------------------------------------------------------- files
 
 
-class ShardWriter:
-    """A JSONL.zst file written under ``.tmp`` and renamed into place on `close`."""
+class DocShardWriter:
+    """A JSONL.zst file of documents (or exclusion records) written under ``.tmp`` and
+    renamed into place on `close`. (`lmforge.shards.ShardWriter` writes token shards.)"""
 
     def __init__(self, path: Path):
         import zstandard
@@ -103,13 +105,13 @@ class ShardWriter:
         return OSError(exc.errno, f"{exc.strerror or exc} while writing", str(self.tmp))
 
 
-def read_shard(path: Path) -> Iterator[Document]:
-    from lmforge.data.sources import open_text
+# The old name, kept for callers that patch it (tests of a full disk).
+ShardWriter = DocShardWriter
 
-    with open_text(path) as reader:
-        for line in reader:
-            rec = json.loads(line)
-            yield Document(rec["id"], rec["text"], rec["source"], rec["license"], rec["meta"])
+
+def read_shard(path: Path) -> Iterator[Document]:
+    for _, rec in iter_json_lines(path):
+        yield Document(rec["id"], rec["text"], rec["source"], rec["license"], rec["meta"])
 
 
 def doc_record(doc: Document) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def doc_record(doc: Document) -> dict[str, Any]:
 def _exclusion_writer(path: Path | None) -> tuple[Callable[..., None], Callable[[], None]]:
     if path is None:
         return (lambda *a: None), (lambda: None)
-    writer = ShardWriter(path)
+    writer = DocShardWriter(path)
 
     def on_drop(doc: Document | None, reason: str, step: str, info: dict[str, Any]) -> None:
         rec: dict[str, Any] = {**info, "reason": reason, "step": step}
@@ -146,7 +148,7 @@ def run_stage1(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
     read = ReadStep(src, cfg, on_drop)
     steps = build_steps(cfg, on_drop)
     hasher = MinHasher(cfg.num_perm, cfg.shingle_size, seed=cfg.seed + 42)
-    writer = ShardWriter(state / f"{task.name}.jsonl.zst")
+    writer = DocShardWriter(state / f"{task.name}.jsonl.zst")
     hashes: list[int] = []
     sigs: list[np.ndarray] = []
     ids: list[str] = []
@@ -169,11 +171,10 @@ def run_stage1(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
     writer.close()
     close_excl()
     write_json_atomic(state / f"{task.name}.ids.json", ids)
-    np.save(state / f"{task.name}.hash.npy", np.asarray(hashes, dtype=np.uint64))
     sig_arr = np.stack(sigs) if sigs else np.zeros((0, cfg.num_perm), dtype=np.uint32)
-    tmp = state / f"{task.name}.sig.tmp.npy"
-    np.save(tmp, sig_arr)
-    os.replace(tmp, state / f"{task.name}.sig.npy")
+    for kind, arr in (("hash", np.asarray(hashes, dtype=np.uint64)), ("sig", sig_arr)):
+        with atomic_path(state / f"{task.name}.{kind}.npy", ".tmp.npy") as tmp:
+            np.save(tmp, arr)
     return {
         "task": task.name,
         "source": source_name(src),
@@ -196,7 +197,7 @@ def run_stage3(cfg: PrepareConfig, task: Task, out: Path) -> dict[str, Any]:
     dedup = StepStats("dedup")
     mix = StepStats("mix")
     output = StepStats("output")
-    writer = ShardWriter(out / "shards" / f"{task.name}-{name}.jsonl.zst")
+    writer = DocShardWriter(out / "shards" / f"{task.name}-{name}.jsonl.zst")
     t_start = time.perf_counter()
     cpu_start = time.process_time()
 
@@ -275,8 +276,19 @@ STAGES: dict[str, Callable[[PrepareConfig, Task, Path], dict[str, Any]]] = {
 }
 
 
-def run_task(stage: str, cfg: PrepareConfig, task: Task, out: str) -> dict[str, Any]:
-    """Run one task of a stage unless its completion marker exists; return its statistics."""
+def run_task(
+    stage: str,
+    cfg: PrepareConfig,
+    task: Task,
+    out: str,
+    steps: dict[str, tuple[type, str]] | None = None,
+) -> dict[str, Any]:
+    """Run one task of a stage unless its completion marker exists; return its statistics.
+
+    `steps`: the driver's registered steps (`registry.snapshot`), for a worker process
+    that did not import the module registering them.
+    """
+    registry.restore(steps)
     out_dir = Path(out)
     marker = out_dir / STATE / stage / f"{task.name}.done"
     if marker.exists():
@@ -358,11 +370,11 @@ def run_dedup(cfg: PrepareConfig, tasks: list[Task], out: Path) -> dict[str, Any
 # ----------------------------------------------------------------------------- executors
 
 
-class LocalExecutor:
-    """A process pool (spawned workers), or the calling process when workers == 1."""
+Call = tuple[str, PrepareConfig, Task, str, dict[str, tuple[type, str]]]
 
-    def __init__(self, workers: int):
-        self.workers = max(1, workers)
+
+class Executor:
+    """Runs `run_task` over the tasks of a stage; subclasses say where (`run_all`)."""
 
     def map(
         self,
@@ -372,20 +384,34 @@ class LocalExecutor:
         out: str,
         log: Callable[[str], None],
     ) -> list[dict[str, Any]]:
-        if self.workers == 1 or len(tasks) <= 1:
+        steps = registry.snapshot()
+        return self.run_all([(stage, cfg, t, out, steps) for t in tasks], log)
+
+    def run_all(self, calls: list[Call], log: Callable[[str], None]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+class LocalExecutor(Executor):
+    """A process pool (spawned workers), or the calling process when workers == 1."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+
+    def run_all(self, calls: list[Call], log: Callable[[str], None]) -> list[dict[str, Any]]:
+        if self.workers == 1 or len(calls) <= 1:
             results = []
-            for task in tasks:
-                results.append(run_task(stage, cfg, task, out))
-                log(f"{stage} task {task.name} done")
+            for call in calls:
+                results.append(run_task(*call))
+                log(f"{call[0]} task {call[2].name} done")
             return results
         import multiprocessing as mp
 
         with ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_task, stage, cfg, t, out) for t in tasks]
+            futures = [pool.submit(run_task, *call) for call in calls]
             results = []
-            for task, fut in zip(tasks, futures, strict=True):
+            for call, fut in zip(calls, futures, strict=True):
                 results.append(fut.result())
-                log(f"{stage} task {task.name} done")
+                log(f"{call[0]} task {call[2].name} done")
             return results
 
 
@@ -410,9 +436,11 @@ def record_attempt(stage: str, task: Task, out: str) -> None:
         return
 
 
-def run_ray_task(stage: str, cfg: PrepareConfig, task: Task, out: str) -> dict[str, Any]:
+def run_ray_task(
+    stage: str, cfg: PrepareConfig, task: Task, out: str, steps: dict[str, tuple[type, str]]
+) -> dict[str, Any]:
     record_attempt(stage, task, out)
-    return run_task(stage, cfg, task, out)
+    return run_task(stage, cfg, task, out, steps)
 
 
 def count_retries(out: Path) -> dict[str, Any]:
@@ -456,7 +484,7 @@ def join_cluster(ray: Any, address: str) -> None:
         raise refuse(exc) from None
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Runs tasks as Ray remote functions: on a private local Ray (``address=""``), or on
     a running cluster (``"auto"`` or ``"HOST:PORT"``), which it joins and never starts.
 
@@ -480,17 +508,11 @@ class RayExecutor:
         options: dict[str, Any] = {"max_retries": max_retries, "retry_exceptions": [OSError]}
         self.remote = ray.remote(**options)(run_ray_task)
 
-    def map(
-        self,
-        stage: str,
-        cfg: PrepareConfig,
-        tasks: list[Task],
-        out: str,
-        log: Callable[[str], None],
-    ) -> list[dict[str, Any]]:
+    def run_all(self, calls: list[Call], log: Callable[[str], None]) -> list[dict[str, Any]]:
         from ray.exceptions import RayError
 
-        refs = [self.remote.remote(stage, cfg, t, out) for t in tasks]
+        stage = calls[0][0] if calls else ""
+        refs = [self.remote.remote(*call) for call in calls]
         try:
             results = self.ray.get(refs)
         except RayError as exc:
@@ -501,11 +523,11 @@ class RayExecutor:
                 f"prepare {stage}: a Ray task failed after {self.max_retries} retries ({why}); "
                 "rerun the same command: finished tasks are kept"
             ) from None
-        log(f"{stage}: {len(tasks)} tasks done on Ray")
+        log(f"{stage}: {len(calls)} tasks done on Ray")
         return list(results)
 
 
-def make_executor(cfg: PrepareConfig, workers: int) -> LocalExecutor | RayExecutor:
+def make_executor(cfg: PrepareConfig, workers: int) -> Executor:
     if cfg.executor == "ray":
         return RayExecutor(workers, cfg.ray_address, cfg.ray_max_retries)
     return LocalExecutor(workers)
@@ -538,7 +560,12 @@ _EXECUTOR_KEYS = ("executor", "workers", "ray_address", "ray_max_retries")
 
 
 def fingerprint(cfg: PrepareConfig, tasks: list[Task]) -> str:
-    config = {k: v for k, v in asdict(cfg).items() if k not in _EXECUTOR_KEYS}
+    # Keys added later count only when set, so a run started before them still resumes.
+    config = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in _EXECUTOR_KEYS and not (k in ("steps", "plugins") and not v)
+    }
     data = json.dumps({"config": config, "tasks": [asdict(t) for t in tasks]}, sort_keys=True)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
@@ -557,6 +584,7 @@ def prepare(
     if force and out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
+    registry.check_steps(cfg)  # an unknown step or option stops the run before any work
     tasks = plan_tasks(cfg.sources, cfg.task_bytes)
     fp = fingerprint(cfg, tasks)
     run_file = out / STATE / "run.json"
@@ -614,9 +642,9 @@ def merge_step_stats(results: list[dict[str, Any]]) -> list[StepStats]:
 
 
 __all__ = [
+    "DocShardWriter",
     "LocalExecutor",
     "RayExecutor",
-    "ShardWriter",
     "merge_step_stats",
     "mixing_copies",
     "prepare",

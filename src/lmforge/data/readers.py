@@ -1,5 +1,9 @@
 """Readers: turn raw inputs into `Document`s, and bad input into counted, named skips.
 
+The lower layer of the one reader stack (every format and compression, for `prepare`,
+`tokenize`, `eval`, `bias` and the tasks); `lmforge.data.sources` is the strict view
+the training commands use on top of it, and nothing here imports it.
+
 Every source of `lmforge prepare` (a `PrepareSource` in the config) has a *kind*:
 
 ==============  ============================================================================
@@ -35,6 +39,7 @@ import csv
 import fnmatch
 import io
 import json
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +47,7 @@ from typing import IO, Any
 
 from lmforge.config import PrepareSource
 from lmforge.data.document import Document
-from lmforge.data.sources import (
-    COMPRESSED,
-    decode_bytes,
-    open_binary,
-    stdlib_files,
-    stdlib_root,
-)
+from lmforge.fileio import COMPRESSED, open_binary
 from lmforge.paths import shared_data
 
 # ----------------------------------------------------------------------------- records
@@ -81,6 +80,53 @@ class Task:
     @property
     def name(self) -> str:
         return f"{self.index:05d}"
+
+
+# ----------------------------------------------------------------------------- python-stdlib
+
+# Standard-library folders that are test suites, vendored code or data, not library source.
+STDLIB_SKIP = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "__pycache__",
+}
+
+# Machine-generated modules: codec tables written by gencodec.py (≈ 1.2 MB of near-identical
+# `0x00e9 -> LATIN SMALL LETTER E WITH ACUTE` lines that a small model learns first and then
+# samples forever) and pydoc's topic dump. Generated code is filtered from code corpora for
+# the same reason (auto-generated markers, as in the data pipeline's code filters).
+STDLIB_GENERATED = ("pydoc_data/topics.py",)
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_generated(path: Path, rel: str) -> bool:
+    if rel in STDLIB_GENERATED:
+        return True
+    if rel.startswith("encodings/"):
+        with path.open("rb") as fh:
+            return b"gencodec.py" in fh.read(600)
+    return False
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's own source: no tests, vendored packages or generated tables."""
+    root = stdlib_root()
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        if any(part in STDLIB_SKIP for part in rel.parts[:-1]) or _is_generated(
+            path, rel.as_posix()
+        ):
+            continue
+        files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -338,6 +384,16 @@ def read_bounded(path: Path, max_bytes: int) -> bytes | Skip:
     return data
 
 
+def decode_bytes(data: bytes) -> tuple[str, int]:
+    """UTF-8 decode with replacement; returns the text and the number of replaced bytes."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # Each U+FFFD beyond those already in the source stands for ≥ 1 invalid byte.
+        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
 def looks_binary(data: bytes) -> bool:
     """NUL bytes in the first 8 KiB: the heuristic git and grep use for binary files."""
     return b"\x00" in data[:8192]
@@ -439,29 +495,19 @@ class Reader:
             return data
         return decode_text(data, str(path))
 
-    def read_text(self, path: Path) -> Iterator[Item]:
+    def _file_doc(self, path: Path, **meta: Any) -> Item:
         got = self._text_of(path)
         if isinstance(got, Skip):
-            yield got
-            return
+            return got
         text, replaced = got
-        yield self.doc(self.rel(path), text, kind="text", path=str(path), replaced_bytes=replaced)
+        return self.doc(self.rel(path), text, **meta, path=str(path), replaced_bytes=replaced)
+
+    def read_text(self, path: Path) -> Iterator[Item]:
+        yield self._file_doc(path, kind="text")
 
     def read_code(self, path: Path) -> Iterator[Item]:
-        got = self._text_of(path)
-        if isinstance(got, Skip):
-            yield got
-            return
-        text, replaced = got
         lang = CODE_LANGUAGES.get(Path(strip_compression(path.name)).suffix.lower(), "unknown")
-        yield self.doc(
-            self.rel(path),
-            text,
-            kind="code",
-            code_language=lang,
-            path=str(path),
-            replaced_bytes=replaced,
-        )
+        yield self._file_doc(path, kind="code", code_language=lang)
 
     def read_html(self, path: Path) -> Iterator[Item]:
         got = self._text_of(path)

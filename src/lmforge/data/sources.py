@@ -1,5 +1,7 @@
 """Data sources as the training commands read them (`data.sources`, `eval --data`,
-`bias --data`): the same formats as `lmforge prepare`, through its readers.
+`bias --data`, the fine-tuning tasks): the same formats as `lmforge prepare`, through
+its readers. This is the upper layer of the one reader stack: `lmforge.data.readers`
+(formats, kinds, decoding; compression through `lmforge.fileio`) never imports it.
 
 - ``python-stdlib``: the `.py` files of the running interpreter's standard library,
   in sorted path order, test suites and vendored packages excluded. Always present,
@@ -19,70 +21,30 @@ stderr, name what is skipped: empty files, and unsupported files inside a folder
 
 from __future__ import annotations
 
+import difflib
 import glob
-import json
 import sys
-import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from lmforge.config import PrepareConfig, PrepareSource
 from lmforge.data.document import Document
-from lmforge.fileio import COMPRESSED, open_binary, open_text  # noqa: F401  (re-exported)
-
-# Standard-library folders that are test suites, vendored code or data, not library source.
-STDLIB_SKIP = {
-    "test",
-    "tests",
-    "idle_test",
-    "site-packages",
-    "dist-packages",
-    "lib2to3",
-    "__pycache__",
-}
-
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-# Machine-generated modules: codec tables written by gencodec.py (≈ 1.2 MB of near-identical
-# `0x00e9 -> LATIN SMALL LETTER E WITH ACUTE` lines that a small model learns first and then
-# samples forever) and pydoc's topic dump. Generated code is filtered from code corpora for
-# the same reason (auto-generated markers, as in the data pipeline's code filters).
-STDLIB_GENERATED = ("pydoc_data/topics.py",)
-
-
-def _is_generated(path: Path, rel: str) -> bool:
-    if rel in STDLIB_GENERATED:
-        return True
-    if rel.startswith("encodings/"):
-        with path.open("rb") as fh:
-            return b"gencodec.py" in fh.read(600)
-    return False
-
-
-def stdlib_files() -> list[Path]:
-    """The standard library's own source: no tests, vendored packages or generated tables."""
-    root = stdlib_root()
-    files = []
-    for path in root.rglob("*.py"):
-        rel = path.relative_to(root)
-        if any(part in STDLIB_SKIP for part in rel.parts[:-1]) or _is_generated(
-            path, rel.as_posix()
-        ):
-            continue
-        files.append(path)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def decode_bytes(data: bytes) -> tuple[str, int]:
-    """UTF-8 decode with replacement; returns the text and the number of replaced bytes."""
-    try:
-        return data.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
-        # Each U+FFFD beyond those already in the source stands for ≥ 1 invalid byte.
-        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+from lmforge.data.readers import (  # decode_bytes, stdlib_*: also imported from here
+    CODE_LANGUAGES,
+    HTML_EXT,
+    JSONL_EXT,
+    TEXT_EXT,
+    Reader,
+    Skip,
+    decode_bytes,
+    decode_text,
+    kind_of_file,
+    read_bounded,
+    resolve_source_path,
+    stdlib_files,
+    stdlib_root,
+)
+from lmforge.fileio import COMPRESSED, iter_json_lines, open_binary, open_text  # noqa: F401
 
 
 def read_text_file(path: Path, doc_id: str, source: str, license: str) -> Document:
@@ -102,29 +64,20 @@ def iter_stdlib() -> Iterator[Document]:
 
 def iter_jsonl(path: Path, text_field: str = "text") -> Iterator[Document]:
     """Read a JSONL document shard. A malformed line raises, naming file and line."""
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                raise ValueError(f"{path}:{lineno}: record has no string field '{text_field}'")
-            yield Document(
-                id=str(rec.get("id", f"{path.name}:{lineno}")),
-                text=rec[text_field],
-                source=str(rec.get("source", path.name)),
-                license=str(rec.get("license", "unknown")),
-                meta=rec.get("meta") or {},
-            )
+    for lineno, rec in iter_json_lines(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise ValueError(f"{path}:{lineno}: record has no string field '{text_field}'")
+        yield Document(
+            id=str(rec.get("id", f"{path.name}:{lineno}")),
+            text=rec[text_field],
+            source=str(rec.get("source", path.name)),
+            license=str(rec.get("license", "unknown")),
+            meta=rec.get("meta") or {},
+        )
 
 
 def _expand(spec: str) -> tuple[list[Path], bool]:
     """The files of a source, and whether the spec named one file (rather than a folder/glob)."""
-    from lmforge.data.readers import resolve_source_path
-
     path = resolve_source_path(spec)
     if path.is_dir():
         # Hidden files (.DS_Store, .gitignore, editor swap files) are not part of a corpus.
@@ -145,8 +98,6 @@ def split_field(spec: str) -> tuple[str, str]:
     The colon counts only when PATH exists and the whole spec does not, so ``shared:NAME``
     and paths with colons keep working.
     """
-    from lmforge.data.readers import resolve_source_path
-
     head, sep, field = spec.rpartition(":")
     if not (sep and head and field.isidentifier()) or resolve_source_path(spec).exists():
         return spec, "text"
@@ -154,8 +105,6 @@ def split_field(spec: str) -> tuple[str, str]:
 
 
 def supported_suffixes() -> str:
-    from lmforge.data.readers import CODE_LANGUAGES, HTML_EXT, JSONL_EXT, TEXT_EXT
-
     kinds = sorted(TEXT_EXT | JSONL_EXT | HTML_EXT | {".json", ".csv", ".tsv", ".parquet"})
     return (
         f"{' '.join(kinds)}, code ({len(CODE_LANGUAGES)} languages: .py .c .js …), "
@@ -168,10 +117,6 @@ def unsupported_message(path: Path, formats: list[str] | None = None) -> str:
 
     `formats`: the suffixes a reader of records takes (default: every data-source format).
     """
-    import difflib
-
-    from lmforge.data.readers import CODE_LANGUAGES, HTML_EXT, JSONL_EXT, TEXT_EXT
-
     suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() in COMPRESSED else path.suffix
     known = formats or [*TEXT_EXT, *JSONL_EXT, *HTML_EXT, ".json", ".csv", ".tsv", ".parquet"]
     candidates = [*known, *COMPRESSED, *([] if formats else [".warc", *CODE_LANGUAGES])]
@@ -192,9 +137,6 @@ MIN_INVALID_BYTES = 16
 
 def _read_file(path: Path, doc_id: str, spec: str, field: str) -> Iterator[Document]:
     """Documents of one file, through `prepare`'s readers; bad input raises naming the file."""
-    from lmforge.config import PrepareConfig, PrepareSource
-    from lmforge.data.readers import Reader, Skip, decode_text, kind_of_file, read_bounded
-
     kind = kind_of_file(path)
     if kind is None:
         raise ValueError(unsupported_message(path))
@@ -225,7 +167,7 @@ def _read_file(path: Path, doc_id: str, spec: str, field: str) -> Iterator[Docum
         yield item
 
 
-def _skip_message(skip) -> str:
+def _skip_message(skip: Skip) -> str:
     where = f"{skip.file}:{skip.line}" if skip.line else skip.file
     detail = f" ({skip.detail})" if skip.detail else ""
     if skip.reason in ("binary", "invalid_utf8"):
@@ -260,8 +202,6 @@ def iter_source(spec: str, empty: list[str] | None = None) -> Iterator[Document]
     if spec == "python-stdlib":
         yield from iter_stdlib()
         return
-    from lmforge.data.readers import kind_of_file, resolve_source_path
-
     spec, field = split_field(spec)
     root = resolve_source_path(spec)
     base = root if root.is_dir() else None

@@ -1,9 +1,11 @@
 """Pipeline steps: generators over documents that count what they do.
 
-A step is an object with a ``__call__(docs) -> Iterator[Document]`` generator and a
-`StepStats`. Subclasses implement ``process(doc)``, which returns the (possibly
-changed) document, or a string: the reason it was dropped. Dropped documents are
-handed to ``on_drop`` (the exclusions writer) with their reason.
+A step is an object with a ``run(docs) -> Iterator[Document]`` generator (also its
+``__call__``) and a `StepStats`. Subclasses implement ``process(doc)``, which returns
+the (possibly changed) document, or a string: the reason it was dropped; a step that
+adds or holds documents overrides ``run``. Dropped documents are handed to
+``on_drop`` (the exclusions writer) with their reason. Steps outside this file plug
+in by name through `lmforge.data.registry`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from lmforge.data.clean import clean_text
 from lmforge.data.document import Document
 from lmforge.data.pii import redact
 from lmforge.data.readers import Reader, Skip, Task
+from lmforge.data.registry import configured_steps, load_plugins
 
 EXAMPLES_PER_REASON = 3
 SNIPPET_CHARS = 300
+
+# The counts of a `StepStats`, in report order.
+TOTALS = ("docs_in", "docs_out", "bytes_in", "bytes_out", "words_in", "words_out")
 
 DropHook = Callable[[Document | None, str, str, dict[str, Any]], None]
 
@@ -74,12 +80,7 @@ class StepStats:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "docs_in": self.docs_in,
-            "docs_out": self.docs_out,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "words_in": self.words_in,
-            "words_out": self.words_out,
+            **{key: getattr(self, key) for key in TOTALS},
             "seconds": round(self.seconds, 4),
             "dropped": dict(sorted(self.dropped.items())),
             "counters": dict(sorted(self.counters.items())),
@@ -89,27 +90,15 @@ class StepStats:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> StepStats:
         return cls(
-            name=d["name"],
-            docs_in=d["docs_in"],
-            docs_out=d["docs_out"],
-            bytes_in=d["bytes_in"],
-            bytes_out=d["bytes_out"],
-            words_in=d["words_in"],
-            words_out=d["words_out"],
-            seconds=d["seconds"],
+            **{key: d[key] for key in ("name", *TOTALS, "seconds")},
             dropped=Counter(d["dropped"]),
             counters=Counter(d["counters"]),
             examples=list(d["examples"]),
         )
 
     def merge(self, other: StepStats) -> None:
-        self.docs_in += other.docs_in
-        self.docs_out += other.docs_out
-        self.bytes_in += other.bytes_in
-        self.bytes_out += other.bytes_out
-        self.words_in += other.words_in
-        self.words_out += other.words_out
-        self.seconds += other.seconds
+        for key in (*TOTALS, "seconds"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
         self.dropped.update(other.dropped)
         self.counters.update(other.counters)
         for ex in other.examples:
@@ -138,6 +127,9 @@ class Step:
         raise NotImplementedError
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
+        return self.run(docs)
+
+    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         st = self.stats
         for doc in docs:
             t0 = time.process_time()
@@ -246,6 +238,7 @@ class DecontamStep(Step):
         super().__init__(on_drop)
         from lmforge.data.decontam import ContaminationIndex
 
+        load_plugins(cfg.plugins)  # named sets registered by plug-ins (bias: crows_pairs)
         key = (tuple(cfg.decontaminate), cfg.decontam_ngram)
         if key not in _CONTAMINATION_CACHE:  # one index per worker process
             _CONTAMINATION_CACHE[key] = ContaminationIndex(list(key[0]), key[1])
@@ -282,6 +275,8 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
     if cfg.code_filters:
         flts.append(F.CodeFilter())
     steps += [FilterStep(f, on_drop) for f in flts]
+    # prepare.steps: filters and steps registered by name
+    steps += configured_steps(cfg, "filter", on_drop, lambda f: FilterStep(f, on_drop))
     if cfg.pii:
         steps.append(PIIStep(on_drop))
     if cfg.decontaminate:
@@ -290,7 +285,6 @@ def build_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Ste
 
 
 def build_post_dedup_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Step]:
-    """Steps of stage 3, after deduplication and mixing (`lmforge.bias`): CDA, statistics."""
-    from lmforge.bias.steps import bias_steps
-
-    return bias_steps(cfg, on_drop)
+    """Steps of stage 3, after deduplication and mixing: the registered ones (`lmforge.bias`
+    registers CDA and term statistics), then ``prepare.steps`` of stage ``post_dedup``."""
+    return configured_steps(cfg, "post_dedup", on_drop, lambda f: FilterStep(f, on_drop))
