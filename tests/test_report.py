@@ -62,3 +62,51 @@ def test_headline_comes_first_and_stage_keys_last(run_folder):
     assert md.index("## Stages") > md.index("## Data") > md.index("## Training curves")
     html = (run_folder / "report.html").read_text()
     assert html.index('id="headline"') < html.index('id="data"') < html.index('id="stages"')
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_report_card_model_card_and_plan_agree_on_energy(tmp_path, device):
+    """One energy model: the same device, hours and count give the same kWh and CO2 in the
+    report card, the model card and `lmforge plan`, each checked against the formula
+    kWh = devices × watts × hours × PUE / 1000 written out here."""
+    import os
+    import re
+    from dataclasses import replace
+
+    from lmforge.config import Config
+    from lmforge.export.model_card import model_card
+    from lmforge.plan import DEVICES, Hardware, cpu_device, make_plan, model_config
+    from lmforge.report import compute_summary
+
+    hours = 2.5
+    # The stated assumptions: 10 W per CPU core on every core of the machine; a GPU of
+    # unrecorded model draws an H100's 700 W board power; PUE 1.2; 0.4 kg CO2e per kWh.
+    watts = 10.0 * (os.cpu_count() or 1) if device == "cpu" else 700.0
+    kwh = 1 * watts * hours * 1.2 / 1000
+    co2 = kwh * 0.4
+
+    report = compute_summary({"elapsed_s": hours * 3600}, device=device)
+    assert report["energy (kWh, estimated)"] == pytest.approx(kwh, rel=1e-12)
+    assert report["CO2 (kg, estimated)"] == pytest.approx(co2, rel=1e-12)
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_1"
+    ckpt.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"step": 1, "elapsed_s": hours * 3600}))
+    cfg = Config()
+    cfg = replace(cfg, train=replace(cfg.train, device=device))
+    card = model_card(cfg, "llama", ckpt)
+    card_kwh = float(re.search(r"\| energy \(estimate\) \| ([0-9.e+-]+) kWh", card).group(1))
+    card_co2 = float(re.search(r"\| CO2 \(estimate\) \| ([0-9.e+-]+) kg", card).group(1))
+    # the card prints three significant digits
+    assert card_kwh == pytest.approx(kwh, rel=5e-3)
+    assert card_co2 == pytest.approx(co2, rel=5e-3)
+
+    if device == "cpu":  # a peak given, so that no matmul is timed: only the hours matter
+        dev = replace(cpu_device("fp32", measure=False), peak_flops=1e12, fp32_flops=1e12)
+    else:
+        dev = DEVICES["H100"]
+    plan = make_plan(model_config("cpu-tiny"), Hardware(dev, 1, dtype="fp32"), hours=hours)
+    assert plan.hours == pytest.approx(hours, rel=1e-12)
+    assert plan.energy_kwh == pytest.approx(kwh, rel=1e-12)
+    assert plan.co2_kg == pytest.approx(co2, rel=1e-12)

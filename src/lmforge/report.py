@@ -27,13 +27,15 @@ from typing import Any
 import torch
 
 from lmforge import __version__
-
-# Energy and CO2 assumptions for CPU runs (stated in the report).
-CPU_WATTS_PER_CORE = (
-    10.0  # a server core under full load, package power / cores, order of magnitude
+from lmforge.energy import (
+    CPU_WATTS_PER_CORE,
+    GRID_KG_PER_KWH,
+    PUE,
+    co2_kg,
+    device_power_w,
+    energy_kwh,
 )
-GRID_KG_PER_KWH = 0.4  # world-average grid carbon intensity (IEA 2023 ≈ 0.44 kg/kWh)
-PUE = 1.2  # data-centre overhead (typical hyperscale value)
+from lmforge.fileio import iter_json_lines, write_text_atomic
 
 
 def _read_json(path: Path) -> Any:
@@ -44,14 +46,12 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written right now
+    """The records of a JSON Lines file ([] if there is none), up to a malformed line:
+    a run that is still going may be writing its last line right now."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        for _, record in iter_json_lines(path):
+            out.append(record)
     return out
 
 
@@ -97,68 +97,46 @@ def _plot(fn) -> bytes:
     return buf.getvalue()
 
 
+def _curves(
+    ax: Any, groups: dict[str, list[dict[str, Any]]], key: str, style: str = "-", suffix: str = ""
+) -> None:
+    """One line of `key` against the step per labelled group of records."""
+    for label, recs in groups.items():
+        if recs:
+            ax.plot([r["step"] for r in recs], [r[key] for r in recs], style, label=label + suffix)
+
+
+def _curve_plot(
+    ylabel: str, *curves: tuple[dict[str, list[dict[str, Any]]], str, str, str]
+) -> bytes:
+    """A plot of (groups, key, style, label suffix) curves against the step."""
+
+    def draw(ax: Any) -> None:
+        for groups, key, style, suffix in curves:
+            _curves(ax, groups, key, style, suffix)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+
+    return _plot(draw)
+
+
 def training_plots(metrics: dict[str, list[dict[str, Any]]]) -> dict[str, bytes]:
     """Loss, validation bits/byte (or loss), learning rate and throughput curves."""
     plots: dict[str, bytes] = {}
     series = {k: [r for r in v if "loss" in r] for k, v in metrics.items()}
     evals = {k: [r for r in v if "val_loss" in r] for k, v in metrics.items()}
     if any(series.values()):
-
-        def loss(ax):
-            for label, recs in series.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs], [r["loss"] for r in recs], label=f"{label} train"
-                    )
-            for label, recs in evals.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs],
-                        [r["val_loss"] for r in recs],
-                        "o--",
-                        label=f"{label} val",
-                    )
-            ax.set_xlabel("step")
-            ax.set_ylabel("loss (nats/token)")
-            ax.legend()
-
-        plots["loss"] = _plot(loss)
-
-        def lr(ax):
-            for label, recs in series.items():
-                if recs:
-                    ax.plot([r["step"] for r in recs], [r["lr"] for r in recs], label=label)
-            ax.set_xlabel("step")
-            ax.set_ylabel("learning rate")
-            ax.legend()
-
-        plots["learning_rate"] = _plot(lr)
-
-        def speed(ax):
-            for label, recs in series.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs], [r["tokens_per_s"] for r in recs], label=label
-                    )
-            ax.set_xlabel("step")
-            ax.set_ylabel("tokens / s")
-            ax.legend()
-
-        plots["throughput"] = _plot(speed)
+        plots["loss"] = _curve_plot(
+            "loss (nats/token)", (series, "loss", "-", " train"), (evals, "val_loss", "o--", " val")
+        )
+        plots["learning_rate"] = _curve_plot("learning rate", (series, "lr", "-", ""))
+        plots["throughput"] = _curve_plot("tokens / s", (series, "tokens_per_s", "-", ""))
     bpb = {k: [r for r in v if "val_bpb" in r] for k, v in evals.items()}
     if any(bpb.values()):
-
-        def val_bpb(ax):
-            for label, recs in bpb.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs], [r["val_bpb"] for r in recs], "o-", label=label
-                    )
-            ax.set_xlabel("step")
-            ax.set_ylabel("validation bits / byte")
-            ax.legend()
-
-        plots["val_bits_per_byte"] = _plot(val_bpb)
+        plots["val_bits_per_byte"] = _curve_plot(
+            "validation bits / byte", (bpb, "val_bpb", "o-", "")
+        )
     return plots
 
 
@@ -200,11 +178,11 @@ def environment() -> dict[str, Any]:
     }
 
 
-def compute_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """Time, throughput, MFU, and estimated energy/CO2 of a training stage on this machine."""
+def compute_summary(summary: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Time, throughput, MFU, and estimated energy/CO2 (`lmforge.energy`) of a training
+    stage on `device` ("cpu": this machine's cores, or "cuda")."""
     seconds = float(summary.get("elapsed_s", 0.0))
-    cores = os.cpu_count() or 1
-    kwh = CPU_WATTS_PER_CORE * cores * PUE * seconds / 3.6e6
+    kwh = energy_kwh(seconds / 3600, device_power_w(device))
     return {
         "wall time (s)": seconds,
         "steps": summary.get("step"),
@@ -213,9 +191,15 @@ def compute_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "MFU": summary.get("mfu"),
         "peak FLOP/s used for MFU": summary.get("peak_flops"),
         "energy (kWh, estimated)": kwh,
-        "CO2 (kg, estimated)": kwh * GRID_KG_PER_KWH,
+        "CO2 (kg, estimated)": co2_kg(kwh),
         "non-finite steps skipped": summary.get("bad_steps"),
     }
+
+
+# A note another tool leaves in a run for the top of its headline (an HTML fragment): a
+# trial of `lmforge sweep` names its sweep and its values there. The report card shows it
+# and knows nothing of the tool that wrote it.
+HEADLINE_NOTE = "report_note.html"
 
 
 def collect(run_dir: Path) -> dict[str, Any]:
@@ -241,6 +225,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
     data["bias"] = _read_json(run_dir / "bias" / "bias.json")
     data["arena"] = {p.stem: _read_csv(p) for p in sorted((run_dir / "arena").glob("*.csv"))}
     data["export"] = (stages.get("export") or {}).get("summary")
+    note = run_dir / HEADLINE_NOTE
+    data["note"] = note.read_text(encoding="utf-8") if note.is_file() else ""
     return data
 
 
@@ -410,14 +396,48 @@ def creative_block(data: dict[str, Any]) -> str:
 
 def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, bytes]]:
     """HTML body per section, and the PNG plots."""
-    from lmforge.config import config_from_dict
-    from lmforge.model.transformer import count_params, flops_per_token
-
-    s: dict[str, str] = {}
     plots: dict[str, bytes] = {}
-    stages = data["stages"]
-    s["Headline"] = headline(data)
-    s["Stages"] = _grid(
+    s = {
+        "Headline": data.get("note", "") + headline(data),
+        "Stages": stages_section(data["stages"]),
+    }
+    s["Data"] = data_section(data, plots)
+    tok = data.get("tokenizer") or {}
+    s["Tokenizer"] = _table(tok) if tok else "<p>The recipe used an existing tokenizer.</p>"
+    s["Model"] = model_section(Path(data["run_dir"]))
+    s["Compute"] = compute_section(data)
+    metrics = {k: data[k]["metrics"] for k in ("pretrain", "finetune") if data[k]["metrics"]}
+    plots.update(training_plots(metrics))
+    s["Training curves"] = "" if metrics else "<p>No training metrics.</p>"
+    s["Evaluation"] = evaluation_section(data)
+    s["Human evaluation"] = arena_section(data.get("arena") or {})
+    bias = data.get("bias")
+    s["Bias audit"] = (
+        f"<pre>{html.escape(_bias_text(bias))}</pre>"
+        if bias
+        else "<p>No bias stage in this run.</p>"
+    )
+    samples = data.get("samples") or {}
+    s["Samples"] = (
+        "".join(
+            f"<h3>{html.escape(label)}</h3>"
+            + "".join(f"<pre>{html.escape(t)}</pre>" for t in texts)
+            for label, texts in samples.items()
+        )
+        or "<p>No samples.</p>"
+    )
+    s["Export"] = (
+        _table(_flatten(data.get("export") or {}))
+        if data.get("export")
+        else "<p>No export stage in this run.</p>"
+    )
+    s["Environment"] = _table(data["environment"])
+    s["Config"] = f"<pre>{html.escape(data.get('config', ''))}</pre>"
+    return s, plots
+
+
+def stages_section(stages: dict[str, Any]) -> str:
+    return _grid(
         ["stage", "status", "seconds", "key"],
         [
             [k, "done" if v.get("done") else "incomplete", v.get("seconds", ""), v.get("key", "")]
@@ -426,6 +446,9 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
         ],
     )
 
+
+def data_section(data: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """The prepare stage's funnel and tables, then the token shards (adds the funnel plot)."""
     parts = []
     dr = data.get("data_report")
     if dr:
@@ -452,72 +475,70 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
         parts.append("<h3>PII redacted</h3>" + _table(dr.get("pii", {})))
         parts.append("<h3>Licences</h3>" + _table(_flatten(dr.get("licenses", {}))))
         parts.append("<h3>Languages</h3>" + _table(dr.get("languages", {})))
-    tokens = data.get("tokens") or {}
-    rows = []
-    for name, h in tokens.items():
-        if h:
-            rows.append(
-                [
-                    name,
-                    h.get("n_documents"),
-                    h.get("n_tokens"),
-                    h.get("n_bytes"),
-                    h.get("n_bytes", 0) / max(h.get("n_tokens", 1), 1),
-                ]
-            )
+    rows = [
+        [
+            name,
+            h.get("n_documents"),
+            h.get("n_tokens"),
+            h.get("n_bytes"),
+            h.get("n_bytes", 0) / max(h.get("n_tokens", 1), 1),
+        ]
+        for name, h in (data.get("tokens") or {}).items()
+        if h
+    ]
     if rows:
         parts.append(
             "<h3>Token shards</h3>"
             + _grid(["shard", "documents", "tokens", "bytes", "bytes/token"], rows)
         )
-    s["Data"] = "".join(parts) or "<p>No data stage in this run.</p>"
+    return "".join(parts) or "<p>No data stage in this run.</p>"
 
-    tok = data.get("tokenizer") or {}
-    s["Tokenizer"] = _table(tok) if tok else "<p>The recipe used an existing tokenizer.</p>"
 
-    pre = data["pretrain"].get("summary") or {}
+def model_section(run_dir: Path) -> str:
+    """Shape and parameter groups of the pre-trained model, from a checkpoint's config."""
+    from lmforge.config import config_from_dict
+    from lmforge.model.transformer import count_params, flops_per_token
+
     cfg_dict = None
-    for p in (Path(data["run_dir"]) / "pretrain").glob("checkpoints/step_*/trainer_state.json"):
+    for p in (run_dir / "pretrain").glob("checkpoints/step_*/trainer_state.json"):
         cfg_dict = (_read_json(p) or {}).get("config")
-    if cfg_dict:
-        cfg = config_from_dict(cfg_dict)
-        m = cfg.model
-        params = count_params(m)
-        arch = {
-            "layers": m.n_layers,
-            "width": m.d_model,
-            "heads": m.n_heads,
-            "kv heads": m.n_kv_heads or m.n_heads,
-            "context": m.context_length,
-            "vocabulary": m.vocab_size,
-            "norm": m.norm,
-            "positions": m.position,
-            "MLP": m.mlp,
-            "QK-norm": m.qk_norm,
-            "tied embeddings": m.tie_embeddings,
-            "objective": m.objective,
-            "FLOPs per training token": flops_per_token(m),
-        }
-        s["Model"] = _table(arch) + "<h3>Parameters</h3>" + _table(params)
-    else:
-        s["Model"] = "<p>No pre-trained model.</p>"
+    if not cfg_dict:
+        return "<p>No pre-trained model.</p>"
+    m = config_from_dict(cfg_dict).model
+    arch = {
+        "layers": m.n_layers,
+        "width": m.d_model,
+        "heads": m.n_heads,
+        "kv heads": m.n_kv_heads or m.n_heads,
+        "context": m.context_length,
+        "vocabulary": m.vocab_size,
+        "norm": m.norm,
+        "positions": m.position,
+        "MLP": m.mlp,
+        "QK-norm": m.qk_norm,
+        "tied embeddings": m.tie_embeddings,
+        "objective": m.objective,
+        "FLOPs per training token": flops_per_token(m),
+    }
+    return _table(arch) + "<h3>Parameters</h3>" + _table(count_params(m))
 
+
+def compute_section(data: dict[str, Any]) -> str:
     compute = []
     for stage in ("pretrain", "finetune"):
         summ = data[stage].get("summary")
         if summ:
             compute.append(f"<h3>{stage}</h3>" + _table(compute_summary(summ)))
-    s["Compute"] = "".join(compute) + (
+    if not compute:
+        return "<p>No training.</p>"
+    return "".join(compute) + (
         f"<p class=note>Energy assumes {CPU_WATTS_PER_CORE:.0f} W per CPU core, PUE {PUE}; "
         f"CO2 at {GRID_KG_PER_KWH} kg/kWh. Estimates, not measurements.</p>"
-        if compute
-        else "<p>No training.</p>"
     )
 
-    metrics = {k: data[k]["metrics"] for k in ("pretrain", "finetune") if data[k]["metrics"]}
-    plots.update(training_plots(metrics))
-    s["Training curves"] = "" if metrics else "<p>No training metrics.</p>"
 
+def evaluation_section(data: dict[str, Any]) -> str:
+    """Every task and metric per checkpoint, the fine-tuning test split, the unigram baseline."""
     ev = data.get("eval")
     parts = []
     if ev:
@@ -536,6 +557,7 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
             f"<h3>Fine-tuning task ({html.escape(str(ft.get('task')))}), test split</h3>"
             + _table(ft["test"])
         )
+    pre = data["pretrain"].get("summary") or {}
     if pre.get("unigram_bpb"):
         parts.append(
             _table(
@@ -545,34 +567,7 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
                 }
             )
         )
-    s["Evaluation"] = "".join(parts) or "<p>No evaluation stage in this run.</p>"
-
-    s["Human evaluation"] = arena_section(data.get("arena") or {})
-
-    bias = data.get("bias")
-    s["Bias audit"] = (
-        f"<pre>{html.escape(_bias_text(bias))}</pre>"
-        if bias
-        else "<p>No bias stage in this run.</p>"
-    )
-
-    samples = data.get("samples") or {}
-    s["Samples"] = (
-        "".join(
-            f"<h3>{html.escape(label)}</h3>"
-            + "".join(f"<pre>{html.escape(t)}</pre>" for t in texts)
-            for label, texts in samples.items()
-        )
-        or "<p>No samples.</p>"
-    )
-    s["Export"] = (
-        _table(_flatten(data.get("export") or {}))
-        if data.get("export")
-        else "<p>No export stage in this run.</p>"
-    )
-    s["Environment"] = _table(data["environment"])
-    s["Config"] = f"<pre>{html.escape(data.get('config', ''))}</pre>"
-    return s, plots
+    return "".join(parts) or "<p>No evaluation stage in this run.</p>"
 
 
 def _bias_text(bias: dict[str, Any]) -> str:
@@ -736,14 +731,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     data = collect(run_dir)
     sections, plots = build_sections(data)
-    from lmforge.sweep.report import trial_note  # a trial of `lmforge sweep` says so
-
-    sections["Headline"] = trial_note(run_dir) + sections.get("Headline", "")
     title = f"lmforge run: {run_dir.name}"
     out_html = run_dir / "report.html"
-    tmp = out_html.with_suffix(".html.tmp")
-    tmp.write_text(render_html(title, sections, plots), encoding="utf-8")
-    os.replace(tmp, out_html)
+    write_text_atomic(out_html, render_html(title, sections, plots))
     img_dir = run_dir / "report"
     img_dir.mkdir(exist_ok=True)
     md = [f"# {title}", ""]
@@ -754,7 +744,7 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
                 (img_dir / f"{key}.png").write_bytes(png)
                 md += [f"![{key}](report/{key}.png)", ""]
         md += [_html_to_markdown(sections.get(name, "")), ""]
-    (run_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    write_text_atomic(run_dir / "report.md", "\n".join(md))
     return {"html": out_html, "markdown": run_dir / "report.md"}
 
 
@@ -823,5 +813,5 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         + "</body></html>"
     )
     out = Path(out)
-    out.write_text(page, encoding="utf-8")
+    write_text_atomic(out, page)
     return out

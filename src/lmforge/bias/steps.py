@@ -12,6 +12,7 @@ from typing import Any
 
 from lmforge.bias.lexicon import Lexicon, load_lexicon
 from lmforge.config import PrepareConfig
+from lmforge.data.report import register_report_section
 from lmforge.data.steps import DropHook, Step
 
 _LEXICONS: dict[str, Lexicon] = {}  # one parsed lexicon per worker process
@@ -73,3 +74,13 @@ def report_section(cfg: PrepareConfig, steps: dict[str, dict[str, Any]]) -> dict
             "top_swaps": dict(top[:20]),
         }
     return section or None
+
+
+def report_markdown(section: dict[str, Any]) -> str:
+    """The ``bias`` section of data_report.md: the term statistics ("" without them)."""
+    from lmforge.bias.stats import render_markdown
+
+    return render_markdown(section["statistics"]) if "statistics" in section else ""
+
+
+register_report_section("bias", report_section, report_markdown)
