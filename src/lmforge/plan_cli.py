@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from lmforge.fileio import read_json_lines
 from lmforge.plan import (
     Hardware,
     PlanError,
@@ -97,18 +101,12 @@ def _mfu(args, hw: Hardware) -> float:
     FLOP/s are carried over instead, so a different peak reading does not change the time.
     """
     if args.measured:
-        from pathlib import Path
-
         import numpy as np
 
         path = Path(args.measured)
         run_dir = path if path.is_dir() else path.parent
         path = path / "metrics.jsonl" if path.is_dir() else path
-        values = [
-            r["mfu"]
-            for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if r.get("mfu")
-        ]
+        values = [r["mfu"] for r in read_json_lines(path) if r.get("mfu")]
         if not values:
             raise PlanError(f"{path}: no MFU records")
         mfu = float(np.median(values))
@@ -174,14 +172,16 @@ def cmd_scale(args, overrides) -> int:
     return 0
 
 
-def register(sub) -> None:
-    from lmforge.cli import _help
+def _help(fn: Any) -> str:
+    return inspect.getdoc(fn) or ""
 
+
+def register(sub) -> None:
     p = sub.add_parser(
         "plan",
         help=_help(cmd_plan).splitlines()[0],
         description=_help(cmd_plan),
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=cmd_plan)
     p.add_argument("recipe", nargs="?", default="", help="recipe whose model to plan (optional)")

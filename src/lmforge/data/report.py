@@ -249,22 +249,25 @@ def _md_summary(r: dict[str, Any]) -> list[str]:
         f"**{t['docs_out']:,} documents, {_fmt_mb(t['bytes_out'])} MB, {t['words_out']:,} words** "
         f"in {r['timing']['wall_seconds']:.1f} s with {r['timing']['workers']} {r['timing']['executor']} workers "
         f"({r['throughput']['mb_per_s']:.2f} MB/s, {r['throughput']['mb_per_s_per_core']:.2f} MB/s per core).",
-        "",
     ]
     retried = r.get("retries", {}).get("retried", {})
     if retried:
         names = "; ".join(f"{stage}: {', '.join(tasks)}" for stage, tasks in retried.items())
-        lines += [f"**Tasks rerun after a worker or node failure:** {names}.", ""]
+        lines += ["", f"**Tasks rerun after a worker or node failure:** {names}."]
     return lines
 
 
+def _md_table_head(title: str, columns: str, align: str) -> list[str]:
+    """A section's heading and the first two lines of its Markdown table."""
+    return ["", f"## {title}", "", columns, align]
+
+
 def _md_sources(r: dict[str, Any]) -> list[str]:
-    lines = [
-        "## Sources",
-        "",
+    lines = _md_table_head(
+        "Sources",
         "| source | kind | licence | weight | files | inputs | docs out | MB out |",
         "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
+    )
     for s in r["sources"]:
         lines.append(
             f"| {s['name']} | {s['kind']} | {s['license']} | {s['weight']:g} | {s.get('files', 0):,} | "
@@ -276,13 +279,11 @@ def _md_sources(r: dict[str, Any]) -> list[str]:
 
 
 def _md_steps(steps: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "",
-        "## Steps",
-        "",
+    lines = _md_table_head(
+        "Steps",
         "| step | docs in | docs out | MB in | MB out | words in | words out | CPU s | MB/s per core | removed |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    )
     for st in steps:
         dropped = ", ".join(
             f"{k} {v:,}" for k, v in sorted(st["dropped"].items(), key=lambda kv: -kv[1])
@@ -314,13 +315,9 @@ def _md_dedup(d: dict[str, Any]) -> list[str]:
 def _md_decontamination(contamination: dict[str, Any]) -> list[str]:
     if not contamination:
         return []
-    lines = [
-        "",
-        "## Decontamination",
-        "",
-        "| benchmark | documents | n-gram hits | action |",
-        "|---|---:|---:|---|",
-    ]
+    lines = _md_table_head(
+        "Decontamination", "| benchmark | documents | n-gram hits | action |", "|---|---:|---:|---|"
+    )
     for name, c in contamination.items():
         lines.append(f"| {name} | {c['documents']:,} | {c['ngram_hits']:,} | {c['action']} |")
     return lines
