@@ -110,3 +110,65 @@ def test_report_card_model_card_and_plan_agree_on_energy(tmp_path, device):
     assert plan.hours == pytest.approx(hours, rel=1e-12)
     assert plan.energy_kwh == pytest.approx(kwh, rel=1e-12)
     assert plan.co2_kg == pytest.approx(co2, rel=1e-12)
+
+
+def test_a_note_left_in_the_run_opens_the_headline(run_folder):
+    """A tool (a sweep's trial) leaves `report_note.html`; the card shows it first."""
+    from lmforge.report import HEADLINE_NOTE
+
+    (run_folder / HEADLINE_NOTE).write_text("<p>Trial 7 of the sweep in <code>s</code></p>")
+    write_report(run_folder)
+    md = (run_folder / "report.md").read_text()
+    head = md[md.index("## Headline") : md.index("## Evaluation")]
+    assert head.index("Trial 7 of the sweep") < head.index("validation bits/byte")
+
+
+def test_a_package_adds_a_data_report_section_through_the_registry(monkeypatch):
+    """A section registered from outside `lmforge.data` (as `lmforge.bias` does) lands in
+    data_report.json, built from the merged step statistics, and in data_report.md."""
+    from lmforge.config import PrepareConfig
+    from lmforge.data import report as data_report
+
+    monkeypatch.setattr(data_report, "REPORT_SECTIONS", dict(data_report.REPORT_SECTIONS))
+
+    def build(cfg, steps):
+        return {"documents_seen": steps["read"]["docs_in"]}
+
+    data_report.register_report_section(
+        "word_census", build, lambda s: f"## Word census\n\n{s['documents_seen']} documents\n"
+    )
+    read = {
+        "name": "read", "docs_in": 5, "docs_out": 4, "bytes_in": 50, "bytes_out": 40,
+        "words_in": 10, "words_out": 8, "seconds": 0.5, "dropped": {"empty": 1},
+        "examples": [], "counters": {},
+    }  # fmt: skip
+    stage1 = [{"source": "s", "files": 1, "kept": 4, "steps": [read]}]
+    timing = {"wall_seconds": 1.0, "workers": 1, "executor": "local"}
+    report = data_report.build_report(PrepareConfig(), [], stage1, {}, [], timing)
+    assert report["word_census"] == {"documents_seen": 5}
+    assert list(report).index("word_census") < list(report).index("throughput")
+    md = data_report.render_markdown(report)
+    assert "## Word census\n\n5 documents\n\n## Examples of removed documents" in md
+
+
+def test_report_modules_import_nothing_above_them():
+    """The report card does not import the sweep, data's report not bias, hardware not plan
+    (function-body imports included): those import them, or register with them."""
+    import ast
+
+    import lmforge
+
+    forbidden = {
+        "report.py": ("lmforge.sweep",),
+        "data/report.py": ("lmforge.bias",),
+        "hardware.py": ("lmforge.plan",),
+        "energy.py": ("lmforge",),
+        "plan_cli.py": ("lmforge.cli",),
+    }
+    root = Path(lmforge.__file__).parent
+    for name, prefixes in forbidden.items():
+        tree = ast.parse((root / name).read_text())
+        imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        bad = [m for m in imported for p in prefixes if m == p or m.startswith(p + ".")]
+        assert not bad, f"{name} imports {bad}"

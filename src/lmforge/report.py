@@ -2,8 +2,9 @@
 
 It reads only what the stages left in the run folder (`stages.json`,
 `prepared/data_report.json`, `tokens/*.json`, `pretrain/` and `finetune/`
-metrics and summaries, `eval/`, `bias/`, `export/`, and `arena/*.csv`: the vote
-exports of web-app studies, see `arena_win_rates`), so it can be rebuilt at any
+metrics and summaries, `eval/`, `bias/`, `export/`, `arena/*.csv`: the vote
+exports of web-app studies, see `arena_win_rates`, and `report_note.html`: a note
+another tool left for the headline), so it can be rebuilt at any
 time with `lmforge report RUN`. Plots are matplotlib PNGs, embedded in the HTML
 as data URIs and written beside `report.md` in `report/`.
 
