@@ -525,17 +525,36 @@ def model_section(run_dir: Path) -> str:
 
 
 def compute_section(data: dict[str, Any]) -> str:
+    device = run_device(data.get("config", ""))
     compute = []
     for stage in ("pretrain", "finetune"):
         summ = data[stage].get("summary")
         if summ:
-            compute.append(f"<h3>{stage}</h3>" + _table(compute_summary(summ)))
+            compute.append(f"<h3>{stage}</h3>" + _table(compute_summary(summ, device)))
     if not compute:
         return "<p>No training.</p>"
+    power = (
+        f"{CPU_WATTS_PER_CORE:.0f} W per CPU core"
+        if device == "cpu"
+        else f"{device_power_w(device):.0f} W per GPU (an H100's board power)"
+    )
     return "".join(compute) + (
-        f"<p class=note>Energy assumes {CPU_WATTS_PER_CORE:.0f} W per CPU core, PUE {PUE}; "
+        f"<p class=note>Energy assumes {power}, PUE {PUE}; "
         f"CO2 at {GRID_KG_PER_KWH} kg/kWh. Estimates, not measurements.</p>"
     )
+
+
+def run_device(config_text: str) -> str:
+    """ "cuda" when the run's config.yaml sets `train.device: cuda`, else "cpu" (the rule
+    of the model card, so that both cards estimate the same energy)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError:
+        return "cpu"
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    return "cuda" if isinstance(train, dict) and train.get("device") == "cuda" else "cpu"
 
 
 def evaluation_section(data: dict[str, Any]) -> str:
