@@ -78,6 +78,19 @@ DEFAULT_GRID_KG_PER_KWH = GRID_KG_PER_KWH
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022
 
 
+@dataclass(frozen=True)
+class Costs:
+    """What a device-hour costs in money and energy (None: the device's own figure)."""
+
+    price: float | None = None  # US$ per device-hour
+    power_w: float | None = None  # watts per device
+    pue: float = DEFAULT_PUE
+    grid_kg_per_kwh: float = DEFAULT_GRID_KG_PER_KWH
+
+
+DEFAULT_COSTS = Costs()
+
+
 class PlanError(ValueError):
     """A planning request that cannot be answered; the message names the option."""
 
@@ -359,19 +372,15 @@ def make_plan(
     hw: Hardware,
     seq_len: int = 0,
     micro_batch: int = 1,
-    tokens: float = 0.0,
-    flops: float = 0.0,
-    hours: float = 0.0,
-    budget: float = 0.0,
+    *,
     mfu: float = 0.0,
-    price: float | None = None,
-    power_w: float | None = None,
-    pue: float = DEFAULT_PUE,
-    grid_kg_per_kwh: float = DEFAULT_GRID_KG_PER_KWH,
+    costs: Costs = DEFAULT_COSTS,
     fsdp: bool | None = None,
     tp: int = 1,
+    **target: float,
 ) -> Plan:
-    """Everything about training `cfg` on `hw` toward one target (tokens, FLOPs, hours or money).
+    """Everything about training `cfg` on `hw` toward one target: `tokens`, `flops`,
+    `hours` or `budget` (money).
 
     With no target, the compute-optimal token count (20 tokens per parameter) is used.
     `tp` > 1: tensor parallelism in groups of `tp` devices of a node, FSDP across groups.
@@ -384,15 +393,13 @@ def make_plan(
     fpt = float(flops_per_token(cfg, T))
     on_gpu = hw.device.name != "cpu"
     mfu = mfu or (DEFAULT_MFU_GPU if on_gpu else DEFAULT_MFU_CPU)
-    price = hw.device.price_per_hour if price is None else price
-    power = hw.device.power_w if power_w is None else power_w
+    price = hw.device.price_per_hour if costs.price is None else costs.price
+    power = hw.device.power_w if costs.power_w is None else costs.power_w
     throughput = hw.devices * hw.peak_per_device * mfu  # achieved FLOP/s
     if throughput <= 0:
         raise PlanError("the hardware has no known peak FLOP/s")
     notes: list[str] = []
-    tokens = _target_tokens(
-        n, fpt, throughput, hw.devices, price, tokens, flops, hours, budget, notes
-    )
+    tokens = _target_tokens(n, fpt, throughput, hw.devices, price, target, notes)
     total_flops = fpt * tokens
     hours = total_flops / throughput / 3600
     check_tp(cfg, hw, tp)
@@ -403,7 +410,7 @@ def make_plan(
     fits = {"plain": mem.peak <= usable, "checkpointed": mem.peak_checkpointed <= usable}
     suggestion = suggest_tp(cfg, hw, micro_batch, T, usable) if tp == 1 and sharded else {}
     notes += _fit_notes(fits, suggestion)
-    energy = energy_kwh(hours, power, hw.devices, pue)
+    energy = energy_kwh(hours, power, hw.devices, costs.pue)
     return Plan(
         model={
             k: v for k, v in asdict(cfg).items() if k not in ("init_std", "norm_eps", "dropout")
@@ -422,12 +429,12 @@ def make_plan(
         hours=hours,
         cost=hours * hw.devices * price,
         energy_kwh=energy,
-        co2_kg=co2_kg(energy, grid_kg_per_kwh),
+        co2_kg=co2_kg(energy, costs.grid_kg_per_kwh),
         assumptions={
             "price_per_device_hour": price,
             "power_w_per_device": power,
-            "pue": pue,
-            "grid_kg_co2_per_kwh": grid_kg_per_kwh,
+            "pue": costs.pue,
+            "grid_kg_co2_per_kwh": costs.grid_kg_per_kwh,
             "usable_memory_fraction": USABLE_MEMORY_FRACTION,
         },
         notes=notes,
@@ -452,16 +459,18 @@ def _target_tokens(
     throughput: float,
     devices: int,
     price: float,
-    tokens: float,
-    flops: float,
-    hours: float,
-    budget: float,
+    target: dict[str, float],
     notes: list[str],
 ) -> float:
     """Training tokens for the one target given (money → hours → FLOPs → tokens);
     with none, Chinchilla's 20 tokens per parameter (said in `notes`)."""
-    if sum(bool(x) for x in (tokens, flops, hours, budget)) > 1:
+    unknown = set(target) - {"tokens", "flops", "hours", "budget"}
+    if unknown:
+        raise TypeError(f"make_plan: unknown target {', '.join(sorted(unknown))}")
+    if sum(bool(x) for x in target.values()) > 1:
         raise PlanError("give one target: --tokens, --flops, --hours or --budget")
+    tokens, flops = target.get("tokens", 0.0), target.get("flops", 0.0)
+    hours, budget = target.get("hours", 0.0), target.get("budget", 0.0)
     if budget:
         hours = _budget_hours(budget, price, devices)
     if hours:
@@ -622,32 +631,34 @@ def nearest_preset(n_params: float, vocab_size: int = 0) -> str:
 
 def recommend(
     hw: Hardware,
-    budget: float = 0.0,
-    hours: float = 0.0,
-    flops: float = 0.0,
-    mfu: float = 0.0,
-    price: float | None = None,
     vocab_size: int = 32000,
     seq_len: int = 2048,
     micro_batch: int = 1,
     law: dict[str, float] | None = None,
-    **plan_kwargs: Any,
+    *,
+    mfu: float = 0.0,
+    costs: Costs = DEFAULT_COSTS,
+    fsdp: bool | None = None,
+    **budget: float,
 ) -> Plan:
-    """The compute-optimal model and token count for a budget (money, hours or FLOPs)."""
+    """The compute-optimal model and token count for a budget: `budget` (money), `hours`
+    or `flops`."""
+    unknown = set(budget) - {"budget", "hours", "flops"}
+    if unknown:
+        raise TypeError(f"recommend: unknown budget {', '.join(sorted(unknown))}")
     on_gpu = hw.device.name != "cpu"
     mfu = mfu or (DEFAULT_MFU_GPU if on_gpu else DEFAULT_MFU_CPU)
-    price = hw.device.price_per_hour if price is None else price
-    if budget:
-        hours = _budget_hours(budget, price, hw.devices)
+    price = hw.device.price_per_hour if costs.price is None else costs.price
+    hours, flops = budget.get("hours", 0.0), budget.get("flops", 0.0)
+    if budget.get("budget"):
+        hours = _budget_hours(budget["budget"], price, hw.devices)
     if hours:
         flops = hours * 3600 * hw.devices * hw.peak_per_device * mfu
     if not flops:
         raise PlanError("give a budget: --budget '$500', --hours or --flops")
     n_opt, d_opt = chinchilla_optimum(flops, law)
     cfg = shape_for_params(n_opt, vocab_size, seq_len)
-    plan = make_plan(
-        cfg, hw, seq_len, micro_batch, flops=flops, mfu=mfu, price=price, **plan_kwargs
-    )
+    plan = make_plan(cfg, hw, seq_len, micro_batch, flops=flops, mfu=mfu, costs=costs, fsdp=fsdp)
     plan.recommendation = {
         "compute_flops": flops,
         "rule": "fitted law (lmforge scale)" if law else "Chinchilla: 20 tokens/parameter",

@@ -9,8 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from lmforge.energy import GRID_KG_PER_KWH, PUE
 from lmforge.fileio import read_json_lines
 from lmforge.plan import (
+    Costs,
     Hardware,
     PlanError,
     cpu_device,
@@ -64,10 +66,7 @@ def _plan(args, overrides) -> int:
             target[key] = parse_quantity(value, f"--{key}")
     common: dict[str, Any] = dict(
         mfu=_mfu(args, hw),
-        price=args.price,
-        power_w=args.power_w,
-        pue=args.pue,
-        grid_kg_per_kwh=args.grid,
+        costs=Costs(args.price, args.power_w, args.pue, args.grid),
         fsdp=None if args.fsdp == "auto" else args.fsdp == "on",
     )
     has_model = bool(args.preset or args.recipe or overrides)
@@ -210,8 +209,10 @@ def register(sub) -> None:
     p.add_argument(
         "--power-w", type=float, default=None, help="watts per device (default: board power)"
     )
-    p.add_argument("--pue", type=float, default=1.2, help="data-centre power usage effectiveness")
-    p.add_argument("--grid", type=float, default=0.4, help="grid intensity, kg CO2e per kWh")
+    p.add_argument("--pue", type=float, default=PUE, help="data-centre power usage effectiveness")
+    p.add_argument(
+        "--grid", type=float, default=GRID_KG_PER_KWH, help="grid intensity, kg CO2e per kWh"
+    )
     p.add_argument(
         "--fsdp",
         choices=["auto", "on", "off"],
