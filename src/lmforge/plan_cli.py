@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from lmforge.config import load_config, parse_overrides
 from lmforge.energy import GRID_KG_PER_KWH, PUE
 from lmforge.fileio import read_json_lines
 from lmforge.plan import (
@@ -123,18 +124,10 @@ def _mfu(args, hw: Hardware) -> float:
 
 def _model_from_args(args, overrides):
     if args.recipe:
-        from dataclasses import replace
-
-        from lmforge.config import load_config
-
         extra = [f"model.preset={args.preset}"] if args.preset else []
         cfg = load_config(args.recipe, extra + overrides).model
         return replace(cfg, vocab_size=args.vocab or cfg.vocab_size or 32000)
-    fields: dict[str, Any] = {}
-    from lmforge.config import parse_overrides
-
-    for key, value in parse_overrides(overrides).get("model", {}).items():
-        fields[key] = value
+    fields: dict[str, Any] = dict(parse_overrides(overrides).get("model", {}))
     return model_config(args.preset, vocab_size=args.vocab, **fields)
 
 
@@ -145,7 +138,6 @@ def cmd_scale(args, overrides) -> int:
     fits the law with bootstrap intervals, predicts a held-out larger rung, trains it,
     and writes OUT/scale.json and OUT/scale.png. Rerunning skips finished rungs.
     """
-    from lmforge.config import load_config
     from lmforge.scale import scale
 
     cfg = load_config(args.recipe, overrides)

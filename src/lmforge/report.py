@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import csv
 import html
 import io
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from lmforge import __version__
+from lmforge.bias.audit import format_report
+from lmforge.bias.pairs import wilson_interval
+from lmforge.config import config_from_dict
 from lmforge.energy import (
     CPU_WATTS_PER_CORE,
     GRID_KG_PER_KWH,
@@ -36,7 +42,11 @@ from lmforge.energy import (
     device_power_w,
     energy_kwh,
 )
+from lmforge.eval.results import Result
 from lmforge.fileio import iter_json_lines, write_text_atomic
+from lmforge.hardware import cpu_model
+from lmforge.model.transformer import count_params, flops_per_token
+from lmforge.shards import FORMAT
 
 
 def _read_json(path: Path) -> Any:
@@ -58,8 +68,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _read_csv(path: Path) -> list[dict[str, str]] | str:
     """The rows of a CSV file, or why it could not be read."""
-    import csv
-
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
@@ -164,8 +172,6 @@ def environment() -> dict[str, Any]:
             text=True,
             timeout=5,
         ).stdout.strip()
-    from lmforge.hardware import cpu_model
-
     cpu = cpu_model()
     return {
         "lmforge": __version__ + (f" ({commit})" if commit else ""),
@@ -237,8 +243,6 @@ def token_shard_headers(tokens_dir: Path) -> dict[str, Any]:
     The folder also holds files that are not shards (the completion marker
     `tokens_complete.json`, temporary files), which must not appear as shards.
     """
-    from lmforge.shards import FORMAT
-
     headers = {}
     for path in sorted(tokens_dir.glob("*.json")):
         header = _read_json(path)
@@ -310,8 +314,6 @@ HEADLINE_METRICS = ("bits_per_byte", "acc_norm", "bleu", "chrf", "rougeL", "pct_
 
 def _result_text(record: dict[str, Any]) -> str:
     """'value ± stderr' or 'value [lo, hi]' of an eval.json result."""
-    from lmforge.eval.results import Result
-
     if record.get("value") is None:
         return "n/a"
     return Result(**record).formatted()
@@ -497,9 +499,6 @@ def data_section(data: dict[str, Any], plots: dict[str, bytes]) -> str:
 
 def model_section(run_dir: Path) -> str:
     """Shape and parameter groups of the pre-trained model, from a checkpoint's config."""
-    from lmforge.config import config_from_dict
-    from lmforge.model.transformer import count_params, flops_per_token
-
     cfg_dict = None
     for p in (run_dir / "pretrain").glob("checkpoints/step_*/trainer_state.json"):
         cfg_dict = (_read_json(p) or {}).get("config")
@@ -547,8 +546,6 @@ def compute_section(data: dict[str, Any]) -> str:
 def run_device(config_text: str) -> str:
     """ "cuda" when the run's config.yaml sets `train.device: cuda`, else "cpu" (the rule
     of the model card, so that both cards estimate the same energy)."""
-    import yaml
-
     try:
         cfg = yaml.safe_load(config_text) or {}
     except yaml.YAMLError:
@@ -592,8 +589,6 @@ def evaluation_section(data: dict[str, Any]) -> str:
 
 def _bias_text(bias: dict[str, Any]) -> str:
     """bias.json as `lmforge bias` prints it (the splits and warnings included)."""
-    from lmforge.bias.audit import format_report
-
     try:
         return format_report(bias)
     except (KeyError, TypeError, ValueError):  # a bias.json of another shape: show it as is
@@ -629,8 +624,6 @@ def arena_win_rates(votes: list[tuple[Any, str, str, str]]) -> list[dict[str, An
     votes; an item without one (ties, "both bad", an even split) counts half to each side.
     The 95% interval is Wilson's over the items.
     """
-    from lmforge.bias.pairs import wilson_interval
-
     margin: dict[tuple[str, str], dict[Any, int]] = {}
     n_votes: dict[tuple[str, str], int] = {}
     for item, model_a, model_b, outcome in votes:
@@ -723,8 +716,6 @@ def render_html(title: str, sections: dict[str, str], plots: dict[str, bytes]) -
 
 def _html_to_markdown(fragment: str) -> str:
     """A plain-text rendering of a section for report.md (tables as pipes)."""
-    import re
-
     text = fragment
     text = re.sub(r"<h3>(.*?)</h3>", r"\n### \1\n", text)
     text = re.sub(
@@ -772,8 +763,6 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
 
 
 def _flat_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
     path = run_dir / "config.yaml"
     if not path.exists():
         return {}
