@@ -136,12 +136,12 @@ def test_a_package_adds_a_data_report_section_through_the_registry(monkeypatch):
 
     monkeypatch.setattr(data_report, "REPORT_SECTIONS", dict(data_report.REPORT_SECTIONS))
 
+    @data_report.register_report_section(
+        "word_census", lambda s: f"## Word census\n\n{s['documents_seen']} documents\n"
+    )
     def build(cfg, steps):
         return {"documents_seen": steps["read"]["docs_in"]}
 
-    data_report.register_report_section(
-        "word_census", build, lambda s: f"## Word census\n\n{s['documents_seen']} documents\n"
-    )
     read = {
         "name": "read", "docs_in": 5, "docs_out": 4, "bytes_in": 50, "bytes_out": 40,
         "words_in": 10, "words_out": 8, "seconds": 0.5, "dropped": {"empty": 1},

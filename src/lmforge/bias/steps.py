@@ -46,6 +46,14 @@ def bias_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Step
     return steps
 
 
+def report_markdown(section: dict[str, Any]) -> str:
+    """The ``bias`` section of data_report.md: the term statistics ("" without them)."""
+    from lmforge.bias.stats import render_markdown
+
+    return render_markdown(section["statistics"]) if "statistics" in section else ""
+
+
+@register_report_section("bias", report_markdown)
 def report_section(cfg: PrepareConfig, steps: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The ``bias`` section of data_report.json from the merged step statistics.
 
@@ -74,13 +82,3 @@ def report_section(cfg: PrepareConfig, steps: dict[str, dict[str, Any]]) -> dict
             "top_swaps": dict(top[:20]),
         }
     return section or None
-
-
-def report_markdown(section: dict[str, Any]) -> str:
-    """The ``bias`` section of data_report.md: the term statistics ("" without them)."""
-    from lmforge.bias.stats import render_markdown
-
-    return render_markdown(section["statistics"]) if "statistics" in section else ""
-
-
-register_report_section("bias", report_section, report_markdown)

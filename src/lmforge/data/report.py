@@ -48,9 +48,17 @@ REPORT_SECTIONS: dict[str, tuple[SectionBuilder, SectionMarkdown]] = {}
 SECTION_PLUGINS = ("lmforge.bias.steps",)
 
 
-def register_report_section(name: str, build: SectionBuilder, markdown: SectionMarkdown) -> None:
-    """Add a section `name` to data_report.json and data_report.md (see REPORT_SECTIONS)."""
-    REPORT_SECTIONS[name] = (build, markdown)
+def register_report_section(
+    name: str, markdown: SectionMarkdown
+) -> Callable[[SectionBuilder], SectionBuilder]:
+    """Decorator: the decorated function builds section `name` of data_report.json,
+    `markdown` renders it in data_report.md (see REPORT_SECTIONS)."""
+
+    def add(build: SectionBuilder) -> SectionBuilder:
+        REPORT_SECTIONS[name] = (build, markdown)
+        return build
+
+    return add
 
 
 def registered_sections() -> dict[str, tuple[SectionBuilder, SectionMarkdown]]:
