@@ -134,6 +134,9 @@ def test_a_package_adds_a_data_report_section_through_the_registry(monkeypatch):
     from lmforge.config import PrepareConfig
     from lmforge.data import report as data_report
 
+    # The plug-ins register into the real table first (a module registers once, when
+    # imported); the test's own section goes into a copy that is dropped afterwards.
+    data_report.registered_sections()
     monkeypatch.setattr(data_report, "REPORT_SECTIONS", dict(data_report.REPORT_SECTIONS))
 
     @data_report.register_report_section(
