@@ -185,9 +185,7 @@ def test_no_module_of_data_imports_bias():
                 names = [a.name for a in node.names]
             if any(n == "lmforge.bias" or n.startswith("lmforge.bias.") for n in names):
                 offenders.add(path.name)
-    # data/report.py still reads the report's bias section from bias; tighten this to
-    # an empty set once bias registers that section too.
-    assert offenders <= {"report.py"}, offenders
+    assert offenders == set(), offenders
 
 
 @pytest.mark.parametrize("name", ["crows_pairs", "crows-pairs"])

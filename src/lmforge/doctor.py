@@ -85,28 +85,31 @@ def _has_module(name: str, do_import: bool = False) -> bool:
         return False
 
 
+TORCH_FIX = 'pip install -c constraints.txt -e "."  (pins torch==2.13.0)'
+
+
+def _core_check(name: str, ok: bool, found: str, meaning: str, fix: str) -> Check:
+    """A check the core needs; what a failure means and its fix are shown only on failure."""
+    return Check(
+        name, "ok" if ok else "error", found, "" if ok else meaning, "" if ok else fix, core=True
+    )
+
+
 def check_python() -> Check:
     v = sys.version_info
-    ok = (3, 11) <= (v.major, v.minor) < (3, 13)
-    return Check(
+    return _core_check(
         "python",
-        "ok" if ok else "error",
+        (3, 11) <= (v.major, v.minor) < (3, 13),
         f"Python {platform.python_version()} ({sys.executable})",
-        "" if ok else "lmforge is tested on Python 3.11 and 3.12 only.",
-        "" if ok else "Create a virtual environment with Python 3.11 or 3.12.",
-        core=True,
+        "lmforge is tested on Python 3.11 and 3.12 only.",
+        "Create a virtual environment with Python 3.11 or 3.12.",
     )
 
 
 def check_torch() -> Check:
     if not _has_module("torch"):
-        return Check(
-            "torch",
-            "error",
-            "not installed",
-            "Nothing can train without PyTorch.",
-            'pip install -c constraints.txt -e "."  (pins torch==2.13.0)',
-            core=True,
+        return _core_check(
+            "torch", False, "not installed", "Nothing can train without PyTorch.", TORCH_FIX
         )
     import torch
 
@@ -115,26 +118,23 @@ def check_torch() -> Check:
         major_minor = tuple(int(p) for p in version.split(".")[:2])
     except ValueError:
         major_minor = (0, 0)
-    ok = TORCH_SUPPORTED[0] <= major_minor <= TORCH_SUPPORTED[1]
-    return Check(
+    return _core_check(
         "torch",
-        "ok" if ok else "error",
+        TORCH_SUPPORTED[0] <= major_minor <= TORCH_SUPPORTED[1],
         f"torch {torch.__version__}",
-        "" if ok else "lmforge supports torch 2.11 to 2.13; other versions are untested.",
-        "" if ok else 'pip install -c constraints.txt -e "."  (pins torch==2.13.0)',
-        core=True,
+        "lmforge supports torch 2.11 to 2.13; other versions are untested.",
+        TORCH_FIX,
     )
 
 
 def check_core_modules(modules: list[str] | None = None) -> Check:
     missing = [m for m in (modules or CORE_MODULES) if not _has_module(m)]
-    return Check(
+    return _core_check(
         "core packages",
-        "error" if missing else "ok",
+        not missing,
         "missing: " + ", ".join(missing) if missing else "all importable",
-        "lmforge itself cannot start without these." if missing else "",
-        'pip install -c constraints.txt -e "."' if missing else "",
-        core=True,
+        "lmforge itself cannot start without these.",
+        'pip install -c constraints.txt -e "."',
     )
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.energy import DEVICES
+from lmforge.fileio import atomic_path
+
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -46,9 +49,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def gpu_peak_flops(device: torch.device) -> float:
-    """Dense bf16 peak of the GPU, from the datasheet table in `lmforge.plan` (0 if unknown)."""
-    from lmforge.plan import DEVICES
-
+    """Dense bf16 peak of the GPU, from the datasheet table in `lmforge.energy` (0 if unknown)."""
     name = torch.cuda.get_device_name(device).upper().replace(" ", "")
     for key, dev in DEVICES.items():
         if key.split("-")[0].upper() in name:  # "A100-80" matches "NVIDIA A100-SXM4-80GB"
@@ -117,7 +118,7 @@ def peak_flops(device: torch.device, dtype: str) -> float:
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             cache[key] = best
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            os.replace(tmp, path)
+            # a temporary name of its own: several processes may measure at once
+            with atomic_path(path, suffix=f".{os.getpid()}.tmp") as tmp:
+                tmp.write_text(json.dumps(cache, indent=1))
     return best

@@ -35,11 +35,9 @@ Every figure comes from a closed form written out below, with its source:
   appendix B). Default MFU 40% on GPUs (PaLM reports 46% at 540B; nanoGPT and
   torchtitan report 35–55% on H100/A100), 30% on CPU (measured here: 40% for
   nanoGPT's baby GPT on two cores); pass `--mfu` or a measured run.
-- Cost: devices × hours × price per device-hour. Energy: devices × board power ×
-  hours × PUE; CO2: energy × grid intensity. Power is the datasheet board power
-  (TDP), an upper bound for the accelerator alone; the default PUE 1.2 and grid
-  intensity 0.4 kg CO2e/kWh are stated assumptions (world average electricity
-  ≈ 0.48 kg/kWh, IEA 2023), to be overridden.
+- Cost: devices × hours × price per device-hour. Energy and CO2: the model of
+  `lmforge.energy` (devices × board power × hours × PUE; × grid intensity), with its
+  stated assumptions, the ones the report card and the model card use too.
 - Compute-optimal size: Hoffmann et al. 2022 (Chinchilla) find parameters and
   tokens should grow equally with compute, about 20 tokens per parameter
   (Table 3; confirmed by the replication of Besiroglu et al. 2024). With a law
@@ -59,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import ModelConfig
+from lmforge.energy import DEVICES, GRID_KG_PER_KWH, PUE, Device, co2_kg, cpu_power_w, energy_kwh
 from lmforge.model.arith import (
     SMALL_ATTENTION_MAX_T,
     count_params,
@@ -70,37 +69,26 @@ from lmforge.model.presets import PRESETS
 GiB = 1024**3
 
 
-@dataclass(frozen=True)
-class Device:
-    """One accelerator type: dense bf16 peak (no sparsity), memory, board power, price."""
-
-    name: str
-    peak_flops: float  # bf16 dense FLOP/s; fp32 runs use `fp32_flops`
-    memory_gib: float
-    power_w: float
-    price_per_hour: float  # indicative on-demand US$ per device-hour (an assumption)
-    fp32_flops: float = 0.0  # 0 = half the bf16 peak (TF32 tensor cores)
-
-
-# Datasheet figures: NVIDIA H100/H200 SXM, A100 SXM, L40S, A10, and the Ada (RTX 4090)
-# whitepaper (FP16/BF16 with FP32 accumulate, dense). Prices are rough 2024–2025 cloud
-# on-demand rates, only a default: pass --price for your own.
-DEVICES: dict[str, Device] = {
-    "H200": Device("H200", 989e12, 141, 700, 3.50),
-    "H100": Device("H100", 989e12, 80, 700, 2.50),
-    "A100-80": Device("A100-80", 312e12, 80, 400, 1.80),
-    "A100-40": Device("A100-40", 312e12, 40, 400, 1.30),
-    "L40S": Device("L40S", 362e12, 48, 350, 1.00),
-    "A10": Device("A10", 125e12, 24, 150, 0.75),
-    "RTX4090": Device("RTX4090", 165e12, 24, 450, 0.50),
-}
 _ALIASES = {"A100": "A100-80", "RTX 4090": "RTX4090", "4090": "RTX4090"}
 
 DEFAULT_MFU_GPU = 0.40
 DEFAULT_MFU_CPU = 0.30
-DEFAULT_PUE = 1.2
-DEFAULT_GRID_KG_PER_KWH = 0.4
+DEFAULT_PUE = PUE
+DEFAULT_GRID_KG_PER_KWH = GRID_KG_PER_KWH
 TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a device-hour costs in money and energy (None: the device's own figure)."""
+
+    price: float | None = None  # US$ per device-hour
+    power_w: float | None = None  # watts per device
+    pue: float = DEFAULT_PUE
+    grid_kg_per_kwh: float = DEFAULT_GRID_KG_PER_KWH
+
+
+DEFAULT_COSTS = Costs()
 
 
 class PlanError(ValueError):
@@ -139,7 +127,8 @@ def parse_gpus(spec: str) -> tuple[int, str]:
 
 
 def cpu_device(dtype: str, measure: bool = True) -> Device:
-    """This machine's CPU: measured matmul peak, total RAM; power/price left to the user."""
+    """This machine's CPU: measured matmul peak, total RAM, the energy model's power
+    (`lmforge.energy.cpu_power_w`); the price is left to the user."""
     import torch
 
     from lmforge.hardware import measure_matmul_peak
@@ -150,7 +139,7 @@ def cpu_device(dtype: str, measure: bool = True) -> Device:
         else 0.0
     )
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-    return Device("cpu", peak, ram, 0.0, 0.0, fp32_flops=peak)
+    return Device("cpu", peak, ram, cpu_power_w(), 0.0, fp32_flops=peak)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -383,19 +372,15 @@ def make_plan(
     hw: Hardware,
     seq_len: int = 0,
     micro_batch: int = 1,
-    tokens: float = 0.0,
-    flops: float = 0.0,
-    hours: float = 0.0,
-    budget: float = 0.0,
+    *,
     mfu: float = 0.0,
-    price: float | None = None,
-    power_w: float | None = None,
-    pue: float = DEFAULT_PUE,
-    grid_kg_per_kwh: float = DEFAULT_GRID_KG_PER_KWH,
+    costs: Costs = DEFAULT_COSTS,
     fsdp: bool | None = None,
     tp: int = 1,
+    **target: float,
 ) -> Plan:
-    """Everything about training `cfg` on `hw` toward one target (tokens, FLOPs, hours or money).
+    """Everything about training `cfg` on `hw` toward one target: `tokens`, `flops`,
+    `hours` or `budget` (money).
 
     With no target, the compute-optimal token count (20 tokens per parameter) is used.
     `tp` > 1: tensor parallelism in groups of `tp` devices of a node, FSDP across groups.
@@ -408,64 +393,31 @@ def make_plan(
     fpt = float(flops_per_token(cfg, T))
     on_gpu = hw.device.name != "cpu"
     mfu = mfu or (DEFAULT_MFU_GPU if on_gpu else DEFAULT_MFU_CPU)
-    price = hw.device.price_per_hour if price is None else price
-    power = hw.device.power_w if power_w is None else power_w
+    price = hw.device.price_per_hour if costs.price is None else costs.price
+    power = hw.device.power_w if costs.power_w is None else costs.power_w
     throughput = hw.devices * hw.peak_per_device * mfu  # achieved FLOP/s
     if throughput <= 0:
         raise PlanError("the hardware has no known peak FLOP/s")
-    notes = []
-    targets = sum(bool(x) for x in (tokens, flops, hours, budget))
-    if targets > 1:
-        raise PlanError("give one target: --tokens, --flops, --hours or --budget")
-    if budget:
-        if price <= 0:
-            raise PlanError("--budget needs a price per device-hour (--price)")
-        hours = budget / (price * hw.devices)
-    if hours:
-        flops = hours * 3600 * throughput
-    if flops:
-        tokens = flops / fpt
-    if not tokens:
-        tokens = TOKENS_PER_PARAM * n
-        notes.append(f"no target given: {TOKENS_PER_PARAM:.0f} tokens/parameter (Chinchilla)")
+    notes: list[str] = []
+    tokens = _target_tokens(n, fpt, throughput, hw.devices, price, target, notes)
     total_flops = fpt * tokens
-    seconds = total_flops / throughput
-    hours = seconds / 3600
+    hours = total_flops / throughput / 3600
     check_tp(cfg, hw, tp)
     sharded = fsdp if fsdp is not None else hw.devices > tp
     shard = hw.devices // tp if sharded else 1
     mem = memory_per_device(cfg, micro_batch, T, hw.dtype, shard, on_gpu=on_gpu, tp=tp)
-    cap = hw.device.memory_gib * GiB
-    # Leave ~10% of the device for the CUDA context, allocator fragmentation and buffers.
-    usable = 0.9 * cap
+    usable = USABLE_MEMORY_FRACTION * hw.device.memory_gib * GiB
     fits = {"plain": mem.peak <= usable, "checkpointed": mem.peak_checkpointed <= usable}
     suggestion = suggest_tp(cfg, hw, micro_batch, T, usable) if tp == 1 and sharded else {}
-    if suggestion:
-        notes.append(suggestion["note"])
-    if not fits["checkpointed"]:
-        notes.append(
-            "does not fit even with activation checkpointing: lower the micro-batch, "
-            "shard over more devices, or use tensor/pipeline parallelism"
-        )
-    elif not fits["plain"]:
-        notes.append("fits only with activation checkpointing (≈ +33% compute for the recompute)")
-    energy = hw.devices * power * hours * pue / 1000
+    notes += _fit_notes(fits, suggestion)
+    energy = energy_kwh(hours, power, hw.devices, costs.pue)
     return Plan(
         model={
             k: v for k, v in asdict(cfg).items() if k not in ("init_std", "norm_eps", "dropout")
         },
         params=params,
         flops_per_token=fpt,
-        hardware={
-            "device": hw.device.name,
-            "devices": hw.devices,
-            "nodes": hw.nodes,
-            "dtype": hw.dtype,
-            "peak_flops_per_device": hw.peak_per_device,
-            "memory_gib_per_device": hw.device.memory_gib,
-            "fsdp_shards": shard,
-            "tp": tp,
-        },
+        hardware=_hardware_record(hw, shard, tp),
         seq_len=T,
         micro_batch=micro_batch,
         tokens=tokens,
@@ -477,17 +429,84 @@ def make_plan(
         hours=hours,
         cost=hours * hw.devices * price,
         energy_kwh=energy,
-        co2_kg=energy * grid_kg_per_kwh,
+        co2_kg=co2_kg(energy, costs.grid_kg_per_kwh),
         assumptions={
             "price_per_device_hour": price,
             "power_w_per_device": power,
-            "pue": pue,
-            "grid_kg_co2_per_kwh": grid_kg_per_kwh,
-            "usable_memory_fraction": 0.9,
+            "pue": costs.pue,
+            "grid_kg_co2_per_kwh": costs.grid_kg_per_kwh,
+            "usable_memory_fraction": USABLE_MEMORY_FRACTION,
         },
         notes=notes,
         tensor_parallel=suggestion,
     )
+
+
+# Leave ~10% of the device for the CUDA context, allocator fragmentation and buffers.
+USABLE_MEMORY_FRACTION = 0.9
+
+
+def _budget_hours(budget: float, price: float, devices: int) -> float:
+    """Device-hours a budget in money buys, spread over `devices`."""
+    if price <= 0:
+        raise PlanError("--budget needs a price per device-hour (--price)")
+    return budget / (price * devices)
+
+
+def _target_tokens(
+    n_params: int,
+    fpt: float,
+    throughput: float,
+    devices: int,
+    price: float,
+    target: dict[str, float],
+    notes: list[str],
+) -> float:
+    """Training tokens for the one target given (money → hours → FLOPs → tokens);
+    with none, Chinchilla's 20 tokens per parameter (said in `notes`)."""
+    unknown = set(target) - {"tokens", "flops", "hours", "budget"}
+    if unknown:
+        raise TypeError(f"make_plan: unknown target {', '.join(sorted(unknown))}")
+    if sum(bool(x) for x in target.values()) > 1:
+        raise PlanError("give one target: --tokens, --flops, --hours or --budget")
+    tokens, flops = target.get("tokens", 0.0), target.get("flops", 0.0)
+    hours, budget = target.get("hours", 0.0), target.get("budget", 0.0)
+    if budget:
+        hours = _budget_hours(budget, price, devices)
+    if hours:
+        flops = hours * 3600 * throughput
+    if flops:
+        tokens = flops / fpt
+    if not tokens:
+        tokens = TOKENS_PER_PARAM * n_params
+        notes.append(f"no target given: {TOKENS_PER_PARAM:.0f} tokens/parameter (Chinchilla)")
+    return tokens
+
+
+def _fit_notes(fits: dict[str, bool], suggestion: dict[str, Any]) -> list[str]:
+    """What the plan says about fitting in memory: a TP suggestion, checkpointing."""
+    notes = [suggestion["note"]] if suggestion else []
+    if not fits["checkpointed"]:
+        notes.append(
+            "does not fit even with activation checkpointing: lower the micro-batch, "
+            "shard over more devices, or use tensor/pipeline parallelism"
+        )
+    elif not fits["plain"]:
+        notes.append("fits only with activation checkpointing (≈ +33% compute for the recompute)")
+    return notes
+
+
+def _hardware_record(hw: Hardware, shard: int, tp: int) -> dict[str, Any]:
+    return {
+        "device": hw.device.name,
+        "devices": hw.devices,
+        "nodes": hw.nodes,
+        "dtype": hw.dtype,
+        "peak_flops_per_device": hw.peak_per_device,
+        "memory_gib_per_device": hw.device.memory_gib,
+        "fsdp_shards": shard,
+        "tp": tp,
+    }
 
 
 def check_tp(cfg: ModelConfig, hw: Hardware, tp: int) -> None:
@@ -612,34 +631,34 @@ def nearest_preset(n_params: float, vocab_size: int = 0) -> str:
 
 def recommend(
     hw: Hardware,
-    budget: float = 0.0,
-    hours: float = 0.0,
-    flops: float = 0.0,
-    mfu: float = 0.0,
-    price: float | None = None,
     vocab_size: int = 32000,
     seq_len: int = 2048,
     micro_batch: int = 1,
     law: dict[str, float] | None = None,
-    **plan_kwargs: Any,
+    *,
+    mfu: float = 0.0,
+    costs: Costs = DEFAULT_COSTS,
+    fsdp: bool | None = None,
+    **budget: float,
 ) -> Plan:
-    """The compute-optimal model and token count for a budget (money, hours or FLOPs)."""
+    """The compute-optimal model and token count for a budget: `budget` (money), `hours`
+    or `flops`."""
+    unknown = set(budget) - {"budget", "hours", "flops"}
+    if unknown:
+        raise TypeError(f"recommend: unknown budget {', '.join(sorted(unknown))}")
     on_gpu = hw.device.name != "cpu"
     mfu = mfu or (DEFAULT_MFU_GPU if on_gpu else DEFAULT_MFU_CPU)
-    price = hw.device.price_per_hour if price is None else price
-    if budget:
-        if price <= 0:
-            raise PlanError("--budget needs a price per device-hour (--price)")
-        hours = budget / (price * hw.devices)
+    price = hw.device.price_per_hour if costs.price is None else costs.price
+    hours, flops = budget.get("hours", 0.0), budget.get("flops", 0.0)
+    if budget.get("budget"):
+        hours = _budget_hours(budget["budget"], price, hw.devices)
     if hours:
         flops = hours * 3600 * hw.devices * hw.peak_per_device * mfu
     if not flops:
         raise PlanError("give a budget: --budget '$500', --hours or --flops")
     n_opt, d_opt = chinchilla_optimum(flops, law)
     cfg = shape_for_params(n_opt, vocab_size, seq_len)
-    plan = make_plan(
-        cfg, hw, seq_len, micro_batch, flops=flops, mfu=mfu, price=price, **plan_kwargs
-    )
+    plan = make_plan(cfg, hw, seq_len, micro_batch, flops=flops, mfu=mfu, costs=costs, fsdp=fsdp)
     plan.recommendation = {
         "compute_flops": flops,
         "rule": "fitted law (lmforge scale)" if law else "Chinchilla: 20 tokens/parameter",

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any
 
+from lmforge.config import load_config, parse_overrides
+from lmforge.energy import GRID_KG_PER_KWH, PUE
+from lmforge.fileio import read_json_lines
 from lmforge.plan import (
+    Costs,
     Hardware,
     PlanError,
     cpu_device,
@@ -60,10 +67,7 @@ def _plan(args, overrides) -> int:
             target[key] = parse_quantity(value, f"--{key}")
     common: dict[str, Any] = dict(
         mfu=_mfu(args, hw),
-        price=args.price,
-        power_w=args.power_w,
-        pue=args.pue,
-        grid_kg_per_kwh=args.grid,
+        costs=Costs(args.price, args.power_w, args.pue, args.grid),
         fsdp=None if args.fsdp == "auto" else args.fsdp == "on",
     )
     has_model = bool(args.preset or args.recipe or overrides)
@@ -97,18 +101,12 @@ def _mfu(args, hw: Hardware) -> float:
     FLOP/s are carried over instead, so a different peak reading does not change the time.
     """
     if args.measured:
-        from pathlib import Path
-
         import numpy as np
 
         path = Path(args.measured)
         run_dir = path if path.is_dir() else path.parent
         path = path / "metrics.jsonl" if path.is_dir() else path
-        values = [
-            r["mfu"]
-            for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if r.get("mfu")
-        ]
+        values = [r["mfu"] for r in read_json_lines(path) if r.get("mfu")]
         if not values:
             raise PlanError(f"{path}: no MFU records")
         mfu = float(np.median(values))
@@ -126,18 +124,10 @@ def _mfu(args, hw: Hardware) -> float:
 
 def _model_from_args(args, overrides):
     if args.recipe:
-        from dataclasses import replace
-
-        from lmforge.config import load_config
-
         extra = [f"model.preset={args.preset}"] if args.preset else []
         cfg = load_config(args.recipe, extra + overrides).model
         return replace(cfg, vocab_size=args.vocab or cfg.vocab_size or 32000)
-    fields: dict[str, Any] = {}
-    from lmforge.config import parse_overrides
-
-    for key, value in parse_overrides(overrides).get("model", {}).items():
-        fields[key] = value
+    fields: dict[str, Any] = dict(parse_overrides(overrides).get("model", {}))
     return model_config(args.preset, vocab_size=args.vocab, **fields)
 
 
@@ -148,7 +138,6 @@ def cmd_scale(args, overrides) -> int:
     fits the law with bootstrap intervals, predicts a held-out larger rung, trains it,
     and writes OUT/scale.json and OUT/scale.png. Rerunning skips finished rungs.
     """
-    from lmforge.config import load_config
     from lmforge.scale import scale
 
     cfg = load_config(args.recipe, overrides)
@@ -174,14 +163,16 @@ def cmd_scale(args, overrides) -> int:
     return 0
 
 
-def register(sub) -> None:
-    from lmforge.cli import _help
+def _help(fn: Any) -> str:
+    return inspect.getdoc(fn) or ""
 
+
+def register(sub) -> None:
     p = sub.add_parser(
         "plan",
         help=_help(cmd_plan).splitlines()[0],
         description=_help(cmd_plan),
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=cmd_plan)
     p.add_argument("recipe", nargs="?", default="", help="recipe whose model to plan (optional)")
@@ -210,8 +201,10 @@ def register(sub) -> None:
     p.add_argument(
         "--power-w", type=float, default=None, help="watts per device (default: board power)"
     )
-    p.add_argument("--pue", type=float, default=1.2, help="data-centre power usage effectiveness")
-    p.add_argument("--grid", type=float, default=0.4, help="grid intensity, kg CO2e per kWh")
+    p.add_argument("--pue", type=float, default=PUE, help="data-centre power usage effectiveness")
+    p.add_argument(
+        "--grid", type=float, default=GRID_KG_PER_KWH, help="grid intensity, kg CO2e per kWh"
+    )
     p.add_argument(
         "--fsdp",
         choices=["auto", "on", "off"],

@@ -2,8 +2,9 @@
 
 It reads only what the stages left in the run folder (`stages.json`,
 `prepared/data_report.json`, `tokens/*.json`, `pretrain/` and `finetune/`
-metrics and summaries, `eval/`, `bias/`, `export/`, and `arena/*.csv`: the vote
-exports of web-app studies, see `arena_win_rates`), so it can be rebuilt at any
+metrics and summaries, `eval/`, `bias/`, `export/`, `arena/*.csv`: the vote
+exports of web-app studies, see `arena_win_rates`, and `report_note.html`: a note
+another tool left for the headline), so it can be rebuilt at any
 time with `lmforge report RUN`. Plots are matplotlib PNGs, embedded in the HTML
 as data URIs and written beside `report.md` in `report/`.
 
@@ -14,26 +15,38 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import csv
 import html
 import io
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from lmforge import __version__
-
-# Energy and CO2 assumptions for CPU runs (stated in the report).
-CPU_WATTS_PER_CORE = (
-    10.0  # a server core under full load, package power / cores, order of magnitude
+from lmforge.bias.audit import format_report
+from lmforge.bias.pairs import wilson_interval
+from lmforge.config import config_from_dict
+from lmforge.energy import (
+    CPU_WATTS_PER_CORE,
+    GRID_KG_PER_KWH,
+    PUE,
+    co2_kg,
+    device_power_w,
+    energy_kwh,
 )
-GRID_KG_PER_KWH = 0.4  # world-average grid carbon intensity (IEA 2023 ≈ 0.44 kg/kWh)
-PUE = 1.2  # data-centre overhead (typical hyperscale value)
+from lmforge.eval.results import Result
+from lmforge.fileio import iter_json_lines, write_text_atomic
+from lmforge.hardware import cpu_model
+from lmforge.model.transformer import count_params, flops_per_token
+from lmforge.shards import FORMAT
 
 
 def _read_json(path: Path) -> Any:
@@ -44,21 +57,17 @@ def _read_json(path: Path) -> Any:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written right now
+    """The records of a JSON Lines file ([] if there is none), up to a malformed line:
+    a run that is still going may be writing its last line right now."""
+    out: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        for _, record in iter_json_lines(path):
+            out.append(record)
     return out
 
 
 def _read_csv(path: Path) -> list[dict[str, str]] | str:
     """The rows of a CSV file, or why it could not be read."""
-    import csv
-
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
@@ -97,68 +106,46 @@ def _plot(fn) -> bytes:
     return buf.getvalue()
 
 
+def _curves(
+    ax: Any, groups: dict[str, list[dict[str, Any]]], key: str, style: str = "-", suffix: str = ""
+) -> None:
+    """One line of `key` against the step per labelled group of records."""
+    for label, recs in groups.items():
+        if recs:
+            ax.plot([r["step"] for r in recs], [r[key] for r in recs], style, label=label + suffix)
+
+
+def _curve_plot(
+    ylabel: str, *curves: tuple[dict[str, list[dict[str, Any]]], str, str, str]
+) -> bytes:
+    """A plot of (groups, key, style, label suffix) curves against the step."""
+
+    def draw(ax: Any) -> None:
+        for groups, key, style, suffix in curves:
+            _curves(ax, groups, key, style, suffix)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+
+    return _plot(draw)
+
+
 def training_plots(metrics: dict[str, list[dict[str, Any]]]) -> dict[str, bytes]:
     """Loss, validation bits/byte (or loss), learning rate and throughput curves."""
     plots: dict[str, bytes] = {}
     series = {k: [r for r in v if "loss" in r] for k, v in metrics.items()}
     evals = {k: [r for r in v if "val_loss" in r] for k, v in metrics.items()}
     if any(series.values()):
-
-        def loss(ax):
-            for label, recs in series.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs], [r["loss"] for r in recs], label=f"{label} train"
-                    )
-            for label, recs in evals.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs],
-                        [r["val_loss"] for r in recs],
-                        "o--",
-                        label=f"{label} val",
-                    )
-            ax.set_xlabel("step")
-            ax.set_ylabel("loss (nats/token)")
-            ax.legend()
-
-        plots["loss"] = _plot(loss)
-
-        def lr(ax):
-            for label, recs in series.items():
-                if recs:
-                    ax.plot([r["step"] for r in recs], [r["lr"] for r in recs], label=label)
-            ax.set_xlabel("step")
-            ax.set_ylabel("learning rate")
-            ax.legend()
-
-        plots["learning_rate"] = _plot(lr)
-
-        def speed(ax):
-            for label, recs in series.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs], [r["tokens_per_s"] for r in recs], label=label
-                    )
-            ax.set_xlabel("step")
-            ax.set_ylabel("tokens / s")
-            ax.legend()
-
-        plots["throughput"] = _plot(speed)
+        plots["loss"] = _curve_plot(
+            "loss (nats/token)", (series, "loss", "-", " train"), (evals, "val_loss", "o--", " val")
+        )
+        plots["learning_rate"] = _curve_plot("learning rate", (series, "lr", "-", ""))
+        plots["throughput"] = _curve_plot("tokens / s", (series, "tokens_per_s", "-", ""))
     bpb = {k: [r for r in v if "val_bpb" in r] for k, v in evals.items()}
     if any(bpb.values()):
-
-        def val_bpb(ax):
-            for label, recs in bpb.items():
-                if recs:
-                    ax.plot(
-                        [r["step"] for r in recs], [r["val_bpb"] for r in recs], "o-", label=label
-                    )
-            ax.set_xlabel("step")
-            ax.set_ylabel("validation bits / byte")
-            ax.legend()
-
-        plots["val_bits_per_byte"] = _plot(val_bpb)
+        plots["val_bits_per_byte"] = _curve_plot(
+            "validation bits / byte", (bpb, "val_bpb", "o-", "")
+        )
     return plots
 
 
@@ -185,8 +172,6 @@ def environment() -> dict[str, Any]:
             text=True,
             timeout=5,
         ).stdout.strip()
-    from lmforge.hardware import cpu_model
-
     cpu = cpu_model()
     return {
         "lmforge": __version__ + (f" ({commit})" if commit else ""),
@@ -200,11 +185,11 @@ def environment() -> dict[str, Any]:
     }
 
 
-def compute_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """Time, throughput, MFU, and estimated energy/CO2 of a training stage on this machine."""
+def compute_summary(summary: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """Time, throughput, MFU, and estimated energy/CO2 (`lmforge.energy`) of a training
+    stage on `device` ("cpu": this machine's cores, or "cuda")."""
     seconds = float(summary.get("elapsed_s", 0.0))
-    cores = os.cpu_count() or 1
-    kwh = CPU_WATTS_PER_CORE * cores * PUE * seconds / 3.6e6
+    kwh = energy_kwh(seconds / 3600, device_power_w(device))
     return {
         "wall time (s)": seconds,
         "steps": summary.get("step"),
@@ -213,9 +198,15 @@ def compute_summary(summary: dict[str, Any]) -> dict[str, Any]:
         "MFU": summary.get("mfu"),
         "peak FLOP/s used for MFU": summary.get("peak_flops"),
         "energy (kWh, estimated)": kwh,
-        "CO2 (kg, estimated)": kwh * GRID_KG_PER_KWH,
+        "CO2 (kg, estimated)": co2_kg(kwh),
         "non-finite steps skipped": summary.get("bad_steps"),
     }
+
+
+# A note another tool leaves in a run for the top of its headline (an HTML fragment): a
+# trial of `lmforge sweep` names its sweep and its values there. The report card shows it
+# and knows nothing of the tool that wrote it.
+HEADLINE_NOTE = "report_note.html"
 
 
 def collect(run_dir: Path) -> dict[str, Any]:
@@ -241,6 +232,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
     data["bias"] = _read_json(run_dir / "bias" / "bias.json")
     data["arena"] = {p.stem: _read_csv(p) for p in sorted((run_dir / "arena").glob("*.csv"))}
     data["export"] = (stages.get("export") or {}).get("summary")
+    note = run_dir / HEADLINE_NOTE
+    data["note"] = note.read_text(encoding="utf-8") if note.is_file() else ""
     return data
 
 
@@ -250,8 +243,6 @@ def token_shard_headers(tokens_dir: Path) -> dict[str, Any]:
     The folder also holds files that are not shards (the completion marker
     `tokens_complete.json`, temporary files), which must not appear as shards.
     """
-    from lmforge.shards import FORMAT
-
     headers = {}
     for path in sorted(tokens_dir.glob("*.json")):
         header = _read_json(path)
@@ -323,8 +314,6 @@ HEADLINE_METRICS = ("bits_per_byte", "acc_norm", "bleu", "chrf", "rougeL", "pct_
 
 def _result_text(record: dict[str, Any]) -> str:
     """'value ± stderr' or 'value [lo, hi]' of an eval.json result."""
-    from lmforge.eval.results import Result
-
     if record.get("value") is None:
         return "n/a"
     return Result(**record).formatted()
@@ -410,14 +399,48 @@ def creative_block(data: dict[str, Any]) -> str:
 
 def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, bytes]]:
     """HTML body per section, and the PNG plots."""
-    from lmforge.config import config_from_dict
-    from lmforge.model.transformer import count_params, flops_per_token
-
-    s: dict[str, str] = {}
     plots: dict[str, bytes] = {}
-    stages = data["stages"]
-    s["Headline"] = headline(data)
-    s["Stages"] = _grid(
+    s = {
+        "Headline": data.get("note", "") + headline(data),
+        "Stages": stages_section(data["stages"]),
+    }
+    s["Data"] = data_section(data, plots)
+    tok = data.get("tokenizer") or {}
+    s["Tokenizer"] = _table(tok) if tok else "<p>The recipe used an existing tokenizer.</p>"
+    s["Model"] = model_section(Path(data["run_dir"]))
+    s["Compute"] = compute_section(data)
+    metrics = {k: data[k]["metrics"] for k in ("pretrain", "finetune") if data[k]["metrics"]}
+    plots.update(training_plots(metrics))
+    s["Training curves"] = "" if metrics else "<p>No training metrics.</p>"
+    s["Evaluation"] = evaluation_section(data)
+    s["Human evaluation"] = arena_section(data.get("arena") or {})
+    bias = data.get("bias")
+    s["Bias audit"] = (
+        f"<pre>{html.escape(_bias_text(bias))}</pre>"
+        if bias
+        else "<p>No bias stage in this run.</p>"
+    )
+    samples = data.get("samples") or {}
+    s["Samples"] = (
+        "".join(
+            f"<h3>{html.escape(label)}</h3>"
+            + "".join(f"<pre>{html.escape(t)}</pre>" for t in texts)
+            for label, texts in samples.items()
+        )
+        or "<p>No samples.</p>"
+    )
+    s["Export"] = (
+        _table(_flatten(data.get("export") or {}))
+        if data.get("export")
+        else "<p>No export stage in this run.</p>"
+    )
+    s["Environment"] = _table(data["environment"])
+    s["Config"] = f"<pre>{html.escape(data.get('config', ''))}</pre>"
+    return s, plots
+
+
+def stages_section(stages: dict[str, Any]) -> str:
+    return _grid(
         ["stage", "status", "seconds", "key"],
         [
             [k, "done" if v.get("done") else "incomplete", v.get("seconds", ""), v.get("key", "")]
@@ -426,6 +449,9 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
         ],
     )
 
+
+def data_section(data: dict[str, Any], plots: dict[str, bytes]) -> str:
+    """The prepare stage's funnel and tables, then the token shards (adds the funnel plot)."""
     parts = []
     dr = data.get("data_report")
     if dr:
@@ -452,72 +478,84 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
         parts.append("<h3>PII redacted</h3>" + _table(dr.get("pii", {})))
         parts.append("<h3>Licences</h3>" + _table(_flatten(dr.get("licenses", {}))))
         parts.append("<h3>Languages</h3>" + _table(dr.get("languages", {})))
-    tokens = data.get("tokens") or {}
-    rows = []
-    for name, h in tokens.items():
-        if h:
-            rows.append(
-                [
-                    name,
-                    h.get("n_documents"),
-                    h.get("n_tokens"),
-                    h.get("n_bytes"),
-                    h.get("n_bytes", 0) / max(h.get("n_tokens", 1), 1),
-                ]
-            )
+    rows = [
+        [
+            name,
+            h.get("n_documents"),
+            h.get("n_tokens"),
+            h.get("n_bytes"),
+            h.get("n_bytes", 0) / max(h.get("n_tokens", 1), 1),
+        ]
+        for name, h in (data.get("tokens") or {}).items()
+        if h
+    ]
     if rows:
         parts.append(
             "<h3>Token shards</h3>"
             + _grid(["shard", "documents", "tokens", "bytes", "bytes/token"], rows)
         )
-    s["Data"] = "".join(parts) or "<p>No data stage in this run.</p>"
+    return "".join(parts) or "<p>No data stage in this run.</p>"
 
-    tok = data.get("tokenizer") or {}
-    s["Tokenizer"] = _table(tok) if tok else "<p>The recipe used an existing tokenizer.</p>"
 
-    pre = data["pretrain"].get("summary") or {}
+def model_section(run_dir: Path) -> str:
+    """Shape and parameter groups of the pre-trained model, from a checkpoint's config."""
     cfg_dict = None
-    for p in (Path(data["run_dir"]) / "pretrain").glob("checkpoints/step_*/trainer_state.json"):
+    for p in (run_dir / "pretrain").glob("checkpoints/step_*/trainer_state.json"):
         cfg_dict = (_read_json(p) or {}).get("config")
-    if cfg_dict:
-        cfg = config_from_dict(cfg_dict)
-        m = cfg.model
-        params = count_params(m)
-        arch = {
-            "layers": m.n_layers,
-            "width": m.d_model,
-            "heads": m.n_heads,
-            "kv heads": m.n_kv_heads or m.n_heads,
-            "context": m.context_length,
-            "vocabulary": m.vocab_size,
-            "norm": m.norm,
-            "positions": m.position,
-            "MLP": m.mlp,
-            "QK-norm": m.qk_norm,
-            "tied embeddings": m.tie_embeddings,
-            "objective": m.objective,
-            "FLOPs per training token": flops_per_token(m),
-        }
-        s["Model"] = _table(arch) + "<h3>Parameters</h3>" + _table(params)
-    else:
-        s["Model"] = "<p>No pre-trained model.</p>"
+    if not cfg_dict:
+        return "<p>No pre-trained model.</p>"
+    m = config_from_dict(cfg_dict).model
+    arch = {
+        "layers": m.n_layers,
+        "width": m.d_model,
+        "heads": m.n_heads,
+        "kv heads": m.n_kv_heads or m.n_heads,
+        "context": m.context_length,
+        "vocabulary": m.vocab_size,
+        "norm": m.norm,
+        "positions": m.position,
+        "MLP": m.mlp,
+        "QK-norm": m.qk_norm,
+        "tied embeddings": m.tie_embeddings,
+        "objective": m.objective,
+        "FLOPs per training token": flops_per_token(m),
+    }
+    return _table(arch) + "<h3>Parameters</h3>" + _table(count_params(m))
 
+
+def compute_section(data: dict[str, Any]) -> str:
+    device = run_device(data.get("config", ""))
     compute = []
     for stage in ("pretrain", "finetune"):
         summ = data[stage].get("summary")
         if summ:
-            compute.append(f"<h3>{stage}</h3>" + _table(compute_summary(summ)))
-    s["Compute"] = "".join(compute) + (
-        f"<p class=note>Energy assumes {CPU_WATTS_PER_CORE:.0f} W per CPU core, PUE {PUE}; "
+            compute.append(f"<h3>{stage}</h3>" + _table(compute_summary(summ, device)))
+    if not compute:
+        return "<p>No training.</p>"
+    power = (
+        f"{CPU_WATTS_PER_CORE:.0f} W per CPU core"
+        if device == "cpu"
+        else f"{device_power_w(device):.0f} W per GPU (an H100's board power)"
+    )
+    return "".join(compute) + (
+        f"<p class=note>Energy assumes {power}, PUE {PUE}; "
         f"CO2 at {GRID_KG_PER_KWH} kg/kWh. Estimates, not measurements.</p>"
-        if compute
-        else "<p>No training.</p>"
     )
 
-    metrics = {k: data[k]["metrics"] for k in ("pretrain", "finetune") if data[k]["metrics"]}
-    plots.update(training_plots(metrics))
-    s["Training curves"] = "" if metrics else "<p>No training metrics.</p>"
 
+def run_device(config_text: str) -> str:
+    """ "cuda" when the run's config.yaml sets `train.device: cuda`, else "cpu" (the rule
+    of the model card, so that both cards estimate the same energy)."""
+    try:
+        cfg = yaml.safe_load(config_text) or {}
+    except yaml.YAMLError:
+        return "cpu"
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    return "cuda" if isinstance(train, dict) and train.get("device") == "cuda" else "cpu"
+
+
+def evaluation_section(data: dict[str, Any]) -> str:
+    """Every task and metric per checkpoint, the fine-tuning test split, the unigram baseline."""
     ev = data.get("eval")
     parts = []
     if ev:
@@ -536,6 +574,7 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
             f"<h3>Fine-tuning task ({html.escape(str(ft.get('task')))}), test split</h3>"
             + _table(ft["test"])
         )
+    pre = data["pretrain"].get("summary") or {}
     if pre.get("unigram_bpb"):
         parts.append(
             _table(
@@ -545,40 +584,11 @@ def build_sections(data: dict[str, Any]) -> tuple[dict[str, str], dict[str, byte
                 }
             )
         )
-    s["Evaluation"] = "".join(parts) or "<p>No evaluation stage in this run.</p>"
-
-    s["Human evaluation"] = arena_section(data.get("arena") or {})
-
-    bias = data.get("bias")
-    s["Bias audit"] = (
-        f"<pre>{html.escape(_bias_text(bias))}</pre>"
-        if bias
-        else "<p>No bias stage in this run.</p>"
-    )
-
-    samples = data.get("samples") or {}
-    s["Samples"] = (
-        "".join(
-            f"<h3>{html.escape(label)}</h3>"
-            + "".join(f"<pre>{html.escape(t)}</pre>" for t in texts)
-            for label, texts in samples.items()
-        )
-        or "<p>No samples.</p>"
-    )
-    s["Export"] = (
-        _table(_flatten(data.get("export") or {}))
-        if data.get("export")
-        else "<p>No export stage in this run.</p>"
-    )
-    s["Environment"] = _table(data["environment"])
-    s["Config"] = f"<pre>{html.escape(data.get('config', ''))}</pre>"
-    return s, plots
+    return "".join(parts) or "<p>No evaluation stage in this run.</p>"
 
 
 def _bias_text(bias: dict[str, Any]) -> str:
     """bias.json as `lmforge bias` prints it (the splits and warnings included)."""
-    from lmforge.bias.audit import format_report
-
     try:
         return format_report(bias)
     except (KeyError, TypeError, ValueError):  # a bias.json of another shape: show it as is
@@ -614,8 +624,6 @@ def arena_win_rates(votes: list[tuple[Any, str, str, str]]) -> list[dict[str, An
     votes; an item without one (ties, "both bad", an even split) counts half to each side.
     The 95% interval is Wilson's over the items.
     """
-    from lmforge.bias.pairs import wilson_interval
-
     margin: dict[tuple[str, str], dict[Any, int]] = {}
     n_votes: dict[tuple[str, str], int] = {}
     for item, model_a, model_b, outcome in votes:
@@ -708,8 +716,6 @@ def render_html(title: str, sections: dict[str, str], plots: dict[str, bytes]) -
 
 def _html_to_markdown(fragment: str) -> str:
     """A plain-text rendering of a section for report.md (tables as pipes)."""
-    import re
-
     text = fragment
     text = re.sub(r"<h3>(.*?)</h3>", r"\n### \1\n", text)
     text = re.sub(
@@ -736,14 +742,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     data = collect(run_dir)
     sections, plots = build_sections(data)
-    from lmforge.sweep.report import trial_note  # a trial of `lmforge sweep` says so
-
-    sections["Headline"] = trial_note(run_dir) + sections.get("Headline", "")
     title = f"lmforge run: {run_dir.name}"
     out_html = run_dir / "report.html"
-    tmp = out_html.with_suffix(".html.tmp")
-    tmp.write_text(render_html(title, sections, plots), encoding="utf-8")
-    os.replace(tmp, out_html)
+    write_text_atomic(out_html, render_html(title, sections, plots))
     img_dir = run_dir / "report"
     img_dir.mkdir(exist_ok=True)
     md = [f"# {title}", ""]
@@ -754,7 +755,7 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
                 (img_dir / f"{key}.png").write_bytes(png)
                 md += [f"![{key}](report/{key}.png)", ""]
         md += [_html_to_markdown(sections.get(name, "")), ""]
-    (run_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    write_text_atomic(run_dir / "report.md", "\n".join(md))
     return {"html": out_html, "markdown": run_dir / "report.md"}
 
 
@@ -762,8 +763,6 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
 
 
 def _flat_config(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
     path = run_dir / "config.yaml"
     if not path.exists():
         return {}
@@ -823,5 +822,5 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         + "</body></html>"
     )
     out = Path(out)
-    out.write_text(page, encoding="utf-8")
+    write_text_atomic(out, page)
     return out

@@ -18,6 +18,7 @@ from typing import Any
 from lmforge.bias.lexicon import Lexicon, load_lexicon
 from lmforge.config import PrepareConfig
 from lmforge.data.registry import register_builder, register_eval_set
+from lmforge.data.report import register_report_section
 from lmforge.data.steps import DropHook, Step
 
 _LEXICONS: dict[str, Lexicon] = {}  # one parsed lexicon per worker process
@@ -51,6 +52,14 @@ def bias_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) -> list[Step
     return steps
 
 
+def report_markdown(section: dict[str, Any]) -> str:
+    """The ``bias`` section of data_report.md: the term statistics ("" without them)."""
+    from lmforge.bias.stats import render_markdown
+
+    return render_markdown(section["statistics"]) if "statistics" in section else ""
+
+
+@register_report_section("bias", report_markdown)
 def report_section(cfg: PrepareConfig, steps: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The ``bias`` section of data_report.json from the merged step statistics.
 

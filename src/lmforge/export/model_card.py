@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__
-from lmforge.config import Config
+from lmforge.config import Config, ModelConfig
+from lmforge.energy import GRID_KG_PER_KWH, PUE, co2_kg, device_power_w, energy_kwh
 from lmforge.model.transformer import count_params, derived_d_ff, flops_per_token
 
 HF_CLASS = {
@@ -25,12 +26,6 @@ HF_CLASS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
-# Energy assumptions, stated in the card. Average draw of the devices while training
-# (a CPU socket share or one data-centre GPU), data-centre PUE 1.2 and a world-average
-# grid of 0.4 kg CO2e/kWh (IEA 2023), as `lmforge plan` assumes.
-POWER_W = {"cpu": 65.0, "cuda": 700.0}
-PUE = 1.2
-GRID_KG_PER_KWH = 0.4
 
 
 def optimizer_description(t: Any) -> str:
@@ -140,7 +135,22 @@ def model_card(
     ROOT/prepared, ROOT/eval and ROOT/bias; `lmforge bias --checkpoint` writes bias.json
     into the checkpoint folder itself.
     """
-    m = cfg.model
+    found = _run_results(checkpoint)
+    summary = found["summary"]
+    params = count_params(cfg.model)
+    tokens = float(summary.get("tokens", 0))
+    lines = _front_matter(arch, fmt, license)
+    lines += _details_section(cfg, arch, fmt, params)
+    lines += _data_section(cfg, found["data_report"])
+    lines += _training_section(cfg, summary, tokens, price_per_hour)
+    lines += _evaluation_section(summary, found["evals"])
+    lines += _bias_section(found["bias_rows"], found["bias_summary"])
+    lines += _use_section(cfg.model, params, tokens, fmt)
+    return "\n".join(lines) + "\n"
+
+
+def _run_results(checkpoint: Path | None) -> dict[str, Any]:
+    """The training summary, data report, evaluation and bias results of a checkpoint's run."""
     ckpt = checkpoint if checkpoint is not None and checkpoint.is_dir() else None
     run = ckpt.parent.parent if ckpt is not None else None
     root = run.parent if run is not None else None
@@ -170,12 +180,17 @@ def model_card(
         if isinstance(bias_json, dict) and not bias_rows:
             bias_summary = bias_json.get("summary") or {}
     bias_rows += [r for r in evals if _is_bias(r)]
-    params = count_params(m)
-    non_embedding = params["total"] - params["embedding"] - params["position"]
-    name = cfg.name or "lmforge-model"
-    family = "GPT-2-style" if arch == "gpt2" else "Llama-style"
+    return {
+        "summary": summary,
+        "data_report": data_report,
+        "evals": evals,
+        "bias_rows": bias_rows,
+        "bias_summary": bias_summary,
+    }
 
-    lines = [
+
+def _front_matter(arch: str, fmt: str, license: str) -> list[str]:
+    return [
         "---",
         f"license: {license}",
         "library_name: transformers" if fmt == "hf" else "library_name: gguf",
@@ -186,7 +201,16 @@ def model_card(
         "- text-generation",
         "---",
         "",
-        f"# {name}",
+    ]
+
+
+def _details_section(cfg: Config, arch: str, fmt: str, params: dict[str, int]) -> list[str]:
+    """The title, one sentence on what the model is, and the table of its shape."""
+    m = cfg.model
+    non_embedding = params["total"] - params["embedding"] - params["position"]
+    family = "GPT-2-style" if arch == "gpt2" else "Llama-style"
+    return [
+        f"# {cfg.name or 'lmforge-model'}",
         "",
         f"A {_fmt(params['total'])}-parameter {family} causal language model trained with "
         f"lmforge {__version__}, exported as "
@@ -212,58 +236,70 @@ def model_card(
         "| chat format | `<\\|system\\|>…<\\|end\\|><\\|user\\|>…<\\|end\\|><\\|assistant\\|>` "
         "(the tokenizer's chat template) |",
         "",
-        "## Training data",
-        "",
     ]
+
+
+def _data_section(cfg: Config, data_report: dict[str, Any]) -> list[str]:
+    """The sources with their licences (from `data_report.json`), or a warning without it."""
+    lines = ["## Training data", ""]
     sources = data_report.get("sources") or []
-    if sources:
-        lines += ["| source | licence | documents out | MB out |", "|---|---|---|---|"]
-        for s in sources:
-            docs = s.get("docs_out", s.get("docs", ""))
-            mb = s.get("bytes_out", 0) / 1e6
-            lines.append(
-                f"| {s.get('name', '?')} | {s.get('license') or 'unknown'} | {docs} | {mb:.1f} |"
-            )
-        unknown = data_report.get("unknown_license_sources") or []
-        if unknown:
-            lines += ["", f"Sources with an unknown licence: {', '.join(unknown)}."]
-    else:
+    if not sources:
         lines.append(
             "Sources: "
             + ", ".join(f"`{s}`" for s in cfg.data.sources)
             + ". No data report (`data_report.json`) was found, so licences are not recorded "
             "here: check the licence of every source before redistributing this model."
         )
-    lines += ["", "## Training procedure and compute", ""]
-    tokens = float(summary.get("tokens", 0))
-    if summary:
-        t = cfg.train
-        flops = flops_per_token(m) * tokens
-        hours = float(summary.get("elapsed_s", 0.0)) / 3600
-        device = "cuda" if t.device == "cuda" else "cpu"
-        kwh = hours * POWER_W[device] / 1000 * PUE
-        lines += [
-            "| | |",
-            "|---|---|",
-            f"| steps | {summary.get('step', '?')} |",
-            f"| tokens | {_fmt(tokens)} ({t.tokens_per_step:,} per step) |",
-            f"| optimiser | {optimizer_description(t)}, {t.schedule} schedule, "
-            f"warm-up {t.warmup_steps} steps |",
-            f"| precision | {t.dtype} |",
-            f"| training compute | {flops:.3g} FLOP (forward + backward, attention included) |",
-            f"| wall-clock time | {hours:.2f} h |",
-            f"| energy (estimate) | {kwh:.3g} kWh at {POWER_W[device]:g} W average draw, PUE {PUE} |",
-            f"| CO2 (estimate) | {kwh * GRID_KG_PER_KWH:.3g} kg CO2e at {GRID_KG_PER_KWH} kg/kWh |",
-            "| cost (estimate) | "
-            + (
-                f"${hours * price_per_hour:.2f} at ${price_per_hour:g} per hour |"
-                if price_per_hour
-                else "not estimated (no price given) |"
-            ),
-        ]
-    else:
-        lines.append("No training summary (`summary.json`) was found with this checkpoint.")
-    lines += ["", "## Evaluation", ""]
+        return lines
+    lines += ["| source | licence | documents out | MB out |", "|---|---|---|---|"]
+    for s in sources:
+        docs = s.get("docs_out", s.get("docs", ""))
+        mb = s.get("bytes_out", 0) / 1e6
+        lines.append(
+            f"| {s.get('name', '?')} | {s.get('license') or 'unknown'} | {docs} | {mb:.1f} |"
+        )
+    unknown = data_report.get("unknown_license_sources") or []
+    if unknown:
+        lines += ["", f"Sources with an unknown licence: {', '.join(unknown)}."]
+    return lines
+
+
+def _training_section(
+    cfg: Config, summary: dict[str, Any], tokens: float, price_per_hour: float
+) -> list[str]:
+    """Steps, tokens, optimiser, compute, time, and the energy model's estimates."""
+    lines = ["", "## Training procedure and compute", ""]
+    if not summary:
+        return [*lines, "No training summary (`summary.json`) was found with this checkpoint."]
+    t = cfg.train
+    flops = flops_per_token(cfg.model) * tokens
+    hours = float(summary.get("elapsed_s", 0.0)) / 3600
+    power = device_power_w("cuda" if t.device == "cuda" else "cpu")
+    kwh = energy_kwh(hours, power)
+    lines += [
+        "| | |",
+        "|---|---|",
+        f"| steps | {summary.get('step', '?')} |",
+        f"| tokens | {_fmt(tokens)} ({t.tokens_per_step:,} per step) |",
+        f"| optimiser | {optimizer_description(t)}, {t.schedule} schedule, "
+        f"warm-up {t.warmup_steps} steps |",
+        f"| precision | {t.dtype} |",
+        f"| training compute | {flops:.3g} FLOP (forward + backward, attention included) |",
+        f"| wall-clock time | {hours:.2f} h |",
+        f"| energy (estimate) | {kwh:.3g} kWh at {power:g} W average draw, PUE {PUE} |",
+        f"| CO2 (estimate) | {co2_kg(kwh):.3g} kg CO2e at {GRID_KG_PER_KWH} kg/kWh |",
+        "| cost (estimate) | "
+        + (
+            f"${hours * price_per_hour:.2f} at ${price_per_hour:g} per hour |"
+            if price_per_hour
+            else "not estimated (no price given) |"
+        ),
+    ]
+    return lines
+
+
+def _evaluation_section(summary: dict[str, Any], evals: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Evaluation", ""]
     if "val_loss" in summary:
         lines.append(f"- validation loss: {summary['val_loss']:.4f} nats/token")
     if "val_bpb" in summary:
@@ -279,22 +315,31 @@ def model_card(
         lines.append(
             "No evaluation results were found in the run folder (`lmforge eval` writes them)."
         )
-    lines += ["", "## Bias audit", ""]
+    return lines
+
+
+def _bias_section(bias_rows: list[dict[str, Any]], bias_summary: dict[str, Any]) -> list[str]:
+    lines = ["", "## Bias audit", ""]
     if bias_rows:
-        lines += _results_table(bias_rows)
-        lines += [
+        return [
+            *lines,
+            *_results_table(bias_rows),
             "",
             "Minimal-pair figures are the percentage of pairs where the model prefers the "
             "stereotypical sentence (50 = no preference).",
         ]
-    elif _flat_numbers(bias_summary):
-        lines += [f"- {k}: {v:.4g}" for k, v in _flat_numbers(bias_summary)[:20]]
-    else:
-        lines.append(
-            "No bias audit results were found (`lmforge bias` writes them). Assume the model "
-            "reproduces the social biases of its training text."
-        )
-    lines += [
+    if _flat_numbers(bias_summary):
+        return lines + [f"- {k}: {v:.4g}" for k, v in _flat_numbers(bias_summary)[:20]]
+    return [
+        *lines,
+        "No bias audit results were found (`lmforge bias` writes them). Assume the model "
+        "reproduces the social biases of its training text.",
+    ]
+
+
+def _use_section(m: ModelConfig, params: dict[str, int], tokens: float, fmt: str) -> list[str]:
+    """Intended use and limitations, and how to load the model."""
+    lines = [
         "",
         "## Intended use and limitations",
         "",
@@ -308,19 +353,18 @@ def model_card(
         "## How to use",
         "",
     ]
-    if fmt == "hf":
-        lines += [
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            'tok = AutoTokenizer.from_pretrained("PATH")',
-            'model = AutoModelForCausalLM.from_pretrained("PATH")',
-            'ids = tok("def add(a, b):", return_tensors="pt").input_ids',
-            "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))",
-            "```",
-        ]
-    else:
-        lines += ["```", 'llama-cli -m model.gguf -p "def add(a, b):" -n 40', "```"]
-    return "\n".join(lines) + "\n"
+    if fmt != "hf":
+        return [*lines, "```", 'llama-cli -m model.gguf -p "def add(a, b):" -n 40', "```"]
+    return [
+        *lines,
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'tok = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        'ids = tok("def add(a, b):", return_tensors="pt").input_ids',
+        "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))",
+        "```",
+    ]
 
 
 def _results_table(rows: list[dict[str, Any]]) -> list[str]:

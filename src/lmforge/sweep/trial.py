@@ -147,6 +147,15 @@ def listening(trial_dir: Path, cfg: Config, report: Reporter | None, sign: float
         VALIDATION_LISTENERS.remove(listener)
 
 
+def write_trial_note(trial_dir: Path) -> None:
+    """Leave the note that the trial's report card puts at the top of its headline."""
+    from lmforge.fileio import write_text_atomic
+    from lmforge.report import HEADLINE_NOTE
+    from lmforge.sweep.report import trial_note
+
+    write_text_atomic(trial_dir / HEADLINE_NOTE, trial_note(trial_dir))
+
+
 def run_trial(
     spec: SweepSpec,
     recipe: str | None,
@@ -162,6 +171,7 @@ def run_trial(
     link_finished_stages(trial_dir.parent, trial_dir, cfg)
     (trial_dir / "params.json").write_text(json.dumps(params, indent=1))
     sign = 1.0 if spec.direction == "minimize" else -1.0
+    write_trial_note(trial_dir)  # after params.json, which the note quotes
     with listening(trial_dir, cfg, report, sign) as state:
         try:
             run_recipe(None, cfg=cfg)
