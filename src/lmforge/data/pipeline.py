@@ -61,6 +61,7 @@ from lmforge.data.steps import (
     build_post_dedup_steps,
     build_steps,
     doc_example,
+    merge_step_stats,
 )
 from lmforge.fileio import atomic_path, fsync_replace, iter_json_lines, write_json_atomic
 
@@ -626,19 +627,6 @@ def prepare(
     report = build_report(cfg, tasks, stage1, dedup, stage3, timing, count_retries(out))
     write_report(report, out)
     return report
-
-
-def merge_step_stats(results: list[dict[str, Any]]) -> list[StepStats]:
-    """Sum per-task statistics step by step (steps are in the same order in every task)."""
-    merged: dict[str, StepStats] = {}
-    for res in results:
-        for st in res["steps"]:
-            s = StepStats.from_json(st)
-            if s.name in merged:
-                merged[s.name].merge(s)
-            else:
-                merged[s.name] = s
-    return list(merged.values())
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from typing import Any
 from lmforge.config import PrepareConfig
 from lmforge.data.readers import Task, source_name
 from lmforge.data.registry import load_plugins
+from lmforge.data.steps import merge_step_stats
 from lmforge.fileio import write_json_atomic, write_text_atomic
 
 MB = 1e6
@@ -126,7 +127,6 @@ def build_report(
 
 def _merged_steps(results: list[dict[str, Any]], dedup: dict[str, Any]) -> list[dict[str, Any]]:
     """Every step's statistics summed over the tasks, with its throughput."""
-    from lmforge.data.pipeline import merge_step_stats
 
     steps = [s.to_json() for s in merge_step_stats(results)]
     by_name = {s["name"]: s for s in steps}

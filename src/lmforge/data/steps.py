@@ -288,3 +288,16 @@ def build_post_dedup_steps(cfg: PrepareConfig, on_drop: DropHook | None = None) 
     """Steps of stage 3, after deduplication and mixing: the registered ones (`lmforge.bias`
     registers CDA and term statistics), then ``prepare.steps`` of stage ``post_dedup``."""
     return configured_steps(cfg, "post_dedup", on_drop, lambda f: FilterStep(f, on_drop))
+
+
+def merge_step_stats(results: list[dict[str, Any]]) -> list[StepStats]:
+    """Sum per-task statistics step by step (steps are in the same order in every task)."""
+    merged: dict[str, StepStats] = {}
+    for res in results:
+        for st in res["steps"]:
+            s = StepStats.from_json(st)
+            if s.name in merged:
+                merged[s.name].merge(s)
+            else:
+                merged[s.name] = s
+    return list(merged.values())
