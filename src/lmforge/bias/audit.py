@@ -225,7 +225,7 @@ def bias_audit(
 
     `labels` name the checkpoints in the ``summary`` (default: their paths).
     """
-    from lmforge.pretrain import load_model
+    from lmforge.model_source import load_model
 
     sets = load_benchmarks(benchmarks or [], limit)
     report: dict[str, Any] = {

@@ -183,7 +183,7 @@ def run_probes(
     `generate_samples`: one greedy continuation per prompt plus this many − 1
     sampled ones at `temperature` (0 skips continuations).
     """
-    from lmforge.eval.generation import generate_batch
+    from lmforge.generation import generate_batch
     from lmforge.model.generate import decode_text
 
     if getattr(getattr(model, "cfg", None), "objective", "causal") != "causal":

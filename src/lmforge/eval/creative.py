@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.eval.intrinsic import IntrinsicResult, context_length_of
+from lmforge.eval.intrinsic import IntrinsicResult
 from lmforge.eval.results import Result
+from lmforge.generation import context_length_of
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -185,7 +186,7 @@ def sample_continuations(
     model: nn.Module, tok: Tokenizer, items: Sequence[CreativeItem], opts: TaskOptions
 ) -> list[str]:
     """One continuation per prompt, stopped at '<|end|>' or end-of-text."""
-    from lmforge.eval.generation import generate_batch
+    from lmforge.generation import generate_batch
     from lmforge.tokenizer import END
 
     new = generate_batch(

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.sources import open_text
-from lmforge.eval.intrinsic import context_length_of
+from lmforge.generation import context_length_of
 from lmforge.model.transformer import KVCache
 from lmforge.tokenizer import Tokenizer
 

@@ -24,8 +24,7 @@ def export_checkpoint(
     """
     from lmforge.export.hf import ExportError, hf_architecture
     from lmforge.export.model_card import model_card
-    from lmforge.model_source import resolve_model
-    from lmforge.pretrain import load_model
+    from lmforge.model_source import load_model, resolve_model
 
     path = resolve_model(checkpoint).path
     model, tok, cfg = load_model(path)

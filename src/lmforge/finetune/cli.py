@@ -53,7 +53,7 @@ def cmd_chat(args, overrides) -> int:
     """
     from lmforge.finetune.chat import chat_loop
     from lmforge.model.sampling import sampling_from_args
-    from lmforge.pretrain import load_model
+    from lmforge.model_source import load_model
 
     params = sampling_from_args(args)
     # A run folder resolves to its fine-tuned stage (lmforge.model_source).
