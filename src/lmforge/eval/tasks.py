@@ -295,13 +295,11 @@ def make_eval_hook(
     opts = TaskOptions(**options)
 
     def hook(model: nn.Module, step: int) -> dict[str, float]:
+        from lmforge.eval.evaluate import evaluate_model
+
         if every > 1 and step % every:
             return {}
-        out: dict[str, float] = {}
-        for name in names:
-            for r in run_task(model, tok, name, opts):
-                out[f"{name}/{r.metric}"] = r.value
-        return out
+        return {f"{r.task}/{r.metric}": r.value for r in evaluate_model(model, tok, names, opts)}
 
     return hook
 
