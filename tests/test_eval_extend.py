@@ -1,6 +1,7 @@
 """Adding an eval task is one file: a task defined here, registered by name, runs through
 `lmforge eval`, the one `evaluate()` and the in-loop hook, and its figures land in eval.json."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,24 @@ def test_an_unregistered_task_is_refused_by_name(checkpoint, capsys):
     assert main(["eval", "--checkpoint", str(run_dir), "--task", NAME]) == 1
     err = capsys.readouterr().err
     assert f"unknown task '{NAME}'" in err and "ppl" in err
+
+
+def test_a_task_file_in_the_eval_package_registers_itself(tmp_path, monkeypatch):
+    """What CONTRIBUTING describes: `lmforge/eval/task_NAME.py` is found and registered."""
+    import lmforge.eval
+    from lmforge.eval import tasks
+
+    (tmp_path / "task_echo_len.py").write_text(
+        "from lmforge.eval.results import Result\n"
+        "from lmforge.eval.tasks import EvalTask, register_task\n\n\n"
+        "def run(model, tok, opts):\n"
+        "    return [Result('echo_len', 'n', float(len(opts.data)), 1)]\n\n\n"
+        "register_task(EvalTask('echo_len', run))\n"
+    )
+    monkeypatch.setattr(lmforge.eval, "__path__", [*lmforge.eval.__path__, str(tmp_path)])
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    tasks._discover_task_modules()
+    assert "echo_len" in tasks.TASKS
+    (result,) = tasks.run_task(None, None, "echo_len", TaskOptions(data=["a", "b"]))
+    assert result.value == 2.0
+    sys.modules.pop("lmforge.eval.task_echo_len")

@@ -1,5 +1,9 @@
 """The `lmforge` command: one sub-command per stage.
 
+The stages add their own sub-commands (`lmforge.stages.register_commands` loops
+over the registry); this module adds the few that belong to no stage (config,
+recipes, generate, quickstart, run) and turns every error into one line.
+
 Every sub-command that takes a recipe also takes dotted overrides of any config
 key, e.g. ``lmforge pretrain shakespeare-char --train.lr=3e-4 --model.n_layers=6``.
 Help texts come from the docstrings of the command functions.

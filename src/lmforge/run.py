@@ -1,5 +1,8 @@
 """`lmforge run RECIPE`: every stage of a recipe, in order, into one run folder.
 
+The stages come from the registry of `lmforge.stages`: this module only keys,
+skips, resumes and records them, calling each stage's `run(ctx)`.
+
 Each stage's output is keyed by a hash of the config sections it reads and of
 the keys of the stages it depends on. `stages.json` records, per stage, the key
 it was started with and whether it finished:

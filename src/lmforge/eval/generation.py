@@ -1,4 +1,4 @@
-"""Generation metrics (BLEU, chrF, ROUGE) and batched generation with the KV cache.
+"""Generation metrics (BLEU, chrF, ROUGE) and the generation tasks that use them.
 
 The metrics are computed by the reference libraries themselves, never
 re-implemented: sacrebleu for BLEU (Papineni et al. 2002) and chrF (Popović
@@ -8,12 +8,11 @@ re-implementation of Lin 2004) for ROUGE-1/2/L/Lsum with the Porter stemmer.
 
 ROUGE-Lsum treats newlines as sentence boundaries. rouge-score can split
 sentences itself only with NLTK's punkt data (`split_summaries=True`), which is
-not available offline, so `split_sentences` below puts one sentence per line
-before scoring; texts that already have newlines keep them.
+not available offline, so `split_sentences` (`lmforge.generation`) puts one
+sentence per line before scoring; texts that already have newlines keep them.
 
-Generation batches prompts of equal token length through the core `generate`
-(which takes a (B, T) tensor), so no padding and no attention mask are needed and
-results equal generating each prompt alone.
+Hypotheses come from `lmforge.generation.generate_batch` (batched, KV cache),
+which fine-tuning shares.
 """
 
 from __future__ import annotations

@@ -11,6 +11,13 @@
 
 Generation tasks prompt in the chat format of the fine-tuning task of the same
 name (`lmforge.finetune.tasks`).
+
+Every task is an `EvalTask` in the `TASKS` registry; `lmforge eval`, the eval
+stage of `lmforge run` and the in-loop hook (`make_eval_hook`) all reach it by
+name through `lmforge.eval.evaluate`. A new task is one file,
+``lmforge/eval/task_NAME.py``, that ends with ``register_task(EvalTask(...))``:
+it is found and imported with this module (keep torch imports inside its
+functions, so `lmforge --help` stays light).
 """
 
 from __future__ import annotations
