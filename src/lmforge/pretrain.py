@@ -16,7 +16,6 @@ Run folder layout::
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 
 from lmforge.config import Config, ModelConfig
 from lmforge.data.sources import iter_documents
+from lmforge.fileio import write_json_atomic
 from lmforge.model.arith import count_params, flops_per_token
 from lmforge.model_source import load_model as load_model
 from lmforge.shards import (
@@ -220,7 +220,7 @@ def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
     summary["params"] = setup.params
     summary["unigram_bpb"] = unigram_bits_per_byte(setup.tokens_dir, setup.vocab_size)
     if trainer.dist.is_main:
-        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json_atomic(trainer.run_dir / "summary.json", summary)
     return summary
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from lmforge.cli_args import add_checkpoint_arg, add_command, add_device_arg
 from lmforge.eval.results import format_table, write_eval_json
 from lmforge.eval.tasks import TASKS, TaskOptions
+
+PER_TASK = ("data", "texts")  # TaskOptions fields set per task, not by a flag
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -29,17 +31,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if overrides:
         raise ValueError(f"lmforge eval takes no config overrides (got {overrides})")
     data = _data_per_task(args.data or [], args.task)
+    # Every option of the command but --data is the TaskOptions field of the same name.
     opts = TaskOptions(
-        limit=args.limit,
-        stride=args.stride,
-        batch_tokens=args.batch_tokens,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        num_fewshot=args.num_fewshot,
-        lm_eval_include=args.lm_eval_include,
+        **{f.name: getattr(args, f.name) for f in fields(TaskOptions) if f.name not in PER_TASK}
     )
     runs = evaluate(
         {str(ckpt): ckpt for ckpt in args.checkpoint},
@@ -51,7 +45,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     settings = {
         "tasks": args.task,
         "data": data,
-        **{k: v for k, v in vars(opts).items() if k not in ("data", "texts")},
+        **{k: v for k, v in vars(opts).items() if k not in PER_TASK},
     }
     out = Path(args.out) if args.out else Path(args.checkpoint[0]) / "eval.json"
     write_eval_json(out, runs, settings)

@@ -24,7 +24,6 @@ reading and for an arena study.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.eval.intrinsic import IntrinsicResult
-from lmforge.eval.results import Result
+from lmforge.eval.results import Result, mean_and_stderr
 from lmforge.generation import context_length_of
 from lmforge.tokenizer import Tokenizer
 
@@ -90,17 +89,6 @@ def repetition_rate(text: str, n: int = 4) -> float | None:
     if not grams:
         return None
     return (len(grams) - len(set(grams))) / len(grams)
-
-
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def diversity(samples: Sequence[str], settings: dict[str, Any]) -> list[Result]:
