@@ -314,12 +314,17 @@ def make_eval_hook(
 # ----------------------------------------------------------------------------- built-in tasks
 
 
+RECIPE_PPL_BATCH_TOKENS = 8192
+
+
 def _ppl_in_recipe(cfg: Config, run_dir: Path, opts: TaskOptions) -> TaskOptions:
     """Inside `lmforge run`, ppl scores the held-out documents of the run's corpus."""
     from lmforge.eval.intrinsic import held_out_texts
 
     texts = held_out_texts(cfg.data.sources, cfg.data.split, cfg.data.val_fraction, opts.limit)
-    return replace(opts, texts=texts)
+    # Scored in batches of `evaluate_texts`' default size, as the run's eval always has,
+    # so figures of runs before and after stay comparable to the last bit.
+    return replace(opts, texts=texts, batch_tokens=RECIPE_PPL_BATCH_TOKENS)
 
 
 def _creative(model: nn.Module, tok: Tokenizer, opts: TaskOptions) -> list[Result]:
