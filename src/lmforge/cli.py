@@ -1,5 +1,9 @@
 """The `lmforge` command: one sub-command per stage.
 
+The stages add their own sub-commands (`lmforge.stages.register_commands` loops
+over the registry); this module adds the few that belong to no stage (config,
+recipes, generate, quickstart, run) and turns every error into one line.
+
 Every sub-command that takes a recipe also takes dotted overrides of any config
 key, e.g. ``lmforge pretrain shakespeare-char --train.lr=3e-4 --model.n_layers=6``.
 Help texts come from the docstrings of the command functions.
@@ -8,7 +12,6 @@ Help texts come from the docstrings of the command functions.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import os
 import sys
@@ -16,23 +19,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lmforge.cli_args import (
+    add_checkpoint_arg,
+    add_command,
+    add_device_arg,
+    add_recipe_arg,
+    command_doc,
+    summary_line,
+)
 from lmforge.config import ConfigError, builtin_recipes, dump_yaml, load_config
 from lmforge.model.sampling import SamplingParams, add_sampling_arguments
-from lmforge.model_source import CHECKPOINT_HELP
+from lmforge.stages import register_commands
 
-# Stage modules that add their own sub-commands: each has `register(subparsers)`.
-EXTRA_COMMAND_MODULES: list[str] = [
-    "lmforge.eval.cli",
-    "lmforge.finetune.cli",
-    "lmforge.data.cli",
-    "lmforge.serve.cli",
-    "lmforge.plan_cli",
-    "lmforge.export.cli",
-    "lmforge.bias.cli",
-    "lmforge.doctor",
-    "lmforge.sweep.cli",
-    "lmforge.train.checkpoint_cli",
-]
+__all__ = ["build_parser", "main", "summary_line"]
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -57,13 +56,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _help(fn: Callable) -> str:
-    return inspect.getdoc(fn) or ""
-
-
-def summary_line(doc: str) -> str:
-    """The first paragraph of a docstring as one line: a command's whole summary sentence."""
-    first = inspect.cleandoc(doc).split("\n\n", 1)[0]
-    return " ".join(first.split())
+    return command_doc(fn)
 
 
 def _whole_summaries(sub: argparse._SubParsersAction) -> None:
@@ -100,64 +93,6 @@ def cmd_recipes(args, overrides) -> int:
     return 0
 
 
-def cmd_tokenizer_train(args, overrides) -> int:
-    """Train a tokenizer (byte-level BPE or char) on the recipe's data sources."""
-    from lmforge.pretrain import run_dir_of, tokenizer_stage
-
-    cfg = load_config(args.recipe, overrides)
-    run_dir = Path(args.out) if args.out else run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer_stage(cfg, run_dir, force=True)
-    print(
-        f"wrote {run_dir / 'tokenizer.json'} ({tok.kind}, vocabulary {tok.vocab_size}, hash {tok.hash})"
-    )
-    return 0
-
-
-def cmd_tokenize(args, overrides) -> int:
-    """Tokenise the recipe's data sources into train/val token shards."""
-    from lmforge.pretrain import run_dir_of, tokenize_stage, tokenizer_stage
-
-    cfg = load_config(args.recipe, overrides)
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer_stage(cfg, run_dir)
-    out = tokenize_stage(cfg, tok, run_dir, force=True)
-    print(f"token shards in {out}")
-    return 0
-
-
-def cmd_pretrain(args, overrides) -> int:
-    """Pre-train a model (next-token objective) from a recipe; --resume auto continues a run."""
-    from lmforge.pretrain import pretrain
-    from lmforge.train.dist import dist_info
-    from lmforge.train.launch import cpu_process_count, relaunch
-
-    cfg = load_config(args.recipe, overrides)
-    n = cpu_process_count(cfg)
-    if n > 1:
-        argv = ["pretrain", *([args.recipe] if args.recipe else [])]
-        argv += [
-            *(["--resume", args.resume] if args.resume else []),
-            *(f"--{o}" for o in overrides),
-        ]
-        return relaunch(n, argv, cfg)
-    summary = pretrain(cfg, resume=args.resume)
-    if not dist_info().is_main:
-        return 0  # under torchrun, rank 0 reports
-    if "val_bpb" in summary:
-        print(
-            f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
-            f"val {summary['val_bpb']:.3f} bits/byte (unigram baseline {summary['unigram_bpb']:.3f})"
-        )
-    elif "val_pppl" in summary:  # masked LM
-        print(
-            f"done: step {summary['step']}, masked val loss {summary['val_loss']:.4f}, "
-            f"pseudo-perplexity {summary['val_pppl']:.2f} (unigram baseline {summary['unigram_ppl']:.2f})"
-        )
-    return 0
-
-
 def cmd_generate(args, overrides) -> int:
     """Generate text from a checkpoint, streaming it as it comes.
 
@@ -170,7 +105,7 @@ def cmd_generate(args, overrides) -> int:
     from lmforge.finetune.tasks import prompt_ids
     from lmforge.model.generate import complete
     from lmforge.model.sampling import sampling_from_args
-    from lmforge.pretrain import load_model
+    from lmforge.model_source import load_model
 
     params = sampling_from_args(args)
     model, tok, _cfg = load_model(args.checkpoint, device=args.device)
@@ -221,24 +156,6 @@ def cmd_run(args, overrides) -> int:
     return 0
 
 
-def cmd_report(args, overrides) -> int:
-    """(Re)build the report card (report.html, report.md) of a run folder."""
-    from lmforge.report import write_report
-
-    paths = write_report(Path(args.run))
-    print(f"wrote {paths['html']} and {paths['markdown']}")
-    return 0
-
-
-def cmd_compare(args, overrides) -> int:
-    """Put several runs side by side: key metrics, and the config keys that differ."""
-    from lmforge.report import compare_runs
-
-    out = compare_runs(args.runs, args.out)
-    print(f"wrote {out}")
-    return 0
-
-
 # ----------------------------------------------------------------------------- parser
 
 
@@ -258,35 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, fn: Callable, **kw) -> argparse.ArgumentParser:
-        doc = _help(fn)
-        p = sub.add_parser(name, help=summary_line(doc) or None, description=doc, **kw)
-        p.set_defaults(func=fn)
-        return p
-
-    p = add("config", cmd_config)
+    p = add_command(sub, "config", cmd_config)
     p.add_argument("recipe", nargs="?", default="quickstart", help="recipe file or built-in name")
-    add("recipes", cmd_recipes)
+    add_command(sub, "recipes", cmd_recipes)
 
-    tk = sub.add_parser("tokenizer", help="Tokenizer commands: `lmforge tokenizer train`.")
-    tk_sub = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION")
-    doc = _help(cmd_tokenizer_train)
-    p = tk_sub.add_parser("train", help=summary_line(doc), description=doc)
-    p.set_defaults(func=cmd_tokenizer_train)
-    p.add_argument("recipe", nargs="?", default="quickstart")
-    p.add_argument("--out", default="", help="folder for tokenizer.json (default: the run folder)")
-
-    p = add("tokenize", cmd_tokenize)
-    p.add_argument("recipe", nargs="?", default="quickstart")
-
-    p = add("pretrain", cmd_pretrain)
-    p.add_argument("recipe", nargs="?", default="quickstart")
-    p.add_argument(
-        "--resume", default="", help="'auto' (newest valid checkpoint of the run) or a path"
-    )
-
-    p = add("generate", cmd_generate)
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p = add_command(sub, "generate", cmd_generate)
+    add_checkpoint_arg(p)
     p.add_argument("--prompt", default="")
     add_sampling_arguments(p, SamplingParams(max_new_tokens=200, temperature=0.8))
     p.add_argument("--num-samples", type=int, default=1)
@@ -297,26 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat template: auto = when the checkpoint was fine-tuned with one",
     )
     p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
 
-    add("quickstart", cmd_quickstart)
+    add_command(sub, "quickstart", cmd_quickstart)
 
-    p = add("run", cmd_run)
-    p.add_argument("recipe", help="recipe file or built-in name (see `lmforge recipes`)")
+    p = add_command(sub, "run", cmd_run)
+    add_recipe_arg(p, optional=False)
     p.add_argument("--only", default="", metavar="STAGE", help="run just this stage")
     p.add_argument(
         "--from", dest="start_from", default="", metavar="STAGE", help="rerun from this stage on"
     )
 
-    p = add("report", cmd_report)
-    p.add_argument("run", help="run folder")
-
-    p = add("compare", cmd_compare)
-    p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--out", default="compare.html", help="HTML file to write")
-
-    for module in EXTRA_COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+    register_commands(sub)
     _whole_summaries(sub)
     return parser
 

@@ -21,9 +21,16 @@ Anything else is refused with one line that lists what the folder holds.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmforge.config import Config
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
 
 # No torch import here: command-line help text comes from this module.
 FORMS = (
@@ -35,7 +42,7 @@ FORMS = (
 RUN_STAGES_NEWEST_FIRST = ("finetune", "pretrain")
 
 
-CHECKPOINT_HELP = "checkpoint, stage, run or transformers folder"
+from lmforge.cli_args import CHECKPOINT_HELP as CHECKPOINT_HELP  # noqa: E402
 
 
 class ModelPathError(ValueError):
@@ -124,3 +131,41 @@ def resolve_model(path: str | Path, announce: bool = True) -> ResolvedModel:
             f"--checkpoint {path}: no checkpoint verifies ({'; '.join(skipped[:3])})"
         )
     raise ModelPathError(f"--checkpoint {path}: holds {_holds(path)}; expected {FORMS}")
+
+
+# Model folders of other libraries → "module:function" that converts one into
+# (model, tokenizer, config); named here, imported only when such a folder is loaded.
+FOREIGN_LOADERS: dict[str, str] = {"transformers": "lmforge.export.hf:load_hf_model"}
+
+
+def load_model(
+    checkpoint: str | Path, device: str = "cpu"
+) -> tuple[Transformer, Tokenizer, Config]:
+    """A model, its tokenizer and its config from any form `--checkpoint` takes
+    (`lmforge.model_source`: checkpoint, stage, run or transformers folder)."""
+    from lmforge.config import config_from_dict
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import load_tokenizer
+    from lmforge.train.checkpoint import CheckpointError, load_weights, verify_checkpoint
+
+    resolved = resolve_model(checkpoint)
+    if resolved.kind in FOREIGN_LOADERS:
+        module, _, attr = FOREIGN_LOADERS[resolved.kind].partition(":")
+        foreign_model, foreign_tok, foreign_cfg = getattr(importlib.import_module(module), attr)(
+            resolved.path
+        )
+        return foreign_model.to(device).eval(), foreign_tok, foreign_cfg
+    path = resolved.path
+    state = verify_checkpoint(path)
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(
+            f"{path / 'trainer_state.json'}: key config missing (it holds the model's shape)"
+        )
+    cfg = config_from_dict(state["config"], where=f"{path}/trainer_state.json")
+    model = Transformer(cfg.model)
+    load_weights(model, path / "model.safetensors")
+    tok_path = path / "tokenizer.json"
+    if not tok_path.exists():
+        tok_path = path.parent.parent / "tokenizer.json"
+    tok = load_tokenizer(tok_path)
+    return model.to(device).eval(), tok, cfg

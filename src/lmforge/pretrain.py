@@ -16,7 +16,6 @@ Run folder layout::
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import sys
@@ -26,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmforge.config import Config, ModelConfig, config_from_dict
+from lmforge.config import Config, ModelConfig
 from lmforge.data.sources import iter_documents
+from lmforge.fileio import write_json_atomic
 from lmforge.model.arith import count_params, flops_per_token
+from lmforge.model_source import load_model as load_model
 from lmforge.shards import (
     TokenLoader,
     TokenStream,
@@ -219,39 +220,8 @@ def pretrain(cfg: Config, resume: str = "") -> dict[str, Any]:
     summary["params"] = setup.params
     summary["unigram_bpb"] = unigram_bits_per_byte(setup.tokens_dir, setup.vocab_size)
     if trainer.dist.is_main:
-        (trainer.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_json_atomic(trainer.run_dir / "summary.json", summary)
     return summary
-
-
-def load_model(
-    checkpoint: str | Path, device: str = "cpu"
-) -> tuple[Transformer, Tokenizer, Config]:
-    """A model, its tokenizer and its config from any form `--checkpoint` takes
-    (`lmforge.model_source`: checkpoint, stage, run or transformers folder)."""
-    from lmforge.model.transformer import Transformer
-    from lmforge.model_source import resolve_model
-    from lmforge.train.checkpoint import CheckpointError, load_weights, verify_checkpoint
-
-    resolved = resolve_model(checkpoint)
-    if resolved.kind == "transformers":
-        from lmforge.export.hf import load_hf_model
-
-        hf_model, hf_tok, hf_cfg = load_hf_model(resolved.path)
-        return hf_model.to(device).eval(), hf_tok, hf_cfg
-    path = resolved.path
-    state = verify_checkpoint(path)
-    if not isinstance(state.get("config"), dict):
-        raise CheckpointError(
-            f"{path / 'trainer_state.json'}: key config missing (it holds the model's shape)"
-        )
-    cfg = config_from_dict(state["config"], where=f"{path}/trainer_state.json")
-    model = Transformer(cfg.model)
-    load_weights(model, path / "model.safetensors")
-    tok_path = path / "tokenizer.json"
-    if not tok_path.exists():
-        tok_path = path.parent.parent / "tokenizer.json"
-    tok = load_tokenizer(tok_path)
-    return model.to(device).eval(), tok, cfg
 
 
 def bits_per_byte(loss_nats_per_token: float, tokens_per_byte: float) -> float:

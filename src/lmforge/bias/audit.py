@@ -233,7 +233,7 @@ def bias_audit(
     `labels` name the checkpoints in the ``summary`` (default: their paths); `options`
     are the fields of `AuditOptions`.
     """
-    from lmforge.pretrain import load_model
+    from lmforge.model_source import load_model
 
     opts = AuditOptions(**options)
     sets = load_benchmarks(benchmarks or [], limit)

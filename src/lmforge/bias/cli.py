@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.model_source import CHECKPOINT_HELP
+from lmforge.cli_args import add_checkpoint_arg, add_command
 
 
 def cmd_bias(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -84,15 +84,8 @@ def cmd_bias(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def register(subparsers: Any) -> None:
-    doc = cmd_bias.__doc__ or ""
-    p = subparsers.add_parser(
-        "bias",
-        help=doc.splitlines()[0],
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=cmd_bias)
-    p.add_argument("--checkpoint", action="append", help=CHECKPOINT_HELP + "; repeatable")
+    p = add_command(subparsers, "bias", cmd_bias, raw=True)
+    add_checkpoint_arg(p, required=False, repeatable=True)
     p.add_argument(
         "--pairs",
         action="append",

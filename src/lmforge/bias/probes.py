@@ -169,7 +169,7 @@ def _continuation_sentiment(
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """Per group: sentiment of its continuations of the generation prompts (greedy, then
     `samples` − 1 sampled at `temperature`), and the prompts with their continuations."""
-    from lmforge.eval.generation import generate_batch
+    from lmforge.generation import generate_batch
     from lmforge.model.generate import decode_text
 
     prompts, owners = [], []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
-from lmforge.eval.results import CheckpointResults, format_table, write_eval_json
-from lmforge.eval.tasks import TASKS, TaskOptions, check_task, run_task
-from lmforge.model_source import CHECKPOINT_HELP
+from lmforge.cli_args import add_checkpoint_arg, add_command, add_device_arg
+from lmforge.eval.results import format_table, write_eval_json
+from lmforge.eval.tasks import TASKS, TaskOptions
+
+PER_TASK = ("data", "texts")  # TaskOptions fields set per task, not by a flag
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -25,41 +26,26 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
       lmforge eval --checkpoint A --task hellaswag --num-fewshot 5 --limit 500
       lmforge eval --checkpoint A --task lm-eval:my_task --lm-eval-include tasks/
     """
-    from lmforge.pretrain import load_model
+    from lmforge.eval.evaluate import evaluate
 
     if overrides:
         raise ValueError(f"lmforge eval takes no config overrides (got {overrides})")
     data = _data_per_task(args.data or [], args.task)
+    # Every option of the command but --data is the TaskOptions field of the same name.
     opts = TaskOptions(
-        limit=args.limit,
-        stride=args.stride,
-        batch_tokens=args.batch_tokens,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        num_fewshot=args.num_fewshot,
-        lm_eval_include=args.lm_eval_include,
+        **{f.name: getattr(args, f.name) for f in fields(TaskOptions) if f.name not in PER_TASK}
     )
-    for task in args.task:
-        check_task(task)
-    runs = []
-    for ckpt in args.checkpoint:
-        model, tok, _cfg = load_model(ckpt, device=args.device)
-        run = CheckpointResults(str(ckpt))
-        for task in args.task:
-            t0 = time.perf_counter()
-            results = run_task(model, tok, task, replace(opts, data=data.get(task)))
-            for r in results:
-                r.settings["seconds"] = round(time.perf_counter() - t0, 2)
-            run.results += results
-            print(f"{ckpt}: {task} done in {time.perf_counter() - t0:.1f}s", flush=True)
-        runs.append(run)
+    runs = evaluate(
+        {str(ckpt): ckpt for ckpt in args.checkpoint},
+        args.task,
+        lambda task: replace(opts, data=data.get(task)),
+        device=args.device,
+        timings=True,
+    )
     settings = {
         "tasks": args.task,
         "data": data,
-        **{k: v for k, v in vars(opts).items() if k != "data"},
+        **{k: v for k, v in vars(opts).items() if k not in PER_TASK},
     }
     out = Path(args.out) if args.out else Path(args.checkpoint[0]) / "eval.json"
     write_eval_json(out, runs, settings)
@@ -89,17 +75,8 @@ def _data_per_task(specs: list[str], tasks: list[str]) -> dict[str, list[str]]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    doc = cmd_eval.__doc__ or ""
-    p = subparsers.add_parser(
-        "eval",
-        help=doc.splitlines()[0],
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=cmd_eval)
-    p.add_argument(
-        "--checkpoint", action="append", required=True, help=CHECKPOINT_HELP + "; repeatable"
-    )
+    p = add_command(subparsers, "eval", cmd_eval, raw=True)
+    add_checkpoint_arg(p, repeatable=True)
     p.add_argument(
         "--task",
         action="append",
@@ -133,5 +110,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
     p.add_argument("--out", default="", help="eval.json path (default: in the first checkpoint)")

@@ -24,7 +24,6 @@ reading and for an arena study.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.eval.intrinsic import IntrinsicResult, context_length_of
-from lmforge.eval.results import Result
+from lmforge.eval.intrinsic import IntrinsicResult
+from lmforge.eval.results import Result, mean_and_stderr
+from lmforge.generation import context_length_of
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -89,17 +89,6 @@ def repetition_rate(text: str, n: int = 4) -> float | None:
     if not grams:
         return None
     return (len(grams) - len(set(grams))) / len(grams)
-
-
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 def diversity(samples: Sequence[str], settings: dict[str, Any]) -> list[Result]:
@@ -185,7 +174,7 @@ def sample_continuations(
     model: nn.Module, tok: Tokenizer, items: Sequence[CreativeItem], opts: TaskOptions
 ) -> list[str]:
     """One continuation per prompt, stopped at '<|end|>' or end-of-text."""
-    from lmforge.eval.generation import generate_batch
+    from lmforge.generation import generate_batch
     from lmforge.tokenizer import END
 
     new = generate_batch(

@@ -1,4 +1,4 @@
-"""Generation metrics (BLEU, chrF, ROUGE) and batched generation with the KV cache.
+"""Generation metrics (BLEU, chrF, ROUGE) and the generation tasks that use them.
 
 The metrics are computed by the reference libraries themselves, never
 re-implemented: sacrebleu for BLEU (Papineni et al. 2002) and chrF (Popović
@@ -8,18 +8,15 @@ re-implementation of Lin 2004) for ROUGE-1/2/L/Lsum with the Porter stemmer.
 
 ROUGE-Lsum treats newlines as sentence boundaries. rouge-score can split
 sentences itself only with NLTK's punkt data (`split_summaries=True`), which is
-not available offline, so `split_sentences` below puts one sentence per line
-before scoring; texts that already have newlines keep them.
+not available offline, so `split_sentences` (`lmforge.generation`) puts one
+sentence per line before scoring; texts that already have newlines keep them.
 
-Generation batches prompts of equal token length through the core `generate`
-(which takes a (B, T) tensor), so no padding and no attention mask are needed and
-results equal generating each prompt alone.
+Hypotheses come from `lmforge.generation.generate_batch` (batched, KV cache),
+which fine-tuning shares.
 """
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.eval.intrinsic import context_length_of
-from lmforge.model.generate import decode_text, generate
+from lmforge.generation import context_length_of as context_length_of
+from lmforge.generation import generate_batch as generate_batch
+from lmforge.generation import split_sentences as split_sentences
+from lmforge.model.generate import decode_text
 from lmforge.tokenizer import Tokenizer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -114,16 +113,6 @@ def chrf(hypotheses, references, n_bootstrap: int = 1000, **options: Any) -> Met
     return sacrebleu_score("chrf", hypotheses, references, n_bootstrap, **options)
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
-
-
-def split_sentences(text: str) -> str:
-    """One sentence per line (for ROUGE-Lsum): break after . ! ? followed by a capital or digit."""
-    return "\n".join(
-        s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()
-    )
-
-
 def rouge_scores(
     hypotheses: Sequence[str],
     references: Sequence[Sequence[str]] | Sequence[str],
@@ -177,63 +166,6 @@ def bootstrap_ci(
     alpha = (1 - level) / 2
     lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
     return float(lo), float(hi)
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-def generate_batch(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = 0,
-    stop_ids: Sequence[int] = (),
-    batch_size: int = 32,
-) -> list[list[int]]:
-    """New token ids for each prompt (stop token and what follows removed).
-
-    Prompts are grouped by token length and each group runs as (B, T) batches
-    through `generate` with the KV cache; a prompt longer than the context keeps
-    its last `context_length - max_new_tokens` tokens so the cache always fits.
-    Greedy when `temperature` is 0; sampled otherwise, prompt i from seed + i, so a
-    prompt's text does not depend on how the prompts were batched.
-    """
-    ctx = context_length_of(model)
-    if max_new_tokens >= ctx:
-        raise ValueError(f"max_new_tokens = {max_new_tokens} must be below the context ({ctx})")
-    keep = ctx - max_new_tokens
-    trimmed = [list(p)[-keep:] for p in prompts]
-    if any(not p for p in trimmed):
-        raise ValueError("every prompt needs at least one token")
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(trimmed):
-        by_len[len(p)].append(i)
-    out: list[list[int]] = [[] for _ in prompts]
-    stops = set(stop_ids)
-    for length in sorted(by_len, reverse=True):
-        rows = by_len[length]
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            x = torch.tensor([trimmed[i] for i in chunk])
-            y = generate(
-                model,  # type: ignore[arg-type]
-                x,
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                row_seeds=None if seed is None else [seed + i for i in chunk],
-                stop_ids=list(stop_ids),
-            )
-            for r, i in enumerate(chunk):
-                new = y[r, length:].tolist()
-                cut = next((j for j, t in enumerate(new) if t in stops), len(new))
-                out[i] = new[:cut]
-    return out
 
 
 @dataclass

@@ -27,11 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.generation import context_length_of as context_length_of
 from lmforge.tokenizer import Tokenizer
 
 
@@ -141,16 +143,6 @@ def _windows(
         for begin, end, first in plan_windows(len(seq), context_length, stride):
             # Causal positions predicting targets first..end-1 are first-1..end-2 in the window.
             yield Window(i, seq[begin:end], first - begin - 1)
-
-
-def context_length_of(model: nn.Module, context_length: int | None = None) -> int:
-    """`context_length` if given, else the model's `cfg.context_length`."""
-    if context_length:
-        return context_length
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not getattr(cfg, "context_length", 0):
-        raise ValueError("pass context_length: the model has no cfg.context_length")
-    return int(cfg.context_length)
 
 
 def _batches(windows: list[Window], max_tokens: int) -> Iterator[list[Window]]:
@@ -268,8 +260,28 @@ def read_texts(specs: list[str], limit: int = 0, max_bytes: int = 0) -> list[str
     """Texts of the documents of data sources (files, folders, globs, JSONL with `text`)."""
     from lmforge.data.sources import iter_documents
 
+    return _collect_texts(iter_documents(specs), specs, limit, max_bytes)
+
+
+def held_out_texts(
+    specs: list[str], split: str, val_fraction: float, limit: int = 0, max_bytes: int = 2_000_000
+) -> list[str]:
+    """The validation documents of data sources, split as `lmforge tokenize` splits them
+    (`lmforge.shards`: whole documents by id, or the tail of each document)."""
+    from lmforge.data.sources import iter_documents
+    from lmforge.shards import _split_tails, is_validation
+
+    docs = iter_documents(specs)
+    if split == "tail":
+        held = (d for d in _split_tails(docs, val_fraction) if d.meta["split"] == "val")
+    else:
+        held = (d for d in docs if is_validation(d.id, val_fraction))
+    return _collect_texts(held, specs, limit, max_bytes)
+
+
+def _collect_texts(docs: Iterable[Any], specs: list[str], limit: int, max_bytes: int) -> list[str]:
     texts, seen = [], 0
-    for doc in iter_documents(specs):
+    for doc in docs:
         if not doc.text:
             continue
         texts.append(doc.text)

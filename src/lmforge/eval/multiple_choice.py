@@ -31,19 +31,20 @@ The generic task format is JSONL, one item a line:
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.sources import open_text
-from lmforge.eval.intrinsic import context_length_of
+from lmforge.eval.results import mean_and_stderr
+from lmforge.fileio import iter_json_lines, write_text_atomic
+from lmforge.generation import context_length_of
 from lmforge.model.transformer import KVCache
 from lmforge.tokenizer import Tokenizer
 
@@ -99,12 +100,7 @@ class MCResult:
 
 def mean_stderr(values: list[int] | list[float]) -> float:
     """Standard error of a mean: sample standard deviation (n - 1) / sqrt(n)."""
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mu = sum(values) / n
-    var = sum((v - mu) ** 2 for v in values) / (n - 1)
-    return math.sqrt(var / n)
+    return mean_and_stderr(values)[1]
 
 
 # ----------------------------------------------------------------------------- data
@@ -130,20 +126,16 @@ def load_hellaswag(path: str | Path, limit: int = 0) -> list[MCItem]:
     if path.is_dir():
         path = path / "hellaswag_val.jsonl.gz"
     items = []
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ctx = hellaswag_preprocess(f"{rec['activity_label']}: {rec['ctx']}")
-                choices = [hellaswag_preprocess(e) for e in rec["endings"]]
-                label = int(rec["label"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a HellaSwag record ({exc!r})") from None
-            items.append(MCItem(ctx, choices, label, str(rec.get("row", lineno - 1))))
-            if limit and len(items) >= limit:
-                break
+    for lineno, rec in iter_json_lines(path):
+        try:
+            ctx = hellaswag_preprocess(f"{rec['activity_label']}: {rec['ctx']}")
+            choices = [hellaswag_preprocess(e) for e in rec["endings"]]
+            label = int(rec["label"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}:{lineno}: not a HellaSwag record ({exc!r})") from None
+        items.append(MCItem(ctx, choices, label, str(rec.get("row", lineno - 1))))
+        if limit and len(items) >= limit:
+            break
     return items
 
 
@@ -151,48 +143,44 @@ def load_mc_jsonl(path: str | Path, limit: int = 0) -> list[MCItem]:
     """Items of the generic format; a bad line raises naming the file, line and field."""
     path = Path(path)
     items = []
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: malformed JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected an object with context, choices, label")
-            if not isinstance(rec.get("context"), str):
-                raise ValueError(f"{where}: field 'context' must be a string")
-            choices = rec.get("choices")
-            if (
-                not isinstance(choices, list)
-                or len(choices) < 2
-                or not all(isinstance(c, str) for c in choices)
-            ):
-                raise ValueError(f"{where}: field 'choices' must be a list of ≥ 2 strings")
-            label = rec.get("label")
-            if isinstance(label, bool) or not isinstance(label, int):
-                raise ValueError(f"{where}: field 'label' must be an integer")
-            if not 0 <= label < len(choices):
-                raise ValueError(
-                    f"{where}: field 'label' = {label} is not in 0..{len(choices) - 1}"
-                )
-            items.append(MCItem(rec["context"], choices, label, str(rec.get("id", lineno))))
-            if limit and len(items) >= limit:
-                break
+    for lineno, rec in iter_json_lines(path):
+        items.append(_mc_item(rec, f"{path}:{lineno}", str(lineno)))
+        if limit and len(items) >= limit:
+            break
     if not items:
         raise ValueError(f"{path}: no items")
     return items
 
 
+def _mc_item(rec: Any, where: str, default_id: str) -> MCItem:
+    """One `{context, choices, label[, id]}` record, checked field by field."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected an object with context, choices, label")
+    if not isinstance(rec.get("context"), str):
+        raise ValueError(f"{where}: field 'context' must be a string")
+    choices = rec.get("choices")
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) for c in choices)
+    ):
+        raise ValueError(f"{where}: field 'choices' must be a list of ≥ 2 strings")
+    label = rec.get("label")
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise ValueError(f"{where}: field 'label' must be an integer")
+    if not 0 <= label < len(choices):
+        raise ValueError(f"{where}: field 'label' = {label} is not in 0..{len(choices) - 1}")
+    return MCItem(rec["context"], choices, label, str(rec.get("id", default_id)))
+
+
 def write_mc_jsonl(items: Iterable[MCItem], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for it in items:
-            rec = {"id": it.id, "context": it.context, "choices": it.choices, "label": it.label}
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    recs = [
+        {"id": it.id, "context": it.context, "choices": it.choices, "label": it.label}
+        for it in items
+    ]
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return path
 
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lmforge.fileio import write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -91,9 +92,7 @@ def write_eval_json(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_outputs(outputs_path(path), runs)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(to_json(runs, settings), indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json_atomic(path, to_json(runs, settings))
     return path
 
 
@@ -112,11 +111,21 @@ def _write_outputs(path: Path, runs: list[CheckpointResults]) -> None:
             r.settings["outputs"] = path.name
             head = {"checkpoint": run.checkpoint, "task": r.task, "data": r.settings.get("data")}
             lines += [json.dumps({**head, **rec}, ensure_ascii=False) for rec in r.outputs]
-    if not lines:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    if lines:
+        write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def mean_and_stderr(values: list[int] | list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation, n - 1, over
+    sqrt(n)); NaN where undefined (no values; one value for the error)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
 
 
 def read_eval_json(path: str | Path) -> list[CheckpointResults]:

@@ -11,13 +11,23 @@
 
 Generation tasks prompt in the chat format of the fine-tuning task of the same
 name (`lmforge.finetune.tasks`).
+
+Every task is an `EvalTask` in the `TASKS` registry; `lmforge eval`, the eval
+stage of `lmforge run` and the in-loop hook (`make_eval_hook`) all reach it by
+name through `lmforge.eval.evaluate`. A new task is one file,
+``lmforge/eval/task_NAME.py``, that ends with ``register_task(EvalTask(...))``:
+it is found and imported with this module (keep torch imports inside its
+functions, so `lmforge --help` stays light).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmforge.eval.results import Result
@@ -27,9 +37,37 @@ from lmforge.tokenizer import Tokenizer
 if TYPE_CHECKING:  # torch is imported by the tasks that run, not by `lmforge --help`
     from torch import nn
 
-TASKS = ("ppl", "hellaswag", "mc", "translation", "summarization", "creative")
+    from lmforge.config import Config
+
 # Any task of lm-evaluation-harness, run through `lmforge.eval.lm_eval_bridge`.
 LM_EVAL_PREFIX = "lm-eval:"
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One named evaluation task: how it scores a model, and how a recipe feeds it.
+
+    `run(model, tok, opts)` returns `Result`s (`opts.data` is already resolved:
+    the user's sources, else `default_data` under the shared data folder).
+    `recipe_options(cfg, run_dir, opts)`, if given, adapts the options inside
+    `lmforge run` (e.g. ppl scores the run's held-out documents).
+    """
+
+    name: str
+    run: Callable[[nn.Module, Tokenizer, TaskOptions], list[Result]]
+    default_data: tuple[str, ...] = ()  # paths under $LMFORGE_SHARED_DATA
+    needs_data: bool = True  # False: the task finds its own data when none is given
+    recipe_options: Callable[[Config, Path, TaskOptions], TaskOptions] | None = None
+
+
+# Every task `lmforge eval`, `lmforge run` and the in-loop hook know, by name.
+TASKS: dict[str, EvalTask] = {}
+
+
+def register_task(task: EvalTask) -> EvalTask:
+    """Add (or replace) a task of the registry; returns it."""
+    TASKS[task.name] = task
+    return task
 
 
 def check_task(name: str) -> None:
@@ -64,48 +102,40 @@ class TaskOptions:
     seed: int = 0
     num_fewshot: int = 0  # solved examples before each item (multiple choice, generation)
     lm_eval_include: str = ""  # a folder of lm-eval task YAML for lm-eval:NAME tasks
+    texts: list[str] | None = None  # ppl: these texts instead of reading `data`
 
 
 def default_data(task: str) -> list[str]:
-    root = shared_data()
-    defaults = {
-        "hellaswag": [str(root / "hellaswag" / "hellaswag_val.jsonl.gz")],
-        "translation": [str(root / "multi30k" / "val")],
-        "summarization": [str(root / "scitldr" / "dev.jsonl")],
-    }
-    if task not in defaults:
+    defaults = TASKS[task].default_data if task in TASKS else ()
+    if not defaults:
         raise ValueError(f"task {task!r} needs --data (no default data set)")
-    return defaults[task]
+    root = shared_data()
+    return [str(root / rel) for rel in defaults]
 
 
 def run_task(model: nn.Module, tok: Tokenizer, task: str, opts: TaskOptions) -> list[Result]:
-    """Evaluate `model` on one named task (see the module table)."""
+    """Evaluate `model` on one named task of the registry (or lm-eval:NAME)."""
     check_task(task)
     if task.startswith(LM_EVAL_PREFIX):
         return _lm_eval(model, tok, task[len(LM_EVAL_PREFIX) :], opts)
-    if task == "creative":
-        from lmforge.eval.creative import run_creative
-
-        return run_creative(model, tok, opts.data, opts)
-    data = opts.data or default_data(task)
-    if task == "ppl":
-        return _ppl(model, tok, data, opts)
-    if task in ("hellaswag", "mc"):
-        return _multiple_choice(model, tok, task, data, opts)
-    return _generation(model, tok, task, data, opts)
+    spec = TASKS[task]
+    if spec.needs_data and not opts.data and opts.texts is None:
+        opts = replace(opts, data=default_data(task))
+    return spec.run(model, tok, opts)
 
 
-def _ppl(model: nn.Module, tok: Tokenizer, data: list[str], opts: TaskOptions) -> list[Result]:
+def _ppl(model: nn.Module, tok: Tokenizer, opts: TaskOptions) -> list[Result]:
     from lmforge.eval.intrinsic import evaluate_texts, read_texts
 
-    texts = read_texts(data, limit=opts.limit)
+    data = opts.data or []
+    texts = opts.texts if opts.texts is not None else read_texts(data, limit=opts.limit)
     try:
         res = evaluate_texts(
             model, tok, texts, stride=opts.stride or None, max_batch_tokens=opts.batch_tokens
         )
     except ValueError as exc:  # e.g. a character the char tokenizer has never seen
         raise ValueError(f"ppl on {', '.join(data)}: {exc}") from None
-    from lmforge.eval.intrinsic import context_length_of
+    from lmforge.generation import context_length_of
 
     ctx = context_length_of(model)
     masked = getattr(model.cfg, "objective", "causal") == "masked"  # type: ignore[union-attr]
@@ -139,7 +169,7 @@ def _ppl(model: nn.Module, tok: Tokenizer, data: list[str], opts: TaskOptions) -
 
 
 def _multiple_choice(
-    model: nn.Module, tok: Tokenizer, task: str, data: list[str], opts: TaskOptions
+    model: nn.Module, tok: Tokenizer, task: str, opts: TaskOptions
 ) -> list[Result]:
     from lmforge.eval.multiple_choice import (
         METRIC_NAMES,
@@ -149,6 +179,7 @@ def _multiple_choice(
         score_items,
     )
 
+    data = opts.data or []
     load = load_hellaswag if task == "hellaswag" else load_mc_jsonl
     items = [it for spec in data for it in load(spec, limit=opts.limit)]
     if opts.limit:
@@ -225,13 +256,11 @@ def _lm_eval(model: nn.Module, tok: Tokenizer, name: str, opts: TaskOptions) -> 
     return results
 
 
-def _generation(
-    model: nn.Module, tok: Tokenizer, task: str, data: list[str], opts: TaskOptions
-) -> list[Result]:
+def _generation(model: nn.Module, tok: Tokenizer, task: str, opts: TaskOptions) -> list[Result]:
     from lmforge.eval.generation import evaluate_generation, finetune_task, output_records
 
     out = []
-    for spec in data:
+    for spec in opts.data or []:
         gen_task = finetune_task(
             tok, task, spec, limit=opts.limit, num_fewshot=opts.num_fewshot, seed=opts.seed
         )
@@ -273,12 +302,74 @@ def make_eval_hook(
     opts = TaskOptions(**options)
 
     def hook(model: nn.Module, step: int) -> dict[str, float]:
+        from lmforge.eval.evaluate import evaluate_model
+
         if every > 1 and step % every:
             return {}
-        out: dict[str, float] = {}
-        for name in names:
-            for r in run_task(model, tok, name, opts):
-                out[f"{name}/{r.metric}"] = r.value
-        return out
+        return {f"{r.task}/{r.metric}": r.value for r in evaluate_model(model, tok, names, opts)}
 
     return hook
+
+
+# ----------------------------------------------------------------------------- built-in tasks
+
+
+RECIPE_PPL_BATCH_TOKENS = 8192
+
+
+def _ppl_in_recipe(cfg: Config, run_dir: Path, opts: TaskOptions) -> TaskOptions:
+    """Inside `lmforge run`, ppl scores the held-out documents of the run's corpus."""
+    from lmforge.eval.intrinsic import held_out_texts
+
+    texts = held_out_texts(cfg.data.sources, cfg.data.split, cfg.data.val_fraction, opts.limit)
+    # Scored in batches of `evaluate_texts`' default size, as the run's eval always has,
+    # so figures of runs before and after stay comparable to the last bit.
+    return replace(opts, texts=texts, batch_tokens=RECIPE_PPL_BATCH_TOKENS)
+
+
+def _creative(model: nn.Module, tok: Tokenizer, opts: TaskOptions) -> list[Result]:
+    from lmforge.eval.creative import run_creative
+
+    return run_creative(model, tok, opts.data, opts)
+
+
+def _creative_in_recipe(cfg: Config, run_dir: Path, opts: TaskOptions) -> TaskOptions:
+    from lmforge.eval.creative import run_options
+
+    return run_options(cfg, run_dir)
+
+
+def _task_fn(fn: Callable[..., list[Result]], name: str) -> Callable[..., list[Result]]:
+    return lambda model, tok, opts: fn(model, tok, name, opts)
+
+
+for _task in (
+    EvalTask("ppl", _ppl, recipe_options=_ppl_in_recipe),
+    EvalTask(
+        "hellaswag",
+        _task_fn(_multiple_choice, "hellaswag"),
+        default_data=("hellaswag/hellaswag_val.jsonl.gz",),
+    ),
+    EvalTask("mc", _task_fn(_multiple_choice, "mc")),
+    EvalTask("translation", _task_fn(_generation, "translation"), default_data=("multi30k/val",)),
+    EvalTask(
+        "summarization",
+        _task_fn(_generation, "summarization"),
+        default_data=("scitldr/dev.jsonl",),
+    ),
+    EvalTask("creative", _creative, needs_data=False, recipe_options=_creative_in_recipe),
+):
+    register_task(_task)
+
+
+def _discover_task_modules() -> None:
+    """Import every `lmforge/eval/task_*.py`: each registers its task (one file per task).
+    Such a module imports torch only inside its functions, so `--help` stays light."""
+    import lmforge.eval
+
+    for info in pkgutil.iter_modules(lmforge.eval.__path__):
+        if info.name.startswith("task_"):
+            importlib.import_module(f"lmforge.eval.{info.name}")
+
+
+_discover_task_modules()

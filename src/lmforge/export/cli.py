@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 from pathlib import Path
 
-from lmforge.model_source import CHECKPOINT_HELP
+from lmforge.cli_args import add_checkpoint_arg, add_command
 
 
 def export_checkpoint(
@@ -24,8 +23,7 @@ def export_checkpoint(
     """
     from lmforge.export.hf import ExportError, hf_architecture
     from lmforge.export.model_card import model_card
-    from lmforge.model_source import resolve_model
-    from lmforge.pretrain import load_model
+    from lmforge.model_source import load_model, resolve_model
 
     path = resolve_model(checkpoint).path
     model, tok, cfg = load_model(path)
@@ -67,10 +65,8 @@ def cmd_import(args, overrides) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    doc = inspect.getdoc(cmd_export) or ""
-    p = subparsers.add_parser("export", help=doc.splitlines()[0], description=doc)
-    p.set_defaults(func=cmd_export)
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p = add_command(subparsers, "export", cmd_export)
+    add_checkpoint_arg(p)
     p.add_argument("--format", choices=["hf", "gguf"], default="hf")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
@@ -83,9 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--price-per-hour", type=float, default=0.0, help="US$ per training hour, for the card"
     )
 
-    doc = inspect.getdoc(cmd_import) or ""
-    p = subparsers.add_parser("import", help=doc.splitlines()[0], description=doc)
-    p.set_defaults(func=cmd_import)
+    p = add_command(subparsers, "import", cmd_import)
     p.add_argument(
         "path", help="transformers model folder (config.json, safetensors, tokenizer.json)"
     )

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 
+from lmforge.cli_args import add_checkpoint_arg, add_command, add_device_arg, add_recipe_arg
 from lmforge.model.sampling import CHAT_DEFAULTS, add_sampling_arguments
-from lmforge.model_source import CHECKPOINT_HELP
 
 
 def cmd_finetune(args, overrides) -> int:
@@ -53,7 +52,7 @@ def cmd_chat(args, overrides) -> int:
     """
     from lmforge.finetune.chat import chat_loop
     from lmforge.model.sampling import sampling_from_args
-    from lmforge.pretrain import load_model
+    from lmforge.model_source import load_model
 
     params = sampling_from_args(args)
     # A run folder resolves to its fine-tuned stage (lmforge.model_source).
@@ -63,16 +62,9 @@ def cmd_chat(args, overrides) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    doc = inspect.getdoc(cmd_finetune) or ""
-    p = sub.add_parser(
-        "finetune",
-        help=doc.splitlines()[0],
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=cmd_finetune)
-    p.add_argument("recipe", nargs="?", default=None, help="recipe file or built-in name")
-    p.add_argument("--checkpoint", default="", help=CHECKPOINT_HELP + " to start from")
+    p = add_command(sub, "finetune", cmd_finetune, raw=True)
+    add_recipe_arg(p, default=None)
+    add_checkpoint_arg(p, required=False, what="to start from")
     p.add_argument(
         "--task",
         default="",
@@ -93,10 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="", help="run folder (default: output.dir)")
     p.add_argument("--resume", default="", help="'auto' or a checkpoint path")
 
-    doc = inspect.getdoc(cmd_chat) or ""
-    p = sub.add_parser("chat", help=doc.splitlines()[0], description=doc)
-    p.set_defaults(func=cmd_chat)
-    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p = add_command(sub, "chat", cmd_chat)
+    add_checkpoint_arg(p)
     p.add_argument("--system", default="", help="system prompt")
     add_sampling_arguments(p, CHAT_DEFAULTS)
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)

@@ -62,7 +62,7 @@ def pieces(text: str, style: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[
     between the pieces of one paragraph. A single sentence or line longer than
     `max_chars` is a piece of its own (never cut inside).
     """
-    from lmforge.eval.generation import split_sentences
+    from lmforge.generation import split_sentences
 
     inner = "\n" if style == "scene" else " "
     for para in text.split("\n\n"):

@@ -102,7 +102,7 @@ def load_start(
         model, tok, hf_cfg = load_hf_model(init)
         return model, tok, replace(cfg, model=model.cfg, tokenizer=hf_cfg.tokenizer)
     if init:
-        from lmforge.pretrain import load_model
+        from lmforge.model_source import load_model
 
         model, tok, base_cfg = load_model(init)
         return model, tok, replace(cfg, model=model.cfg, tokenizer=base_cfg.tokenizer)
@@ -191,11 +191,11 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers (up to '<|end|>') to each example's prompt.
 
-    Uses `lmforge.eval.generation.generate_batch`: prompts of equal length run as
+    Uses `lmforge.generation.generate_batch`: prompts of equal length run as
     one batch with the KV cache, no padding, so each answer is what a lone greedy
     decode gives.
     """
-    from lmforge.eval.generation import generate_batch
+    from lmforge.generation import generate_batch
     from lmforge.model.generate import decode_text
 
     model = unwrap(model)

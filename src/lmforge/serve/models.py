@@ -78,7 +78,7 @@ class ModelPool:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        from lmforge.pretrain import load_model
+        from lmforge.model_source import load_model
 
         model, tok, _cfg = load_model(path, device=self.device)
         with self._cache_lock:

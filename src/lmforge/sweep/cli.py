@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lmforge.cli_args import add_command, add_recipe_arg
 from lmforge.config import ConfigError
 
 
@@ -86,14 +87,7 @@ def cmd_sweep(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def register(subparsers: Any) -> None:
-    doc = cmd_sweep.__doc__ or ""
-    p = subparsers.add_parser(
-        "sweep",
-        help=doc.splitlines()[0],
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(func=cmd_sweep)
-    p.add_argument("recipe", help="recipe file or built-in name")
+    p = add_command(subparsers, "sweep", cmd_sweep, raw=True)
+    add_recipe_arg(p, optional=False)
     p.add_argument("--space", required=True, help="search space YAML (params, objective, budget)")
     p.add_argument("--out", default="", help="sweep folder (default runs/sweep-RECIPE)")

@@ -8,12 +8,11 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from lmforge.config import dump_yaml
-from lmforge.fileio import write_json_atomic
+from lmforge.fileio import write_json_atomic, write_text_atomic
 from lmforge.report import _grid, _html_to_markdown, _plot, _read_jsonl
 from lmforge.sweep.space import SweepSpec
 from lmforge.sweep.trial import trial_config
@@ -104,9 +103,7 @@ def write_best_recipe(
         f"# values: {best['params']}\n"
         f"# Reproduce: lmforge run {path}\n"
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(head + dump_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, head + dump_yaml(cfg))
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import Config, ConfigError, config_from_dict, load_config, to_dict
+from lmforge.fileio import write_json_atomic
 from lmforge.sweep.cache import executed_stages, link_finished_stages
 from lmforge.sweep.space import SweepSpec
 
@@ -169,7 +170,7 @@ def run_trial(
 
     cfg = trial_config(recipe, overrides, params, trial_dir)
     link_finished_stages(trial_dir.parent, trial_dir, cfg)
-    (trial_dir / "params.json").write_text(json.dumps(params, indent=1))
+    write_json_atomic(trial_dir / "params.json", params)
     sign = 1.0 if spec.direction == "minimize" else -1.0
     write_trial_note(trial_dir)  # after params.json, which the note quotes
     with listening(trial_dir, cfg, report, sign) as state:
