@@ -105,19 +105,19 @@ def test_an_unregistered_task_is_refused_by_name(checkpoint, capsys):
 def test_a_task_file_in_the_eval_package_registers_itself(tmp_path, monkeypatch):
     """What CONTRIBUTING describes: `lmforge/eval/task_NAME.py` is found and registered."""
     import lmforge.eval
-    from lmforge.eval import tasks
+    from lmforge.eval import registry, tasks
 
     (tmp_path / "task_echo_len.py").write_text(
         "from lmforge.eval.results import Result\n"
-        "from lmforge.eval.tasks import EvalTask, register_task\n\n\n"
+        "from lmforge.eval.registry import EvalTask, register_task\n\n\n"
         "def run(model, tok, opts):\n"
         "    return [Result('echo_len', 'n', float(len(opts.data)), 1)]\n\n\n"
         "register_task(EvalTask('echo_len', run))\n"
     )
     monkeypatch.setattr(lmforge.eval, "__path__", [*lmforge.eval.__path__, str(tmp_path)])
-    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))
+    monkeypatch.setattr(registry, "TASKS", dict(registry.TASKS))
     tasks._discover_task_modules()
-    assert "echo_len" in tasks.TASKS
-    (result,) = tasks.run_task(None, None, "echo_len", TaskOptions(data=["a", "b"]))
+    assert "echo_len" in registry.TASKS
+    (result,) = registry.run_task(None, None, "echo_len", TaskOptions(data=["a", "b"]))
     assert result.value == 2.0
     sys.modules.pop("lmforge.eval.task_echo_len")

@@ -40,7 +40,7 @@ from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from lmforge.config import Config
-    from lmforge.eval.tasks import TaskOptions
+    from lmforge.eval.registry import TaskOptions
 
 TASK = "creative"
 
@@ -237,7 +237,7 @@ def run_creative(
 
 def run_options(cfg: Config, run_dir: Path) -> TaskOptions:
     """`lmforge run`'s options: the test split the fine-tuning used, eval.* sampling settings."""
-    from lmforge.eval.tasks import TaskOptions
+    from lmforge.eval.registry import TaskOptions
     from lmforge.finetune.finetune import resolve_spec
 
     built = run_dir / "finetune" / "task_data" / "test.jsonl"

@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmforge.eval.registry import TaskOptions, check_task, run_task
 from lmforge.eval.results import CheckpointResults, Result
-from lmforge.eval.tasks import TaskOptions, check_task, run_task
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

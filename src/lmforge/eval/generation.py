@@ -199,7 +199,7 @@ def finetune_task(
     With `num_fewshot` k, k other records of the set (`eval.tasks.fewshot_indices`)
     come first as solved exchanges: earlier turns of the same conversation.
     """
-    from lmforge.eval.tasks import fewshot_indices
+    from lmforge.eval.registry import fewshot_indices
     from lmforge.finetune.tasks import get_task, prompt_ids, read_records
 
     task = get_task(task_name)

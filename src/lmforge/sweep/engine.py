@@ -20,23 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.config import ConfigError
-from lmforge.sweep.space import Param, SweepSpec
+from lmforge.sweep.space import Param, SweepSpec, distribution  # noqa: F401
 from lmforge.sweep.trial import SweepInterrupted, TrialPruned, run_trial
 from lmforge.train.dist import print0
 
 STUDY_NAME = "lmforge-sweep"
-
-
-def distribution(param: Param) -> Any:
-    import optuna.distributions as d
-
-    if param.type == "categorical":
-        return d.CategoricalDistribution(param.choices)
-    if param.type == "int":
-        return d.IntDistribution(
-            int(param.low), int(param.high), log=param.log, step=int(param.step or 1)
-        )
-    return d.FloatDistribution(param.low, param.high, log=param.log, step=param.step)
 
 
 def _constraints(trial: Any) -> list[float]:

@@ -14,7 +14,7 @@ from typing import Any
 from lmforge.config import dump_yaml
 from lmforge.fileio import write_json_atomic, write_text_atomic
 from lmforge.report import _grid, _html_to_markdown, _plot, _read_jsonl
-from lmforge.sweep.space import SweepSpec
+from lmforge.sweep.space import SweepSpec, distribution
 from lmforge.sweep.trial import trial_config
 
 
@@ -69,8 +69,6 @@ def validation_curve(trial_dir: str | Path, pretrain_steps: int) -> list[tuple[i
 def importances(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, float]:
     """Optuna's default evaluator (PED-ANOVA) over the finished trials; {} if too few."""
     import optuna
-
-    from lmforge.sweep.engine import distribution
 
     done = [r for r in rows if r["state"] == "COMPLETE" and set(r["params"]) == set(spec.params)]
     if len(done) < 3:
@@ -325,19 +323,3 @@ def sweep_view(folder: Path) -> dict[str, Any] | None:
             if (folder / "report" / f"{name}.png").is_file()
         ],
     }
-
-
-def trial_note(run_dir: Path) -> str:
-    """For the report card of a sweep's trial: which sweep, which values ("" otherwise)."""
-    from lmforge.report import _read_json
-
-    params = _read_json(run_dir / "params.json")
-    sweep_dir = run_dir.parent.parent
-    if run_dir.parent.name != "trials" or not (sweep_dir / "study.db").exists():
-        return ""
-    values = ", ".join(f"{k} = {v}" for k, v in (params or {}).items())
-    return (
-        f"<p>Trial {html.escape(run_dir.name)} of the sweep in "
-        f"<code>{html.escape(str(sweep_dir))}</code> ({html.escape(values)}); "
-        'its report: <a href="../../report.html">report.html</a>.</p>'
-    )

@@ -236,3 +236,15 @@ def _check(spec: SweepSpec, where: str) -> None:
         raise ConfigError(f"{where}: budget.wall_time_s must not be negative (0 = no limit)")
     if spec.sampler == "grid":
         spec.grid()  # every key must have discrete values
+
+
+def distribution(param: Param) -> Any:
+    import optuna.distributions as d
+
+    if param.type == "categorical":
+        return d.CategoricalDistribution(param.choices)
+    if param.type == "int":
+        return d.IntDistribution(
+            int(param.low), int(param.high), log=param.log, step=int(param.step or 1)
+        )
+    return d.FloatDistribution(param.low, param.high, log=param.log, step=param.step)

@@ -8,6 +8,7 @@ True the loop checkpoints and stops, and the trial ends as `TrialPruned`.
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -152,7 +153,6 @@ def write_trial_note(trial_dir: Path) -> None:
     """Leave the note that the trial's report card puts at the top of its headline."""
     from lmforge.fileio import write_text_atomic
     from lmforge.report import HEADLINE_NOTE
-    from lmforge.sweep.report import trial_note
 
     write_text_atomic(trial_dir / HEADLINE_NOTE, trial_note(trial_dir))
 
@@ -192,3 +192,20 @@ def run_trial(
         outcome.constraint_values[c.metric] = value
         outcome.violations.append(c.violation(value))
     return outcome
+
+
+def trial_note(run_dir: Path) -> str:
+    """For the report card of a sweep's trial: which sweep, which values ("" otherwise)."""
+    try:
+        params = json.loads((run_dir / "params.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        params = None
+    sweep_dir = run_dir.parent.parent
+    if run_dir.parent.name != "trials" or not (sweep_dir / "study.db").exists():
+        return ""
+    values = ", ".join(f"{k} = {v}" for k, v in (params or {}).items())
+    return (
+        f"<p>Trial {html.escape(run_dir.name)} of the sweep in "
+        f"<code>{html.escape(str(sweep_dir))}</code> ({html.escape(values)}); "
+        'its report: <a href="../../report.html">report.html</a>.</p>'
+    )
