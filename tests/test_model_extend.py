@@ -1,0 +1,100 @@
+"""Adding a model variant is one component in one file: a norm defined here, registered,
+chosen through the config, built, counted, decoded."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.components import NORMS, Norm
+from lmforge.config import ConfigError, load_config
+from lmforge.model.arith import count_params
+from lmforge.model.decode import Decoder
+from lmforge.model.transformer import Transformer
+
+
+class ScaleNorm(nn.Module):
+    """ScaleNorm (Nguyen & Salazar 2019): g·√d·x / max(‖x‖, eps), one learned scalar g."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
+        return self.weight * math.sqrt(self.dim) * x / norm
+
+
+class ScaleNormComponent(Norm):
+    name = "scalenorm"
+
+    def params(self, cfg, dim: int) -> int:
+        return 1
+
+    def module(self, cfg, dim: int) -> nn.Module:
+        return ScaleNorm(dim, cfg.norm_eps)
+
+
+@pytest.fixture
+def scalenorm():
+    NORMS.register(ScaleNormComponent)
+    yield
+    NORMS.unregister("scalenorm")
+
+
+def scalenorm_config(*extra: str):
+    cfg = load_config("quickstart", ["model.norm=scalenorm", "model.vocab_size=61", *extra])
+    return cfg.model
+
+
+def test_unregistered_norm_is_refused_with_the_known_names():
+    with pytest.raises(ConfigError, match=r"model\.norm: 'scalenorm' is not one of 'layernorm'"):
+        scalenorm_config()
+
+
+def test_a_norm_defined_in_a_test_file_builds_counts_and_decodes(scalenorm):
+    cfg = scalenorm_config("model.n_layers=2", "model.d_model=64", "model.context_length=32")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    norms = [m for m in model.modules() if isinstance(m, ScaleNorm)]
+    assert len(norms) == 2 * cfg.n_layers + 1  # two per pre-norm block and the final one
+
+    # The registry's count is the module's real one, and the model's total follows.
+    assert NORMS["scalenorm"].params(cfg, cfg.d_model) == sum(
+        p.numel() for p in norms[0].parameters()
+    )
+    assert count_params(cfg)["total"] == model.num_params()
+
+    # The module against the formula in float64. fp32 rounding: the squared norm sums
+    # d = 64 terms (relative error ≤ d·2⁻²⁴ worst case, halved by the square root), then
+    # a division and two products of ≈ 2⁻²⁴ each: rtol 64·2⁻²⁴ bounds all of it.
+    norm = norms[0]
+    with torch.no_grad():
+        norm.weight.fill_(0.7)
+        x = torch.randn(3, 5, cfg.d_model, generator=torch.Generator().manual_seed(1))
+        got = norm(x)
+    x64 = x.double()
+    ref = 0.7 * math.sqrt(cfg.d_model) * x64 / x64.pow(2).sum(-1, keepdim=True).sqrt()
+    rtol = cfg.d_model * 2.0**-24
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+
+    # Decoding applies the model's own norm modules: one-token steps give the logits of
+    # the full forward (same fp32 ops on the same values, different matmul shapes).
+    seq = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    assert Decoder.supports(model)
+    with torch.no_grad():
+        full = model(seq)
+        dec = Decoder(model, 2, 12)
+        steps = [dec.prefill(seq[:, :4])] + [dec.step(seq[:, t]) for t in range(4, 12)]
+        ref64 = copy.deepcopy(model).double()(seq)
+    got_steps = torch.stack(steps, 1)
+    # Both fp32 paths as close to the float64 model as each other, within fp32 rounding
+    # over the widest reduction (the head's d_model terms) of logits of size ≈ 1.
+    err_full = (full[:, 3:].double() - ref64[:, 3:]).abs().max().item()
+    err_dec = (got_steps.double() - ref64[:, 3:]).abs().max().item()
+    assert err_dec <= max(4 * err_full, cfg.d_model * 2.0**-24)
