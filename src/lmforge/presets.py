@@ -28,6 +28,15 @@ _LLAMA: dict[str, Any] = dict(
     rope_theta=500000.0,
 )
 
+# Llama 3.2's 1B and 3B share all but depth, width and heads.
+_LLAMA32: dict[str, Any] = dict(
+    _LLAMA,
+    n_kv_heads=8,
+    d_ff=8192,
+    context_length=2048,
+    vocab_size=128256,
+    tie_embeddings=True,
+)
 # The baby GPT's shape (char-level: the vocabulary comes from the tokenizer).
 _BABY_SHAPE: dict[str, Any] = dict(
     context_length=64, vocab_size=0, n_layers=4, n_heads=4, d_model=128
@@ -56,28 +65,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-774m": dict(_GPT2, n_layers=36, n_heads=20, d_model=1280),
     "gpt2-1.5b": dict(_GPT2, n_layers=48, n_heads=25, d_model=1600),
     # Llama-style (Llama 3.2 1B/3B, Llama 3 8B shapes).
-    "llama-1b": dict(
-        _LLAMA,
-        n_layers=16,
-        d_model=2048,
-        n_heads=32,
-        n_kv_heads=8,
-        d_ff=8192,
-        context_length=2048,
-        vocab_size=128256,
-        tie_embeddings=True,
-    ),
-    "llama-3b": dict(
-        _LLAMA,
-        n_layers=28,
-        d_model=3072,
-        n_heads=24,
-        n_kv_heads=8,
-        d_ff=8192,
-        context_length=2048,
-        vocab_size=128256,
-        tie_embeddings=True,
-    ),
+    "llama-1b": dict(_LLAMA32, n_layers=16, d_model=2048, n_heads=32),
+    "llama-3b": dict(_LLAMA32, n_layers=28, d_model=3072, n_heads=24),
     "llama-8b": dict(
         _LLAMA,
         n_layers=32,
