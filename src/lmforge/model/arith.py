@@ -10,7 +10,7 @@ from lmforge.components import MLPS, NORMS, POSITIONS
 from lmforge.config import ModelConfig
 
 # Up to this many positions, bf16/fp16 training attention on a CPU runs through
-# `transformer.SmallCausalAttention` (fp32 scores, saved probabilities) rather than
+# `attend.SmallCausalAttention` (fp32 scores, saved probabilities) rather than
 # torch's flash kernel; `lmforge plan` counts its memory accordingly.
 SMALL_ATTENTION_MAX_T = 256
 

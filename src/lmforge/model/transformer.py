@@ -1,11 +1,16 @@
 """The transformer, top to bottom: embeddings, blocks (attention + MLP), norm, head.
 
-Variants are fields of `ModelConfig`, not subclasses:
+Variants are fields of `ModelConfig`, not subclasses. Three name components of
+`lmforge.components` (each with its parameter and FLOP counts and decode form; a new
+one is a registered class):
 
 - norm: LayerNorm (GPT-2) or RMSNorm (Llama; Zhang & Sennrich 2019)
 - position: learned absolute embeddings (GPT-2) or RoPE (Su et al. 2021)
 - mlp: GELU (tanh form as GPT-2, or exact as nanoGPT), SwiGLU (Shazeer 2020) or
   squared ReLU (So et al. 2021)
+
+The others are settings of the fixed layers:
+
 - gate_act: the gated MLP's gate, silu (SwiGLU) or tanh-GELU (GeGLU, Gemma)
 - norm_placement: pre-norm (GPT-2, Llama), post-norm inside the residual branch
   (OLMo 2) or both (Gemma 2)
@@ -18,7 +23,8 @@ Variants are fields of `ModelConfig`, not subclasses:
 - tie_embeddings, bias, dropout
 - objective: causal (next token) or masked (bidirectional attention)
 
-Written for one device; parallelism (DDP/FSDP, compile, activation checkpointing)
+Attention itself (SDPA, the CPU paths with the C kernel, soft-capping) is
+`lmforge.model.attend.attend`. Written for one device; parallelism (DDP/FSDP, compile, activation checkpointing)
 is applied from outside. Shapes in comments: B batch, T time, C = d_model,
 H heads, K kv heads, D head dim, V vocabulary.
 """
