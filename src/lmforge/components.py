@@ -269,9 +269,7 @@ class SquaredRelu(MLP):
     hf_activation = "relu2"
 
     def activation(self, cfg: Any) -> Callable[[Tensor], Tensor]:
-        import torch.nn.functional as F
-
-        return lambda h: F.relu(h).square()
+        return _relu2
 
 
 @MLPS.register
@@ -293,12 +291,17 @@ class SwiGLU(MLP):
         import torch.nn.functional as F
 
         gate_act = F.silu if cfg.gate_act == "silu" else partial(F.gelu, approximate="tanh")
+        return partial(_glu, gate_act)
 
-        def glu(h: torch.Tensor) -> torch.Tensor:
-            gate, up = h.chunk(2, dim=-1)
-            return gate_act(gate) * up
 
-        return glu
+# Module-level, not closures: a model holding them pickles (torch.save, spawn).
+def _relu2(h: torch.Tensor) -> torch.Tensor:
+    return h.relu().square()
+
+
+def _glu(gate_act: Callable[[Tensor], Tensor], h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return gate_act(gate) * up
 
 
 REGISTRIES: dict[str, Registry[Any]] = {"norm": NORMS, "position": POSITIONS, "mlp": MLPS}

@@ -11,22 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 _GPT2: dict[str, Any] = dict(
-    norm="layernorm",
-    position="learned",
-    mlp="gelu",
-    bias=True,
-    tie_embeddings=True,
-    context_length=1024,
-    vocab_size=50304,
-)
+    norm="layernorm", position="learned", mlp="gelu", bias=True, tie_embeddings=True,
+    context_length=1024, vocab_size=50304,
+)  # fmt: skip
 _LLAMA: dict[str, Any] = dict(
-    norm="rmsnorm",
-    position="rope",
-    mlp="swiglu",
-    bias=False,
-    tie_embeddings=False,
+    norm="rmsnorm", position="rope", mlp="swiglu", bias=False, tie_embeddings=False,
     rope_theta=500000.0,
-)
+)  # fmt: skip
 
 # Llama 3.2's 1B and 3B share all but depth, width and heads.
 _LLAMA32: dict[str, Any] = dict(
