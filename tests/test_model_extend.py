@@ -8,41 +8,30 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from lmforge.components import NORMS, Norm
 from lmforge.config import ConfigError, load_config
 from lmforge.model.arith import count_params
 from lmforge.model.decode import Decoder
-from lmforge.model.transformer import Transformer
+from lmforge.model.transformer import ComponentNorm, Transformer
 
 
-class ScaleNorm(nn.Module):
+class ScaleNorm(Norm):
     """ScaleNorm (Nguyen & Salazar 2019): g·√d·x / max(‖x‖, eps), one learned scalar g."""
 
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = x.norm(dim=-1, keepdim=True).clamp_min(self.eps)
-        return self.weight * math.sqrt(self.dim) * x / norm
-
-
-class ScaleNormComponent(Norm):
     name = "scalenorm"
 
-    def params(self, cfg, dim: int) -> int:
-        return 1
+    def weights(self, cfg, dim: int) -> dict[str, int]:
+        return {"weight": 1}
 
-    def module(self, cfg, dim: int) -> nn.Module:
-        return ScaleNorm(dim, cfg.norm_eps)
+    def forward(self, x, p, eps: float):
+        norm = x.norm(dim=-1, keepdim=True).clamp_min(eps)
+        return p["weight"] * math.sqrt(x.size(-1)) * x / norm
 
 
 @pytest.fixture
 def scalenorm():
-    NORMS.register(ScaleNormComponent)
+    NORMS.register(ScaleNorm)
     yield
     NORMS.unregister("scalenorm")
 
@@ -61,7 +50,7 @@ def test_a_norm_defined_in_a_test_file_builds_counts_and_decodes(scalenorm):
     cfg = scalenorm_config("model.n_layers=2", "model.d_model=64", "model.context_length=32")
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    norms = [m for m in model.modules() if isinstance(m, ScaleNorm)]
+    norms = [m for m in model.modules() if isinstance(m, ComponentNorm)]
     assert len(norms) == 2 * cfg.n_layers + 1  # two per pre-norm block and the final one
 
     # The registry's count is the module's real one, and the model's total follows.

@@ -78,15 +78,31 @@ MLPS: Registry[MLP] = Registry("mlp")
 
 
 class Norm:
-    """Normalisation over the last dimension (width `dim`)."""
+    """Normalisation over the last dimension (width `dim`).
+
+    A new norm usually states its parameters (`weights`) and its formula (`forward`,
+    with tensor methods, so this module stays torch-free); the model wraps them in a
+    module (`lmforge.model.transformer.ComponentNorm`) whose parameters `init_weights`
+    starts at 1 ("bias": 0). A norm with a module of its own overrides `module`, and
+    `params` to match it.
+    """
 
     name: ClassVar[str]
 
+    def weights(self, cfg: Any, dim: int) -> dict[str, int]:
+        """Parameters by name and length, for `forward` and the parameter count."""
+        return {"weight": dim}
+
     def params(self, cfg: Any, dim: int) -> int:
+        return sum(self.weights(cfg, dim).values())
+
+    def forward(self, x: Tensor, p: dict[str, Tensor], eps: float) -> Tensor:
+        """The norm of x (..., dim) with parameters `p` (as `weights` names them)."""
         raise NotImplementedError
 
-    def module(self, cfg: Any, dim: int) -> nn.Module:
-        raise NotImplementedError
+    def module(self, cfg: Any, dim: int) -> nn.Module | None:
+        """The module, or None to let the model build one from `weights` and `forward`."""
+        return None
 
     def decode_fn(self, module: nn.Module) -> Callable[[Tensor], Tensor]:
         """The function the decoder applies for `module`; calling the module by default."""
@@ -99,8 +115,8 @@ class LayerNorm(Norm):
 
     name = "layernorm"
 
-    def params(self, cfg: Any, dim: int) -> int:
-        return dim * (2 if cfg.bias else 1)
+    def weights(self, cfg: Any, dim: int) -> dict[str, int]:
+        return {"weight": dim, "bias": dim} if cfg.bias else {"weight": dim}
 
     def module(self, cfg: Any, dim: int) -> nn.Module:
         from torch import nn
@@ -123,9 +139,6 @@ class RMSNorm(Norm):
     """RMSNorm (Zhang & Sennrich 2019; Llama): a weight, no bias."""
 
     name = "rmsnorm"
-
-    def params(self, cfg: Any, dim: int) -> int:
-        return dim
 
     def module(self, cfg: Any, dim: int) -> nn.Module:
         from torch import nn

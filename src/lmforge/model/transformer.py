@@ -62,9 +62,25 @@ from lmforge.model.attend import (  # noqa: F401
 )
 
 
+class ComponentNorm(nn.Module):
+    """A norm component's `forward` over the parameters its `weights` declares."""
+
+    def __init__(self, cfg: ModelConfig, dim: int):
+        super().__init__()
+        self.component, self.eps = NORMS[cfg.norm], cfg.norm_eps
+        sizes = self.component.weights(cfg, dim)
+        for name, n in sizes.items():
+            self.register_parameter(name, nn.Parameter(torch.ones(n)))
+        self.names = tuple(sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.component.forward(x, {k: getattr(self, k) for k in self.names}, self.eps)
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     """The `model.norm` component's module over `dim` values."""
-    return NORMS[cfg.norm].module(cfg, dim)
+    module = NORMS[cfg.norm].module(cfg, dim)
+    return ComponentNorm(cfg, dim) if module is None else module
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
