@@ -1,5 +1,5 @@
-"""Adding a model variant is one component in one file: a norm defined here, registered,
-chosen through the config, built, counted, decoded."""
+"""Adding a model variant is one component in one file: a norm and an attention defined
+here, registered, chosen through the config, built, counted, decoded."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from lmforge.components import NORMS, Norm
+from lmforge.components import ATTENTIONS, NORMS, Attention, Norm
 from lmforge.config import ConfigError, load_config
-from lmforge.model.arith import count_params
+from lmforge.model.arith import count_params, flops_per_token
 from lmforge.model.decode import Decoder
+from lmforge.model.generate import generate
 from lmforge.model.transformer import ComponentNorm, Transformer
 
 
@@ -87,3 +88,46 @@ def test_a_norm_defined_in_a_test_file_builds_counts_and_decodes(scalenorm):
     err_full = (full[:, 3:].double() - ref64[:, 3:]).abs().max().item()
     err_dec = (got_steps.double() - ref64[:, 3:]).abs().max().item()
     assert err_dec <= max(4 * err_full, cfg.d_model * 2.0**-24)
+
+
+class PlainSoftmax(Attention):
+    """softmax(q·kᵀ/√D + causal mask)·v written out: the built-in's function, by formula."""
+
+    name = "plain-softmax"
+
+    def attend(self, q, k, v, *, causal, start, mask, scale, softcap, dropout_p):
+        H, T, Tk = q.size(1), q.size(2), k.size(2)
+        k, v = (t.repeat_interleave(H // t.size(1), dim=1) for t in (k, v))
+        scores = q @ k.transpose(-2, -1) * (scale or q.size(-1) ** -0.5)
+        if causal:  # query i sits at position start + i and sees keys up to it
+            q_pos = torch.arange(start, start + T)[:, None]
+            scores = scores.masked_fill(torch.arange(Tk)[None, :] > q_pos, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.fixture
+def plain_softmax():
+    ATTENTIONS.register(PlainSoftmax)
+    yield
+    ATTENTIONS.unregister("plain-softmax")
+
+
+def test_an_attention_defined_in_a_test_file_computes_what_softmax_does(plain_softmax):
+    shape = ["model.n_layers=2", "model.d_model=64", "model.n_kv_heads=2", "model.vocab_size=61"]
+    shape += ["model.norm=rmsnorm", "model.position=rope", "model.mlp=swiglu"]
+    builtin = load_config("quickstart", shape).model
+    variant = load_config("quickstart", [*shape, "model.attention=plain-softmax"]).model
+    assert flops_per_token(variant) == flops_per_token(builtin)
+    torch.manual_seed(0)
+    ours = Transformer(variant).double().eval()
+    ref = Transformer(builtin).double().eval()
+    ref.load_state_dict(ours.state_dict())
+    seq = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        # float64 on both sides: the two differ by summation order only (≈ 1e-15).
+        torch.testing.assert_close(ours(seq), ref(seq), rtol=1e-10, atol=1e-10)
+        # Decoding a registered variant takes the general path (the cache, start > 0).
+        assert not Decoder.supports(ours)
+        cached = generate(ours, seq[:, :5], 10, temperature=0)
+        full = generate(ref, seq[:, :5], 10, temperature=0, use_cache=False)
+    assert torch.equal(cached, full)

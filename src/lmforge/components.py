@@ -72,6 +72,7 @@ class Registry(Generic[T]):
 NORMS: Registry[Norm] = Registry("norm")
 POSITIONS: Registry[Position] = Registry("position")
 MLPS: Registry[MLP] = Registry("mlp")
+ATTENTIONS: Registry[Attention] = Registry("attention")
 
 
 # --------------------------------------------------------------------------- norms
@@ -307,6 +308,46 @@ class SwiGLU(MLP):
         return partial(_glu, gate_act)
 
 
+# ----------------------------------------------------------------------- attention
+
+
+class Attention:
+    """How queries meet keys and values: the scores, their normalisation, the mix.
+
+    The block keeps what surrounds it (the q/k/v and output projections, RoPE, QK-norm,
+    the KV cache), so a variant has no parameters of its own. It states its formula in
+    `attend` and its cost in `flops`. The model runs the built-in "softmax" through
+    `lmforge.model.attend.attend` (SDPA, the CPU paths, the C kernel); the one-token
+    decoder (`lmforge.model.decode`) runs "softmax" only, and
+    decodes other variants through the model's forward.
+    """
+
+    name: ClassVar[str]
+
+    def flops(self, cfg: Any, seq_len: int) -> int:
+        """Forward FLOPs per token and layer besides the projections: q·kᵀ and the mix of
+        values over a full (unmasked) T×T score matrix, 2·2·T·H·D (PaLM's convention)."""
+        return 4 * seq_len * cfg.n_heads * (cfg.head_dim or cfg.d_model // cfg.n_heads)
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, start: int,
+        mask: Tensor | None, scale: float | None, softcap: float, dropout_p: float,
+    ) -> Tensor:  # fmt: skip
+        """Queries q (B, H, T, D) at positions start.. over keys and values (B, K, T', D)
+        (T' = start + T with a cache; K divides H, heads h·K/H share a key head). `mask`:
+        bool, True = may attend, broadcasting to (B, H, T, T') (packed examples), or None
+        with `causal`; `scale` None = 1/√D; `softcap` 0 = none. Returns (B, T, H, D)."""
+        raise NotImplementedError
+
+
+@ATTENTIONS.register
+class SoftmaxAttention(Attention):
+    """softmax(q·kᵀ·scale)·v (Vaswani et al. 2017), with the model's GQA, scale and
+    soft-capping: `lmforge.model.attend`."""
+
+    name = "softmax"
+
+
 # Module-level, not closures: a model holding them pickles (torch.save, spawn).
 def _relu2(h: torch.Tensor) -> torch.Tensor:
     return h.relu().square()
@@ -317,4 +358,9 @@ def _glu(gate_act: Callable[[Tensor], Tensor], h: torch.Tensor) -> torch.Tensor:
     return gate_act(gate) * up
 
 
-REGISTRIES: dict[str, Registry[Any]] = {"norm": NORMS, "position": POSITIONS, "mlp": MLPS}
+REGISTRIES: dict[str, Registry[Any]] = {
+    "norm": NORMS,
+    "position": POSITIONS,
+    "mlp": MLPS,
+    "attention": ATTENTIONS,
+}

@@ -247,6 +247,8 @@ class ModelConfig:
     mlp: Annotated[str, "gelu | gelu_exact | swiglu | relu2 | registered"] = component(
         "mlp", "gelu"
     )
+    # softmax: scaled dot-product attention (with n_kv_heads, attn_scale, attn_softcap).
+    attention: Annotated[str, "softmax | registered"] = component("attention", "softmax")
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = False

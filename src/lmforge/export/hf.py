@@ -84,6 +84,12 @@ def hf_architecture(m: ModelConfig) -> str:
             f"model.objective = {m.objective!r}: only causal language models export to "
             "AutoModelForCausalLM (train with model.objective=causal)"
         )
+    if m.attention != "softmax":
+        raise ExportError(
+            f"model.attention = {m.attention!r}: the standard architectures compute softmax "
+            "attention, so the exported model would compute different logits; train with "
+            "model.attention=softmax to export"
+        )
     gpt2_like = (m.norm, m.position) == ("layernorm", "learned") and m.mlp in (
         "gelu",
         "gelu_exact",

@@ -6,7 +6,7 @@ importing torch; `lmforge.model.transformer` re-exports them.
 
 from __future__ import annotations
 
-from lmforge.components import MLPS, NORMS, POSITIONS
+from lmforge.components import ATTENTIONS, MLPS, NORMS, POSITIONS
 from lmforge.config import ModelConfig
 
 # Up to this many positions, bf16/fp16 training attention on a CPU runs through
@@ -77,11 +77,12 @@ def matmul_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> int:
     """Matmul FLOPs per token, attention included (Kaplan et al. 2020; PaLM appendix B).
 
-    Forward: 2·N_matmul for the weights, plus 2·2·L·T·C for QKᵀ and AV over a
-    full (unmasked) T×T score matrix — the convention of PaLM and nanoGPT, and
-    what `torch.utils.flop_counter` counts for SDPA. Training (forward + backward)
+    Forward: 2·N_matmul for the weights, plus the attention component's own FLOPs
+    per layer (softmax: 2·2·T·H·D for QKᵀ and AV over a full, unmasked T×T score
+    matrix — the convention of PaLM and nanoGPT, and what `torch.utils.flop_counter`
+    counts for SDPA). Training (forward + backward)
     is 3× forward.
     """
     T = seq_len or cfg.context_length
-    forward = 2 * matmul_params(cfg) + 4 * cfg.n_layers * T * cfg.n_heads * head_dim(cfg)
+    forward = 2 * matmul_params(cfg) + cfg.n_layers * ATTENTIONS[cfg.attention].flops(cfg, T)
     return 3 * forward if training else forward

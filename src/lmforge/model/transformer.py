@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.components import MLPS, NORMS, POSITIONS
+from lmforge.components import ATTENTIONS, MLPS, NORMS, POSITIONS
 from lmforge.config import ModelConfig
 
 # Re-exported: the counting functions lived here before `arith` (torch-free) took them.
@@ -167,6 +167,8 @@ class Attention(nn.Module):
         )
         self.scale = cfg.attn_scale or None  # None: SDPA's 1/sqrt(D)
         self.softcap = cfg.attn_softcap
+        # A registered variant's formula, or None: the built-in softmax (`attend`).
+        self.variant = None if cfg.attention == "softmax" else ATTENTIONS[cfg.attention]
 
     def forward(
         self,
@@ -196,19 +198,18 @@ class Attention(nn.Module):
             cache.values[layer][:, :, start : start + T] = v
             k = cache.keys[layer][:, :, : start + T]
             v = cache.values[layer][:, :, : start + T]
-        y = attend(
-            q,
-            k,
-            v,
-            qkv,
-            causal=self.causal,
-            start=start,
-            mask=attn_mask,
-            scale=self.scale,
-            softcap=self.softcap,
-            dropout_p=self.dropout if self.training else 0.0,
-            packed=cache is None and rope is None and self.q_norm is None and K == H,
-        )  # (B, T, H, D); fmt: skip
+        dropout_p = self.dropout if self.training else 0.0
+        if self.variant is not None:
+            y = self.variant.attend(
+                q, k, v, causal=self.causal, start=start, mask=attn_mask, scale=self.scale,
+                softcap=self.softcap, dropout_p=dropout_p,
+            )  # fmt: skip
+        else:
+            fused_ok = cache is None and rope is None and self.q_norm is None and K == H
+            y = attend(
+                q, k, v, qkv, causal=self.causal, start=start, mask=attn_mask, scale=self.scale,
+                softcap=self.softcap, dropout_p=dropout_p, packed=fused_ok,
+            )  # fmt: skip
         return self.proj(y.reshape(B, T, H * D))  # H·D = C, or C/tp on a tensor-parallel rank
 
 
