@@ -1,18 +1,20 @@
-"""The transformer's variants as small components chosen by name: norms, positions, MLPs.
+"""The transformer's variants as small components chosen by name: norms, positions,
+MLPs and attentions.
 
-`model.norm`, `model.position` and `model.mlp` name an entry of `NORMS`, `POSITIONS`
-and `MLPS`. Each component carries everything the rest of lmforge asks about it:
+`model.norm`, `model.position`, `model.mlp` and `model.attention` name an entry of
+`NORMS`, `POSITIONS`, `MLPS` and `ATTENTIONS`. Each component carries what the rest
+of lmforge asks about it:
 
-- its parameter count and matmul FLOPs (`lmforge.model.arith`, `lmforge plan`, the
-  scaler), from the config alone;
-- the torch module it builds (`lmforge.model.transformer`);
-- its one-token decode step (`lmforge.model.decode`), where a faster form than
-  calling the module exists;
+- its parameter count and FLOPs (`lmforge.model.arith`, `lmforge plan`, the scaler),
+  from the config alone;
+- what the model builds or computes for it (`lmforge.model.transformer`);
+- its one-token decode form (`lmforge.model.decode`), where one faster than the
+  module exists;
 - what exporters need (the Hugging Face activation name of an MLP).
 
 Adding a variant is one class here (or in any file, a test included) decorated with
-`@NORMS.register` / `@POSITIONS.register` / `@MLPS.register`; config validation reads
-the registries, so `model.norm=<new name>` is accepted once the class is registered.
+`@NORMS.register` (or `POSITIONS`, `MLPS`, `ATTENTIONS`); config validation reads the
+registries, so `model.norm=<new name>` is accepted once the class is registered.
 
 This module imports nothing from lmforge and torch only inside methods: the config
 validates names against it without loading torch (`lmforge config` stays light).
