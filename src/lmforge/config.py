@@ -27,9 +27,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+
+from lmforge import components
+from lmforge.presets import PRESETS
 
 # A recipe is a few kB; these bounds keep a hostile or broken file (a YAML "billion
 # laughs" alias bomb, a 10,000-deep nesting) from costing more than milliseconds.
@@ -145,7 +148,17 @@ def numeric_fields(cls: Any, prefix: str = "") -> Iterator[tuple[str, dataclasse
             yield key, f, tp
 
 
+def component(kind: str, default: str) -> Any:
+    """A field naming a component of `lmforge.components.REGISTRIES[kind]`."""
+    return field(default=default, metadata={"registry": kind})
+
+
 def _check_field(f: dataclasses.Field, value: Any, key: str, where: str) -> None:
+    if "registry" in f.metadata:
+        problem = components.REGISTRIES[f.metadata["registry"]].problem(value)
+        if problem:
+            raise ConfigError(f"{where}: {key}: {quote(value)} {problem}")
+        return
     rng = range_of(f) or Range()  # a numeric key without a range must still be finite
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
@@ -211,7 +224,7 @@ class TokenizerConfig:
 class ModelConfig:
     """Shape and variant of the transformer; see `lmforge.model.transformer`."""
 
-    # A named shape from `lmforge.model.presets`; explicit fields below still override it.
+    # A named shape from `lmforge.presets`; explicit fields below still override it.
     preset: str = ""
     vocab_size: int = num(0, ge=0, le=2**32)  # 0 = take it from the tokenizer
     context_length: int = num(256, ge=1)
@@ -224,12 +237,18 @@ class ModelConfig:
     head_dim: int = num(0, ge=0)
     # 0 = derived: 4*d for GELU, 8/3*d rounded to a multiple of 64 for SwiGLU
     d_ff: int = num(0, ge=0)
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    position: Literal["learned", "rope"] = "learned"
+    # Components by name from the registries of `lmforge.components`: the built-in ones
+    # are listed in the annotations, and any registered variant is accepted.
+    norm: Annotated[str, "layernorm | rmsnorm | registered"] = component("norm", "layernorm")
+    position: Annotated[str, "learned | rope | registered"] = component("position", "learned")
     # gelu: the tanh approximation (GPT-2's gelu_new); gelu_exact: the erf form (nanoGPT's
     # nn.GELU(), HF "gelu"; ≈ 5× faster than the tanh form on CPUs in torch 2.13);
     # relu2: squared ReLU (So et al. 2021, "Primer"). All three are 4·C wide.
-    mlp: Literal["gelu", "gelu_exact", "swiglu", "relu2"] = "gelu"
+    mlp: Annotated[str, "gelu | gelu_exact | swiglu | relu2 | registered"] = component(
+        "mlp", "gelu"
+    )
+    # softmax: scaled dot-product attention (with n_kv_heads, attn_scale, attn_softcap).
+    attention: Annotated[str, "softmax | registered"] = component("attention", "softmax")
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = False
@@ -980,8 +999,6 @@ def apply_preset(cfg: Config, recipe_data: dict[str, Any], overrides: list[str])
     """Fill model fields from a named preset unless the recipe or command line set them."""
     if not cfg.model.preset:
         return
-    from lmforge.model.presets import PRESETS
-
     if cfg.model.preset not in PRESETS:
         names = ", ".join(PRESETS)
         raise ConfigError(
@@ -1007,12 +1024,13 @@ def _heads_fit(cfg: Config) -> Problem:
         return "model.n_heads", f"= {m.n_heads} must divide model.d_model = {m.d_model}"
     if m.n_heads % (m.n_kv_heads or m.n_heads):
         return "model.n_kv_heads", f"= {m.n_kv_heads} must divide model.n_heads = {m.n_heads}"
-    if m.position == "rope" and (m.head_dim or m.d_model // m.n_heads) % 2:
-        return "model.position", (
-            f"= rope needs an even head dimension (model.head_dim, or model.d_model / "
-            f"model.n_heads = {m.d_model} / {m.n_heads})"
-        )
     return None
+
+
+def _position_fits(cfg: Config) -> Problem:
+    """The `model.position` component accepts the shape (RoPE: an even head size)."""
+    problem = components.POSITIONS[cfg.model.position].check(cfg.model)
+    return ("model.position", problem) if problem else None
 
 
 def _batch_fits(cfg: Config) -> Problem:
@@ -1114,6 +1132,7 @@ _DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?")
 
 CROSS_KEY_RULES = (
     _heads_fit,
+    _position_fits,
     _batch_fits,
     _muon_not_sharded,
     _tp_fits,

@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmforge.components import MLPS, POSITIONS
 from lmforge.config import ModelConfig
 from lmforge.energy import DEVICES, GRID_KG_PER_KWH, PUE, Device, co2_kg, cpu_power_w, energy_kwh
 from lmforge.model.arith import (
@@ -183,15 +184,14 @@ def block_activation_elements(
     C, H = cfg.d_model, cfg.n_heads
     K = cfg.n_kv_heads or H
     D = C // H
-    F = derived_d_ff(cfg)
-    mlp = 2 * C + (4 * F if cfg.mlp == "swiglu" else 2 * F) // tp
+    mlp = 2 * C + MLPS[cfg.mlp].kept_activations(cfg) // tp
     if small_attention:
         fp32 = (3 * C + H * small_attention) // tp
         attn = C + C + (C + ((H + K) * D if cfg.qk_norm else 0)) // tp + fp32
         return {"attention": attn, "mlp": mlp, "total": attn + mlp, "fp32": fp32}
     qkv = (H + 2 * K) * D
     extra_qk = 0
-    if cfg.position == "rope":
+    if POSITIONS[cfg.position].rotary:
         extra_qk += (H + K) * D  # rotated q and k
     if cfg.qk_norm:
         extra_qk += (H + K) * D
@@ -243,8 +243,8 @@ def activation_bytes(
     # loss head's two B·T·V fp32 gradients, or the widest gradients inside a block's
     # MLP (GELU: the gradients of the GELU output and input, 2·F; SwiGLU: 4·F), or
     # those of the small CPU attention.
-    F = derived_d_ff(cfg)
-    transient = max(2 * BT * V * 4, BT * F * (4 if cfg.mlp == "swiglu" else 2) // tp * half)
+    mlp_grads = MLPS[cfg.mlp].kept_activations(cfg)
+    transient = max(2 * BT * V * 4, BT * mlp_grads // tp * half)
     if small:  # SmallCausalAttention's backward, in fp32: the output gradient, the q/k/v
         # gradients (4·C), and the probability gradients, which become the scores' in place
         transient = max(transient, BT * (cfg.n_heads * seq_len + 4 * cfg.d_model) // tp * 4)

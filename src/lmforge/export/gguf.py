@@ -30,6 +30,7 @@ types (specials are CONTROL), special token ids and the chat template.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.config import ModelConfig
 from lmforge.export.hf import ExportError, hf_architecture
+from lmforge.fileio import atomic_path
 from lmforge.model.transformer import Transformer, derived_d_ff, rope_inv_freq
 from lmforge.tokenizer import CHAT_TEMPLATE, BPETokenizer, Tokenizer
 
@@ -70,9 +73,8 @@ def halve_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
-    """llama.cpp architecture name and float32 tensors under llama.cpp's names and layouts."""
-    m = model.cfg
+def _check_gguf(m: ModelConfig) -> str:
+    """The model's HF architecture, if llama.cpp computes it as lmforge does; else ExportError."""
     arch = hf_architecture(m)
     if arch not in ("gpt2", "llama", "qwen2", "qwen3"):
         raise ExportError(
@@ -89,9 +91,61 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
             "its logits would differ; export this model to an HF folder (activation 'gelu'), "
             "or train with model.mlp=gelu for GGUF"
         )
-    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if m.rope_scaling == "llama3" and arch != "llama":
+        raise ExportError(
+            f"model.rope_scaling = llama3 on a {arch} model: llama.cpp applies Llama 3's "
+            "frequency scaling (its rope_freqs tensor) to the llama architecture only"
+        )
+    return arch
+
+
+def _block_tensors(
+    ours: dict[str, torch.Tensor], m: ModelConfig, arch: str, i: int,
+    bias: Callable[[str, int], torch.Tensor | None],
+) -> dict[str, torch.Tensor | None]:  # fmt: skip
+    """Block i's tensors under llama.cpp's short names ("attn_q", "ffn_up_b": a bias)."""
+    a = f"blocks.{i}."
+    named = {
+        "attn_norm": ours[a + "attn_norm.weight"],
+        "attn_norm_b": bias(a + "attn_norm.bias", m.d_model),
+        "ffn_norm": ours[a + "mlp_norm.weight"],
+        "ffn_norm_b": bias(a + "mlp_norm.bias", m.d_model),
+        "attn_output": ours[a + "attn.proj.weight"],
+        "attn_output_b": bias(a + "attn.proj.bias", m.d_model),
+        "ffn_down": ours[a + "mlp.down.weight"],
+        "ffn_down_b": bias(a + "mlp.down.bias", m.d_model),
+    }
+    if arch == "gpt2":
+        named["attn_qkv"] = ours[a + "attn.qkv.weight"]
+        named["attn_qkv_b"] = bias(a + "attn.qkv.bias", 3 * m.d_model)
+        named["ffn_up"] = ours[a + "mlp.up.weight"]
+        named["ffn_up_b"] = bias(a + "mlp.up.bias", derived_d_ff(m))
+        return named
     heads, kv = m.n_heads, m.n_kv_heads or m.n_heads
     head_dim = m.d_model // heads
+    sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
+    for s in ("weight", "bias"):
+        if a + "attn.qkv." + s not in ours:
+            continue
+        q, k, v = ours[a + "attn.qkv." + s].split(sizes, dim=0)
+        if arch == "llama":
+            q, k = interleave_rope_rows(q, heads), interleave_rope_rows(k, kv)
+        tail = "" if s == "weight" else "_b"
+        named["attn_q" + tail], named["attn_k" + tail], named["attn_v" + tail] = q, k, v
+    named["ffn_gate"], named["ffn_up"] = ours[a + "mlp.up.weight"].chunk(2, dim=0)
+    if a + "mlp.up.bias" in ours:
+        named["ffn_gate_b"], named["ffn_up_b"] = ours[a + "mlp.up.bias"].chunk(2, dim=0)
+    if m.qk_norm:
+        named["attn_q_norm"] = ours[a + "attn.q_norm.weight"]
+        named["attn_k_norm"] = ours[a + "attn.k_norm.weight"]
+    return named
+
+
+def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
+    """llama.cpp architecture name and float32 tensors under llama.cpp's names and layouts."""
+    m = model.cfg
+    arch = _check_gguf(m)
+    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {"token_embd.weight": ours["tok_emb.weight"]}
     if arch == "gpt2":
         out["position_embd.weight"] = ours["pos_emb.weight"]
@@ -102,50 +156,11 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
         return torch.zeros(n) if arch == "gpt2" else None
 
     for i in range(m.n_layers):
-        a, b = f"blocks.{i}.", f"blk.{i}."
-        named = {
-            "attn_norm": ours[a + "attn_norm.weight"],
-            "attn_norm_b": bias(a + "attn_norm.bias", m.d_model),
-            "ffn_norm": ours[a + "mlp_norm.weight"],
-            "ffn_norm_b": bias(a + "mlp_norm.bias", m.d_model),
-            "attn_output": ours[a + "attn.proj.weight"],
-            "attn_output_b": bias(a + "attn.proj.bias", m.d_model),
-            "ffn_down": ours[a + "mlp.down.weight"],
-            "ffn_down_b": bias(a + "mlp.down.bias", m.d_model),
-        }
-        if arch == "gpt2":
-            hidden = derived_d_ff(m)
-            named["attn_qkv"] = ours[a + "attn.qkv.weight"]
-            named["attn_qkv_b"] = bias(a + "attn.qkv.bias", 3 * m.d_model)
-            named["ffn_up"] = ours[a + "mlp.up.weight"]
-            named["ffn_up_b"] = bias(a + "mlp.up.bias", hidden)
-        else:
-            sizes = [heads * head_dim, kv * head_dim, kv * head_dim]
-            for s in ("weight", "bias"):
-                if a + "attn.qkv." + s not in ours:
-                    continue
-                q, k, v = ours[a + "attn.qkv." + s].split(sizes, dim=0)
-                if arch == "llama":
-                    q, k = interleave_rope_rows(q, heads), interleave_rope_rows(k, kv)
-                tail = "" if s == "weight" else "_b"
-                named["attn_q" + tail], named["attn_k" + tail], named["attn_v" + tail] = q, k, v
-            gate, up = ours[a + "mlp.up.weight"].chunk(2, dim=0)
-            named["ffn_gate"], named["ffn_up"] = gate, up
-            if a + "mlp.up.bias" in ours:
-                named["ffn_gate_b"], named["ffn_up_b"] = ours[a + "mlp.up.bias"].chunk(2, dim=0)
-            if m.qk_norm:
-                named["attn_q_norm"] = ours[a + "attn.q_norm.weight"]
-                named["attn_k_norm"] = ours[a + "attn.k_norm.weight"]
-        for name, t in named.items():
+        for name, t in _block_tensors(ours, m, arch, i, bias).items():
             if t is not None:
                 kind = "bias" if name.endswith("_b") else "weight"
-                out[f"{b}{name.removesuffix('_b')}.{kind}"] = t.contiguous()
+                out[f"blk.{i}.{name.removesuffix('_b')}.{kind}"] = t.contiguous()
     if m.rope_scaling == "llama3":
-        if arch != "llama":
-            raise ExportError(
-                f"model.rope_scaling = llama3 on a {arch} model: llama.cpp applies Llama 3's "
-                "frequency scaling (its rope_freqs tensor) to the llama architecture only"
-            )
         # llama.cpp divides each RoPE frequency by its factor: plain / scaled.
         plain = rope_inv_freq(replace(m, rope_scaling="none"))
         out["rope_freqs.weight"] = (plain / rope_inv_freq(m)).float()
@@ -154,7 +169,7 @@ def gguf_tensors(model: Transformer) -> tuple[str, dict[str, torch.Tensor]]:
         out["output_norm.bias"] = bias("norm.bias", m.d_model)  # type: ignore[assignment]
     if not m.tie_embeddings:
         out["output.weight"] = ours["lm_head.weight"]
-    return {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[arch], out
+    return arch, out
 
 
 def _encode_tensor(
@@ -221,9 +236,23 @@ def export_gguf(
     if path.suffix != ".gguf":
         path = path / f"model-{dtype}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".gguf.tmp")
+    with atomic_path(path) as tmp:  # model-f16.gguf.tmp until the whole file is written
+        w = gguf.GGUFWriter(tmp, arch)
+        _add_metadata(w, gguf, m, arch, dtype, name)
+        _add_tokenizer(w, tok, tokens, types, merges)
+        for tname, t in tensors.items():
+            head = tname == "output.weight" or (tname == "token_embd.weight" and m.tie_embeddings)
+            data, raw_dtype = _encode_tensor(gguf, t, dtype, head=head)
+            w.add_tensor(tname, data, raw_dtype=raw_dtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
 
-    w = gguf.GGUFWriter(tmp, arch)
+
+def _add_metadata(w: Any, gguf: Any, m: ModelConfig, arch: str, dtype: str, name: str) -> None:
+    """The model's name, file type and shape keys."""
     w.add_name(name)
     w.add_file_type(
         {
@@ -253,6 +282,8 @@ def export_gguf(
         w.add_value_length(m.d_model // m.n_heads)
     w.add_vocab_size(m.vocab_size)
 
+
+def _add_tokenizer(w: Any, tok: Tokenizer, tokens: Any, types: Any, merges: Any) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")  # our byte-level BPE splits text with GPT-2's regex
     w.add_token_list(tokens)
@@ -265,17 +296,6 @@ def export_gguf(
     w.add_add_bos_token(False)  # lmforge never prepends a BOS token
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-
-    for tname, t in tensors.items():
-        head = tname == "output.weight" or (tname == "token_embd.weight" and m.tie_embeddings)
-        data, raw_dtype = _encode_tensor(gguf, t, dtype, head=head)
-        w.add_tensor(tname, data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
-    return path
 
 
 def read_gguf_tensors(path: str | Path) -> dict[str, np.ndarray]:

@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.components import MLPS
 from lmforge.config import Config, ModelConfig, TokenizerConfig, config_from_dict, to_dict
 from lmforge.model.transformer import Transformer, derived_d_ff
 from lmforge.tokenizer import (
@@ -82,6 +83,12 @@ def hf_architecture(m: ModelConfig) -> str:
         raise ExportError(
             f"model.objective = {m.objective!r}: only causal language models export to "
             "AutoModelForCausalLM (train with model.objective=causal)"
+        )
+    if m.attention != "softmax":
+        raise ExportError(
+            f"model.attention = {m.attention!r}: the standard architectures compute softmax "
+            "attention, so the exported model would compute different logits; train with "
+            "model.attention=softmax to export"
         )
     gpt2_like = (m.norm, m.position) == ("layernorm", "learned") and m.mlp in (
         "gelu",
@@ -729,29 +736,58 @@ def hf_tokenizers_file(tok: Tokenizer) -> Any:
     raise ExportError(f"tokenizer kind {tok.kind!r} cannot be exported")
 
 
+def _gpt2_config(m: ModelConfig, ids: dict[str, Any]) -> Any:
+    import transformers
+
+    return transformers.GPT2Config(
+        vocab_size=m.vocab_size,
+        n_positions=m.context_length,
+        n_embd=m.d_model,
+        n_layer=m.n_layers,
+        n_head=m.n_heads,
+        n_inner=derived_d_ff(m),
+        # The MLP component's HF name: "gelu" is the exact (erf) form, "gelu_new" the tanh.
+        activation_function=MLPS[m.mlp].hf_activation,
+        resid_pdrop=m.dropout,
+        embd_pdrop=m.dropout,
+        attn_pdrop=m.dropout,
+        layer_norm_epsilon=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        architectures=["GPT2LMHeadModel"],
+        **ids,
+    )
+
+
+def _gemma2_config(m: ModelConfig, common: dict[str, Any]) -> Any:
+    import transformers
+
+    common = {k: v for k, v in common.items() if k != "hidden_act"}
+    scalar = (m.attn_scale or common["head_dim"] ** -0.5) ** -2  # transformers keeps an int
+    if abs(scalar - round(scalar)) > 1e-6 * scalar:
+        raise ExportError(
+            f"model.attn_scale = {m.attn_scale}: Gemma 2 scales by n^-1/2 for a whole "
+            "number n (query_pre_attn_scalar); use such a scale to export"
+        )
+    return transformers.Gemma2Config(
+        **common,
+        hidden_activation="gelu_pytorch_tanh",
+        attention_bias=False,
+        query_pre_attn_scalar=round(scalar),
+        # Gemma 2 slides every other layer's window; ours is the whole context.
+        sliding_window=m.context_length,
+        attn_logit_softcapping=m.attn_softcap or None,
+        final_logit_softcapping=m.logit_softcap or None,
+        architectures=["Gemma2ForCausalLM"],
+    )
+
+
 def _hf_config(m: ModelConfig, arch: str, ids: dict[str, Any]) -> Any:
     """The transformers config object for `arch` with our shape, norms, RoPE and special
     `ids` (bos_token_id, eos_token_id, pad_token_id)."""
     import transformers
 
     if arch == "gpt2":
-        return transformers.GPT2Config(
-            vocab_size=m.vocab_size,
-            n_positions=m.context_length,
-            n_embd=m.d_model,
-            n_layer=m.n_layers,
-            n_head=m.n_heads,
-            n_inner=derived_d_ff(m),
-            # HF "gelu" is the exact (erf) form, "gelu_new" the tanh form.
-            activation_function="gelu" if m.mlp == "gelu_exact" else "gelu_new",
-            resid_pdrop=m.dropout,
-            embd_pdrop=m.dropout,
-            attn_pdrop=m.dropout,
-            layer_norm_epsilon=m.norm_eps,
-            tie_word_embeddings=m.tie_embeddings,
-            architectures=["GPT2LMHeadModel"],
-            **ids,
-        )
+        return _gpt2_config(m, ids)
     common: dict[str, Any] = dict(
         vocab_size=m.vocab_size,
         hidden_size=m.d_model,
@@ -768,49 +804,19 @@ def _hf_config(m: ModelConfig, arch: str, ids: dict[str, Any]) -> Any:
         head_dim=m.head_dim or m.d_model // m.n_heads,
         **ids,
     )
-    head_dim = common["head_dim"]
-    if arch == "llama":
-        return transformers.LlamaConfig(
-            **common,
-            attention_bias=m.bias,
-            mlp_bias=m.bias,
-            architectures=["LlamaForCausalLM"],
-        )
-    if arch == "qwen2":
-        return transformers.Qwen2Config(
-            **common, use_sliding_window=False, architectures=["Qwen2ForCausalLM"]
-        )
-    if arch == "qwen3":
-        return transformers.Qwen3Config(
-            **common,
-            attention_bias=False,
-            use_sliding_window=False,
-            architectures=["Qwen3ForCausalLM"],
-        )
-    if arch == "olmo2":
-        return transformers.Olmo2Config(
-            **common, attention_bias=False, architectures=["Olmo2ForCausalLM"]
-        )
     if arch == "gemma2":
-        del common["hidden_act"]
-        scalar = (m.attn_scale or head_dim**-0.5) ** -2  # transformers keeps an int
-        if abs(scalar - round(scalar)) > 1e-6 * scalar:
-            raise ExportError(
-                f"model.attn_scale = {m.attn_scale}: Gemma 2 scales by n^-1/2 for a whole "
-                "number n (query_pre_attn_scalar); use such a scale to export"
-            )
-        return transformers.Gemma2Config(
-            **common,
-            hidden_activation="gelu_pytorch_tanh",
-            attention_bias=False,
-            query_pre_attn_scalar=round(scalar),
-            # Gemma 2 slides every other layer's window; ours is the whole context.
-            sliding_window=m.context_length,
-            attn_logit_softcapping=m.attn_softcap or None,
-            final_logit_softcapping=m.logit_softcap or None,
-            architectures=["Gemma2ForCausalLM"],
-        )
-    raise ExportError(f"unknown architecture {arch!r}")
+        return _gemma2_config(m, common)
+    extra: dict[str, dict[str, Any]] = {
+        "llama": dict(attention_bias=m.bias, mlp_bias=m.bias),
+        "qwen2": dict(use_sliding_window=False),
+        "qwen3": dict(attention_bias=False, use_sliding_window=False),
+        "olmo2": dict(attention_bias=False),
+    }
+    classes = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "olmo2": "Olmo2"}
+    if arch not in classes:
+        raise ExportError(f"unknown architecture {arch!r}")
+    config_class = getattr(transformers, classes[arch] + "Config")
+    return config_class(**common, **extra[arch], architectures=[classes[arch] + "ForCausalLM"])
 
 
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}

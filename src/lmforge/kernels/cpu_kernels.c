@@ -206,7 +206,7 @@ static void load_rows_t(float *dst, const view_t *src, int b, int h, int T, int 
     }
 }
 
-static void store_rows(view_t *dst, const float *src, int b, int h, int T, int D, int Dp,
+static void store_rows(const view_t *dst, const float *src, int b, int h, int T, int D, int Dp,
                        int dtype, float mul, float *tmp) {
     for (int t = 0; t < T; t++) {
         const float *row = src + t * Dp;
@@ -343,9 +343,40 @@ static float *workspace(size_t n_floats) {
 }
 
 /* One (b, h) pair forward: S = (q·scale)·kᵀ, P = softmax(S) (saved), y = P·v. */
-static void forward_pair(const view_t *q, const view_t *k, const view_t *v, view_t *y,
-                         float *P, int b, int h, int T, int D, int dtype, float scale,
-                         float *ws) {
+/* The arguments of one attention call, shared by every (b, h) pair. `y` is the output
+ * (forward) or its gradient (backward); dq, dk and dv are used by the backward only. */
+typedef struct {
+    view_t q, k, v, y, dq, dk, dv;
+    float *P; /* (B·H, Tp, Tp) probabilities: written forward, read backward */
+    int H, T, D, dtype;
+    float scale;
+} attn_call_t;
+
+typedef void (*pair_fn)(const attn_call_t *c, int b, int h, float *P, float *ws);
+
+/* Run `pair` over the B·H (b, h) pairs on n_threads threads, each with a workspace of
+ * ws_floats floats. Returns 0, or -1 when a thread's workspace could not be allocated. */
+static int over_pairs(pair_fn pair, const attn_call_t *c, int B, size_t ws_floats,
+                      int n_threads) {
+    const int Tp = padded(c->T);
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(| : failed)
+    {
+        float *ws = workspace(ws_floats);
+        if (!ws) failed = 1;
+#pragma omp for schedule(static)
+        for (int bh = 0; bh < B * c->H; bh++) {
+            if (ws) pair(c, bh / c->H, bh % c->H, c->P + (int64_t)bh * Tp * Tp, ws);
+        }
+        free(ws);
+    }
+    return failed ? -1 : 0;
+}
+
+static void forward_pair(const attn_call_t *c, int b, int h, float *P, float *ws) {
+    const view_t *q = &c->q, *k = &c->k, *v = &c->v, *y = &c->y;
+    const int T = c->T, D = c->D, dtype = c->dtype;
+    const float scale = c->scale;
     const int Tp = padded(T), Dp = padded(D);
     float *qf = ws, *kt = qf + Tp * Dp, *vf = kt + Tp * Dp, *yf = vf + Tp * Dp;
     float *tmp = yf + Tp * Dp;
@@ -367,28 +398,18 @@ static size_t forward_workspace(int T, int D) {
  * thread's workspace could not be allocated. */
 int lmf_attention_forward(view_t q, view_t k, view_t v, view_t y, float *P, int B, int H,
                           int T, int D, int dtype, float scale, int n_threads) {
-    const int Tp = padded(T);
-    int failed = 0;
-#pragma omp parallel num_threads(n_threads) reduction(| : failed)
-    {
-        float *ws = workspace(forward_workspace(T, D));
-        if (!ws) failed = 1;
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < B * H; bh++) {
-            if (ws)
-                forward_pair(&q, &k, &v, &y, P + (int64_t)bh * Tp * Tp, bh / H, bh % H, T, D,
-                             dtype, scale, ws);
-        }
-        free(ws);
-    }
-    return failed ? -1 : 0;
+    const attn_call_t c = {.q = q, .k = k, .v = v, .y = y, .P = P, .H = H, .T = T, .D = D,
+                           .dtype = dtype, .scale = scale};
+    return over_pairs(forward_pair, &c, B, forward_workspace(T, D), n_threads);
 }
 
 /* One (b, h) pair backward: dP = dy·vᵀ, dS = P∘(dP − rowsum(P∘dP)), dq = dS·k·scale,
  * dk = dSᵀ·(q·scale), dv = Pᵀ·dy. */
-static void backward_pair(const view_t *q, const view_t *k, const view_t *v, const view_t *dy,
-                          const float *P, view_t *dq, view_t *dk, view_t *dv, int b, int h,
-                          int T, int D, int dtype, float scale, float *ws) {
+static void backward_pair(const attn_call_t *c, int b, int h, float *P, float *ws) {
+    const view_t *q = &c->q, *k = &c->k, *v = &c->v, *dy = &c->y;
+    const view_t *dq = &c->dq, *dk = &c->dk, *dv = &c->dv;
+    const int T = c->T, D = c->D, dtype = c->dtype;
+    const float scale = c->scale;
     const int Tp = padded(T), Dp = padded(D), n = Tp * Dp;
     float *qf = ws, *kf = qf + n, *vt = kf + n, *dyf = vt + n, *gf = dyf + n;
     float *dS = gf + n, *tmp = dS + Tp * Tp;
@@ -414,19 +435,9 @@ static size_t backward_workspace(int T, int D) {
 int lmf_attention_backward(view_t q, view_t k, view_t v, view_t dy, const float *P, view_t dq,
                            view_t dk, view_t dv, int B, int H, int T, int D, int dtype,
                            float scale, int n_threads) {
-    const int Tp = padded(T);
-    int failed = 0;
-#pragma omp parallel num_threads(n_threads) reduction(| : failed)
-    {
-        float *ws = workspace(backward_workspace(T, D));
-        if (!ws) failed = 1;
-#pragma omp for schedule(static)
-        for (int bh = 0; bh < B * H; bh++) {
-            if (ws)
-                backward_pair(&q, &k, &v, &dy, P + (int64_t)bh * Tp * Tp, &dq, &dk, &dv, bh / H,
-                              bh % H, T, D, dtype, scale, ws);
-        }
-        free(ws);
-    }
-    return failed ? -1 : 0;
+    /* The backward only reads P; the struct's pointer is not const for the forward. */
+    const attn_call_t c = {.q = q, .k = k, .v = v, .y = dy, .dq = dq, .dk = dk, .dv = dv,
+                           .P = (float *)P, .H = H, .T = T, .D = D, .dtype = dtype,
+                           .scale = scale};
+    return over_pairs(backward_pair, &c, B, backward_workspace(T, D), n_threads);
 }

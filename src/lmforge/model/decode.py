@@ -27,6 +27,7 @@ the full forward and against HF `generate`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import fields
 from typing import cast
 
@@ -35,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lmforge.components import NORMS
 from lmforge.config import ModelConfig
+from lmforge.model.attend import attend_one
 from lmforge.model.transformer import (
     MLP,
     Attention,
@@ -55,9 +58,10 @@ _UNDERSTOOD = {
     "rope_theta", "norm_eps", "init_std", "zero_init_proj", "logit_softcap",
     "head_dim", "norm_placement", "qk_norm_scope", "gate_act", "embed_scale", "attn_scale",
     "attn_softcap",
-    "objective", "mlp",  # checked by value in `Decoder.supports`
+    "objective",  # checked by value in `Decoder.supports`
+    # Components: `step` applies the model's own (their decode form, or the module).
+    "mlp",
 }  # fmt: skip
-_MLPS = ("gelu", "gelu_exact", "swiglu", "relu2")
 
 
 def _mm_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -85,6 +89,10 @@ def transposed_weight(w: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _plain(m: nn.Module | None, kind: type[nn.Module]) -> bool:
     return m is None or type(m) is kind
 
@@ -98,15 +106,14 @@ class Decoder:
         if type(model) is not Transformer or model.training:
             return False
         cfg, default = model.cfg, ModelConfig()
-        if cfg.objective != "causal" or cfg.mlp not in _MLPS:
+        if cfg.objective != "causal":
             return False
         for f in fields(cfg):
             if f.name not in _UNDERSTOOD and getattr(cfg, f.name) != getattr(default, f.name):
                 return False
         if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
             return False  # someone observes or changes activations: keep the module calls
-        norm = type(model.norm)
-        if norm not in (nn.LayerNorm, nn.RMSNorm) or not _plain(model.lm_head, nn.Linear):
+        if not _plain(model.lm_head, nn.Linear) or not _plain(model.pos_emb, nn.Embedding):
             return False
         for block in model.blocks:
             if type(block) is not Block:  # e.g. an activation-checkpointing wrapper
@@ -115,9 +122,6 @@ class Decoder:
             if type(a) is not Attention or type(m) is not MLP:
                 return False
             if not all(_plain(x, nn.Linear) for x in (a.qkv, a.proj, m.up, m.down)):
-                return False
-            block_norms = (block.attn_norm, block.attn_out_norm, block.mlp_norm, block.mlp_out_norm)
-            if not all(_plain(x, norm) or type(x) is nn.Identity for x in block_norms):
                 return False
             if not all(_plain(x, nn.RMSNorm) for x in (a.q_norm, a.k_norm)):
                 return False
@@ -151,15 +155,12 @@ class Decoder:
         ]
         self.cache = KVCache([kv[0] for kv in self.kv], [kv[1] for kv in self.kv])
         self.C = cfg.d_model
-        self.mlp = cfg.mlp
         self.softcap = float(getattr(cfg, "logit_softcap", 0.0) or 0.0)
-        self.rmsnorm = cfg.norm == "rmsnorm"
         self.eps = cfg.norm_eps
         # SDPA's default 1/sqrt(D) (Vaswani et al. 2017), or the model's own (Gemma 2).
         self.scale = cfg.attn_scale or 1.0 / math.sqrt(self.D)
         self.attn_softcap = cfg.attn_softcap
         self.qk_full = cfg.qk_norm_scope == "full"
-        self.gelu_gate = cfg.gate_act == "gelu_tanh"
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.embed_scale else 0.0
         # Transposed copies pay off only for a real matrix product (see the module docstring).
         self.transposed = batch > 1 if transpose is None else transpose
@@ -170,24 +171,27 @@ class Decoder:
                 None if m.bias is None else m.bias.detach()
             )
 
-        def norm(m: nn.Module | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-            if m is None or type(m) is nn.Identity:  # absent (post-norm blocks)
-                return None, None
-            w = getattr(m, "weight", None)
-            b = getattr(m, "bias", None)
-            return (None if w is None else w.detach()), (None if b is None else b.detach())
+        component = NORMS[cfg.norm]
+
+        def norm(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+            # The norm component's decode form; absent norms (post-norm blocks) pass x on.
+            return _identity if type(m) is nn.Identity else component.decode_fn(m)
+
+        def qk_norm(m: nn.Module | None) -> torch.Tensor | None:
+            return None if m is None else cast(torch.Tensor, m.weight).detach()
 
         blocks = cast(list[Block], list(model.blocks))  # checked by `supports`
         self.layers = [
             (
                 norm(b.attn_norm),
                 lin(b.attn.qkv),
-                norm(b.attn.q_norm)[0],
-                norm(b.attn.k_norm)[0],
+                qk_norm(b.attn.q_norm),
+                qk_norm(b.attn.k_norm),
                 lin(b.attn.proj),
                 norm(b.attn_out_norm),
                 norm(b.mlp_norm),
                 lin(b.mlp.up),
+                b.mlp.act,
                 lin(b.mlp.down),
                 norm(b.mlp_out_norm),
             )
@@ -209,13 +213,6 @@ class Decoder:
 
     # ------------------------------------------------------------------ one token
 
-    def _norm(self, x: torch.Tensor, wb: tuple[torch.Tensor | None, torch.Tensor | None]):
-        if wb[0] is None:  # no norm here (our norms always have a weight)
-            return x
-        if self.rmsnorm:
-            return torch.rms_norm(x, (self.C,), wb[0], self.eps)
-        return torch.layer_norm(x, (self.C,), wb[0], wb[1], self.eps)
-
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) at the next position; logits (B, V) for the one after."""
         pos = self.cache.length
@@ -226,10 +223,8 @@ class Decoder:
         # is a measurable share (benchmarks/LOG.md, goal 4).
         B = tokens.size(0)
         H, K, D, eps = self.H, self.K, self.D, self.eps
-        G = H // K  # query heads per key/value head
         L = pos + 1  # positions attended to, the new one included
         lin = _mm_bias if self.transposed else F.linear
-        norm = self._norm
         x = torch.embedding(self.tok_emb, tokens)  # (B, C)
         if self.embed_scale:  # in x's dtype, as `Transformer.forward`
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
@@ -239,11 +234,11 @@ class Decoder:
         m = self.model
         if m.rope_cos is not None and m.rope_sin is not None:
             rope = (m.rope_cos[pos], m.rope_sin[pos])  # (D/2,) each
-        for kv, (n1, qkv, qn, kn, proj, n1o, n2, up, down, n2o) in zip(
+        for kv, (n1, qkv, qn, kn, proj, n1o, n2, up, act, down, n2o) in zip(
             self.kv, self.layers, strict=True
         ):
             # kv: (2, B, K, T_max, D)
-            h = lin(norm(x, n1), *qkv)  # (B, (H + 2K)·D)
+            h = lin(n1(x), *qkv)  # (B, (H + 2K)·D)
             q = h[:, : H * D]
             if qn is None and rope is None:
                 kv[:, :, :, pos] = h[:, H * D :].view(B, 2, K, D).transpose(0, 1)
@@ -261,35 +256,11 @@ class Decoder:
                     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
                 kv[0, :, :, pos] = k
                 kv[1, :, :, pos] = h[:, (H + K) * D :].view(B, K, D)
-            # One query per row sees every cached position: no mask. Query heads of a group
-            # are consecutive (h = k·G + g, as `repeat_interleave` in Attention), so a
-            # group's G queries share their key/value head as rows of one matmul.
-            att = torch.baddbmm(
-                torch.empty(B * K, G, L, device=h.device, dtype=h.dtype),
-                q.reshape(B * K, G, D),
-                kv[0, :, :, :L].view(B * K, L, D).transpose(1, 2),
-                beta=0.0,
-                alpha=self.scale,
-            )  # (B·K, G, L)
-            if self.attn_softcap:  # as `softcapped_attention`
-                att = self.attn_softcap * torch.tanh(att / self.attn_softcap)
-            if att.dtype == torch.float32:
-                att = att.softmax(dim=-1)
-            else:  # half precision: normalise in float32, as SDPA does
-                att = att.softmax(dim=-1, dtype=torch.float32).to(h.dtype)
-            y = torch.bmm(att, kv[1, :, :, :L].view(B * K, L, D))  # (B·K, G, D)
-            x = x + norm(lin(y.view(B, H * D), *proj), n1o)
-            h = lin(norm(x, n2), *up)
-            if self.mlp == "swiglu":
-                gate, u = h.chunk(2, dim=-1)
-                h = (F.gelu(gate, approximate="tanh") if self.gelu_gate else F.silu(gate)) * u
-            elif self.mlp == "relu2":
-                h = F.relu(h).square()
-            else:
-                h = F.gelu(h, approximate="none" if self.mlp == "gelu_exact" else "tanh")
-            x = x + norm(lin(h, *down), n2o)
+            y = attend_one(q, kv, L, self.scale, self.attn_softcap)  # (B·K, G, D)
+            x = x + n1o(lin(y.view(B, H * D), *proj))
+            x = x + n2o(lin(act(lin(n2(x), *up)), *down))
         self.cache.length = L
-        logits = lin(norm(x, self.final_norm), *self.head)  # (B, V)
+        logits = lin(self.final_norm(x), *self.head)  # (B, V)
         if self.softcap:  # as Transformer.forward: cap·tanh(logits / cap), in float32
             logits = self.softcap * torch.tanh(logits.float() / self.softcap)
         return logits

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.components import MLPS
+
 # Quintic Newton-Schulz coefficients chosen to push all singular values into about
 # [0.7, 1.2] in five steps (Jordan et al. 2024): fast rather than exact.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -186,7 +188,7 @@ def _block_matrices(model: nn.Module) -> dict[str, list[int] | None]:
             d = cfg.head_dim or cfg.d_model // cfg.n_heads
             kv = cfg.n_kv_heads or cfg.n_heads
             split = [cfg.n_heads * d, kv * d, kv * d]
-        elif name.endswith("mlp.up.weight") and cfg is not None and cfg.mlp == "swiglu":
+        elif name.endswith("mlp.up.weight") and cfg is not None and MLPS[cfg.mlp].gates == 2:
             split = [p.shape[0] // 2, p.shape[0] // 2]
         out[name] = split
     return out
