@@ -435,23 +435,65 @@ class TokenStream:
 
 
 def first_sample(
-    step: int,
-    micro: int,
-    micro_batch_size: int,
-    accum_steps: int,
-    rank: int = 0,
-    world_size: int = 1,
+    step: int, micro: int, micro_batch: int, accum: int, rank: int = 0, world: int = 1
 ) -> int:
     """Global number of the first sample of micro-batch `micro` of step `step` on `rank`.
 
     Step `s` owns samples [s·G, (s+1)·G) with G = micro_batch · accum · world; each rank takes a
     contiguous slice of them. The set a step sees depends only on G, never on how it is split.
     """
-    global_batch = micro_batch_size * accum_steps * world_size
-    return step * global_batch + (rank * accum_steps + micro) * micro_batch_size
+    global_batch = micro_batch * accum * world
+    return step * global_batch + (rank * accum + micro) * micro_batch
 
 
-class TokenLoader:
+class SampleBatches:
+    """The base of every batch source `Trainer` reads: the loader of token shards, the
+    masked-LM one, packed fine-tuning rows and preference pairs.
+
+    Micro-batch `micro` of step `step` on `rank` is the run's samples numbered from
+    `first_sample`, so a resumed run, or the same global batch split another way, sees
+    the same data. A subclass says how to build samples ``first .. first + n - 1``.
+    """
+
+    rows_per_sample = 1  # rows of the micro-batch each sample fills (a preference pair: 2)
+
+    def batch(
+        self,
+        step: int,
+        micro: int,
+        micro_batch_size: int,
+        accum_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
+        n = micro_batch_size // self.rows_per_sample
+        return self.samples(first_sample(step, micro, n, accum_steps, rank, world_size), n)
+
+    def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of samples ``first .. first + n - 1`` of the run."""
+        raise NotImplementedError
+
+
+class EpochOrder:
+    """Item number of sample `g` in a run that visits `n` items once per epoch, in an
+    order drawn from ``(seed, epoch)``: deterministic, so resuming repeats it."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def __call__(self, g: int) -> int:
+        epoch, k = divmod(g, self.n)
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._perm = rng.permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[k])
+
+
+class TokenLoader(SampleBatches):
     """Deterministic batches of (inputs, targets) drawn from (seed, step, rank, world size)."""
 
     def __init__(
@@ -509,20 +551,11 @@ class TokenLoader:
         """Window number `g` of the run: seq_len + 1 tokens."""
         return self.stream.read(self.window_start(g), self.seq_len + 1)
 
-    def batch(
-        self,
-        step: int,
-        micro: int,
-        micro_batch_size: int,
-        accum_steps: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
+    def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows ``first .. first + n - 1`` of the run: (n, T) inputs and targets."""
         import torch  # loaded already by whoever trains: a dictionary lookup
 
-        first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
-        starts = self.window_starts(first, micro_batch_size)
+        starts = self.window_starts(first, n)
         data = torch.from_numpy(self.stream.read_rows(starts, self.seq_len + 1))
         return data[:, :-1], data[:, 1:]
 

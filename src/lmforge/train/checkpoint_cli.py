@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 
 def cmd_consolidate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -24,8 +25,7 @@ def cmd_consolidate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def register(sub) -> None:
-    from lmforge.cli import _help
-
+    doc = inspect.getdoc(cmd_consolidate) or ""
     p = sub.add_parser(
         "checkpoint",
         help="Work on checkpoints: consolidate a sharded one into the single-file one.",
@@ -33,8 +33,8 @@ def register(sub) -> None:
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     c = verbs.add_parser(
         "consolidate",
-        help=_help(cmd_consolidate).splitlines()[0],
-        description=_help(cmd_consolidate),
+        help=doc.splitlines()[0],
+        description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.set_defaults(func=cmd_consolidate)
