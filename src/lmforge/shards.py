@@ -33,6 +33,7 @@ import numpy as np
 
 from lmforge.data.document import Document
 from lmforge.fast_encode import batches_of, encode_documents
+from lmforge.fileio import write_text_atomic
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is needed by the loaders, not by tokenising
@@ -53,6 +54,27 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
         return False
     h = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
     return h / 2**64 < val_fraction
+
+
+SPLITS = ("document", "tail")  # the values of data.split
+
+
+def split_document(
+    doc_id: str, text: str, val_fraction: float, split: str = "document"
+) -> tuple[str, str]:
+    """The (train, validation) parts of one document: the one train/validation split.
+
+    split="document": the whole text goes to one side, by a hash of the id (`is_validation`).
+    split="tail": the last `val_fraction` of the characters is held out (nanoGPT's split of
+    a single file such as tinyshakespeare). `tokenize`, the evaluation of a run and the
+    built-in fine-tuning tasks all cut here, so held-out text is never trained on.
+    """
+    if split == "tail":
+        cut = int(len(text) * (1 - val_fraction))
+        return text[:cut], text[cut:]
+    if split != "document":
+        raise ValueError(f"data.split = {split!r} is not 'document' or 'tail'")
+    return ("", text) if is_validation(doc_id, val_fraction) else (text, "")
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -136,9 +158,7 @@ class ShardWriter:
             "n_documents": self.n_docs,
             "n_bytes": self.n_bytes,
         }
-        tmp_header = self.path.with_suffix(".json.tmp")
-        tmp_header.write_text(json.dumps(header, indent=1))
-        tmp_header.replace(self.path.with_suffix(".json"))
+        write_text_atomic(self.path.with_suffix(".json"), json.dumps(header, indent=1))
         for key, value in (
             ("n_tokens", self.n_tokens),
             ("n_documents", self.n_docs),
@@ -153,18 +173,13 @@ class ShardWriter:
 
 
 def _split_tails(docs: Iterable[Document], val_fraction: float) -> Iterator[Document]:
+    """Each document's head (train) and, when not empty, its tail (val) as two documents."""
     for doc in docs:
-        cut = int(len(doc.text) * (1 - val_fraction))
-        yield Document(
-            doc.id, doc.text[:cut], doc.source, doc.license, {**doc.meta, "split": "train"}
-        )
-        if cut < len(doc.text):
+        head, tail = split_document(doc.id, doc.text, val_fraction, "tail")
+        yield Document(doc.id, head, doc.source, doc.license, {**doc.meta, "split": "train"})
+        if tail:
             yield Document(
-                doc.id + "#tail",
-                doc.text[cut:],
-                doc.source,
-                doc.license,
-                {**doc.meta, "split": "val"},
+                doc.id + "#tail", tail, doc.source, doc.license, {**doc.meta, "split": "val"}
             )
 
 
@@ -189,7 +204,7 @@ def tokenize_documents(
     (default: the usable cores) once `parallel_after` characters have passed.
     Existing shards in `out_dir` are replaced.
     """
-    if split not in ("document", "tail"):
+    if split not in SPLITS:
         raise ValueError(f"data.split = {split!r} is not 'document' or 'tail'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,14 +233,11 @@ def tokenize_documents(
     _check_splits(counts, split, val_fraction, seen)
     # Written last, so a folder with the marker holds every shard of both splits:
     # a run killed between shards leaves no marker and is tokenized again.
-    tmp = out / (COMPLETE + ".tmp")
+    marker = out / COMPLETE
     try:
-        tmp.write_text(json.dumps({"tokenizer_hash": tok.hash, **counts}, indent=1))
-        _fsync_path(tmp)
-        tmp.replace(out / COMPLETE)
+        write_text_atomic(marker, json.dumps({"tokenizer_hash": tok.hash, **counts}, indent=1))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ShardError(f"{tmp}: could not write ({exc.strerror or exc})") from exc
+        raise ShardError(f"{marker}: could not write ({exc.strerror or exc})") from exc
     return counts
 
 
@@ -267,11 +279,6 @@ def _utf8_len(text: str) -> int:
     if text.isascii():  # O(1) in CPython: one byte per character
         return len(text)
     return len(text.encode("utf-8", errors="replace"))
-
-
-def _fsync_path(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def shards_complete(tokens_dir: str | Path, tokenizer_hash: str) -> bool:

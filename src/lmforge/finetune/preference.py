@@ -33,7 +33,6 @@ the same on the validation pairs (``val_reward_acc``, ...).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config, ConfigError
+from lmforge.fileio import atomic_path
 from lmforge.finetune.data import IGNORE, truncate_example
 from lmforge.finetune.tasks import (
     ROLE_TOKENS,
@@ -323,9 +323,9 @@ def attach_reference(
     for src in sources.values():
         src.ref = reference_logps(model, src, batch_pairs)
     model.train(was_training)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: src.ref for name, src in sources.items()}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        refs = {name: src.ref for name, src in sources.items()}
+        save_file(refs, str(tmp), metadata={"key": key})
     log(
         f"reference log-probabilities: computed for {sum(s.n_pairs for s in sources.values())} pairs"
     )
