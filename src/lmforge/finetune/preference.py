@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config, ConfigError
-from lmforge.fileio import atomic_path
+from lmforge.fileio import atomic_path, write_text_atomic
 from lmforge.finetune.data import IGNORE, truncate_example
 from lmforge.finetune.tasks import (
     ROLE_TOKENS,
@@ -440,5 +440,5 @@ def finetune_preference(cfg: Config, run_dir: Path, resume: str = "") -> dict[st
     if fc.method == "lora":
         save_lora_outputs(model, trainer, cfg, tok, run_dir)
     summary["checkpoint"] = str(run_dir / "merged" if fc.method == "lora" else run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary

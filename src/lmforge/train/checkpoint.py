@@ -32,6 +32,8 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge import __version__
+
+FileWriter = Callable[[Path], Any]  # writes one file of a checkpoint folder at the path
 
 CKPT_FILES = (
     "model.safetensors",
@@ -505,32 +509,61 @@ def _write_checkpoint_files(
         optimizer = optimizer.state_dict()
     opt_tensors, opt_meta = optimizer_files(optimizer or {})
     rng_tensors, rng_meta = rng if rng is not None else rng_files()
+    meta = {"format": "pt", "lmforge": __version__}
+    writers: dict[str, FileWriter] = {
+        "model.safetensors": lambda p: save_weights(model, p, meta),
+        "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p), metadata=meta),
+        "optimizer.json": lambda p: p.write_text(json.dumps(opt_meta)),
+        "rng.safetensors": lambda p: save_file(rng_tensors, str(p), metadata=meta),
+        **small_files(step, state, rng_meta, extra_files),
+    }
+    sums = write_files(tmp, writers, current)
+    write_checksums(tmp, sums, current)
+
+
+def small_files(
+    step: int, state: dict[str, Any], rng_meta: dict[str, Any], extra_files: dict[str, bytes]
+) -> dict[str, FileWriter]:
+    """Writers of the files both checkpoint formats share: rng.json, trainer_state.json
+    (`state` with the step and the versions that wrote it) and the extra files."""
     full_state = dict(
         state, step=step, lmforge_version=__version__, torch_version=torch.__version__
     )
-    meta = {"format": "pt", "lmforge": __version__}
-    writers: list[tuple[str, Any]] = [
-        ("model.safetensors", lambda p: save_weights(model, p, meta)),
-        ("optimizer.safetensors", lambda p: save_file(opt_tensors, str(p), metadata=meta)),
-        ("optimizer.json", lambda p: p.write_text(json.dumps(opt_meta))),
-        ("rng.safetensors", lambda p: save_file(rng_tensors, str(p), metadata=meta)),
-        ("rng.json", lambda p: p.write_text(json.dumps(rng_meta))),
-        (
-            "trainer_state.json",
-            lambda p: p.write_text(json.dumps(full_state, indent=1, default=str)),
-        ),
-    ]
-    writers += [(name, lambda p, d=data: p.write_bytes(d)) for name, data in extra_files.items()]
+    writers: dict[str, FileWriter] = {
+        "rng.json": lambda p: p.write_text(json.dumps(rng_meta)),
+        "trainer_state.json": lambda p: p.write_text(json.dumps(full_state, indent=1, default=str)),
+    }
+    for name, data in extra_files.items():
+        writers[name] = partial(_write_bytes, data=data)
+    return writers
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def write_files(
+    folder: Path, writers: dict[str, FileWriter], current: list[Path] | None = None
+) -> dict[str, str]:
+    """Write each file of a checkpoint folder and fsync it; their sha256 by name.
+    `current` is told each path before it is written (for a failure's message)."""
     sums = {}
-    for name, write in writers:
-        current.append(tmp / name)
-        write(tmp / name)
-        _fsync_file(tmp / name)
-        sums[name] = sha256_file(tmp / name)
-    current.append(tmp / "checksums.json")
-    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-    _fsync_file(tmp / "checksums.json")
-    _fsync_dir(tmp)
+    for name, write in writers.items():
+        if current is not None:
+            current.append(folder / name)
+        write(folder / name)
+        _fsync_file(folder / name)
+        sums[name] = sha256_file(folder / name)
+    return sums
+
+
+def write_checksums(folder: Path, sums: dict[str, str], current: list[Path] | None = None) -> None:
+    """checksums.json, written last: a folder holding it is complete."""
+    if current is not None:
+        current.append(folder / "checksums.json")
+    (folder / "checksums.json").write_text(json.dumps(sums, indent=1))
+    _fsync_file(folder / "checksums.json")
+    _fsync_dir(folder)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -31,11 +31,9 @@ def register(sub) -> None:
         help="Work on checkpoints: consolidate a sharded one into the single-file one.",
     )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
     c = verbs.add_parser(
-        "consolidate",
-        help=doc.splitlines()[0],
-        description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "consolidate", help=doc.splitlines()[0], description=doc, formatter_class=raw
     )
     c.set_defaults(func=cmd_consolidate)
     c.add_argument("step_dir", help="a sharded checkpoint folder (or a run folder: its newest)")

@@ -828,7 +828,7 @@ class Trainer:
         if self.dist.is_main:
             for name in clean_stale_temporaries(self.run_dir):
                 self.log(f"removed {name}, left in checkpoints/ by a writer that died")
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
         return self.step < self.cfg.train.max_steps
 
     def _catch_signals(self) -> dict[Any, Any]:
