@@ -444,7 +444,9 @@ def save_checkpoint(
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        _write_checkpoint_files(tmp, step, model, optimizer, state, extra_files or {}, current)
+        writers, rng_meta = gathered_files(model, optimizer)
+        writers.update(small_files(step, state, rng_meta, extra_files or {}))
+        _write_checkpoint_files(tmp, writers, current)
         if final.exists():  # a re-save of the same step: replace it whole, if it is valid
             _set_aside_or_remove(final)
         tmp.rename(final)
@@ -493,18 +495,14 @@ def _set_aside_or_remove(folder: Path) -> None:
         _remove(folder)
 
 
-def _write_checkpoint_files(
-    tmp: Path,
-    step: int,
+def gathered_files(
     model: nn.Module | dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer | dict[str, Any] | None,
-    state: dict[str, Any],
-    extra_files: dict[str, bytes],
-    current: list[Path],
     rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
-) -> None:
-    """`rng`: RNG states to store (a consolidated checkpoint's); default this process's."""
-    tmp.mkdir()
+) -> tuple[dict[str, FileWriter], dict[str, Any]]:
+    """Writers of the gathered format's own files (weights, optimizer state, RNG tensors),
+    and rng.json's content for `small_files`. `rng`: RNG states to store (a consolidated
+    checkpoint's); default this process's."""
     if isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer.state_dict()
     opt_tensors, opt_meta = optimizer_files(optimizer or {})
@@ -515,10 +513,16 @@ def _write_checkpoint_files(
         "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p), metadata=meta),
         "optimizer.json": lambda p: p.write_text(json.dumps(opt_meta)),
         "rng.safetensors": lambda p: save_file(rng_tensors, str(p), metadata=meta),
-        **small_files(step, state, rng_meta, extra_files),
     }
-    sums = write_files(tmp, writers, current)
-    write_checksums(tmp, sums, current)
+    return writers, rng_meta
+
+
+def _write_checkpoint_files(
+    tmp: Path, writers: dict[str, FileWriter], current: list[Path] | None = None
+) -> None:
+    """Create `tmp` and write its files, checksums.json last."""
+    tmp.mkdir()
+    write_checksums(tmp, write_files(tmp, writers, current), current)
 
 
 def small_files(

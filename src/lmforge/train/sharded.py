@@ -353,9 +353,9 @@ def consolidate(step_dir: Path | str, out: Path | str) -> Path:
     tmp = out.with_name(f".tmp-{out.name}-{ck._writer_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ck._write_checkpoint_files(
-            tmp, int(state["step"]), weights, optim, state, extra, [tmp], rng
-        )
+        writers, rng_meta = ck.gathered_files(weights, optim, rng)
+        writers.update(ck.small_files(int(state["step"]), state, rng_meta, extra))
+        ck._write_checkpoint_files(tmp, writers)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
