@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from lmforge.data import Document
 from lmforge.data.sources import decode_bytes, iter_source
-from lmforge.shards import ShardError, TokenLoader, TokenStream, is_validation, tokenize_documents
+from lmforge.shards import (
+    ShardError,
+    TokenLoader,
+    TokenStream,
+    is_validation,
+    split_document,
+    tokenize_documents,
+)
 from lmforge.tokenizer import EOT, SPECIAL_TOKENS, load_tokenizer, train_bpe, train_char
 
 
@@ -84,6 +91,24 @@ def test_shard_round_trip(bpe, tmp_path):
         assert stream.n_bytes == sum(len(d.text.encode()) for d in expected)
     header = json.loads((tmp_path / "train_00000.json").read_text())
     assert header["dtype"] == "uint16" and header["tokenizer_hash"] == bpe.hash
+
+
+@pytest.mark.parametrize("mode", ["document", "tail"])
+def test_tokenize_cuts_where_split_document_does(bpe, tmp_path, mode):
+    """The shards hold exactly the (train, val) parts `split_document` gives, which is
+    what evaluation and the built-in fine-tuning tasks hold out."""
+    docs = make_docs()
+    tokenize_documents(docs, bpe, tmp_path, val_fraction=0.2, split=mode)
+    parts = [split_document(d.id, d.text, 0.2, mode) for d in docs]
+    # Each document lands on one side ("document") or on both, head and tail ("tail").
+    assert all(bool(train) != bool(val) for train, val in parts) == (mode == "document")
+    assert all(train for train, _ in parts) == (mode == "tail")
+    for k, split in enumerate(("train", "val")):
+        stream = TokenStream(tmp_path, split, bpe.hash)
+        decoded = bpe.decode(stream.read(0, stream.n_tokens).tolist()).split(EOT)[:-1]
+        assert decoded == [p[k] for p in parts if p[k]]
+    with pytest.raises(ValueError, match=r"data\.split = 'line'"):
+        split_document("a", "text", 0.2, "line")
 
 
 def test_split_is_deterministic_by_id():

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.shards import TokenLoader, TokenStream, first_sample
+from lmforge.shards import SampleBatches, TokenLoader, TokenStream
 from lmforge.tokenizer import Tokenizer
 
 MASK_PROB = 0.15  # Devlin et al. 2019: 15% of positions are prediction targets
@@ -81,7 +81,7 @@ def ordinary_token_ids(tok: Tokenizer) -> np.ndarray:
     return np.array([i for i in range(tok.vocab_size) if i not in special], dtype=np.int64)
 
 
-class MaskedBatches:
+class MaskedBatches(SampleBatches):
     """Wraps a `TokenLoader` so its windows come out BERT-corrupted: a `BatchSource` for `Trainer`."""
 
     def __init__(
@@ -93,19 +93,10 @@ class MaskedBatches:
         self.ordinary = ordinary_token_ids(tok)
         self.mask_prob = mask_prob
 
-    def batch(
-        self,
-        step: int,
-        micro: int,
-        micro_batch_size: int,
-        accum_steps: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         # The same global sample numbering as TokenLoader.batch, so masks follow the windows.
-        first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
         xs, ys = [], []
-        for g in range(first, first + micro_batch_size):
+        for g in range(first, first + n):
             window = self.loader.sample(g)[:-1]  # T tokens; no shift for a masked LM
             rng = np.random.Generator(np.random.PCG64([self.seed, g]))
             x, y = mask_window(window, rng, self.mask_id, self.ordinary, self.mask_prob)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.config import Config, ModelConfig
+from lmforge.fileio import write_text_atomic
 from lmforge.model.transformer import count_params, flops_per_token
 from lmforge.train.dist import print0
 
@@ -216,7 +217,7 @@ def run_rung(cfg: Config, rung: dict[str, Any], out: Path, tokens_per_step: int)
         t0 = time.perf_counter()
         summary = pretrain(rcfg, resume="auto")  # an interrupted rung continues
         summary["wall_s"] = time.perf_counter() - t0
-        summary_path.write_text(json.dumps(summary, indent=1))
+        write_text_atomic(summary_path, json.dumps(summary, indent=1))
     summary = json.loads(summary_path.read_text())
     return {
         **rung,
@@ -226,21 +227,10 @@ def run_rung(cfg: Config, rung: dict[str, Any], out: Path, tokens_per_step: int)
     }
 
 
-def scale(
-    cfg: Config,
-    out: str | Path,
-    budgets: list[float],
-    predict_flops: float = 0.0,
-    shapes: list[tuple[int, int, int]] | None = None,
-    bootstrap_samples: int = 100,
-    held_out: str = "optimal",
-) -> dict[str, Any]:
-    """Train the ladder, fit the law, predict and then train the held-out rung; write scale.json/png."""
+def _tokenized(cfg: Config, out: Path) -> Config:
+    """Train the tokenizer and tokenize the data into `out`; `cfg` pointing at both."""
     from lmforge.pretrain import tokenize_stage, tokenizer_stage
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
     tok = tokenizer_stage(cfg, out)
     tokens_dir = tokenize_stage(cfg, tok, out)
     cfg = replace(
@@ -254,6 +244,47 @@ def scale(
     )
     if not cfg.tokenizer.path or not Path(cfg.tokenizer.path).exists():
         tok.save(out / "tokenizer.json")
+    return cfg
+
+
+def _held_out_rung(
+    cfg: Config,
+    fit: dict[str, Any],
+    ladder_max_params: float,
+    predict_flops: float,
+    shapes: list[tuple[int, int, int]],
+    tps: int,
+    held_out: str,
+) -> dict[str, Any]:
+    """The rung to predict at `predict_flops`: the compute-optimal shape by the fit, or
+    (held_out = "larger") the smallest shape larger than every rung of the ladder."""
+    candidates = plan_ladder(cfg.model, [predict_flops], shapes, tps, max_per_budget=len(shapes))
+    if not candidates:
+        raise ValueError(f"no shape fits the held-out budget {predict_flops:.2g}")
+    if held_out == "larger":
+        # Extrapolate in N as well as in compute: the smallest shape larger than every rung.
+        bigger = [r for r in candidates if r["params"] > ladder_max_params]
+        if not bigger:
+            raise ValueError(f"no shape at {predict_flops:.2g} FLOPs is larger than the ladder's")
+        return min(bigger, key=lambda r: r["params"])
+    # the compute-optimal shape by the fit
+    return min(candidates, key=lambda r: predict(fit, r["params"], r["tokens"]))
+
+
+def scale(
+    cfg: Config,
+    out: str | Path,
+    budgets: list[float],
+    predict_flops: float = 0.0,
+    shapes: list[tuple[int, int, int]] | None = None,
+    bootstrap_samples: int = 100,
+    held_out: str = "optimal",
+) -> dict[str, Any]:
+    """Train the ladder, fit the law, predict and then train the held-out rung; write scale.json/png."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    cfg = _tokenized(cfg, out)
     shapes = shapes or DEFAULT_SHAPES
     tps = cfg.train.tokens_per_step
     ladder = plan_ladder(cfg.model, budgets, shapes, tps)
@@ -277,17 +308,7 @@ def scale(
 
     # The held-out rung: the largest shape's neighbourhood at a larger budget, sized by the fit.
     predict_flops = predict_flops or 3 * max(budgets)
-    candidates = plan_ladder(cfg.model, [predict_flops], shapes, tps, max_per_budget=len(shapes))
-    if not candidates:
-        raise ValueError(f"no shape fits the held-out budget {predict_flops:.2g}")
-    if held_out == "larger":
-        # Extrapolate in N as well as in compute: the smallest shape larger than every rung.
-        bigger = [r for r in candidates if r["params"] > n.max()]
-        if not bigger:
-            raise ValueError(f"no shape at {predict_flops:.2g} FLOPs is larger than the ladder's")
-        best = min(bigger, key=lambda r: r["params"])
-    else:  # the compute-optimal shape by the fit
-        best = min(candidates, key=lambda r: predict(fit, r["params"], r["tokens"]))
+    best = _held_out_rung(cfg, fit, float(n.max()), predict_flops, shapes, tps, held_out)
     predicted = predict(fit, best["params"], best["tokens"])
     boot = bootstrap(
         n, d, loss, (best["params"], best["tokens"]), bootstrap_samples, cfg.train.seed, fit["_x"]
@@ -310,7 +331,7 @@ def scale(
         "wall_s": time.perf_counter() - t_start,
         "loss_unit": "nats per token (validation)",
     }
-    (out / "scale.json").write_text(json.dumps(report, indent=1))
+    write_text_atomic(out / "scale.json", json.dumps(report, indent=1))
     plot(report, out / "scale.png")
     return report
 
@@ -341,22 +362,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ratio = np.mean([r["tokens"] * r["params"] for r in rs])
         ax[0].plot(ns, law_loss(x, ns, ratio / ns), color=color, lw=1)
     h = report["held_out"]
-    ax[0].scatter(
-        [h["params"]],
-        [h["val_loss"]],
-        marker="*",
-        s=160,
-        color="crimson",
-        label=f"held-out, measured {h['val_loss']:.3f}",
-    )
-    ax[0].scatter(
-        [h["params"]],
-        [h["predicted"]],
-        marker="x",
-        s=80,
-        color="black",
-        label=f"held-out, predicted {h['predicted']:.3f}",
-    )
+    for key, marker, size, color in (
+        ("val_loss", "*", 160, "crimson"),
+        ("predicted", "x", 80, "black"),
+    ):
+        what = "measured" if key == "val_loss" else "predicted"
+        label = f"held-out, {what} {h[key]:.3f}"
+        ax[0].scatter([h["params"]], [h[key]], marker=marker, s=size, color=color, label=label)
     ax[0].set_xscale("log")
     ax[0].set_xlabel("parameters N")
     ax[0].set_ylabel("validation loss (nats/token)")

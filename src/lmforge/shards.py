@@ -33,6 +33,7 @@ import numpy as np
 
 from lmforge.data.document import Document
 from lmforge.fast_encode import batches_of, encode_documents
+from lmforge.fileio import write_text_atomic
 from lmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is needed by the loaders, not by tokenising
@@ -53,6 +54,27 @@ def is_validation(doc_id: str, val_fraction: float) -> bool:
         return False
     h = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big")
     return h / 2**64 < val_fraction
+
+
+SPLITS = ("document", "tail")  # the values of data.split
+
+
+def split_document(
+    doc_id: str, text: str, val_fraction: float, split: str = "document"
+) -> tuple[str, str]:
+    """The (train, validation) parts of one document: the one train/validation split.
+
+    split="document": the whole text goes to one side, by a hash of the id (`is_validation`).
+    split="tail": the last `val_fraction` of the characters is held out (nanoGPT's split of
+    a single file such as tinyshakespeare). `tokenize`, the evaluation of a run and the
+    built-in fine-tuning tasks all cut here, so held-out text is never trained on.
+    """
+    if split == "tail":
+        cut = int(len(text) * (1 - val_fraction))
+        return text[:cut], text[cut:]
+    if split != "document":
+        raise ValueError(f"data.split = {split!r} is not 'document' or 'tail'")
+    return ("", text) if is_validation(doc_id, val_fraction) else (text, "")
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -136,9 +158,7 @@ class ShardWriter:
             "n_documents": self.n_docs,
             "n_bytes": self.n_bytes,
         }
-        tmp_header = self.path.with_suffix(".json.tmp")
-        tmp_header.write_text(json.dumps(header, indent=1))
-        tmp_header.replace(self.path.with_suffix(".json"))
+        write_text_atomic(self.path.with_suffix(".json"), json.dumps(header, indent=1))
         for key, value in (
             ("n_tokens", self.n_tokens),
             ("n_documents", self.n_docs),
@@ -153,18 +173,13 @@ class ShardWriter:
 
 
 def _split_tails(docs: Iterable[Document], val_fraction: float) -> Iterator[Document]:
+    """Each document's head (train) and, when not empty, its tail (val) as two documents."""
     for doc in docs:
-        cut = int(len(doc.text) * (1 - val_fraction))
-        yield Document(
-            doc.id, doc.text[:cut], doc.source, doc.license, {**doc.meta, "split": "train"}
-        )
-        if cut < len(doc.text):
+        head, tail = split_document(doc.id, doc.text, val_fraction, "tail")
+        yield Document(doc.id, head, doc.source, doc.license, {**doc.meta, "split": "train"})
+        if tail:
             yield Document(
-                doc.id + "#tail",
-                doc.text[cut:],
-                doc.source,
-                doc.license,
-                {**doc.meta, "split": "val"},
+                doc.id + "#tail", tail, doc.source, doc.license, {**doc.meta, "split": "val"}
             )
 
 
@@ -189,7 +204,7 @@ def tokenize_documents(
     (default: the usable cores) once `parallel_after` characters have passed.
     Existing shards in `out_dir` are replaced.
     """
-    if split not in ("document", "tail"):
+    if split not in SPLITS:
         raise ValueError(f"data.split = {split!r} is not 'document' or 'tail'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,14 +233,11 @@ def tokenize_documents(
     _check_splits(counts, split, val_fraction, seen)
     # Written last, so a folder with the marker holds every shard of both splits:
     # a run killed between shards leaves no marker and is tokenized again.
-    tmp = out / (COMPLETE + ".tmp")
+    marker = out / COMPLETE
     try:
-        tmp.write_text(json.dumps({"tokenizer_hash": tok.hash, **counts}, indent=1))
-        _fsync_path(tmp)
-        tmp.replace(out / COMPLETE)
+        write_text_atomic(marker, json.dumps({"tokenizer_hash": tok.hash, **counts}, indent=1))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ShardError(f"{tmp}: could not write ({exc.strerror or exc})") from exc
+        raise ShardError(f"{marker}: could not write ({exc.strerror or exc})") from exc
     return counts
 
 
@@ -267,11 +279,6 @@ def _utf8_len(text: str) -> int:
     if text.isascii():  # O(1) in CPython: one byte per character
         return len(text)
     return len(text.encode("utf-8", errors="replace"))
-
-
-def _fsync_path(path: Path) -> None:
-    with path.open("rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def shards_complete(tokens_dir: str | Path, tokenizer_hash: str) -> bool:
@@ -435,23 +442,65 @@ class TokenStream:
 
 
 def first_sample(
-    step: int,
-    micro: int,
-    micro_batch_size: int,
-    accum_steps: int,
-    rank: int = 0,
-    world_size: int = 1,
+    step: int, micro: int, micro_batch: int, accum: int, rank: int = 0, world: int = 1
 ) -> int:
     """Global number of the first sample of micro-batch `micro` of step `step` on `rank`.
 
     Step `s` owns samples [s·G, (s+1)·G) with G = micro_batch · accum · world; each rank takes a
     contiguous slice of them. The set a step sees depends only on G, never on how it is split.
     """
-    global_batch = micro_batch_size * accum_steps * world_size
-    return step * global_batch + (rank * accum_steps + micro) * micro_batch_size
+    global_batch = micro_batch * accum * world
+    return step * global_batch + (rank * accum + micro) * micro_batch
 
 
-class TokenLoader:
+class SampleBatches:
+    """The base of every batch source `Trainer` reads: the loader of token shards, the
+    masked-LM one, packed fine-tuning rows and preference pairs.
+
+    Micro-batch `micro` of step `step` on `rank` is the run's samples numbered from
+    `first_sample`, so a resumed run, or the same global batch split another way, sees
+    the same data. A subclass says how to build samples ``first .. first + n - 1``.
+    """
+
+    rows_per_sample = 1  # rows of the micro-batch each sample fills (a preference pair: 2)
+
+    def batch(
+        self,
+        step: int,
+        micro: int,
+        micro_batch_size: int,
+        accum_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
+        n = micro_batch_size // self.rows_per_sample
+        return self.samples(first_sample(step, micro, n, accum_steps, rank, world_size), n)
+
+    def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of samples ``first .. first + n - 1`` of the run."""
+        raise NotImplementedError
+
+
+class EpochOrder:
+    """Item number of sample `g` in a run that visits `n` items once per epoch, in an
+    order drawn from ``(seed, epoch)``: deterministic, so resuming repeats it."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def __call__(self, g: int) -> int:
+        epoch, k = divmod(g, self.n)
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._perm = rng.permutation(self.n)
+            self._epoch = epoch
+        return int(self._perm[k])
+
+
+class TokenLoader(SampleBatches):
     """Deterministic batches of (inputs, targets) drawn from (seed, step, rank, world size)."""
 
     def __init__(
@@ -509,20 +558,11 @@ class TokenLoader:
         """Window number `g` of the run: seq_len + 1 tokens."""
         return self.stream.read(self.window_start(g), self.seq_len + 1)
 
-    def batch(
-        self,
-        step: int,
-        micro: int,
-        micro_batch_size: int,
-        accum_steps: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch `micro` of optimizer step `step` for `rank`: (B, T) inputs and targets."""
+    def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows ``first .. first + n - 1`` of the run: (n, T) inputs and targets."""
         import torch  # loaded already by whoever trains: a dictionary lookup
 
-        first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
-        starts = self.window_starts(first, micro_batch_size)
+        starts = self.window_starts(first, n)
         data = torch.from_numpy(self.stream.read_rows(starts, self.seq_len + 1))
         return data[:, :-1], data[:, 1:]
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from lmforge.data.sources import decode_bytes, stdlib_files, stdlib_root
+from lmforge.fileio import write_text_atomic
 from lmforge.shards import is_validation
 
 MAX_CODE_CHARS = 600
@@ -89,7 +90,5 @@ def build_code_docstring(
         for ex in function_examples(text):
             records[split].append(json.dumps({**ex, "file": rel}, ensure_ascii=False))
     for split, path in paths.items():
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in records[split]), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(r + "\n" for r in records[split]))
     return paths

@@ -12,7 +12,7 @@ The split follows the pre-training split of the same documents, so held-out
 continuations were never pre-trained on:
 
 - ``split="tail"``: the last `held_fraction` of every document's characters (the
-  cut `shards._split_tails` makes on the same text) is held out; its first half
+  cut `shards.split_document` makes on the same text) is held out; its first half
   gives the validation examples, its second half the test examples;
 - ``split="document"``: documents that `shards.is_validation` puts in validation
   are held out, alternately to validation and test by their order.
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.data.clean import normalise_whitespace, strip_gutenberg
-from lmforge.shards import is_validation
+from lmforge.fileio import write_text_atomic
+from lmforge.shards import is_validation, split_document
 
 if TYPE_CHECKING:
     from lmforge.config import Config
@@ -128,9 +129,9 @@ def split_regions(
             else:
                 yield "train", doc.id, clean_region(doc.text)
             continue
-        cut = int(len(doc.text) * (1 - held_fraction))  # as `shards._split_tails`
-        yield "train", doc.id, clean_region(doc.text[:cut])
-        held = clean_region(doc.text[cut:])
+        head, tail = split_document(doc.id, doc.text, held_fraction, "tail")
+        yield "train", doc.id, clean_region(head)
+        held = clean_region(tail)
         mid = held.find("\n\n", len(held) // 2)
         mid = len(held) // 2 if mid < 0 else mid
         yield "val", doc.id, held[:mid]
@@ -164,10 +165,8 @@ def build_creative(
     out_dir.mkdir(parents=True, exist_ok=True)
     records = creative_records(sources, held_fraction, split)
     for name, path in paths.items():
-        tmp = path.with_suffix(".jsonl.tmp")
         lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records[name])
-        tmp.write_text("".join(lines), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(lines))
     return paths
 
 

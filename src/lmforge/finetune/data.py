@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.finetune.tasks import Example
-from lmforge.shards import first_sample
+from lmforge.shards import EpochOrder, SampleBatches
 
 IGNORE = -100
 
@@ -85,7 +85,7 @@ def truncate_example(ex: Example, width: int) -> tuple[list[int], list[bool]]:
     return ids[: width - 1] + ids[-1:], trained[: width - 1] + trained[-1:]
 
 
-class PackedExamples:
+class PackedExamples(SampleBatches):
     """A `BatchSource` for `Trainer`: deterministic (x, y) micro-batches of packed rows."""
 
     def __init__(
@@ -105,33 +105,15 @@ class PackedExamples:
         self.n_rows = len(self.ids)
         self.n_examples = len(examples)
         self.n_target_tokens = int((self.labels != IGNORE).sum())
-        self._epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
-
-    def _row(self, g: int) -> int:
-        epoch, k = divmod(g, self.n_rows)
-        if epoch != self._epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._perm = rng.permutation(self.n_rows)
-            self._epoch = epoch
-        return int(self._perm[k])
+        self._row = EpochOrder(self.n_rows, seed)
 
     def _rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.from_numpy(self.ids[rows])
         labels = torch.from_numpy(self.labels[rows])
         return ids[:, :-1], labels[:, 1:]
 
-    def batch(
-        self,
-        step: int,
-        micro: int,
-        micro_batch_size: int,
-        accum_steps: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        first = first_sample(step, micro, micro_batch_size, accum_steps, rank, world_size)
-        return self._rows([self._row(first + i) for i in range(micro_batch_size)])
+    def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._rows([self._row(first + i) for i in range(n)])
 
     def sequential(
         self, batch_size: int, max_tokens: int = 0

@@ -25,14 +25,15 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lmforge.config import Config, ConfigError
+from lmforge.fileio import write_text_atomic
 from lmforge.finetune.data import PackedExamples, PackedLM
 from lmforge.finetune.lora import apply_lora, freeze, merge_lora, save_adapter, trainable_params
 from lmforge.finetune.tasks import (
@@ -56,6 +57,9 @@ from lmforge.tokenizer import (
 )
 from lmforge.train.checkpoint import save_checkpoint, unwrap
 from lmforge.train.dist import print0
+
+if TYPE_CHECKING:
+    from lmforge.train.loop import Trainer
 
 
 def resolve_spec(spec: str) -> str:
@@ -265,15 +269,60 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
     """Fine-tune per `cfg.finetune` into `run_dir` (default `output.dir`); returns the summary."""
     from lmforge.hardware import pick_device
     from lmforge.train.dist import init_distributed
-    from lmforge.train.loop import Trainer
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     init_distributed(pick_device(cfg.train.device))
     run_dir = Path(run_dir or cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = _with_finetune_budget(cfg)
     fc = cfg.finetune
-    cfg = replace(
+    if fc.objective != "sft":
+        from lmforge.finetune.preference import finetune_preference
+
+        return finetune_preference(cfg, run_dir, resume)
+    task = get_task(fc.task)
+    files = task_files(cfg, run_dir)
+    model, tok, cfg = load_start(cfg, run_dir, files["train"], task)
+    tok.save(run_dir / "tokenizer.json")
+    data = _SftData.load(cfg, task, tok, files)
+
+    info = prepare_model(model, cfg)
+    cfg = replace(cfg, model=model.cfg)  # apply_lora may untie the head
+    print0(
+        f"model: {info['total_params'] / 1e6:.2f}M parameters, {info['trainable_params'] / 1e6:.3f}M "
+        f"trainable ({fc.method})"
+    )
+    trainer = _sft_trainer(cfg, model, tok, task, data, run_dir)
+    cfg = trainer.cfg
+    summary = trainer.fit(resume=resume)
+    if "val_loss" in summary:
+        summary["val_ppl"] = math.exp(min(summary["val_loss"], 50.0))
+    summary.update(
+        task=task.name,
+        train_examples=len(data.train_ex),
+        epochs=trainer.step * cfg.train.tokens_per_step / max(data.train.epoch_steps_tokens, 1),
+        **info,
+    )
+    summary.pop("adapted", None)
+    if not trainer.dist.is_main:
+        return summary
+
+    if fc.method == "lora":
+        save_lora_outputs(model, trainer, cfg, tok, run_dir)
+    if data.test_ex and task.metric != "loss":
+        summary["test"] = _test_scores(
+            model, tok, task, data.test_ex, data.extra_stop, fc.max_new_tokens, run_dir
+        )
+    summary["checkpoint"] = str(finetuned_checkpoint(run_dir))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _with_finetune_budget(cfg: Config) -> Config:
+    """`cfg` with the finetune section's step budget, learning rate and batch in `train`."""
+    fc = cfg.finetune
+    return replace(
         cfg,
         train=replace(
             cfg.train,
@@ -285,52 +334,66 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
             optimizer="adamw",
         ),
     )
-    if fc.objective != "sft":
-        from lmforge.finetune.preference import finetune_preference
 
-        return finetune_preference(cfg, run_dir, resume)
-    task = get_task(fc.task)
-    files = task_files(cfg, run_dir)
-    model, tok, cfg = load_start(cfg, run_dir, files["train"], task)
-    tok.save(run_dir / "tokenizer.json")
 
-    t0 = time.perf_counter()
-    lang = (fc.source_lang, fc.target_lang)
-    template, extra_stop = model_template(cfg, tok)
-    train_ex, val_ex, test_ex = (
-        load_examples(task, tok, files[split], *lang, limit=fc.max_examples, template=template)
-        for split in ("train", "val", "test")
-    )
-    seq_len = finetune_seq_len(cfg)
-    train = PackedExamples(train_ex, seq_len, tok.pad_id, cfg.train.seed)
-    val = (
-        PackedExamples(val_ex, seq_len, tok.pad_id, cfg.train.seed, shuffle=False)
-        if val_ex
-        else None
-    )
-    print0(
-        f"finetune {task.name}: {len(train_ex):,} train / {len(val_ex):,} val / {len(test_ex):,} test "
-        f"examples; {train.n_rows:,} packed rows of {seq_len} tokens "
-        f"({train.n_target_tokens:,} target tokens, {train.truncated} truncated) "
-        f"in {time.perf_counter() - t0:.1f}s"
-    )
+@dataclass
+class _SftData:
+    """A task's examples, and the packed rows the trainer reads."""
 
-    info = prepare_model(model, cfg)
-    cfg = replace(cfg, model=model.cfg)  # apply_lora may untie the head
-    print0(
-        f"model: {info['total_params'] / 1e6:.2f}M parameters, {info['trainable_params'] / 1e6:.3f}M "
-        f"trainable ({fc.method})"
-    )
+    train_ex: list[Example]
+    val_ex: list[Example]
+    test_ex: list[Example]
+    train: PackedExamples
+    val: PackedExamples | None
+    seq_len: int
+    extra_stop: tuple[int, ...]
+
+    @classmethod
+    def load(
+        cls, cfg: Config, task: TaskFormat, tok: Tokenizer, files: dict[str, list[str]]
+    ) -> _SftData:
+        fc = cfg.finetune
+        t0 = time.perf_counter()
+        lang = (fc.source_lang, fc.target_lang)
+        template, extra_stop = model_template(cfg, tok)
+        train_ex, val_ex, test_ex = (
+            load_examples(task, tok, files[split], *lang, limit=fc.max_examples, template=template)
+            for split in ("train", "val", "test")
+        )
+        seq_len = finetune_seq_len(cfg)
+        train = PackedExamples(train_ex, seq_len, tok.pad_id, cfg.train.seed)
+        val = (
+            PackedExamples(val_ex, seq_len, tok.pad_id, cfg.train.seed, shuffle=False)
+            if val_ex
+            else None
+        )
+        print0(
+            f"finetune {task.name}: {len(train_ex):,} train / {len(val_ex):,} val / "
+            f"{len(test_ex):,} test examples; {train.n_rows:,} packed rows of {seq_len} tokens "
+            f"({train.n_target_tokens:,} target tokens, {train.truncated} truncated) "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
+        return cls(train_ex, val_ex, test_ex, train, val, seq_len, extra_stop)
+
+
+def _sft_trainer(
+    cfg: Config, model: Transformer, tok: Tokenizer, task: TaskFormat, data: _SftData, run_dir: Path
+) -> Trainer:
+    """The `Trainer` of a supervised fine-tuning, its `cfg` the one its checkpoints record."""
+    from lmforge.train.loop import Trainer
+
+    fc = cfg.finetune
     hooks = []
-    metric_examples = val_ex[: fc.eval_examples] if task.metric != "loss" else []
+    metric_examples = data.val_ex[: fc.eval_examples] if task.metric != "loss" else []
     if metric_examples:
-        hooks.append(metric_hook(task, tok, metric_examples, fc.max_new_tokens, extra_stop))
+        hooks.append(metric_hook(task, tok, metric_examples, fc.max_new_tokens, data.extra_stop))
+    val = data.val
     trainer = Trainer(
         # The trainer sizes its micro-batches from the context: rows are seq_len long.
-        replace(cfg, model=replace(cfg.model, context_length=seq_len)),
+        replace(cfg, model=replace(cfg.model, context_length=data.seq_len)),
         PackedLM(model, tok.eot_id),
         run_dir,
-        train,
+        data.train,
         val_data=(
             (lambda: val.sequential(cfg.train.micro_batch_size, cfg.train.eval_tokens))
             if val is not None
@@ -342,43 +405,35 @@ def finetune(cfg: Config, run_dir: str | Path | None = None, resume: str = "") -
         extra_state={"chat_template": CHAT_TEMPLATE} if task.name != "text" else None,
     )
     # What its checkpoints record: the model keeps its own context, and the rows' length.
-    cfg = replace(cfg, finetune=replace(fc, seq_len=seq_len))
-    trainer.cfg = cfg
-    summary = trainer.fit(resume=resume)
-    if "val_loss" in summary:
-        summary["val_ppl"] = math.exp(min(summary["val_loss"], 50.0))
-    summary.update(
-        task=task.name,
-        train_examples=len(train_ex),
-        epochs=trainer.step * cfg.train.tokens_per_step / max(train.epoch_steps_tokens, 1),
-        **info,
-    )
-    summary.pop("adapted", None)
-    if not trainer.dist.is_main:
-        return summary
+    trainer.cfg = replace(cfg, finetune=replace(fc, seq_len=data.seq_len))
+    return trainer
 
-    if fc.method == "lora":
-        save_lora_outputs(model, trainer, cfg, tok, run_dir)
-    if test_ex and task.metric != "loss":
-        t_test = time.perf_counter()
-        hyps = generate_answers(model, tok, test_ex, fc.max_new_tokens, extra_stop)
-        refs = [e.reference for e in test_ex]
-        summary["test"] = score(task.metric, hyps, refs)
-        summary["test"]["n"] = len(test_ex)
-        summary["test"]["seconds"] = time.perf_counter() - t_test
-        with (run_dir / "test_outputs.jsonl").open("w", encoding="utf-8") as fh:
-            for ex, h in zip(test_ex, hyps, strict=True):
-                prompt = tok.decode(ex.ids[: ex.prompt_len])
-                fh.write(
-                    json.dumps({"prompt": prompt, "reference": ex.reference, "output": h}) + "\n"
-                )
-        print0(
-            f"test ({len(test_ex)} examples): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in summary["test"].items())
-        )
-    summary["checkpoint"] = str(finetuned_checkpoint(run_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary
+
+def _test_scores(
+    model: Transformer,
+    tok: Tokenizer,
+    task: TaskFormat,
+    test_ex: list[Example],
+    extra_stop: tuple[int, ...],
+    max_new_tokens: int,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Score generated answers on the test split; the outputs go to test_outputs.jsonl."""
+    t_test = time.perf_counter()
+    hyps = generate_answers(model, tok, test_ex, max_new_tokens, extra_stop)
+    refs = [e.reference for e in test_ex]
+    scores = score(task.metric, hyps, refs)
+    scores["n"] = len(test_ex)
+    scores["seconds"] = time.perf_counter() - t_test
+    lines = []
+    for ex, h in zip(test_ex, hyps, strict=True):
+        prompt = tok.decode(ex.ids[: ex.prompt_len])
+        lines.append(json.dumps({"prompt": prompt, "reference": ex.reference, "output": h}) + "\n")
+    write_text_atomic(run_dir / "test_outputs.jsonl", "".join(lines))
+    print0(
+        f"test ({len(test_ex)} examples): " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+    )
+    return scores
 
 
 def save_lora_outputs(

@@ -33,7 +33,6 @@ the same on the validation pairs (``val_reward_acc``, ...).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import Config, ConfigError
+from lmforge.fileio import atomic_path, write_text_atomic
 from lmforge.finetune.data import IGNORE, truncate_example
 from lmforge.finetune.tasks import (
     ROLE_TOKENS,
@@ -55,7 +55,7 @@ from lmforge.finetune.tasks import (
     encode_turns,
     read_records,
 )
-from lmforge.shards import first_sample
+from lmforge.shards import EpochOrder, SampleBatches
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.dist import all_reduce_sum
 from lmforge.train.loop import Trainer
@@ -145,7 +145,7 @@ def _rows(examples: list[Example], width: int, pad_id: int) -> tuple[np.ndarray,
     return ids, labels
 
 
-class PairSource:
+class PairSource(SampleBatches):
     """A `BatchSource` of preference pairs, deterministic from (seed, step, rank).
 
     `batch` returns ``x`` (rows, seq_len) and ``y`` (rows, seq_len + 1): the targets
@@ -154,6 +154,8 @@ class PairSource:
     visits the pairs in an order drawn from (seed, epoch), so a resumed run sees the
     batches an uninterrupted one would.
     """
+
+    rows_per_sample = 2  # a pair: its chosen and its rejected row
 
     def __init__(self, pairs: list[tuple[Example, Example]], seq_len: int, pad_id: int, seed=0):
         if not pairs:
@@ -166,14 +168,7 @@ class PairSource:
         self.ids = np.stack([c_ids, r_ids], axis=1)  # (n_pairs, 2, width)
         self.labels = np.stack([c_lab, r_lab], axis=1)
         self.ref = np.zeros((self.n_pairs, 2), dtype=np.float64)  # filled by `reference_logps`
-        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    def _pair(self, g: int) -> int:
-        epoch, k = divmod(g, self.n_pairs)
-        if epoch != self._epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._perm, self._epoch = rng.permutation(self.n_pairs), epoch
-        return int(self._perm[k])
+        self._pair = EpochOrder(self.n_pairs, seed)
 
     def rows(self, pairs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """x and y of `pairs`: all chosen rows, then all rejected rows."""
@@ -182,9 +177,7 @@ class PairSource:
         ref = torch.from_numpy(np.ascontiguousarray(self.ref[pairs].T).reshape(-1, 1))
         return ids[:, :-1], torch.cat([lab[:, 1:], ref.view(torch.int64)], dim=1)
 
-    def batch(self, step, micro, micro_batch_size, accum_steps, rank=0, world_size=1):
-        n = micro_batch_size // 2
-        first = first_sample(step, micro, n, accum_steps, rank, world_size)
+    def samples(self, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rows([self._pair(first + i) for i in range(n)])
 
     def sequential(self, batch_pairs: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -330,9 +323,9 @@ def attach_reference(
     for src in sources.values():
         src.ref = reference_logps(model, src, batch_pairs)
     model.train(was_training)
-    tmp = path.with_suffix(".tmp")
-    save_file({name: src.ref for name, src in sources.items()}, str(tmp), metadata={"key": key})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        refs = {name: src.ref for name, src in sources.items()}
+        save_file(refs, str(tmp), metadata={"key": key})
     log(
         f"reference log-probabilities: computed for {sum(s.n_pairs for s in sources.values())} pairs"
     )
@@ -447,5 +440,5 @@ def finetune_preference(cfg: Config, run_dir: Path, resume: str = "") -> dict[st
     if fc.method == "lora":
         save_lora_outputs(model, trainer, cfg, tok, run_dir)
     summary["checkpoint"] = str(run_dir / "merged" if fc.method == "lora" else run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary

@@ -19,6 +19,7 @@ counted after the header; for Parquet the row) and the missing field.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 
 from lmforge.data.readers import strip_compression
 from lmforge.data.sources import COMPRESSED, open_text, unsupported_message
+from lmforge.fileio import iter_json_lines
 from lmforge.tokenizer import ASSISTANT, END, SYSTEM, USER, Tokenizer
 
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
@@ -74,14 +76,25 @@ class TaskFormat:
 
     name: str
     required: tuple[str, ...]  # fields every record must have (checked with file:line)
-    to_turns: Callable[[Record], Turns]
-    # The reference answer of a record, for generation metrics (None: not a generation task).
-    reference: Callable[[Record], str] | None = None
+    to_turns: Callable[[Record], Turns]  # its docstring describes the records it reads
     metric: str = "loss"  # loss | bleu | rouge
-    description: str = ""
+    # The reference answer of a record, for generation metrics; None: the final turn (the
+    # answer the model is trained to give).
+    reference: Callable[[Record], str] | None = None
+
+    @property
+    def description(self) -> str:
+        return inspect.getdoc(self.to_turns) or ""
+
+    def answer(self, rec: Record, turns: Turns) -> str:
+        """The reference answer of `rec`, whose turns are `turns`."""
+        if self.reference is not None:
+            return self.reference(rec)
+        return turns[-1][1] if turns else ""
 
 
 def _instruction(r: Record) -> Turns:
+    """Alpaca-style {instruction, input?, output}"""
     # Alpaca layout: the optional input follows the instruction after a blank line.
     prompt = r.text("instruction")
     extra = r.text("input", allow_empty=True) if r.data.get("input") else ""
@@ -91,6 +104,7 @@ def _instruction(r: Record) -> Turns:
 
 
 def _chat(r: Record) -> Turns:
+    """{messages: [{role, content}, ...]}"""
     messages = r.data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RecordError(f"{r.where()}: record has no non-empty list field 'messages'")
@@ -122,14 +136,17 @@ def _first_target(r: Record) -> str:
 
 
 def _summarization(r: Record) -> Turns:
+    """{source: document (text or list of sentences), target: summary (or list)}"""
     return [("user", r.text("source").strip()), ("assistant", _first_target(r))]
 
 
 def _translation(r: Record) -> Turns:
+    """{source, target}, or parallel text files PREFIX.SRC / PREFIX.TGT"""
     return [("user", r.text("source").strip()), ("assistant", r.text("target").strip())]
 
 
 def _code_docstring(r: Record) -> Turns:
+    """function code (docstring removed) → its docstring; built from python-stdlib"""
     return [("user", r.text("code")), ("assistant", r.text("docstring"))]
 
 
@@ -143,7 +160,12 @@ def creative_instruction(style: str) -> str:
 
 
 def _creative(r: Record) -> Turns:
-    """User: the style as an instruction (if any), a blank line, the opening; assistant: what follows."""
+    """{prompt: an opening, continuation: what follows, style?}; built from the shared books
+    and tinyshakespeare
+
+    User: the style as an instruction (if any), a blank line, the opening; assistant: what
+    follows.
+    """
     prompt = r.text("prompt")
     style = r.text("style", allow_empty=True) if r.data.get("style") is not None else ""
     if style.strip():
@@ -151,52 +173,19 @@ def _creative(r: Record) -> Turns:
     return [("user", prompt), ("assistant", r.text("continuation"))]
 
 
+def _text(r: Record) -> Turns:
+    """{text}: continued pre-training"""
+    return []  # `encode_record` trains on the whole text
+
+
 TASKS: dict[str, TaskFormat] = {
-    "instruction": TaskFormat(
-        "instruction",
-        ("instruction", "output"),
-        _instruction,
-        reference=lambda r: r.text("output"),
-        description="Alpaca-style {instruction, input?, output}",
-    ),
-    "chat": TaskFormat(
-        "chat", ("messages",), _chat, description="{messages: [{role, content}, ...]}"
-    ),
-    "summarization": TaskFormat(
-        "summarization",
-        ("source", "target"),
-        _summarization,
-        reference=_first_target,
-        metric="rouge",
-        description="{source: document (text or list of sentences), target: summary (or list)}",
-    ),
-    "translation": TaskFormat(
-        "translation",
-        ("source", "target"),
-        _translation,
-        reference=lambda r: r.text("target").strip(),
-        metric="bleu",
-        description="{source, target}, or parallel text files PREFIX.SRC / PREFIX.TGT",
-    ),
-    "code-docstring": TaskFormat(
-        "code-docstring",
-        ("code", "docstring"),
-        _code_docstring,
-        reference=lambda r: r.text("docstring"),
-        metric="rouge",
-        description="function code (docstring removed) → its docstring; built from python-stdlib",
-    ),
-    "creative": TaskFormat(
-        "creative",
-        ("prompt", "continuation"),
-        _creative,
-        reference=lambda r: r.text("continuation"),
-        description="{prompt: an opening, continuation: what follows, style?}; built from "
-        "the shared books and tinyshakespeare",
-    ),
-    "text": TaskFormat(
-        "text", ("text",), lambda r: [], description="{text}: continued pre-training"
-    ),
+    "instruction": TaskFormat("instruction", ("instruction", "output"), _instruction),
+    "chat": TaskFormat("chat", ("messages",), _chat),
+    "summarization": TaskFormat("summarization", ("source", "target"), _summarization, "rouge"),
+    "translation": TaskFormat("translation", ("source", "target"), _translation, "bleu"),
+    "code-docstring": TaskFormat("code-docstring", ("code", "docstring"), _code_docstring, "rouge"),
+    "creative": TaskFormat("creative", ("prompt", "continuation"), _creative),
+    "text": TaskFormat("text", ("text",), _text),
 }
 
 
@@ -332,8 +321,7 @@ def encode_record(
             ids, trained, prompt_len = encode_turns_template(tok, turns, template)
         except Exception as exc:  # a template may raise on roles it does not know
             raise RecordError(f"{rec.where()}: the model's chat template failed: {exc}") from None
-    ref = task.reference(rec) if task.reference is not None else ""
-    return Example(ids, trained, prompt_len, ref, {"where": rec.where()})
+    return Example(ids, trained, prompt_len, task.answer(rec, turns), {"where": rec.where()})
 
 
 # ----------------------------------------------------------------------------- reading
@@ -392,22 +380,27 @@ def read_records(
         return
     if Path(strip_compression(name)).suffix not in (".jsonl", ".json", ".ndjson"):
         raise RecordError(unsupported_message(path, RECORD_FORMATS))
-    with open_text(path) as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecordError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-            if not isinstance(data, dict):
-                raise RecordError(f"{path}:{i}: a record must be a JSON object")
-            yield Record(data, str(path), i)
-            n += 1
-            if limit and n >= limit:
-                return
+    for i, data in _json_objects(path):
+        yield Record(data, str(path), i)
+        n += 1
+        if limit and n >= limit:
+            return
     if n == 0:
         raise RecordError(f"{path}: no records (empty file)")
+
+
+def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSON Lines file; a malformed line or one that is not an
+    object is a RecordError naming file and line."""
+    try:
+        for i, data in iter_json_lines(path):
+            if not isinstance(data, dict):
+                raise RecordError(f"{path}:{i}: a record must be a JSON object")
+            yield i, data
+    except RecordError:
+        raise
+    except ValueError as exc:  # iter_json_lines: "FILE:LINE: malformed JSON (...)"
+        raise RecordError(str(exc)) from None
 
 
 def self_instruct_records(path: str | Path) -> Iterator[Record]:

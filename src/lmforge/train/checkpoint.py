@@ -32,6 +32,8 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge import __version__
+
+FileWriter = Callable[[Path], Any]  # writes one file of a checkpoint folder at the path
 
 CKPT_FILES = (
     "model.safetensors",
@@ -440,7 +444,9 @@ def save_checkpoint(
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        _write_checkpoint_files(tmp, step, model, optimizer, state, extra_files or {}, current)
+        writers, rng_meta = gathered_files(model, optimizer)
+        writers.update(small_files(step, state, rng_meta, extra_files or {}))
+        _write_checkpoint_files(tmp, writers, current)
         if final.exists():  # a re-save of the same step: replace it whole, if it is valid
             _set_aside_or_remove(final)
         tmp.rename(final)
@@ -489,48 +495,79 @@ def _set_aside_or_remove(folder: Path) -> None:
         _remove(folder)
 
 
-def _write_checkpoint_files(
-    tmp: Path,
-    step: int,
+def gathered_files(
     model: nn.Module | dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer | dict[str, Any] | None,
-    state: dict[str, Any],
-    extra_files: dict[str, bytes],
-    current: list[Path],
     rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
-) -> None:
-    """`rng`: RNG states to store (a consolidated checkpoint's); default this process's."""
-    tmp.mkdir()
+) -> tuple[dict[str, FileWriter], dict[str, Any]]:
+    """Writers of the gathered format's own files (weights, optimizer state, RNG tensors),
+    and rng.json's content for `small_files`. `rng`: RNG states to store (a consolidated
+    checkpoint's); default this process's."""
     if isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer.state_dict()
     opt_tensors, opt_meta = optimizer_files(optimizer or {})
     rng_tensors, rng_meta = rng if rng is not None else rng_files()
+    meta = {"format": "pt", "lmforge": __version__}
+    writers: dict[str, FileWriter] = {
+        "model.safetensors": lambda p: save_weights(model, p, meta),
+        "optimizer.safetensors": lambda p: save_file(opt_tensors, str(p), metadata=meta),
+        "optimizer.json": lambda p: p.write_text(json.dumps(opt_meta)),
+        "rng.safetensors": lambda p: save_file(rng_tensors, str(p), metadata=meta),
+    }
+    return writers, rng_meta
+
+
+def _write_checkpoint_files(
+    tmp: Path, writers: dict[str, FileWriter], current: list[Path] | None = None
+) -> None:
+    """Create `tmp` and write its files, checksums.json last."""
+    tmp.mkdir()
+    write_checksums(tmp, write_files(tmp, writers, current), current)
+
+
+def small_files(
+    step: int, state: dict[str, Any], rng_meta: dict[str, Any], extra_files: dict[str, bytes]
+) -> dict[str, FileWriter]:
+    """Writers of the files both checkpoint formats share: rng.json, trainer_state.json
+    (`state` with the step and the versions that wrote it) and the extra files."""
     full_state = dict(
         state, step=step, lmforge_version=__version__, torch_version=torch.__version__
     )
-    meta = {"format": "pt", "lmforge": __version__}
-    writers: list[tuple[str, Any]] = [
-        ("model.safetensors", lambda p: save_weights(model, p, meta)),
-        ("optimizer.safetensors", lambda p: save_file(opt_tensors, str(p), metadata=meta)),
-        ("optimizer.json", lambda p: p.write_text(json.dumps(opt_meta))),
-        ("rng.safetensors", lambda p: save_file(rng_tensors, str(p), metadata=meta)),
-        ("rng.json", lambda p: p.write_text(json.dumps(rng_meta))),
-        (
-            "trainer_state.json",
-            lambda p: p.write_text(json.dumps(full_state, indent=1, default=str)),
-        ),
-    ]
-    writers += [(name, lambda p, d=data: p.write_bytes(d)) for name, data in extra_files.items()]
+    writers: dict[str, FileWriter] = {
+        "rng.json": lambda p: p.write_text(json.dumps(rng_meta)),
+        "trainer_state.json": lambda p: p.write_text(json.dumps(full_state, indent=1, default=str)),
+    }
+    for name, data in extra_files.items():
+        writers[name] = partial(_write_bytes, data=data)
+    return writers
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def write_files(
+    folder: Path, writers: dict[str, FileWriter], current: list[Path] | None = None
+) -> dict[str, str]:
+    """Write each file of a checkpoint folder and fsync it; their sha256 by name.
+    `current` is told each path before it is written (for a failure's message)."""
     sums = {}
-    for name, write in writers:
-        current.append(tmp / name)
-        write(tmp / name)
-        _fsync_file(tmp / name)
-        sums[name] = sha256_file(tmp / name)
-    current.append(tmp / "checksums.json")
-    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-    _fsync_file(tmp / "checksums.json")
-    _fsync_dir(tmp)
+    for name, write in writers.items():
+        if current is not None:
+            current.append(folder / name)
+        write(folder / name)
+        _fsync_file(folder / name)
+        sums[name] = sha256_file(folder / name)
+    return sums
+
+
+def write_checksums(folder: Path, sums: dict[str, str], current: list[Path] | None = None) -> None:
+    """checksums.json, written last: a folder holding it is complete."""
+    if current is not None:
+        current.append(folder / "checksums.json")
+    (folder / "checksums.json").write_text(json.dumps(sums, indent=1))
+    _fsync_file(folder / "checksums.json")
+    _fsync_dir(folder)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 
 def cmd_consolidate(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -24,18 +25,15 @@ def cmd_consolidate(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def register(sub) -> None:
-    from lmforge.cli import _help
-
+    doc = inspect.getdoc(cmd_consolidate) or ""
     p = sub.add_parser(
         "checkpoint",
         help="Work on checkpoints: consolidate a sharded one into the single-file one.",
     )
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
     c = verbs.add_parser(
-        "consolidate",
-        help=_help(cmd_consolidate).splitlines()[0],
-        description=_help(cmd_consolidate),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "consolidate", help=doc.splitlines()[0], description=doc, formatter_class=raw
     )
     c.set_defaults(func=cmd_consolidate)
     c.add_argument("step_dir", help="a sharded checkpoint folder (or a run folder: its newest)")

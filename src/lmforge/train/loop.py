@@ -25,6 +25,7 @@ from torch import nn
 
 from lmforge import __version__
 from lmforge.config import Config, dump_yaml, to_dict
+from lmforge.fileio import write_text_atomic
 from lmforge.hardware import peak_flops, pick_device, resolve_dtype
 from lmforge.model.transformer import flops_per_token
 from lmforge.train.checkpoint import (
@@ -42,6 +43,7 @@ from lmforge.train.checkpoint import (
 from lmforge.train.dist import DistInfo, all_reduce_mean, all_reduce_sum, dist_info, print0
 from lmforge.train.optim import Muon, muon_param_groups
 from lmforge.train.parallel import (
+    RankFailure,
     as_rank_failure,
     clip_grad_norm,
     full_state,
@@ -63,15 +65,12 @@ VALIDATION_LISTENERS: list[ValidationListener] = []
 
 
 class BatchSource(Protocol):
-    def batch(
-        self,
-        step: int,
-        micro: int,
-        micro_batch_size: int,
-        accum_steps: int,
-        rank: int,
-        world_size: int,
-    ) -> Batch: ...
+    """Where `Trainer` gets its micro-batches: ``batch(step, micro, micro_batch_size,
+    accum_steps, rank, world_size)`` gives (inputs, targets). `lmforge.shards.SampleBatches`
+    is the base of the project's sources."""
+
+    @property
+    def batch(self) -> Callable[..., Batch]: ...
 
 
 @dataclass
@@ -83,6 +82,29 @@ class StepResult:
     lr: float
     finite: bool  # loss and gradient norm finite (otherwise the update was skipped)
     data_s: float  # seconds spent getting the step's batches
+
+
+@dataclass
+class _LogWindow:
+    """What `Trainer.fit` gathers between two log lines."""
+
+    t: float  # perf_counter() at the last log line (eval time added back)
+    step: int  # the step of the last log line
+    loss_sum: torch.Tensor  # summed loss of the finite steps since
+    n_finite: int = 0  # steps since the last log line whose loss counts in its mean
+    data_s: float = 0.0  # time spent getting batches since the last log line
+
+    def add(self, result: StepResult) -> None:
+        self.data_s += result.data_s
+        if result.finite:
+            self.loss_sum += result.loss
+            self.n_finite += 1
+
+    def restart(self, step: int) -> None:
+        self.loss_sum.zero_()
+        self.n_finite = 0
+        self.data_s = 0.0
+        self.t, self.step = time.perf_counter(), step
 
 
 class TrainingDiverged(RuntimeError):
@@ -183,9 +205,7 @@ class MetricsLog:
             if record.get("step", 0) <= step:
                 keep.append(line)
         # Replaced atomically: a kill here must not lose the records before `step`.
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -589,10 +609,28 @@ class Trainer:
         `fit` calls it between its logs, evaluations and checkpoints; a benchmark may
         call it alone, after `self.train_model.train()`.
         """
-        t, model, opt = self.cfg.train, self.train_model, self.optimizer
+        t, opt = self.cfg.train, self.optimizer
         lr = lr_at(self.step, t)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        step_loss, data_s = self._accumulate()
+        grad_norm = self._clip()
+        step_loss = all_reduce_mean(step_loss)
+        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
+        spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
+        n = self.step + 1  # steps are counted from 1, as in metrics.jsonl and checkpoint names
+        self._update_or_skip(n, step_loss, grad_norm, finite, spike)
+        opt.zero_grad(set_to_none=True)
+        if self.compute is not None:
+            self.compute.publish()
+        self.step += 1
+        self.tokens_seen += t.tokens_per_step
+        self._check_bad_streak(n)
+        return StepResult(step_loss, grad_norm, lr, finite, data_s)
+
+    def _accumulate(self) -> tuple[torch.Tensor, float]:
+        """Forward and backward over the step's micro-batches: (summed loss, data seconds)."""
+        t, model = self.cfg.train, self.train_model
         step_loss = torch.zeros((), device=self.device)
         data_s = 0.0
         for micro in range(self.accum_steps):
@@ -623,19 +661,25 @@ class Trainer:
             if self.compute is not None and (sync or self.dist.world_size == 1):
                 self.compute.collect(first=micro == 0 or self.dist.world_size > 1)
             step_loss += loss.detach()
+        return step_loss, data_s
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the accumulated gradients to train.grad_clip; their norm before clipping."""
+        t = self.cfg.train
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         if self.compute is not None:
             self.compute.attach()
-            grad_norm = self.compute.clip(max_norm)
-        else:
-            grad_norm = clip_grad_norm(self._clip_params, max_norm)
-        step_loss = all_reduce_mean(step_loss)
-        finite = bool(torch.isfinite(step_loss)) and bool(torch.isfinite(grad_norm))
-        spike = finite and t.spike_policy == "skip" and self._is_spike(step_loss.item())
-        n = self.step + 1  # steps are counted from 1, as in metrics.jsonl and checkpoint names
+            return self.compute.clip(max_norm)
+        return clip_grad_norm(self._clip_params, max_norm)
+
+    def _update_or_skip(
+        self, n: int, step_loss: torch.Tensor, grad_norm: torch.Tensor, finite: bool, spike: bool
+    ) -> None:
+        """Step the optimizer, or count and report the skipped update of step `n`."""
+        t = self.cfg.train
         if finite and not spike:
             with optimizer_context(self.model):
-                opt.step()
+                self.optimizer.step()
             self.consecutive_bad = 0
             self._last_update = n
         elif spike:
@@ -653,11 +697,10 @@ class Trainer:
             self.log(f"step {n}: non-finite {what}; update skipped")
             if not self.weights_finite():  # no skipped update can bring them back
                 raise TrainingDiverged(self._diverged(f"step {n} ({what})", broken=True))
-        opt.zero_grad(set_to_none=True)
-        if self.compute is not None:
-            self.compute.publish()
-        self.step += 1
-        self.tokens_seen += t.tokens_per_step
+
+    def _check_bad_streak(self, n: int) -> None:
+        """Raise `TrainingDiverged` once train.max_bad_steps updates in a row were skipped."""
+        t = self.cfg.train
         if self.consecutive_bad >= t.max_bad_steps:
             kinds = " or loss spikes" if self.spike_steps else ""
             raise TrainingDiverged(
@@ -669,7 +712,6 @@ class Trainer:
                     broken=False,
                 )
             )
-        return StepResult(step_loss, grad_norm, lr, finite, data_s)
 
     @torch.no_grad()
     def weights_finite(self) -> bool:
@@ -717,27 +759,14 @@ class Trainer:
         return f"training stopped: {what}. Probable cause: {cause}; {on_disk}"
 
     def fit(self, resume: str = "") -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        t = self.cfg.train
         self._t0 = time.perf_counter()
-        self.restore(resume)
-        # Only now, with the restore done, does anything in the run folder change.
-        if self.dist.is_main:
-            for name in clean_stale_temporaries(self.run_dir):
-                self.log(f"removed {name}, left in checkpoints/ by a writer that died")
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        if self.step >= t.max_steps:
+        if not self._prepare_run(resume):
             self.log(f"already trained to step {self.step}; nothing to do")
             return {"step": self.step, "tokens": self.tokens_seen, **self.evaluate()}
 
         peak = t.peak_flops or peak_flops(self.device, "bf16" if "bf16" in t.dtype else t.dtype)
-        old_handlers = {}
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old_handlers[sig] = signal.signal(sig, self._on_signal)
-
+        old_handlers = self._catch_signals()
         self.train_model.train()
         # Only touched when asked for: torch refuses to read the legacy setting once a
         # program has used the per-backend API (torch.backends.*.fp32_precision).
@@ -745,115 +774,31 @@ class Trainer:
         if t.matmul_precision != "highest":
             old_precision = torch.get_float32_matmul_precision()
             torch.set_float32_matmul_precision(t.matmul_precision)
-        tokens_per_step = t.tokens_per_step
-        last_log_t, last_log_step = time.perf_counter(), self.step
+        window = _LogWindow(time.perf_counter(), self.step, torch.zeros((), device=self.device))
         summary: dict[str, Any] = {}
-        loss_sum = torch.zeros((), device=self.device)
-        n_finite = 0  # steps since the last log line whose loss counts in its mean
-        data_s = 0.0  # time spent getting batches since the last log line
         eval_metrics: dict[str, float] = {}
         bar = ProgressBar(t.max_steps, self.step, self.dist.is_main)
         try:
             while self.step < t.max_steps:
                 result = self.train_step()
                 bar.update(self.step)
-                data_s += result.data_s
-                if result.finite:
-                    loss_sum += result.loss
-                    n_finite += 1
-                lr, grad_norm = result.lr, result.grad_norm
-
+                window.add(result)
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    now = time.perf_counter()
-                    n = self.step - last_log_step
-                    dt = now - last_log_t
-                    tok_s = n * tokens_per_step / max(dt, 1e-9)
-                    mfu = tok_s * self.flops_per_token / peak if peak else 0.0
-                    # over the steps whose loss was finite; none finite: null, not a made-up 0
-                    mean_loss = loss_sum.item() / n_finite if n_finite else None
-                    elapsed = self.elapsed_before + now - self._t0
-                    eta = (t.max_steps - self.step) * dt / max(n, 1)
-                    record = {
-                        "step": self.step,
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm.item(),
-                        "tokens": self.tokens_seen,
-                        "tokens_per_s": tok_s,
-                        "mfu": mfu,
-                        "elapsed_s": elapsed,
-                        "bad_steps": self.bad_steps,
-                        # the loader's share of step time (batches, and copies to the device)
-                        "data_ms": 1000 * data_s / max(n, 1),
-                        "data_frac": data_s / max(dt, 1e-9),
-                    }
-                    if t.spike_policy != "none":
-                        record["spike_steps"] = self.spike_steps
-                    self.metrics.write(record)
-                    self.log(
-                        f"step {self.step:>6}/{t.max_steps} | loss {_fmt(mean_loss, '.4f')} | lr {lr:.2e} | "
-                        f"{tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.1f}% | "
-                        f"ETA {format_duration(eta)}"
-                    )
-                    bar.update(
-                        self.step,
-                        f"loss {_fmt(mean_loss, '.3f')} | {tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.0f}%",
-                    )
-                    summary.update(loss=mean_loss, tokens_per_s=tok_s, mfu=mfu)
-                    loss_sum.zero_()
-                    n_finite = 0
-                    data_s = 0.0
-                    last_log_t, last_log_step = time.perf_counter(), self.step
-
+                    summary.update(self._log_line(window, result, peak, bar))
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     t_eval = time.perf_counter()
-                    eval_metrics = self.evaluate()
-                    if eval_metrics:
-                        self.metrics.write({"step": self.step, **eval_metrics})
-                        self.log(
-                            f"eval @ {self.step}: "
-                            + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-                        )
-                        if any(
-                            [f(self.run_dir, self.step, eval_metrics) for f in VALIDATION_LISTENERS]
-                        ):
-                            self._stop_signal = "stop asked by a validation listener"
-                    last_log_t += time.perf_counter() - t_eval  # keep eval out of tokens/s
-
-                # The budget is per invocation: a resumed run gets a fresh one.
-                out_of_time = t.max_time_s and (time.perf_counter() - self._t0) >= t.max_time_s
-                stop = bool(out_of_time or self._stop_signal)
-                if self.dist.world_size > 1:  # every rank stops at the same step
-                    stop_flag = torch.tensor(float(stop), device=self.device)
-                    stop = all_reduce_mean(stop_flag).item() > 0
-                if stop and not self._stop_signal and self.step % t.eval_every:
-                    # Out of time: evaluate the model being left behind, so the summary
-                    # describes it (not the last scheduled evaluation).
-                    eval_metrics = self.evaluate()
-                    if eval_metrics:
-                        self.metrics.write({"step": self.step, **eval_metrics})
+                    eval_metrics = self._scheduled_eval()
+                    window.t += time.perf_counter() - t_eval  # keep eval out of tokens/s
+                stop, eval_metrics = self._stop_check(eval_metrics)
                 if self.step % t.checkpoint_every == 0 or self.step == t.max_steps or stop:
                     self.save()
                 if stop:
-                    why = (
-                        f"signal {self._stop_signal}"
-                        if self._stop_signal
-                        else f"time budget {t.max_time_s:.0f}s"
-                    )
-                    self.log(
-                        f"stopped at step {self.step} ({why}); checkpoint saved, resume with --resume auto"
-                    )
+                    self._log_stop()
                     break
         except RuntimeError as exc:
-            failure = as_rank_failure(exc, self.run_dir)
+            failure = self._rank_failure(exc)
             if failure is None:
                 raise
-            # Said here, while this loop's signal handler is still in place: the launcher
-            # ends the surviving ranks with SIGTERM as soon as it sees a dead one, and once
-            # `finally` restores the default handler that signal would end this process
-            # before the exception reached anyone who prints it.
-            print(f"lmforge: error: {failure}", file=sys.stderr, flush=True)
-            failure.reported = True
             raise failure from exc
         finally:
             if old_precision is not None:
@@ -873,3 +818,124 @@ class Trainer:
             **eval_metrics,
         )
         return summary
+
+    def _prepare_run(self, resume: str) -> bool:
+        """Restore, then (only then) tidy the run folder and write its config.yaml; False
+        when the run is already trained to train.max_steps."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.restore(resume)
+        # Only now, with the restore done, does anything in the run folder change.
+        if self.dist.is_main:
+            for name in clean_stale_temporaries(self.run_dir):
+                self.log(f"removed {name}, left in checkpoints/ by a writer that died")
+            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        return self.step < self.cfg.train.max_steps
+
+    def _catch_signals(self) -> dict[Any, Any]:
+        """Turn SIGTERM and SIGINT into a clean stop (main thread only); the old handlers."""
+        import threading
+
+        old_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+        return old_handlers
+
+    def _log_line(
+        self, window: _LogWindow, result: StepResult, peak: float, bar: ProgressBar
+    ) -> dict[str, Any]:
+        """Write the metrics record and log line of the steps since the last one; start a
+        new window. Returns the summary's loss, tokens/s and MFU."""
+        t = self.cfg.train
+        now = time.perf_counter()
+        n = self.step - window.step
+        dt = now - window.t
+        tok_s = n * t.tokens_per_step / max(dt, 1e-9)
+        mfu = tok_s * self.flops_per_token / peak if peak else 0.0
+        # over the steps whose loss was finite; none finite: null, not a made-up 0
+        mean_loss = window.loss_sum.item() / window.n_finite if window.n_finite else None
+        elapsed = self.elapsed_before + now - self._t0
+        eta = (t.max_steps - self.step) * dt / max(n, 1)
+        lr = result.lr
+        record = {
+            "step": self.step,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm.item(),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tok_s,
+            "mfu": mfu,
+            "elapsed_s": elapsed,
+            "bad_steps": self.bad_steps,
+            # the loader's share of step time (batches, and copies to the device)
+            "data_ms": 1000 * window.data_s / max(n, 1),
+            "data_frac": window.data_s / max(dt, 1e-9),
+        }
+        if t.spike_policy != "none":
+            record["spike_steps"] = self.spike_steps
+        self.metrics.write(record)
+        self.log(
+            f"step {self.step:>6}/{t.max_steps} | loss {_fmt(mean_loss, '.4f')} | lr {lr:.2e} | "
+            f"{tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.1f}% | "
+            f"ETA {format_duration(eta)}"
+        )
+        bar.update(
+            self.step,
+            f"loss {_fmt(mean_loss, '.3f')} | {tok_s / 1000:.1f}k tok/s | MFU {100 * mfu:.0f}%",
+        )
+        window.restart(self.step)
+        return {"loss": mean_loss, "tokens_per_s": tok_s, "mfu": mfu}
+
+    def _scheduled_eval(self) -> dict[str, float]:
+        """Evaluate, record and log; a validation listener may ask the loop to stop."""
+        eval_metrics = self.evaluate()
+        if eval_metrics:
+            self.metrics.write({"step": self.step, **eval_metrics})
+            self.log(
+                f"eval @ {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+            )
+            if any([f(self.run_dir, self.step, eval_metrics) for f in VALIDATION_LISTENERS]):
+                self._stop_signal = "stop asked by a validation listener"
+        return eval_metrics
+
+    def _stop_check(self, eval_metrics: dict[str, float]) -> tuple[bool, dict[str, float]]:
+        """Whether to stop after this step (a signal, a listener, or out of time: the same
+        answer on every rank), and the evaluation the summary reports."""
+        t = self.cfg.train
+        # The budget is per invocation: a resumed run gets a fresh one.
+        out_of_time = t.max_time_s and (time.perf_counter() - self._t0) >= t.max_time_s
+        stop = bool(out_of_time or self._stop_signal)
+        if self.dist.world_size > 1:  # every rank stops at the same step
+            stop_flag = torch.tensor(float(stop), device=self.device)
+            stop = all_reduce_mean(stop_flag).item() > 0
+        if stop and not self._stop_signal and self.step % t.eval_every:
+            # Out of time: evaluate the model being left behind, so the summary
+            # describes it (not the last scheduled evaluation).
+            eval_metrics = self.evaluate()
+            if eval_metrics:
+                self.metrics.write({"step": self.step, **eval_metrics})
+        return stop, eval_metrics
+
+    def _log_stop(self) -> None:
+        t = self.cfg.train
+        why = (
+            f"signal {self._stop_signal}"
+            if self._stop_signal
+            else f"time budget {t.max_time_s:.0f}s"
+        )
+        self.log(
+            f"stopped at step {self.step} ({why}); checkpoint saved, resume with --resume auto"
+        )
+
+    def _rank_failure(self, exc: RuntimeError) -> RankFailure | None:
+        """A failed peer rank as one reported error; None for any other RuntimeError."""
+        failure = as_rank_failure(exc, self.run_dir)
+        if failure is None:
+            return None
+        # Said here, while this loop's signal handler is still in place: the launcher
+        # ends the surviving ranks with SIGTERM as soon as it sees a dead one, and once
+        # `finally` restores the default handler that signal would end this process
+        # before the exception reached anyone who prints it.
+        print(f"lmforge: error: {failure}", file=sys.stderr, flush=True)
+        failure.reported = True
+        return failure

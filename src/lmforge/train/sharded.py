@@ -227,22 +227,14 @@ def _finish(
     from safetensors.torch import save_file
 
     rng_tensors, rng_meta = ck.rng_files()
-    full = dict(state, step=step, lmforge_version=ck.__version__, torch_version=torch.__version__)
-    small: dict[str, Any] = {
+    small: dict[str, ck.FileWriter] = {
         "optimizer.json": lambda p: p.write_text(json.dumps(ck._to_json(groups))),
         "rng.safetensors": lambda p: save_file(rng_tensors, str(p)),
-        "rng.json": lambda p: p.write_text(json.dumps(rng_meta)),
-        "trainer_state.json": lambda p: p.write_text(json.dumps(full, indent=1, default=str)),
+        **ck.small_files(step, state, rng_meta, extra_files),
     }
-    small.update({name: (lambda p, d=data: p.write_bytes(d)) for name, data in extra_files.items()})
-    for name, write in small.items():
-        write(tmp / name)
-        ck._fsync_file(tmp / name)
-    for name in (INDEX, *small):
-        sums[name] = ck.sha256_file(tmp / name)
-    (tmp / "checksums.json").write_text(json.dumps(dict(sorted(sums.items())), indent=1))
-    ck._fsync_file(tmp / "checksums.json")
-    ck._fsync_dir(tmp)
+    sums.update(ck.write_files(tmp, small))
+    sums[INDEX] = ck.sha256_file(tmp / INDEX)
+    ck.write_checksums(tmp, dict(sorted(sums.items())))
     if final.exists():
         ck._set_aside_or_remove(final)
     tmp.rename(final)
@@ -361,9 +353,9 @@ def consolidate(step_dir: Path | str, out: Path | str) -> Path:
     tmp = out.with_name(f".tmp-{out.name}-{ck._writer_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        ck._write_checkpoint_files(
-            tmp, int(state["step"]), weights, optim, state, extra, [tmp], rng
-        )
+        writers, rng_meta = ck.gathered_files(weights, optim, rng)
+        writers.update(ck.small_files(int(state["step"]), state, rng_meta, extra))
+        ck._write_checkpoint_files(tmp, writers)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
