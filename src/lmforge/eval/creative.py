@@ -238,7 +238,7 @@ def run_creative(
 def run_options(cfg: Config, run_dir: Path) -> TaskOptions:
     """`lmforge run`'s options: the test split the fine-tuning used, eval.* sampling settings."""
     from lmforge.eval.registry import TaskOptions
-    from lmforge.finetune.finetune import resolve_spec
+    from lmforge.finetune.start import resolve_spec
 
     built = run_dir / "finetune" / "task_data" / "test.jsonl"
     data: list[str] | None = None

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.finetune.lora import LoRALinear, _set_module, untie_head
+from lmforge.finetune.lora_layers import LoRALinear, _set_module, untie_head
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

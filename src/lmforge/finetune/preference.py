@@ -390,7 +390,7 @@ def finetune_preference(cfg: Config, run_dir: Path, resume: str = "") -> dict[st
     import time
     from dataclasses import replace
 
-    from lmforge.finetune.finetune import load_start, prepare_model, resolve_spec, save_lora_outputs
+    from lmforge.finetune.start import load_start, prepare_model, resolve_spec, save_lora_outputs
     from lmforge.finetune.tasks import get_task
     from lmforge.train.dist import print0
 

@@ -33,7 +33,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
 
 
 def finetuned_model(folder: Path) -> Path:
-    from lmforge.finetune.finetune import finetuned_checkpoint
+    from lmforge.finetune.start import finetuned_checkpoint
 
     return finetuned_checkpoint(folder)
 

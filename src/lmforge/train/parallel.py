@@ -321,7 +321,7 @@ def load_full_state(
     set_model_state_dict(model, to_tp_layout(model, weights), options=options)
     if optimizer is None:
         return
-    from lmforge.train.checkpoint import read_optimizer_state
+    from lmforge.train.checkpoint_read import read_optimizer_state
 
     by_index = read_optimizer_state(checkpoint_dir)
     names = {id(p): n for n, p in model.named_parameters()}
