@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -269,13 +269,12 @@ def held_out_texts(
     """The validation documents of data sources, split as `lmforge tokenize` splits them
     (`lmforge.shards`: whole documents by id, or the tail of each document)."""
     from lmforge.data.sources import iter_documents
-    from lmforge.shards import _split_tails, is_validation
+    from lmforge.shards import split_document
 
-    docs = iter_documents(specs)
-    if split == "tail":
-        held = (d for d in _split_tails(docs, val_fraction) if d.meta["split"] == "val")
-    else:
-        held = (d for d in docs if is_validation(d.id, val_fraction))
+    held = (
+        replace(d, text=split_document(d.id, d.text, val_fraction, split)[1])
+        for d in iter_documents(specs)
+    )
     return _collect_texts(held, specs, limit, max_bytes)
 
 
