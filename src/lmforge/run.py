@@ -29,8 +29,8 @@ Run folder::
 
 A stage's folder holds the same files whether the stage runs here or alone:
 ``lmforge pretrain --output.dir=DIR`` writes ``DIR/checkpoints/``, ``DIR/metrics.jsonl``
-and ``DIR/summary.json`` as ``pretrain/`` holds them here, and ``lmforge finetune`` and
-``lmforge eval`` likewise. Alone, a command makes the inputs its config does not name
+and ``DIR/summary.json`` as ``pretrain/`` holds them here (``lmforge finetune`` likewise,
+and ``lmforge eval --out`` writes the ``eval.json`` that ``eval/`` holds). Alone, a command makes the inputs its config does not name
 (``pretrain`` trains ``DIR/tokenizer.json`` and tokenises into ``DIR/tokens/``); here,
 `stage_config` points ``tokenizer.path``, ``data.tokens_dir``, ``data.sources`` and
 ``output.dir`` at the stage folders above. Every ``--checkpoint`` option accepts
