@@ -10,7 +10,7 @@ from typing import Any
 
 from lmforge.cli_args import add_command, add_recipe_arg
 from lmforge.config import load_config
-from lmforge.stages import RunError, Stage, StageContext
+from lmforge.stages import Stage, StageContext, finished
 
 # ----------------------------------------------------------------------------- commands
 
@@ -128,10 +128,7 @@ def run_tokenize(ctx: StageContext) -> dict[str, Any]:
 def run_pretrain(ctx: StageContext) -> dict[str, Any]:
     from lmforge.pretrain import pretrain
 
-    summary = pretrain(ctx.cfg, resume="auto")
-    if summary.get("interrupted"):
-        raise RunError("pre-training was interrupted; run the same command again to resume")
-    return summary
+    return finished(pretrain(ctx.cfg, resume="auto"), "pre-training")
 
 
 def pretrained_model(folder: Path) -> Path:

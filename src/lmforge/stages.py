@@ -32,6 +32,13 @@ class RunError(RuntimeError):
     """A stage of `lmforge run` could not finish (e.g. training was interrupted)."""
 
 
+def finished(summary: dict[str, Any], what: str) -> dict[str, Any]:
+    """A training stage's summary, or RunError when the training was interrupted."""
+    if summary.get("interrupted"):
+        raise RunError(f"{what} was interrupted; run the same command again to resume")
+    return summary
+
+
 @dataclass(frozen=True)
 class StageContext:
     """What a stage gets inside `lmforge run`: the config as the stages see it (every

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.finetune.cli import register
-from lmforge.stages import RunError, Stage, StageContext
+from lmforge.stages import Stage, StageContext, finished
 
 
 def run_finetune(ctx: StageContext) -> dict[str, Any]:
@@ -27,9 +27,7 @@ def run_finetune(ctx: StageContext) -> dict[str, Any]:
             else cfg.tokenizer
         )
         summary = finetune(replace(ft_cfg, tokenizer=tokenizer), folder, resume="auto")
-    if summary.get("interrupted"):
-        raise RunError("fine-tuning was interrupted; run the same command again to resume")
-    return summary
+    return finished(summary, "fine-tuning")
 
 
 def finetuned_model(folder: Path) -> Path:
