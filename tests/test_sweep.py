@@ -195,9 +195,13 @@ def test_killed_sweep_resumes_without_repeating_finished_trials(tmp_path):
         assert (after[n].params, after[n].value) == (params, value)
         mtime = (sweep_dir / "trials" / f"{n:04d}" / "eval" / "eval.json").stat().st_mtime_ns
         assert mtime == stamps[n], f"trial {n} ran again"
+    # The kill lands while the next trial starts: a trial killed after drawing its values
+    # runs them again (`retry_of`); one killed before it drew any has none to retry, and
+    # the budget still counts four finished trials.
     killed = [t for t in after if t.state.name == "FAIL"]
+    assert all(t.user_attrs.get("died") for t in killed)
     retries = [t for t in after if "retry_of" in t.user_attrs]
-    assert [t.user_attrs["retry_of"] for t in retries] == [t.number for t in killed]
+    assert [t.user_attrs["retry_of"] for t in retries] == [t.number for t in killed if t.params]
     assert all(r.params == after[r.user_attrs["retry_of"]].params for r in retries)
     assert sum(ran_here(t, "pretrain") for t in trials_of(sweep_dir)) == 1
 
