@@ -93,11 +93,6 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
